@@ -1,0 +1,89 @@
+"""`dpt_fast::attention`: multi-head self-attention from the packed qkv projection output.
+
+    attention(qkv [B, N, 3*H*D], num_heads, scale) -> out [B, N, H*D]
+
+The registered operator also returns the log-sum-exp (float32; float64 for float64 input) [B, H, N] that the backward needs;
+`attention()` below hides it. Fused path: the Triton kernels in dpt_fast.kernels.attention.
+"""
+from __future__ import annotations
+
+import torch
+
+from .. import backend, reference
+
+_OP = "dpt_fast::attention"
+
+
+def _kernels():
+    from ..kernels import attention as kernels  # imported lazily: TRITON_INTERPRET is read at import
+    return kernels
+
+
+def _use_fused(qkv: torch.Tensor, num_heads: int) -> bool:
+    if backend.get_backend() != "fused" or not (qkv.is_cuda or backend.triton_interpreting()):
+        return False
+    return _kernels().supports(qkv, num_heads)
+
+
+@torch.library.custom_op("dpt_fast::attention", mutates_args=())
+def attention_op(qkv: torch.Tensor, num_heads: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    if _use_fused(qkv, num_heads):
+        backend.record(_OP, "triton")
+        return _kernels().attention_forward(qkv, num_heads, scale)
+    backend.record(_OP, "reference")
+    return reference.attention(qkv, num_heads, scale)
+
+
+@attention_op.register_fake
+def _(qkv, num_heads, scale):
+    batch, tokens, width = qkv.shape
+    out = qkv.new_empty(batch, tokens, width // 3)
+    lse = qkv.new_empty(batch, num_heads, tokens, dtype=reference.attention_accumulation_dtype(qkv.dtype))
+    return out, lse
+
+
+@torch.library.custom_op("dpt_fast::attention_backward", mutates_args=())
+def attention_backward_op(grad_out: torch.Tensor, qkv: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+                          num_heads: int, scale: float) -> torch.Tensor:
+    if _use_fused(qkv, num_heads):
+        backend.record("dpt_fast::attention_backward", "triton")
+        return _kernels().attention_backward(grad_out, qkv, out, lse, num_heads, scale)
+    backend.record("dpt_fast::attention_backward", "reference")
+    return reference.attention_backward(grad_out, qkv, out, lse, num_heads, scale)
+
+
+@attention_backward_op.register_fake
+def _(grad_out, qkv, out, lse, num_heads, scale):
+    return torch.empty_like(qkv, memory_format=torch.contiguous_format)
+
+
+def _setup_context(ctx, inputs, output):
+    qkv, num_heads, scale = inputs
+    out, lse = output
+    ctx.save_for_backward(qkv, out, lse)
+    ctx.num_heads, ctx.scale = num_heads, scale
+
+
+def _backward(ctx, grad_out, grad_lse):
+    qkv, out, lse = ctx.saved_tensors
+    grad_qkv = attention_backward_op(grad_out.contiguous(), qkv, out, lse, ctx.num_heads, ctx.scale)
+    return grad_qkv, None, None
+
+
+attention_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def check_attention_input(qkv: torch.Tensor, num_heads: int) -> None:
+    if qkv.dim() != 3 or qkv.shape[-1] % (3 * num_heads) != 0:
+        raise ValueError(f"dpt_fast.attention expects qkv of shape [B, N, 3*H*D] with H={num_heads}, "
+                         f"got {tuple(qkv.shape)}")
+    if not qkv.is_floating_point():
+        raise ValueError(f"dpt_fast.attention expects a floating-point qkv, got {qkv.dtype}")
+
+
+def attention(qkv: torch.Tensor, num_heads: int, scale: float | None = None) -> torch.Tensor:
+    """Self-attention on the packed qkv projection output; returns [B, N, H*D]."""
+    check_attention_input(qkv, num_heads)
+    if scale is None:
+        scale = (qkv.shape[-1] // (3 * num_heads)) ** -0.5
+    return attention_op(qkv, num_heads, float(scale))[0]

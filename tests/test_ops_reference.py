@@ -1,0 +1,170 @@
+"""The reference operators: definitions checked against independent PyTorch code, and opcheck."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dpt_fast import ops, reference, use_backend
+from dpt_fast.ops.attention import attention_op
+from dpt_fast.ops.reassemble import reassemble_op
+from dpt_fast.ops.rcu import residual_conv_unit_op
+
+
+def _sdpa(qkv, heads):
+    b, n, c = qkv.shape
+    q, k, v = qkv.view(b, n, 3, heads, c // (3 * heads)).permute(2, 0, 3, 1, 4)
+    return F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, c // 3)
+
+
+@pytest.mark.parametrize("tokens", [1, 17, 77])
+def test_attention_matches_sdpa_forward_and_backward(tokens):
+    torch.manual_seed(tokens)
+    qkv = torch.randn(2, tokens, 3 * 3 * 16, dtype=torch.float64, requires_grad=True)
+    grad = torch.randn(2, tokens, 3 * 16, dtype=torch.float64)
+    out = ops.attention(qkv, 3)
+    (dqkv,) = torch.autograd.grad(out, qkv, grad)
+    expected = _sdpa(qkv, 3)
+    (expected_dqkv,) = torch.autograd.grad(expected, qkv, grad)
+    torch.testing.assert_close(out, expected)
+    torch.testing.assert_close(dqkv, expected_dqkv)
+
+
+def test_attention_query_blocks_do_not_change_the_result(monkeypatch):
+    qkv = torch.randn(1, 50, 3 * 2 * 8, dtype=torch.float64)
+    whole, lse_whole = reference.attention(qkv, 2, 0.3)
+    import sys
+    monkeypatch.setattr(sys.modules["dpt_fast.reference.attention"], "_SCORE_ELEMENTS", 7 * 2 * 50)
+    blocked, lse_blocked = reference.attention(qkv, 2, 0.3)
+    torch.testing.assert_close(whole, blocked)
+    torch.testing.assert_close(lse_whole, lse_blocked)
+
+
+def test_attention_opcheck():
+    qkv = torch.randn(2, 13, 3 * 2 * 8, requires_grad=True)
+    torch.library.opcheck(attention_op, (qkv, 2, 0.25))
+
+
+def _reassemble_params(dim, features, readout, resample, dtype=torch.float32):
+    rw = torch.randn(dim, 2 * dim, dtype=dtype) * 0.1 if readout == "project" else None
+    rb = torch.randn(dim, dtype=dtype) if readout == "project" else None
+    pw = torch.randn(features, dim, 1, 1, dtype=dtype) * 0.1
+    pb = torch.randn(features, dtype=dtype)
+    if resample in ("up4", "up2"):
+        k = 4 if resample == "up4" else 2
+        sw, sb = torch.randn(features, features, k, k, dtype=dtype) * 0.1, torch.randn(features, dtype=dtype)
+    elif resample == "down2":
+        sw, sb = torch.randn(features, features, 3, 3, dtype=dtype) * 0.1, torch.randn(features, dtype=dtype)
+    else:
+        sw = sb = None
+    return rw, rb, pw, pb, sw, sb
+
+
+@pytest.mark.parametrize("readout", ["ignore", "add", "project"])
+@pytest.mark.parametrize("resample", ["up4", "up2", "none", "down2"])
+def test_reassemble_matches_module_chain(readout, resample):
+    torch.manual_seed(0)
+    gh, gw, dim, feat = 3, 5, 16, 8
+    tokens = torch.randn(2, 1 + gh * gw, dim, dtype=torch.float64)
+    rw, rb, pw, pb, sw, sb = _reassemble_params(dim, feat, readout, resample, torch.float64)
+    out = ops.reassemble(tokens, rw, rb, pw, pb, sw, sb, gh, gw, 1, readout, resample)
+    # the original's module chain, written independently
+    x = tokens[:, 1:]
+    if readout == "add":
+        x = x + tokens[:, 0].unsqueeze(1)
+    elif readout == "project":
+        x = F.gelu(torch.cat((x, tokens[:, 0].unsqueeze(1).expand_as(x)), -1) @ rw.T + rb)
+    x = x.transpose(1, 2).unflatten(2, (gh, gw))
+    x = torch.nn.functional.conv2d(x, pw, pb)
+    if resample == "up4":
+        x = F.conv_transpose2d(x, sw, sb, stride=4)
+    elif resample == "up2":
+        x = F.conv_transpose2d(x, sw, sb, stride=2)
+    elif resample == "down2":
+        x = F.conv2d(x, sw, sb, stride=2, padding=1)
+    torch.testing.assert_close(out, x)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("readout,resample", [("project", "up4"), ("add", "down2"), ("ignore", "none")])
+def test_reassemble_opcheck(readout, resample):
+    gh, gw, dim, feat = 3, 5, 8, 4
+    tokens = torch.randn(2, 1 + gh * gw, dim, requires_grad=True)
+    params = [p.requires_grad_(True) if p is not None else None
+              for p in _reassemble_params(dim, feat, readout, resample)]
+    torch.library.opcheck(reassemble_op, (tokens, *params, gh, gw, 1, readout, resample))
+
+
+def _rcu_inputs(channels=8, h=7, w=9, dtype=torch.float64, channels_last=False):
+    x = torch.randn(2, channels, h, w, dtype=dtype)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    w1, w2 = (torch.randn(channels, channels, 3, 3, dtype=dtype) * 0.2 for _ in range(2))
+    b1, b2 = (torch.randn(channels, dtype=dtype) for _ in range(2))
+    return x, w1, b1, w2, b2
+
+
+@pytest.mark.parametrize("with_extra", [False, True])
+def test_rcu_matches_original_module_order(with_extra):
+    x, w1, b1, w2, b2 = _rcu_inputs()
+    extra = torch.randn_like(x) if with_extra else None
+    out = ops.residual_conv_unit(x, w1, b1, w2, b2, extra)
+    h = F.conv2d(F.relu(x), w1, b1, padding=1)
+    expected = F.conv2d(F.relu(h), w2, b2, padding=1) + x
+    if with_extra:
+        expected = extra + expected
+    torch.testing.assert_close(out, expected)
+
+
+@pytest.mark.parametrize("with_extra", [False, True])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_rcu_opcheck(with_extra, channels_last):
+    x, w1, b1, w2, b2 = (t.float().requires_grad_(True) for t in _rcu_inputs(channels_last=channels_last))
+    extra = torch.randn_like(x).requires_grad_(True) if with_extra else None
+    if channels_last:
+        x = x.detach().contiguous(memory_format=torch.channels_last).requires_grad_(True)
+    torch.library.opcheck(residual_conv_unit_op, (x, w1, b1, w2, b2, extra))
+
+
+def test_rcu_gradients_match_autograd_of_the_definition():
+    x, w1, b1, w2, b2 = (t.requires_grad_(True) for t in _rcu_inputs())
+    extra = torch.randn_like(x).requires_grad_(True)
+    grad = torch.randn_like(x)
+    got = torch.autograd.grad(ops.residual_conv_unit(x, w1, b1, w2, b2, extra), (x, w1, b1, w2, b2, extra), grad)
+    h = F.conv2d(F.relu(x), w1, b1, padding=1)
+    expected_out = extra + (F.conv2d(F.relu(h), w2, b2, padding=1) + x)
+    expected = torch.autograd.grad(expected_out, (x, w1, b1, w2, b2, extra), grad)
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e)
+
+
+def test_use_backend_is_a_context_manager_and_per_thread():
+    import threading
+    from dpt_fast import get_backend
+    assert get_backend() == "fused"
+    seen = []
+    with use_backend("reference"):
+        assert get_backend() == "reference"
+        t = threading.Thread(target=lambda: seen.append(get_backend()))
+        t.start(); t.join()
+    assert get_backend() == "fused"
+    with pytest.raises(ValueError, match="backend must be one of"):
+        use_backend("cudnn")
+
+
+@pytest.mark.parametrize("readout", ["ignore", "add", "project"])
+@pytest.mark.parametrize("resample", ["up4", "up2", "none", "down2"])
+def test_reassemble_backward_passes_gradcheck(readout, resample):
+    torch.manual_seed(1)
+    gh, gw, dim, feat = 3, 2, 4, 3
+    tokens = torch.randn(2, 1 + gh * gw, dim, dtype=torch.float64, requires_grad=True)
+    params = [p.requires_grad_(True) if p is not None else None
+              for p in _reassemble_params(dim, feat, readout, resample, torch.float64)]
+    assert torch.autograd.gradcheck(
+        lambda t, *p: ops.reassemble(t, *p, gh, gw, 1, readout, resample), (tokens, *params))
+
+
+def test_rcu_and_attention_backward_pass_gradcheck():
+    x, w1, b1, w2, b2 = (t.requires_grad_(True) for t in _rcu_inputs(channels=3, h=4, w=5))
+    extra = torch.randn_like(x).requires_grad_(True)
+    assert torch.autograd.gradcheck(ops.residual_conv_unit, (x, w1, b1, w2, b2, extra))
+    qkv = torch.randn(1, 5, 3 * 2 * 4, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t: ops.attention(t, 2), (qkv,))
