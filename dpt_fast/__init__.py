@@ -1,7 +1,9 @@
 """dpt_fast: the Dense Prediction Transformer (Ranftl et al., 2021) with fused kernels."""
 from .backend import get_backend, implementations_ran, set_backend, use_backend
 from . import ops
+from .models import DPTDepthModel, DPTSegmentationModel, build_model
 
 __version__ = "0.1.0"
 
-__all__ = ["get_backend", "set_backend", "use_backend", "implementations_ran", "ops", "__version__"]
+__all__ = ["DPTDepthModel", "DPTSegmentationModel", "build_model", "get_backend", "set_backend",
+           "use_backend", "implementations_ran", "ops", "__version__"]

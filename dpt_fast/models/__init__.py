@@ -1,0 +1,18 @@
+"""DPT models: the encoder (backbone.py), decoder blocks (blocks.py), heads (heads.py), models (dpt.py)."""
+from .backbone import RELEASED_BACKBONES, DPTAttention, DPTBackbone
+from .dpt import DPT, DPTDepthModel, DPTSegmentationModel
+
+MODEL_CLASSES = {"DPTDepthModel": DPTDepthModel, "DPTSegmentationModel": DPTSegmentationModel}
+
+
+def build_model(config: dict):
+    """Rebuild a model from its `model.config` dict (as saved by dpt_fast.save_model)."""
+    config = dict(config)
+    name = config.pop("model_class", None)
+    if name not in MODEL_CLASSES:
+        raise ValueError(f"config['model_class'] must be one of {sorted(MODEL_CLASSES)}, got {name!r}")
+    return MODEL_CLASSES[name](**config)
+
+
+__all__ = ["DPT", "DPTDepthModel", "DPTSegmentationModel", "DPTBackbone", "DPTAttention",
+           "RELEASED_BACKBONES", "MODEL_CLASSES", "build_model"]
