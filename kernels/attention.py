@@ -1,0 +1,400 @@
+"""Triton fused multi-head self-attention (FlashAttention-2 style), forward and backward.
+
+Kernels (named after the operator, so a profile tells which ran):
+
+    _attention_fwd              online softmax over key blocks; writes out [B, N, H*D] and lse [B, H, N]
+    _attention_bwd_preprocess   delta = rowsum(dO * O)                        [B, H, N] float32
+    _attention_bwd_dkdv         one program per key block: dK, dV             -> packed dqkv
+    _attention_bwd_dq           one program per query block: dQ               -> packed dqkv
+
+Layout. q, k and v are read straight from the packed qkv projection output [B, N, 3*H*D] (it views as
+[B, N, 3, H, D]) through its batch and token strides: no split, permute or contiguous copies. A slice
+of a larger tensor is read in place; only a last-dimension stride other than 1 costs one .contiguous().
+The output is written with heads merged, [B, N, H*D], ready for the output projection, and dq/dk/dv are
+written straight into a contiguous packed gradient [B, N, 3*H*D]. Any N >= 1: the last query/key block
+is handled by masking (full blocks run unmasked), never by padded copies. The backward is
+deterministic (no atomics): dK/dV and dQ are computed by separate kernels.
+
+Numerics. Scores are scaled by scale*log2(e) and exponentiated with exp2; the running max, sum and the
+accumulator are float32; P and dS are cast to the input dtype before their matmuls (as FlashAttention
+does). The log-sum-exp is stored in natural-log units, float32, so it equals the reference's lse.
+
+Supported (see `supports`): head dim 64 or 128, float16 or bfloat16 CUDA tensors (sm_80+). Every other
+case (float32 or float64 on CUDA, other head dims) is served by the reference operator: on the GPU the
+fused path does not take float32 (a tf32 kernel would change the numbers silently).
+Under TRITON_INTERPRET=1 the kernels run on CPU tensors through the interpreter for float32 and float16
+(with exact IEEE float32 dots); bfloat16 is excluded there because the interpreter's bf16 tl.dot is wrong.
+
+Tuning. On a GPU each kernel is autotuned over block sizes, warps and stages (chosen for Hopper),
+keyed on N and head dim; under the interpreter one fixed small config is used (the interpreter cannot
+autotune over several configs and ignores warps/stages).
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+HEAD_DIMS = (64, 128)
+_LOG2E = 1.4426950408889634
+_MAX_GRID_Y = 65535  # CUDA limit on grid dimension 1 (batch * heads lives there)
+_INT32_MAX = 2**31 - 1
+
+
+# --- configs ------------------------------------------------------------------------------------
+
+def _configs(candidates):
+    if _INTERPRET:
+        return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=1)]
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in candidates]
+
+
+# (BLOCK_M, BLOCK_N, num_warps, num_stages); chosen around the Hopper sweet spots of the Triton
+# fused-attention tutorial; configs that do not fit (shared memory) are skipped by the autotuner.
+_FWD_CONFIGS = _configs([
+    (128, 64, 4, 3), (128, 64, 8, 3), (128, 64, 4, 4), (128, 128, 8, 3), (128, 128, 8, 2),
+    (128, 32, 4, 4), (64, 64, 4, 3), (64, 128, 4, 3), (64, 32, 4, 4),
+])
+# dK/dV: BLOCK_N keys per program, BLOCK_M queries per step.
+_DKDV_CONFIGS = _configs([
+    (32, 128, 4, 3), (32, 128, 8, 3), (64, 128, 8, 3), (64, 128, 4, 2), (32, 64, 4, 3),
+    (64, 64, 4, 3), (16, 128, 4, 4),
+])
+# dQ: BLOCK_M queries per program, BLOCK_N keys per step.
+_DQ_CONFIGS = _configs([
+    (128, 32, 4, 3), (128, 64, 8, 3), (128, 64, 4, 2), (64, 64, 4, 3), (64, 32, 4, 4), (128, 128, 8, 2),
+])
+_PREPROCESS_BLOCK = 64
+
+
+# --- forward ------------------------------------------------------------------------------------
+
+@triton.jit
+def _attention_fwd_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, start, stop, stride_n, N_CTX, qk_scale,
+                         BLOCK_N: tl.constexpr, MASK: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    offs_n = tl.arange(0, BLOCK_N)
+    for start_n in range(start, stop, BLOCK_N):
+        if MASK:
+            valid = (start_n + offs_n) < N_CTX
+            k = tl.load(k_ptrs + start_n * stride_n, mask=valid[:, None], other=0.0)
+            v = tl.load(v_ptrs + start_n * stride_n, mask=valid[:, None], other=0.0)
+        else:
+            k = tl.load(k_ptrs + start_n * stride_n)
+            v = tl.load(v_ptrs + start_n * stride_n)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # log2 units
+        if MASK:
+            s = tl.where(valid[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        p = tl.math.exp2(s - m_new[:, None])
+        alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.autotune(configs=_FWD_CONFIGS, key=["N_CTX", "HEAD_DIM"])
+@triton.jit
+def _attention_fwd(QKV, Out, LSE, stride_qkv_b, stride_qkv_n, stride_out_b, stride_out_n, N_CTX, num_heads,
+                   qk_scale, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                   DOT_PRECISION: tl.constexpr):
+    start_m = tl.program_id(0) * BLOCK_M
+    pid_bh = tl.program_id(1)
+    off_b = pid_bh // num_heads
+    off_h = pid_bh % num_heads
+    width = num_heads * HEAD_DIM
+
+    q_base = QKV + off_b.to(tl.int64) * stride_qkv_b + off_h * HEAD_DIM
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    row_valid = offs_m < N_CTX
+
+    q = tl.load(q_base + offs_m[:, None] * stride_qkv_n + offs_d[None, :], mask=row_valid[:, None], other=0.0)
+    k_ptrs = q_base + width + offs_n[:, None] * stride_qkv_n + offs_d[None, :]
+    v_ptrs = q_base + 2 * width + offs_n[:, None] * stride_qkv_n + offs_d[None, :]
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+
+    full_stop = (N_CTX // BLOCK_N) * BLOCK_N
+    acc, l_i, m_i = _attention_fwd_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, 0, full_stop, stride_qkv_n, N_CTX,
+                                         qk_scale, BLOCK_N, False, DOT_PRECISION)
+    if full_stop < N_CTX:
+        acc, l_i, m_i = _attention_fwd_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, full_stop, N_CTX, stride_qkv_n,
+                                             N_CTX, qk_scale, BLOCK_N, True, DOT_PRECISION)
+
+    acc = acc / l_i[:, None]
+    lse = (m_i + tl.math.log2(l_i)) * 0.6931471805599453  # natural-log units
+    tl.store(LSE + pid_bh.to(tl.int64) * N_CTX + offs_m, lse, mask=row_valid)
+    out_base = Out + off_b.to(tl.int64) * stride_out_b + off_h * HEAD_DIM
+    tl.store(out_base + offs_m[:, None] * stride_out_n + offs_d[None, :], acc.to(Out.dtype.element_ty),
+             mask=row_valid[:, None])
+
+
+# --- backward -----------------------------------------------------------------------------------
+
+@triton.jit
+def _attention_bwd_preprocess(Out, DO, Delta, stride_out_b, stride_out_n, stride_do_b, stride_do_n, N_CTX,
+                              num_heads, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr):
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    pid_bh = tl.program_id(1)
+    off_b = pid_bh // num_heads
+    off_h = pid_bh % num_heads
+    offs_d = tl.arange(0, HEAD_DIM)
+    valid = offs_m < N_CTX
+    o = tl.load(Out + off_b.to(tl.int64) * stride_out_b + off_h * HEAD_DIM + offs_m[:, None] * stride_out_n
+                + offs_d[None, :], mask=valid[:, None], other=0.0)
+    do = tl.load(DO + off_b.to(tl.int64) * stride_do_b + off_h * HEAD_DIM + offs_m[:, None] * stride_do_n
+                 + offs_d[None, :], mask=valid[:, None], other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
+    tl.store(Delta + pid_bh.to(tl.int64) * N_CTX + offs_m, delta, mask=valid)
+
+
+@triton.jit
+def _attention_bwd_dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, lse_ptrs, delta_ptrs, start, stop, stride_qkv_n,
+                              stride_do_n, N_CTX, qk_scale, BLOCK_M: tl.constexpr, MASK: tl.constexpr,
+                              DOT_PRECISION: tl.constexpr):
+    offs_m = tl.arange(0, BLOCK_M)
+    for start_m in range(start, stop, BLOCK_M):
+        if MASK:
+            valid = (start_m + offs_m) < N_CTX
+            q = tl.load(q_ptrs + start_m * stride_qkv_n, mask=valid[:, None], other=0.0)
+            do = tl.load(do_ptrs + start_m * stride_do_n, mask=valid[:, None], other=0.0)
+            # lse = +inf on padded query rows makes their probabilities exactly 0
+            lse = tl.load(lse_ptrs + start_m, mask=valid, other=float("inf"))
+            delta = tl.load(delta_ptrs + start_m, mask=valid, other=0.0)
+        else:
+            q = tl.load(q_ptrs + start_m * stride_qkv_n)
+            do = tl.load(do_ptrs + start_m * stride_do_n)
+            lse = tl.load(lse_ptrs + start_m)
+            delta = tl.load(delta_ptrs + start_m)
+        s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)  # [BLOCK_N, BLOCK_M]
+        p_t = tl.math.exp2(s_t * qk_scale - (lse * 1.4426950408889634)[None, :])
+        dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
+        dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+        ds_t = p_t * (dp_t - delta[None, :])
+        dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=DOT_PRECISION)
+    return dk, dv
+
+
+@triton.autotune(configs=_DKDV_CONFIGS, key=["N_CTX", "HEAD_DIM"])
+@triton.jit
+def _attention_bwd_dkdv(QKV, DO, LSE, Delta, DQKV, stride_qkv_b, stride_qkv_n, stride_do_b, stride_do_n,
+                        stride_dqkv_b, stride_dqkv_n, N_CTX, num_heads, scale, qk_scale,
+                        HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                        DOT_PRECISION: tl.constexpr):
+    start_n = tl.program_id(0) * BLOCK_N
+    pid_bh = tl.program_id(1)
+    off_b = pid_bh // num_heads
+    off_h = pid_bh % num_heads
+    width = num_heads * HEAD_DIM
+
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    key_valid = offs_n < N_CTX
+
+    q_base = QKV + off_b.to(tl.int64) * stride_qkv_b + off_h * HEAD_DIM
+    kv_offs = offs_n[:, None] * stride_qkv_n + offs_d[None, :]
+    k = tl.load(q_base + width + kv_offs, mask=key_valid[:, None], other=0.0)
+    v = tl.load(q_base + 2 * width + kv_offs, mask=key_valid[:, None], other=0.0)
+
+    q_ptrs = q_base + offs_m[:, None] * stride_qkv_n + offs_d[None, :]
+    do_ptrs = DO + off_b.to(tl.int64) * stride_do_b + off_h * HEAD_DIM + offs_m[:, None] * stride_do_n \
+        + offs_d[None, :]
+    lse_ptrs = LSE + pid_bh.to(tl.int64) * N_CTX + offs_m
+    delta_ptrs = Delta + pid_bh.to(tl.int64) * N_CTX + offs_m
+
+    dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+    full_stop = (N_CTX // BLOCK_M) * BLOCK_M
+    dk, dv = _attention_bwd_dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, lse_ptrs, delta_ptrs, 0, full_stop,
+                                       stride_qkv_n, stride_do_n, N_CTX, qk_scale, BLOCK_M, False, DOT_PRECISION)
+    if full_stop < N_CTX:
+        dk, dv = _attention_bwd_dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, lse_ptrs, delta_ptrs, full_stop, N_CTX,
+                                           stride_qkv_n, stride_do_n, N_CTX, qk_scale, BLOCK_M, True,
+                                           DOT_PRECISION)
+    dk = dk * scale
+
+    d_base = DQKV + off_b.to(tl.int64) * stride_dqkv_b + off_h * HEAD_DIM + offs_n[:, None] * stride_dqkv_n \
+        + offs_d[None, :]
+    tl.store(d_base + width, dk.to(DQKV.dtype.element_ty), mask=key_valid[:, None])
+    tl.store(d_base + 2 * width, dv.to(DQKV.dtype.element_ty), mask=key_valid[:, None])
+
+
+@triton.jit
+def _attention_bwd_dq_inner(dq, q, do, lse2, delta, k_ptrs, v_ptrs, start, stop, stride_qkv_n, N_CTX, qk_scale,
+                            BLOCK_N: tl.constexpr, MASK: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    offs_n = tl.arange(0, BLOCK_N)
+    for start_n in range(start, stop, BLOCK_N):
+        if MASK:
+            valid = (start_n + offs_n) < N_CTX
+            k = tl.load(k_ptrs + start_n * stride_qkv_n, mask=valid[:, None], other=0.0)
+            v = tl.load(v_ptrs + start_n * stride_qkv_n, mask=valid[:, None], other=0.0)
+        else:
+            k = tl.load(k_ptrs + start_n * stride_qkv_n)
+            v = tl.load(v_ptrs + start_n * stride_qkv_n)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+        p = tl.math.exp2(s * qk_scale - lse2[:, None])
+        if MASK:
+            p = tl.where(valid[None, :], p, 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+        ds = p * (dp - delta[:, None])
+        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PRECISION)
+    return dq
+
+
+@triton.autotune(configs=_DQ_CONFIGS, key=["N_CTX", "HEAD_DIM"])
+@triton.jit
+def _attention_bwd_dq(QKV, DO, LSE, Delta, DQKV, stride_qkv_b, stride_qkv_n, stride_do_b, stride_do_n,
+                      stride_dqkv_b, stride_dqkv_n, N_CTX, num_heads, scale, qk_scale,
+                      HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                      DOT_PRECISION: tl.constexpr):
+    start_m = tl.program_id(0) * BLOCK_M
+    pid_bh = tl.program_id(1)
+    off_b = pid_bh // num_heads
+    off_h = pid_bh % num_heads
+    width = num_heads * HEAD_DIM
+
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    row_valid = offs_m < N_CTX
+
+    q_base = QKV + off_b.to(tl.int64) * stride_qkv_b + off_h * HEAD_DIM
+    q = tl.load(q_base + offs_m[:, None] * stride_qkv_n + offs_d[None, :], mask=row_valid[:, None], other=0.0)
+    do = tl.load(DO + off_b.to(tl.int64) * stride_do_b + off_h * HEAD_DIM + offs_m[:, None] * stride_do_n
+                 + offs_d[None, :], mask=row_valid[:, None], other=0.0)
+    lse2 = tl.load(LSE + pid_bh.to(tl.int64) * N_CTX + offs_m, mask=row_valid, other=0.0) * 1.4426950408889634
+    delta = tl.load(Delta + pid_bh.to(tl.int64) * N_CTX + offs_m, mask=row_valid, other=0.0)
+
+    k_ptrs = q_base + width + offs_n[:, None] * stride_qkv_n + offs_d[None, :]
+    v_ptrs = q_base + 2 * width + offs_n[:, None] * stride_qkv_n + offs_d[None, :]
+    dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    full_stop = (N_CTX // BLOCK_N) * BLOCK_N
+    dq = _attention_bwd_dq_inner(dq, q, do, lse2, delta, k_ptrs, v_ptrs, 0, full_stop, stride_qkv_n, N_CTX,
+                                 qk_scale, BLOCK_N, False, DOT_PRECISION)
+    if full_stop < N_CTX:
+        dq = _attention_bwd_dq_inner(dq, q, do, lse2, delta, k_ptrs, v_ptrs, full_stop, N_CTX, stride_qkv_n,
+                                     N_CTX, qk_scale, BLOCK_N, True, DOT_PRECISION)
+    dq = dq * scale
+    tl.store(DQKV + off_b.to(tl.int64) * stride_dqkv_b + off_h * HEAD_DIM + offs_m[:, None] * stride_dqkv_n
+             + offs_d[None, :], dq.to(DQKV.dtype.element_ty), mask=row_valid[:, None])
+
+
+# --- launchers ----------------------------------------------------------------------------------
+
+def _head_dim(qkv: torch.Tensor, num_heads: int) -> int | None:
+    if qkv.dim() != 3 or num_heads < 1 or qkv.shape[-1] % (3 * num_heads) != 0:
+        return None
+    return qkv.shape[-1] // (3 * num_heads)
+
+
+def supports(qkv: torch.Tensor, num_heads: int) -> bool:
+    """Whether the Triton kernels serve this input (otherwise the reference operator does)."""
+    head_dim = _head_dim(qkv, num_heads)
+    if head_dim not in HEAD_DIMS or qkv.shape[0] < 1 or qkv.shape[1] < 1:
+        return False
+    if _INTERPRET:
+        if qkv.device.type != "cpu" or qkv.dtype not in (torch.float32, torch.float16):
+            return False
+    else:
+        if not qkv.is_cuda or qkv.dtype not in (torch.float16, torch.bfloat16):
+            return False
+        if torch.cuda.get_device_capability(qkv.device) < (8, 0):
+            return False
+    # in-batch offsets are int32 (the batch offset is int64): one image's rows must fit
+    row_stride = qkv.stride(1) if qkv.stride(-1) == 1 else qkv.shape[-1]
+    return qkv.shape[1] * max(row_stride, qkv.shape[-1]) <= _INT32_MAX
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    # exact float32 dots under the interpreter; on the GPU only 16-bit inputs arrive (the default applies)
+    return "ieee" if _INTERPRET else "tf32"
+
+
+def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _batch_chunks(batch: int, num_heads: int):
+    step = max(1, _MAX_GRID_Y // num_heads)
+    for lo in range(0, batch, step):
+        yield lo, min(lo + step, batch)
+
+
+class _on_device:
+    """Launch on the tensor's CUDA device (Triton launches on the current device)."""
+
+    def __init__(self, t: torch.Tensor):
+        self._ctx = torch.cuda.device(t.device) if t.is_cuda else None
+
+    def __enter__(self):
+        if self._ctx is not None:
+            self._ctx.__enter__()
+
+    def __exit__(self, *exc):
+        if self._ctx is not None:
+            return self._ctx.__exit__(*exc)
+        return False
+
+
+def attention_forward(qkv: torch.Tensor, num_heads: int, scale: float):
+    """out [B, N, H*D] in qkv.dtype, lse [B, H, N] float32 (natural log)."""
+    head_dim = _head_dim(qkv, num_heads)
+    assert head_dim in HEAD_DIMS, f"head dim {head_dim} not supported by the Triton attention"
+    qkv = _last_dim_contiguous(qkv)
+    batch, tokens, width = qkv.shape
+    out = torch.empty((batch, tokens, width // 3), dtype=qkv.dtype, device=qkv.device)
+    lse = torch.empty((batch, num_heads, tokens), dtype=torch.float32, device=qkv.device)
+    qk_scale = float(scale) * _LOG2E
+    precision = _dot_precision(qkv.dtype)
+    with _on_device(qkv):
+        for lo, hi in _batch_chunks(batch, num_heads):
+            q_chunk, o_chunk, l_chunk = qkv[lo:hi], out[lo:hi], lse[lo:hi]
+            grid = lambda meta, n=(hi - lo) * num_heads: (triton.cdiv(tokens, meta["BLOCK_M"]), n)  # noqa: E731
+            _attention_fwd[grid](
+                q_chunk, o_chunk, l_chunk, q_chunk.stride(0), q_chunk.stride(1), o_chunk.stride(0),
+                o_chunk.stride(1), tokens, num_heads, qk_scale, HEAD_DIM=head_dim, DOT_PRECISION=precision)
+    return out, lse
+
+
+def attention_backward(grad_out: torch.Tensor, qkv: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+                       num_heads: int, scale: float) -> torch.Tensor:
+    """dqkv [B, N, 3*H*D], contiguous, in qkv.dtype."""
+    head_dim = _head_dim(qkv, num_heads)
+    assert head_dim in HEAD_DIMS, f"head dim {head_dim} not supported by the Triton attention"
+    qkv = _last_dim_contiguous(qkv)
+    batch, tokens, width = qkv.shape
+    grad_out = _last_dim_contiguous(grad_out.to(qkv.dtype))
+    out = _last_dim_contiguous(out.to(qkv.dtype))
+    lse = lse.to(torch.float32).contiguous()
+    delta = torch.empty((batch, num_heads, tokens), dtype=torch.float32, device=qkv.device)
+    dqkv = torch.empty((batch, tokens, width), dtype=qkv.dtype, device=qkv.device)
+    qk_scale = float(scale) * _LOG2E
+    precision = _dot_precision(qkv.dtype)
+    with _on_device(qkv):
+        for lo, hi in _batch_chunks(batch, num_heads):
+            q_c, do_c, o_c, l_c, d_c, dq_c = qkv[lo:hi], grad_out[lo:hi], out[lo:hi], lse[lo:hi], delta[lo:hi], \
+                dqkv[lo:hi]
+            n_bh = (hi - lo) * num_heads
+            _attention_bwd_preprocess[(triton.cdiv(tokens, _PREPROCESS_BLOCK), n_bh)](
+                o_c, do_c, d_c, o_c.stride(0), o_c.stride(1), do_c.stride(0), do_c.stride(1), tokens, num_heads,
+                HEAD_DIM=head_dim, BLOCK_M=_PREPROCESS_BLOCK)
+            args = (q_c, do_c, l_c, d_c, dq_c, q_c.stride(0), q_c.stride(1), do_c.stride(0), do_c.stride(1),
+                    dq_c.stride(0), dq_c.stride(1), tokens, num_heads, float(scale), qk_scale)
+            _attention_bwd_dkdv[lambda meta: (triton.cdiv(tokens, meta["BLOCK_N"]), n_bh)](
+                *args, HEAD_DIM=head_dim, DOT_PRECISION=precision)
+            _attention_bwd_dq[lambda meta: (triton.cdiv(tokens, meta["BLOCK_M"]), n_bh)](
+                *args, HEAD_DIM=head_dim, DOT_PRECISION=precision)
+    return dqkv
+
+
+__all__ = ["supports", "attention_forward", "attention_backward", "HEAD_DIMS"]
