@@ -1,0 +1,86 @@
+"""Preprocessing as the original release does it, as batched tensor code (CPU or GPU), and its inverse.
+
+Original: keep the aspect ratio, scale as little as possible so that both sides reach the target
+("minimal"), round each side to a multiple of 32, bicubic, then normalise with mean = std = 0.5.
+Targets: 384 for depth, 480 for segmentation.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+DEPTH_SIZE = 384
+SEGMENTATION_SIZE = 480
+MEAN = STD = 0.5
+
+
+def _to_multiple(x: float, multiple: int) -> int:
+    """Nearest multiple (ties to even, as numpy's round), never 0."""
+    y = round(x / multiple) * multiple
+    return y if y > 0 else math.ceil(x / multiple) * multiple
+
+
+def target_size(height: int, width: int, size: int = DEPTH_SIZE, multiple: int = 32,
+                keep_aspect_ratio: bool = True) -> tuple[int, int]:
+    """The (height, width) the original's Resize(size, size, keep_aspect_ratio, multiple, "minimal") gives."""
+    if height <= 0 or width <= 0:
+        raise ValueError(f"image size must be positive, got {height}x{width}")
+    scale_h, scale_w = size / height, size / width
+    if keep_aspect_ratio:  # "minimal": the scale closest to 1 serves both sides
+        if abs(1 - scale_w) < abs(1 - scale_h):
+            scale_h = scale_w
+        else:
+            scale_w = scale_h
+    return _to_multiple(scale_h * height, multiple), _to_multiple(scale_w * width, multiple)
+
+
+def to_float_image(images: torch.Tensor) -> torch.Tensor:
+    """uint8 [0, 255] or float [0, 1] images, [3, H, W] or [B, 3, H, W] -> float32 [B, 3, H, W] in [0, 1]."""
+    if images.dim() == 3:
+        images = images.unsqueeze(0)
+    if images.dim() != 4 or images.shape[1] != 3:
+        raise ValueError(f"expected images [B, 3, H, W] or [3, H, W], got shape {tuple(images.shape)}")
+    if images.dtype == torch.uint8:
+        return images.float() / 255.0
+    if not images.is_floating_point():
+        raise ValueError(f"expected uint8 or floating-point images, got {images.dtype}")
+    return images.float()
+
+
+def preprocess(images: torch.Tensor, size: int | tuple[int, int] | None = DEPTH_SIZE, multiple: int = 32,
+               keep_aspect_ratio: bool = True) -> torch.Tensor:
+    """Images -> the normalised network input. `size` None keeps the native resolution (rounded to the
+    multiple); a (height, width) pair resizes to exactly that."""
+    x = to_float_image(images)
+    height, width = x.shape[-2:]
+    if size is None:
+        out_size = (_to_multiple(height, multiple), _to_multiple(width, multiple))
+    elif isinstance(size, int):
+        out_size = target_size(height, width, size, multiple, keep_aspect_ratio)
+    else:
+        out_size = tuple(size)
+    if out_size != (height, width):
+        x = F.interpolate(x, size=out_size, mode="bicubic", align_corners=False)
+    return (x - MEAN) / STD
+
+
+def resize_prediction(prediction: torch.Tensor, size: tuple[int, int], mode: str = "bicubic") -> torch.Tensor:
+    """Back to the input's (height, width): [B, H, W] depth (bicubic, as the original) or
+    [B, C, H, W] logits (use mode="bilinear", as the original's segmentation script)."""
+    squeeze = prediction.dim() == 3
+    x = prediction.unsqueeze(1) if squeeze else prediction
+    x = F.interpolate(x.float(), size=tuple(size), mode=mode, align_corners=False)
+    return x.squeeze(1) if squeeze else x
+
+
+def normalize_depth(depth: torch.Tensor, bits: int = 16) -> torch.Tensor:
+    """Per-image min-max scaling to the integer range of `bits` (the original's write_depth)."""
+    flat = depth.flatten(1).float()
+    low, high = flat.min(1, keepdim=True).values, flat.max(1, keepdim=True).values
+    span = high - low
+    max_val = 2 ** bits - 1
+    scaled = torch.where(span > torch.finfo(torch.float32).eps, max_val * (flat - low) / span.clamp_min(1e-30),
+                         torch.zeros_like(flat))
+    return scaled.floor().view_as(depth)  # the original truncates (astype("uint16"))
