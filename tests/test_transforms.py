@@ -59,7 +59,7 @@ def test_normalize_depth_spans_the_16_bit_range_per_image():
     out = normalize_depth(depth)
     for i in range(2):
         d = depth[i]
-        expected = np.floor(65535 * (d - d.min()) / (d.max() - d.min())).numpy()
+        expected = np.floor((65535 * (d - d.min()) / (d.max() - d.min())).numpy())
         np.testing.assert_allclose(out[i].numpy(), expected, atol=1)
     assert out.max() == 65535 and out.min() == 0
     assert (normalize_depth(torch.ones(1, 4, 4)) == 0).all()
