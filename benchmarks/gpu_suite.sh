@@ -10,12 +10,14 @@ export PYTHONUNBUFFERED=1
 stamp=$(date -u +%Y-%m-%d)
 device=$(python -c "import torch; print(torch.cuda.get_device_name(0).replace(' ', '-'))" 2>/dev/null || echo unknown)
 mode=${1:-full}
+# One log; the device tool returns at most 8 files: suite.log, 4 kernel JSONs, the e2e JSON/table/plot.
+exec > >(tee "$OUT/suite.log") 2>&1
 
 step() { echo; echo "=== $* ($(date -u +%H:%M:%S))"; }
 
 step build
-DPT_FAST_BUILD_CUDA=1 pip install -q --no-build-isolation --no-deps -e . >"$OUT/build.log" 2>&1 \
-  || { tail -40 "$OUT/build.log"; echo "BUILD FAILED"; }
+DPT_FAST_BUILD_CUDA=1 pip install -q --no-build-isolation --no-deps -e . 2>&1 | tail -40 \
+  || echo "BUILD FAILED"
 
 step versions
 python - <<'PY' | tee "$OUT/versions.txt"
@@ -26,16 +28,13 @@ print("device", torch.cuda.get_device_name(0), "rcu kernel registered", cuda_ker
 PY
 
 step gpu tests
-python -m pytest -q -m gpu -rs 2>&1 | tee "$OUT/gpu-tests.log" | tail -30
+python -m pytest -q -m gpu -rs 2>&1 | tail -40
 
 [ "$mode" = quick ] && exit 0
 
-results="benchmarks/results"
-mkdir -p "$results"
 for bench in attention reassemble rcu train; do
   step "bench $bench"
-  timeout 420 python "benchmarks/bench_${bench}.py" --out "$OUT/${bench}-${device}-${stamp}.json" 2>&1 \
-    | tee "$OUT/bench-${bench}.log" | tail -25
+  timeout 420 python "benchmarks/bench_${bench}.py" --out "$OUT/${bench}-${device}-${stamp}.json" 2>&1 | tail -40
 done
 step "end-to-end bench"
-timeout 500 dpt-fast bench --out "$OUT/e2e" 2>&1 | tee "$OUT/bench-e2e.log" | tail -25
+timeout 500 dpt-fast bench --out "$OUT" 2>&1 | tail -40
