@@ -20,7 +20,7 @@ DPT_FAST_BUILD_CUDA=1 pip install -q --no-build-isolation --no-deps -e . 2>&1 | 
   || echo "BUILD FAILED"
 
 step versions
-python - <<'PY' | tee "$OUT/versions.txt"
+python - <<'PY'
 import torch, triton, timm, dpt_fast
 from dpt_fast.ops.rcu import cuda_kernel_registered
 print("torch", torch.__version__, "cuda", torch.version.cuda, "triton", triton.__version__, "timm", timm.__version__)
