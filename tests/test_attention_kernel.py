@@ -1,0 +1,303 @@
+"""The Triton fused attention (dpt_fast.kernels.attention) against the reference operator.
+
+Two groups:
+- CPU tests through the Triton interpreter (fp32 and fp16; bf16 dots are wrong in the interpreter).
+  On a machine without CUDA this file turns the interpreter on itself (TRITON_INTERPRET=1, set before
+  dpt_fast.kernels is imported; dpt_fast.ops imports the kernels lazily). On a CUDA machine it leaves
+  the kernels compiled, so these tests skip; run them there with `TRITON_INTERPRET=1 pytest -m "not gpu"`.
+- GPU tests (marker gpu): compiled kernels, bf16/fp16, N = 577, 2305, 9217, gradients, large-magnitude
+  inputs, determinism, torch.compile(fullgraph=True). Skipped without CUDA or when interpreting.
+"""
+import os
+
+import torch  # importing torch does not import triton; the kernels module reads the variable at import
+
+if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import pytest  # noqa: E402
+
+import dpt_fast  # noqa: E402
+from dpt_fast import ops, reference  # noqa: E402
+from dpt_fast.ops.attention import attention_op  # noqa: E402
+
+INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
+interpreter = pytest.mark.skipif(not INTERPRETING, reason="CPU interpreter tests: run with TRITON_INTERPRET=1")
+
+
+def gpu(fn):
+    """GPU test: marker gpu, skipped without CUDA or when the kernels are interpreted."""
+    skip = pytest.mark.skipif(INTERPRETING or not torch.cuda.is_available(), reason="needs CUDA, compiled Triton")
+    return pytest.mark.gpu(skip(fn))
+
+
+FWD = "dpt_fast::attention"
+BWD = "dpt_fast::attention_backward"
+
+
+def _kernels():
+    from dpt_fast.kernels import attention as kernels
+    assert kernels._INTERPRET == INTERPRETING, "dpt_fast.kernels.attention was imported under another TRITON_INTERPRET"
+    return kernels
+
+
+def _qkv(batch, tokens, heads, head_dim, dtype, device="cpu", magnitude=1.0, seed=0):
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    qkv = torch.randn(batch, tokens, 3 * heads * head_dim, generator=gen) * magnitude
+    grad = torch.randn(batch, tokens, heads * head_dim, generator=gen)
+    return qkv.to(device=device, dtype=dtype), grad.to(device=device, dtype=dtype)
+
+
+def _reference_fwd_bwd(qkv, grad, heads, scale, dtype=torch.float64):
+    """The oracle: the reference operator on the same (rounded) inputs, in `dtype`."""
+    x = qkv.detach().to(dtype)
+    out, lse = reference.attention(x, heads, scale)
+    dqkv = reference.attention_backward(grad.to(dtype), x, out, lse, heads, scale)
+    return out, lse, dqkv
+
+
+def _op_fwd_bwd(qkv, grad, heads, scale=None):
+    x = qkv.detach().clone().requires_grad_(True)
+    out = ops.attention(x, heads, scale)
+    (dqkv,) = torch.autograd.grad(out, x, grad)
+    return out, dqkv
+
+
+# fp32 runs with exact (IEEE) dots in the interpreter; fp16 rounds P and dS to fp16 before their matmuls
+_TOL = {torch.float32: dict(atol=2e-5, rtol=1e-4), torch.float16: dict(atol=3e-3, rtol=3e-3)}
+
+
+def _close(actual, expected, dtype, scale_by=1.0):
+    tol = _TOL[dtype]
+    torch.testing.assert_close(actual.to(expected.dtype), expected, atol=tol["atol"] * scale_by,
+                               rtol=tol["rtol"] * scale_by)
+
+
+# --- CPU: the Triton interpreter -----------------------------------------------------------------
+
+_CASES = [  # (batch, tokens, heads, head_dim)
+    (2, 1, 2, 64), (2, 17, 2, 64), (2, 77, 2, 64), (2, 129, 2, 64), (2, 197, 2, 64), (2, 300, 2, 64),
+    (1, 77, 2, 128),
+]
+
+
+@interpreter
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("batch,tokens,heads,head_dim", _CASES)
+def test_op_fused_matches_reference(dtype, batch, tokens, heads, head_dim):
+    qkv, grad = _qkv(batch, tokens, heads, head_dim, dtype, seed=tokens + head_dim)
+    dpt_fast.implementations_ran(reset=True)
+    with dpt_fast.use_backend("fused"):
+        out, dqkv = _op_fwd_bwd(qkv, grad, heads)
+    ran = dpt_fast.implementations_ran()
+    assert ran[FWD] == {"triton": 1} and ran[BWD] == {"triton": 1}, ran
+    assert out.dtype == dtype and out.shape == (batch, tokens, heads * head_dim) and out.is_contiguous()
+    assert dqkv.dtype == dtype and dqkv.shape == qkv.shape and dqkv.is_contiguous()
+    ref_out, _, ref_dqkv = _reference_fwd_bwd(qkv, grad, heads, head_dim ** -0.5)
+    _close(out, ref_out, dtype)
+    _close(dqkv, ref_dqkv, dtype, scale_by=2.0)
+
+
+@interpreter
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("tokens,head_dim,scale", [(1, 64, 0.125), (70, 64, 0.3), (129, 128, 0.05)])
+def test_kernel_functions_match_reference(dtype, tokens, head_dim, scale):
+    kernels = _kernels()
+    heads = 2
+    qkv, grad = _qkv(2, tokens, heads, head_dim, dtype, seed=3 * tokens)
+    assert kernels.supports(qkv, heads)
+    out, lse = kernels.attention_forward(qkv, heads, scale)
+    ref_out, ref_lse = reference.attention(qkv, heads, scale)  # the reference's own dtypes
+    assert out.dtype == ref_out.dtype and out.shape == ref_out.shape
+    assert lse.dtype == ref_lse.dtype == torch.float32 and lse.shape == ref_lse.shape == (2, heads, tokens)
+    _close(out, ref_out.to(torch.float64), dtype)
+    torch.testing.assert_close(lse, ref_lse, atol=1e-5, rtol=1e-5)  # lse is in natural-log units
+    # the backward from the reference's out/lse and from ours agree with the reference backward
+    ref_dqkv = reference.attention_backward(grad, qkv, ref_out, ref_lse, heads, scale).to(torch.float64)
+    for o, l in ((ref_out, ref_lse), (out, lse)):
+        dqkv = kernels.attention_backward(grad, qkv, o, l, heads, scale)
+        assert dqkv.dtype == dtype and dqkv.shape == qkv.shape and dqkv.is_contiguous()
+        _close(dqkv, ref_dqkv, dtype, scale_by=2.0)
+
+
+@interpreter
+@pytest.mark.parametrize("layout", ["slice", "batch_major_storage", "last_dim_stride"])
+def test_strided_input(layout):
+    batch, tokens, heads, head_dim = 2, 40, 2, 64
+    width = 3 * heads * head_dim
+    gen = torch.Generator().manual_seed(7)
+    if layout == "slice":  # a slice of a wider tensor: storage offset, token stride > width
+        qkv = torch.randn(batch, tokens, width + 96, generator=gen)[:, :, 32:32 + width]
+    elif layout == "batch_major_storage":  # [N, B, C] storage viewed as [B, N, C]
+        qkv = torch.randn(tokens, batch, width, generator=gen).transpose(0, 1)
+    else:  # last-dimension stride 2 (copied once by the launcher)
+        qkv = torch.randn(batch, tokens, width, 2, generator=gen)[..., 1]
+    assert not qkv.is_contiguous()
+    grad = torch.randn(batch, tokens, heads * head_dim, generator=gen)
+    dpt_fast.implementations_ran(reset=True)
+    with dpt_fast.use_backend("fused"):
+        out, dqkv = _op_fwd_bwd(qkv, grad, heads)
+    assert dpt_fast.implementations_ran()[FWD] == {"triton": 1}
+    ref_out, _, ref_dqkv = _reference_fwd_bwd(qkv.contiguous(), grad, heads, head_dim ** -0.5)
+    _close(out, ref_out, torch.float32)
+    _close(dqkv, ref_dqkv, torch.float32, scale_by=2.0)
+
+
+@interpreter
+def test_large_magnitude_inputs_stay_finite():
+    heads, head_dim = 2, 64
+    qkv, grad = _qkv(1, 70, heads, head_dim, torch.float32, magnitude=30.0, seed=11)
+    with dpt_fast.use_backend("fused"):
+        out, dqkv = _op_fwd_bwd(qkv, grad, heads)
+    assert torch.isfinite(out).all() and torch.isfinite(dqkv).all()
+    ref_out, _, ref_dqkv = _reference_fwd_bwd(qkv, grad, heads, head_dim ** -0.5)
+    torch.testing.assert_close(out.double(), ref_out, atol=1e-3, rtol=1e-4)
+    # scores reach ~1e4 here: float32 rounding of the exponent argument bounds the agreement
+    torch.testing.assert_close(dqkv.double(), ref_dqkv, atol=1e-2 * ref_dqkv.abs().max().item(), rtol=1e-2)
+
+
+@interpreter
+@pytest.mark.parametrize("tokens", [17, 64, 100])
+# padded key rows of the last dK/dV block overflow and are discarded (never stored): numpy warns about them
+@pytest.mark.filterwarnings("ignore:overflow encountered in exp2", "ignore:invalid value encountered in matmul")
+def test_very_negative_scores(tokens):
+    """Every score about -200 (q = +5, k = -5): exp(-lse) overflows float32, so padded key columns
+    must be masked out of P, never multiplied by zero-filled K (inf * 0 = NaN)."""
+    heads, head_dim = 1, 64
+    qkv = torch.empty(1, tokens, 3 * heads * head_dim)
+    qkv[..., :head_dim] = 5.0
+    qkv[..., head_dim:2 * head_dim] = -5.0 + 0.01 * torch.randn(1, tokens, head_dim)
+    qkv[..., 2 * head_dim:] = torch.randn(1, tokens, head_dim)
+    grad = torch.randn(1, tokens, head_dim)
+    with dpt_fast.use_backend("fused"):
+        out, dqkv = _op_fwd_bwd(qkv, grad, heads)
+    ref_out, _, ref_dqkv = _reference_fwd_bwd(qkv, grad, heads, head_dim ** -0.5)
+    assert torch.isfinite(out).all() and torch.isfinite(dqkv).all()
+    torch.testing.assert_close(out.double(), ref_out, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(dqkv.double(), ref_dqkv, atol=1e-3, rtol=1e-3)
+
+
+@interpreter
+def test_deterministic():
+    qkv, grad = _qkv(1, 77, 2, 64, torch.float16, seed=5)
+    with dpt_fast.use_backend("fused"):
+        first = _op_fwd_bwd(qkv, grad, 2)
+        second = _op_fwd_bwd(qkv, grad, 2)
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+
+
+@interpreter
+def test_unsupported_inputs_fall_back_to_reference():
+    kernels = _kernels()
+    cases = [
+        (torch.randn(1, 9, 3 * 2 * 32), 2),  # head dim 32
+        (torch.randn(1, 9, 3 * 1 * 80), 1),  # head dim 80
+        (torch.randn(1, 9, 3 * 2 * 64, dtype=torch.float64), 2),  # float64
+        (torch.randn(1, 9, 3 * 2 * 64, dtype=torch.bfloat16), 2),  # bf16: interpreter dots are wrong
+    ]
+    for qkv, heads in cases:
+        assert not kernels.supports(qkv, heads)
+        dpt_fast.implementations_ran(reset=True)
+        with dpt_fast.use_backend("fused"):
+            out = ops.attention(qkv, heads)
+        assert dpt_fast.implementations_ran()[FWD] == {"reference": 1}
+        torch.testing.assert_close(out, reference.attention(qkv, heads, (qkv.shape[-1] // (3 * heads)) ** -0.5)[0])
+    assert kernels.supports(torch.randn(1, 9, 3 * 2 * 64), 2)
+    assert not kernels.supports(torch.randn(1, 0, 3 * 2 * 64), 2)
+
+
+@interpreter
+def test_opcheck_fused():
+    qkv = torch.randn(2, 13, 3 * 2 * 64, requires_grad=True)
+    dpt_fast.implementations_ran(reset=True)
+    with dpt_fast.use_backend("fused"):
+        torch.library.opcheck(attention_op, (qkv, 2, 0.125),
+                              test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+    assert "triton" in dpt_fast.implementations_ran()[FWD]
+
+
+# --- GPU: compiled kernels -----------------------------------------------------------------------
+
+def _sdpa_fwd_bwd(qkv, grad, heads, scale):
+    """PyTorch SDPA in the input dtype: the low-precision baseline whose error ours is compared with."""
+    b, n, c = qkv.shape
+    x = qkv.detach().clone().requires_grad_(True)
+    q, k, v = x.view(b, n, 3, heads, c // (3 * heads)).permute(2, 0, 3, 1, 4)
+    out = torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=scale).transpose(1, 2).reshape(b, n, c // 3)
+    (dqkv,) = torch.autograd.grad(out, x, grad)
+    return out, dqkv
+
+
+def _max_err(a, b):
+    return (a.float() - b.float()).abs().max().item()
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("batch,tokens,heads,head_dim", [(2, 577, 4, 64), (1, 577, 2, 128), (2, 2305, 4, 64),
+                                                         (1, 9217, 2, 64)])
+@pytest.mark.parametrize("magnitude", [1.0, 30.0], ids=["randn", "randn_x30"])
+def test_gpu_matches_reference(dtype, batch, tokens, heads, head_dim, magnitude):
+    qkv, grad = _qkv(batch, tokens, heads, head_dim, dtype, device="cuda", magnitude=magnitude, seed=tokens)
+    scale = head_dim ** -0.5
+    dpt_fast.implementations_ran(reset=True)
+    with dpt_fast.use_backend("fused"):
+        out, dqkv = _op_fwd_bwd(qkv, grad, heads)
+    ran = dpt_fast.implementations_ran()
+    assert ran[FWD] == {"triton": 1} and ran[BWD] == {"triton": 1}, ran
+    assert torch.isfinite(out).all() and torch.isfinite(dqkv).all()
+    ref_out, _, ref_dqkv = _reference_fwd_bwd(qkv, grad, heads, scale, dtype=torch.float32)
+    base_out, base_dqkv = _sdpa_fwd_bwd(qkv, grad, heads, scale)
+    # FlashAttention's test rule: our error against the fp32 oracle within 2x that of PyTorch's own
+    # attention in the same low precision (plus a small floor for rounding of near-zero baselines)
+    assert _max_err(out, ref_out) <= 2 * _max_err(base_out, ref_out) + 1e-3 * ref_out.abs().max().item()
+    if magnitude == 1.0:  # at x30 the softmax is near one-hot and gradients huge: finiteness is the check
+        assert _max_err(dqkv, ref_dqkv) <= 2 * _max_err(base_dqkv, ref_dqkv) + 1e-3 * ref_dqkv.abs().max().item()
+
+
+@gpu
+@pytest.mark.parametrize("tokens", [577, 2305])
+def test_gpu_deterministic(tokens):
+    qkv, grad = _qkv(2, tokens, 4, 64, torch.bfloat16, device="cuda", seed=1)
+    with dpt_fast.use_backend("fused"):
+        first = _op_fwd_bwd(qkv, grad, 4)
+        second = _op_fwd_bwd(qkv, grad, 4)
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+
+
+@gpu
+def test_gpu_strided_input():
+    heads, head_dim, tokens = 4, 64, 577
+    width = 3 * heads * head_dim
+    big = torch.randn(2, tokens, width + 64, device="cuda", dtype=torch.bfloat16)
+    qkv = big[:, :, 64:]
+    grad = torch.randn(2, tokens, heads * head_dim, device="cuda", dtype=torch.bfloat16)
+    with dpt_fast.use_backend("fused"):
+        out, dqkv = _op_fwd_bwd(qkv, grad, heads)
+        out_c, dqkv_c = _op_fwd_bwd(qkv.contiguous(), grad, heads)
+    torch.testing.assert_close(out, out_c, atol=0, rtol=0)
+    torch.testing.assert_close(dqkv, dqkv_c, atol=0, rtol=0)
+
+
+@gpu
+def test_gpu_torch_compile_fullgraph():
+    heads, head_dim = 4, 64
+    qkv, grad = _qkv(2, 577, heads, head_dim, torch.bfloat16, device="cuda", seed=2)
+    weight = torch.randn(heads * head_dim, heads * head_dim, device="cuda", dtype=torch.bfloat16) * 0.05
+
+    def block(x):
+        return ops.attention(x * 1.0, heads) @ weight
+
+    torch._dynamo.reset()
+    compiled = torch.compile(block, fullgraph=True)
+    with dpt_fast.use_backend("fused"):
+        x1 = qkv.clone().requires_grad_(True)
+        eager = block(x1)
+        (g_eager,) = torch.autograd.grad(eager, x1, grad @ weight.T)
+        dpt_fast.implementations_ran(reset=True)
+        x2 = qkv.clone().requires_grad_(True)
+        out = compiled(x2)
+        (g_compiled,) = torch.autograd.grad(out, x2, grad @ weight.T)
+    assert dpt_fast.implementations_ran()[FWD] == {"triton": 1}
+    torch.testing.assert_close(out, eager, atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(g_compiled, g_eager, atol=2e-2, rtol=2e-2)
