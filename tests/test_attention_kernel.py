@@ -1,27 +1,24 @@
 """The Triton fused attention (dpt_fast.kernels.attention) against the reference operator.
 
-Two groups:
+Three groups:
 - CPU tests through the Triton interpreter (fp32 and fp16; bf16 dots are wrong in the interpreter).
-  On a machine without CUDA this file turns the interpreter on itself (TRITON_INTERPRET=1, set before
-  dpt_fast.kernels is imported; dpt_fast.ops imports the kernels lazily). On a CUDA machine it leaves
-  the kernels compiled, so these tests skip; run them there with `TRITON_INTERPRET=1 pytest -m "not gpu"`.
+  tests/conftest.py turns the interpreter on when CUDA is unavailable; these tests skip unless it is on
+  (on a CUDA machine: `TRITON_INTERPRET=1 pytest tests/test_attention_kernel.py -m "not gpu"`).
+- One CPU test that compiles every kernel for sm_90 ahead of time (no GPU needed), in a subprocess.
 - GPU tests (marker gpu): compiled kernels, bf16/fp16, N = 577, 2305, 9217, gradients, large-magnitude
-  inputs, determinism, torch.compile(fullgraph=True). Skipped without CUDA or when interpreting.
+  inputs, determinism, strided input, torch.compile(fullgraph=True). Skipped without CUDA or when
+  the kernels are interpreted.
 """
 import os
 
-import torch  # importing torch does not import triton; the kernels module reads the variable at import
+import pytest
+import torch
 
-if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"
+import dpt_fast
+from dpt_fast import backend, ops, reference
+from dpt_fast.ops.attention import attention_op
 
-import pytest  # noqa: E402
-
-import dpt_fast  # noqa: E402
-from dpt_fast import ops, reference  # noqa: E402
-from dpt_fast.ops.attention import attention_op  # noqa: E402
-
-INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
+INTERPRETING = backend.triton_interpreting()
 interpreter = pytest.mark.skipif(not INTERPRETING, reason="CPU interpreter tests: run with TRITON_INTERPRET=1")
 
 
@@ -211,9 +208,66 @@ def test_opcheck_fused():
     qkv = torch.randn(2, 13, 3 * 2 * 64, requires_grad=True)
     dpt_fast.implementations_ran(reset=True)
     with dpt_fast.use_backend("fused"):
-        torch.library.opcheck(attention_op, (qkv, 2, 0.125),
-                              test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
-    assert "triton" in dpt_fast.implementations_ran()[FWD]
+        torch.library.opcheck(attention_op, (qkv, 2, 0.125))
+    ran = dpt_fast.implementations_ran()
+    assert set(ran[FWD]) == {"triton"} and set(ran[BWD]) == {"triton"}, ran
+
+
+# --- CPU: ahead-of-time compilation for Hopper (no GPU needed) ----------------------------------------
+
+_AOT_SCRIPT = r"""
+import json, sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from triton.runtime.autotuner import Autotuner
+from dpt_fast.kernels import attention as K
+assert not K._INTERPRET
+result = {}
+for name in ("_attention_fwd", "_attention_bwd_dkdv", "_attention_bwd_dq", "_attention_bwd_preprocess"):
+    kernel = getattr(K, name)
+    fn = kernel.fn if isinstance(kernel, Autotuner) else kernel
+    cfg = kernel.configs[0] if isinstance(kernel, Autotuner) else triton.Config({"BLOCK_M": 64}, num_warps=4)
+    consts = {"HEAD_DIM": 64, **cfg.kwargs}
+    if "DOT_PRECISION" in fn.arg_names:
+        consts["DOT_PRECISION"] = "tf32"
+    sig = {}
+    for arg in fn.arg_names:
+        if arg in consts:
+            sig[arg] = "constexpr"
+        elif arg in ("LSE", "Delta"):
+            sig[arg] = "*fp32"
+        elif arg in ("QKV", "Out", "DO", "DQKV"):
+            sig[arg] = "*bf16"
+        else:
+            sig[arg] = "fp32" if "scale" in arg else "i32"
+    # the specialization a launch on 16-byte aligned tensors with strides divisible by 16 gets
+    attrs = {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a in fn.arg_names
+             if sig[a].startswith("*") or a.startswith("stride")}
+    src = ASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()},
+                    attrs=attrs)
+    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                              options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
+    ptx = compiled.asm["ptx"]
+    result[name] = {"wgmma": "wgmma" in ptx, "cp_async": "cp.async" in ptx, "shared": compiled.metadata.shared}
+print(json.dumps(result))
+"""
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU tests run the compiled kernels themselves")
+def test_kernels_compile_for_hopper_without_a_gpu():
+    """Compile the first autotune config of every kernel for sm_90 (ptxas included): catches errors the
+    interpreter cannot see, and checks that the matmuls use wgmma and the K/V loads are pipelined."""
+    import json
+    import subprocess
+    import sys
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    proc = subprocess.run([sys.executable, "-c", _AOT_SCRIPT], capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    for name in ("_attention_fwd", "_attention_bwd_dkdv", "_attention_bwd_dq"):
+        assert result[name]["wgmma"] and result[name]["cp_async"], result
 
 
 # --- GPU: compiled kernels -----------------------------------------------------------------------

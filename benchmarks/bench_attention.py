@@ -1,0 +1,354 @@
+"""Benchmark the fused attention (dpt_fast::attention, Triton) against every PyTorch SDPA backend and the
+whole attention block against timm's Attention. GPU only (exits with status 2 without CUDA).
+
+Kernel table: for N in --sizes (default 577, 1370, 2305, 4097, 9217, 16385, 32401 tokens), --heads 16,
+--head-dim 64, bf16, random normal data, batch chosen so that batch * N is about --tokens (65536) (and,
+for the largest N, batch 1 as well, plus 577 tokens at batch 16). Times forward (no_grad), backward
+(autograd of a retained graph) and forward+backward of:
+
+  dpt_fast   dpt_fast.ops.attention on the fused backend: reads the packed qkv [B, N, 3*H*D], writes
+             [B, N, H*D]; the gradient is the packed dqkv
+  flash, efficient, cudnn, math
+             torch.nn.functional.scaled_dot_product_attention under torch.nn.attention.sdpa_kernel(<one
+             backend>), on q, k, v taken as strided views of the same packed qkv (as timm does) and made
+             leaves, so the SDPA rows carry no split or packing cost (the block table does). math only
+             where its N^2 score tensors fit (estimate vs free memory) and N <= --math-max-tokens.
+
+TFLOP/s count the attention matmuls: forward 4*B*H*N^2*D, backward 2.5x that, forward+backward 3.5x
+(the FlashAttention convention). "vs best" is the best SDPA time divided by ours (> 1: we are faster).
+The bf16 dense matmul peak is measured in the same process (8192^3 torch.matmul) and every row states
+the fraction of it reached.
+
+Block table: timm.layers.Attention(dim=H*D, num_heads=H, qkv_bias=True) with fused_attn (SDPA, default
+backend choice) against the same module's weights run as qkv Linear -> dpt_fast.ops.attention -> proj;
+forward (no_grad) and forward+backward (gradients of the input and every parameter).
+
+Times are medians of triton.testing.do_bench (CUDA events, warm-up excluded; Triton autotuning happens
+in an explicit warm-up call before timing). The JSON (--out; rewritten after every row so a run cut short
+keeps its measurements) records device, torch/triton/timm versions, date, git commit, the measured
+matmul peak and dpt_fast.implementations_ran(), which must show the Triton path and never the reference.
+Stops starting new rows after --budget-s seconds (the GPU suite gives this script 420 s).
+
+    python benchmarks/bench_attention.py --out benchmarks/results/attention-H100-2025-01-01.json
+    python benchmarks/bench_attention.py --sizes 577 4097 --no-block --out /tmp/attn.json
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+
+DEFAULT_SIZES = (577, 1370, 2305, 4097, 9217, 16385, 32401)
+SDPA_BACKENDS = ("flash", "efficient", "cudnn", "math")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", required=True, help="JSON results path (directories are created)")
+    p.add_argument("--sizes", type=int, nargs="+", default=list(DEFAULT_SIZES), help="token counts N")
+    p.add_argument("--heads", type=int, default=16)
+    p.add_argument("--head-dim", type=int, default=64)
+    p.add_argument("--dtype", choices=("bf16", "fp16"), default="bf16")
+    p.add_argument("--tokens", type=int, default=65536, help="batch = max(1, round(tokens / N))")
+    p.add_argument("--extra", type=str, nargs="*", default=["577x16", "max x1"],
+                   help="extra 'N x BATCH' cases ('max' = the largest N)")
+    p.add_argument("--math-max-tokens", type=int, default=4097, help="largest N for the math backend")
+    p.add_argument("--no-block", action="store_true", help="skip the attention block table")
+    p.add_argument("--budget-s", type=float, default=360.0, help="start no new row after this many seconds")
+    return p.parse_args(argv)
+
+
+# --- helpers (torch/triton imported in main, so --help works anywhere) ---------------------------
+
+def attention_flops(batch, tokens, heads, head_dim):
+    forward = 4.0 * batch * heads * tokens * tokens * head_dim
+    return {"fwd": forward, "bwd": 2.5 * forward, "fwd_bwd": 3.5 * forward}
+
+
+def block_flops(batch, tokens, heads, head_dim):
+    dim = heads * head_dim
+    linear = 2.0 * batch * tokens * dim * (3 * dim + dim)  # qkv and proj
+    core = attention_flops(batch, tokens, heads, head_dim)
+    return {"fwd": linear + core["fwd"], "fwd_bwd": 3 * linear + core["fwd_bwd"]}
+
+
+def cases(args):
+    sizes = list(args.sizes)
+    out = [(n, max(1, round(args.tokens / n))) for n in sizes]
+    for spec in args.extra:
+        match = re.fullmatch(r"\s*(\d+|max)\s*x\s*(\d+)\s*", spec)
+        if match is None:
+            raise SystemExit(f"--extra expects NxBATCH (N may be 'max'), got {spec!r}")
+        n, b = match.groups()
+        n = max(sizes) if n == "max" else int(n)
+        if (n, int(b)) not in out:
+            out.append((n, int(b)))
+    return out
+
+
+def environment(torch, triton, dpt_fast):
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                                cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or None
+    except OSError:
+        commit = None
+    try:
+        import timm
+        timm_version = timm.__version__
+    except ImportError:
+        timm_version = None
+    props = torch.cuda.get_device_properties(0)
+    return {
+        "benchmark": "attention",
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "device": torch.cuda.get_device_name(0),
+        "capability": list(torch.cuda.get_device_capability(0)),
+        "device_memory_gib": round(props.total_memory / 2**30, 1),
+        "torch": torch.__version__, "cuda": torch.version.cuda, "triton": triton.__version__,
+        "timm": timm_version, "dpt_fast": dpt_fast.__version__, "git_commit": commit,
+        "method": "triton.testing.do_bench median (ms), CUDA events, warm-up excluded; random normal data",
+    }
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    import torch
+
+    if not torch.cuda.is_available():
+        print("bench_attention.py needs a CUDA GPU: none is available here, nothing was measured.", file=sys.stderr)
+        return 2
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        print("bench_attention.py: unset TRITON_INTERPRET (the interpreter is not a benchmark).", file=sys.stderr)
+        return 2
+
+    import torch.nn.functional as F
+    import triton
+    import triton.testing
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    import dpt_fast
+    from dpt_fast import ops
+
+    backends = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
+                "cudnn": SDPBackend.CUDNN_ATTENTION, "math": SDPBackend.MATH}
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    heads, head_dim = args.heads, args.head_dim
+    start = time.time()
+    torch.manual_seed(0)
+
+    def bench_ms(fn):
+        return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+
+    def tflops(flop, ms):
+        return flop / (ms * 1e-3) / 1e12
+
+    # the measured dense matmul peak of this dtype
+    a = torch.randn(8192, 8192, device="cuda", dtype=dtype)
+    b = torch.randn(8192, 8192, device="cuda", dtype=dtype)
+    peak = tflops(2.0 * 8192**3, bench_ms(lambda: a @ b))
+    del a, b
+
+    report = {**environment(torch, triton, dpt_fast), "args": vars(args), "dtype": args.dtype,
+              "heads": heads, "head_dim": head_dim, "matmul_peak_tflops": round(peak, 1),
+              "kernel": [], "block": [], "implementations_ran": {}, "notes": []}
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+
+    def save():
+        report["implementations_ran"] = dpt_fast.implementations_ran()
+        report["elapsed_s"] = round(time.time() - start, 1)
+        with open(args.out, "w") as f:
+            json.dump(report, f, indent=1)
+
+    def over_budget(what):
+        if time.time() - start > args.budget_s:
+            report["notes"].append(f"skipped for --budget-s {args.budget_s:.0f}: {what}")
+            print(f"[budget] skipped {what}", flush=True)
+            return True
+        return False
+
+    def time_variant(make, grad):
+        """make() -> (forward callable, leaves). Returns {fwd, bwd, fwd_bwd} in ms and one forward output."""
+        fwd, leaves = make()
+        with torch.no_grad():
+            out_ref = fwd()  # warm-up: Triton autotuning / backend selection happen here
+        out = fwd()
+        torch.autograd.grad(out, leaves, grad)  # warm-up of the backward (autotuning)
+        res = {}
+        with torch.no_grad():
+            res["fwd"] = bench_ms(fwd)
+        out = fwd()
+        res["bwd"] = bench_ms(lambda: torch.autograd.grad(out, leaves, grad, retain_graph=True))
+        del out
+        res["fwd_bwd"] = bench_ms(lambda: torch.autograd.grad(fwd(), leaves, grad))
+        return res, out_ref
+
+    # --- kernel table ---
+    dpt_fast.implementations_ran(reset=True)
+    for tokens, batch in cases(args):
+        if over_budget(f"kernel N={tokens} B={batch}"):
+            continue
+        width = 3 * heads * head_dim
+        qkv = torch.randn(batch, tokens, width, device="cuda", dtype=dtype)
+        grad = torch.randn(batch, tokens, heads * head_dim, device="cuda", dtype=dtype)
+        flop = attention_flops(batch, tokens, heads, head_dim)
+        row = {"tokens": tokens, "batch": batch, "ms": {}, "tflops": {}, "errors": {}}
+
+        def make_ours():
+            x = qkv.clone().requires_grad_(True)
+            return (lambda: ops.attention(x, heads)), [x]
+
+        with dpt_fast.use_backend("fused"):
+            times, ours_out = time_variant(make_ours, grad)
+        row["ms"]["dpt_fast"] = times
+        outputs = {"dpt_fast": ours_out}
+
+        for name in SDPA_BACKENDS:
+            if name == "math":
+                need = 4 * batch * heads * tokens * tokens * torch.finfo(dtype).bits // 8
+                free = torch.cuda.mem_get_info()[0]
+                if tokens > args.math_max_tokens or need > 0.6 * free:
+                    row["errors"][name] = f"not run: N^2 scores need ~{need / 2**30:.0f} GiB (free {free / 2**30:.0f})"
+                    continue
+
+            def make_sdpa(backend=backends[name], contiguous=False):
+                views = qkv.view(batch, tokens, 3, heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+                # strided views of the packed qkv, as timm's split leaves them (or [B, H, N, D] copies)
+                q, k, v = ((t.contiguous() if contiguous else t).detach().requires_grad_(True) for t in views)
+
+                def fwd():
+                    with sdpa_kernel(backend):
+                        return F.scaled_dot_product_attention(q, k, v)
+                return fwd, [q, k, v]
+
+            sdpa_grad = grad.view(batch, tokens, heads, head_dim).transpose(1, 2)
+            out = None
+            for contiguous in (False, True):  # a backend refusing the strided views gets contiguous q, k, v
+                try:
+                    times, out = time_variant(lambda: make_sdpa(contiguous=contiguous), sdpa_grad)
+                    if contiguous:
+                        row["errors"][name + "_strided"] = "refused strided q/k/v views; timed on contiguous copies"
+                    break
+                except (RuntimeError, torch.cuda.OutOfMemoryError) as err:  # backend cannot serve this input
+                    row["errors"][name] = f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"
+                    torch.cuda.empty_cache()
+            if out is None:
+                continue
+            row["errors"].pop(name, None)
+            row["ms"][name] = times
+            outputs[name] = out.transpose(1, 2).reshape(batch, tokens, heads * head_dim)
+            del out
+
+        for variant, times in row["ms"].items():
+            row["tflops"][variant] = {m: round(tflops(flop[m], t), 1) for m, t in times.items()}
+        sdpa_rows = {k: v for k, v in row["ms"].items() if k != "dpt_fast"}
+        row["best_sdpa"], row["vs_best_sdpa"] = {}, {}
+        for mode in ("fwd", "bwd", "fwd_bwd"):
+            if sdpa_rows:
+                best = min(sdpa_rows, key=lambda k: sdpa_rows[k][mode])
+                row["best_sdpa"][mode] = best
+                row["vs_best_sdpa"][mode] = round(sdpa_rows[best][mode] / row["ms"]["dpt_fast"][mode], 3)
+        row["fraction_of_matmul_peak"] = {m: round(row["tflops"]["dpt_fast"][m] / peak, 3) for m in flop}
+        base = "flash" if "flash" in outputs else next((k for k in outputs if k != "dpt_fast"), None)
+        if base is not None:
+            row["max_abs_diff_vs_" + base] = (outputs["dpt_fast"].float() - outputs[base].float()).abs().max().item()
+        report["kernel"].append(row)
+        save()
+        print(f"N={tokens} B={batch}: ours fwd {row['tflops']['dpt_fast']['fwd']} TFLOP/s, "
+              f"vs best SDPA {row['vs_best_sdpa']}", flush=True)
+        del qkv, grad, outputs
+        torch.cuda.empty_cache()
+
+    # --- attention block table ---
+    if not args.no_block:
+        try:
+            from timm.layers import Attention
+        except ImportError:
+            Attention = None
+            report["notes"].append("timm not installed: no block table")
+        for tokens, batch in ([] if Attention is None else cases(args)):
+            if over_budget(f"block N={tokens} B={batch}"):
+                continue
+            dim = heads * head_dim
+            attn = Attention(dim, num_heads=heads, qkv_bias=True).to(device="cuda", dtype=dtype)
+            attn.fused_attn = True
+            params = list(attn.parameters())
+            x0 = torch.randn(batch, tokens, dim, device="cuda", dtype=dtype)
+            grad = torch.randn(batch, tokens, dim, device="cuda", dtype=dtype)
+            flop = block_flops(batch, tokens, heads, head_dim)
+            row = {"tokens": tokens, "batch": batch, "ms": {}}
+
+            def ours(x):
+                return attn.proj(ops.attention(attn.qkv(x), attn.num_heads, attn.scale))
+
+            outs = {}
+            for name, fn in (("timm", attn), ("dpt_fast", ours)):
+                x = x0.clone().requires_grad_(True)
+                with dpt_fast.use_backend("fused"):
+                    with torch.no_grad():
+                        outs[name] = fn(x)
+                    torch.autograd.grad(fn(x), [x, *params], grad)  # warm-up
+                    with torch.no_grad():
+                        fwd = bench_ms(lambda: fn(x))
+                    fwd_bwd = bench_ms(lambda: torch.autograd.grad(fn(x), [x, *params], grad))
+                row["ms"][name] = {"fwd": fwd, "fwd_bwd": fwd_bwd}
+            row["tflops"] = {k: {m: round(tflops(flop[m], t), 1) for m, t in v.items()} for k, v in row["ms"].items()}
+            row["speedup_vs_timm"] = {m: round(row["ms"]["timm"][m] / row["ms"]["dpt_fast"][m], 3)
+                                      for m in ("fwd", "fwd_bwd")}
+            row["max_abs_diff_vs_timm"] = (outs["dpt_fast"].float() - outs["timm"].float()).abs().max().item()
+            report["block"].append(row)
+            save()
+            print(f"block N={tokens} B={batch}: speedup vs timm {row['speedup_vs_timm']}", flush=True)
+            del attn, params, x0, grad, outs
+            torch.cuda.empty_cache()
+
+    from dpt_fast.kernels import attention as kernels
+    report["autotuned_configs"] = {  # {kernel: {(N, head dim, dtypes...): chosen config}}
+        name: {str(key): str(cfg) for key, cfg in getattr(getattr(kernels, name), "cache", {}).items()}
+        for name in ("_attention_fwd", "_attention_bwd_dkdv", "_attention_bwd_dq")}
+    ran = dpt_fast.implementations_ran()
+    report["fused_path_verified"] = (ran.get("dpt_fast::attention", {}).keys() == {"triton"}
+                                     and ran.get("dpt_fast::attention_backward", {}).keys() == {"triton"})
+    if not report["fused_path_verified"]:
+        report["notes"].append(f"WARNING: the Triton path did not serve every call: {ran}")
+    report["markdown"] = markdown(report)
+    save()
+    print(report["markdown"])
+    if not report["fused_path_verified"]:
+        print(f"WARNING: the Triton path did not serve every call: {ran}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def markdown(report):
+    lines = [f"Attention, {report['device']}, {report['dtype']}, H={report['heads']}, D={report['head_dim']}; "
+             f"torch {report['torch']}, triton {report['triton']}, {report['date']}; measured {report['dtype']} "
+             f"matmul peak {report['matmul_peak_tflops']} TFLOP/s",
+             "",
+             "| N | B | pass | dpt_fast TFLOP/s | flash | efficient | cudnn | math | best SDPA | ours / best | of peak |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for row in report["kernel"]:
+        for mode in ("fwd", "bwd", "fwd_bwd"):
+            cells = [str(row["tflops"].get(v, {}).get(mode, "-")) for v in ("dpt_fast",) + SDPA_BACKENDS]
+            lines.append(f"| {row['tokens']} | {row['batch']} | {mode} | " + " | ".join(cells)
+                         + f" | {row['best_sdpa'].get(mode, '-')} | {row['vs_best_sdpa'].get(mode, '-')}x"
+                         + f" | {row['fraction_of_matmul_peak'][mode]:.0%} |")
+    if report["block"]:
+        lines += ["", "Attention block (qkv Linear -> attention -> proj) vs timm Attention (fused_attn, SDPA)", "",
+                  "| N | B | pass | timm ms | dpt_fast ms | speedup |", "|---|---|---|---|---|---|"]
+        for row in report["block"]:
+            for mode in ("fwd", "fwd_bwd"):
+                lines.append(f"| {row['tokens']} | {row['batch']} | {mode} | {row['ms']['timm'][mode]:.3f} | "
+                             f"{row['ms']['dpt_fast'][mode]:.3f} | {row['speedup_vs_timm'][mode]}x |")
+    if report["notes"]:
+        lines += [""] + [f"- {n}" for n in report["notes"]]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
