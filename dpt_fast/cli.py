@@ -1,0 +1,59 @@
+"""The `dpt-fast` command: `predict` (batch inference), `bench` (end-to-end benchmark), `train`.
+
+    dpt-fast predict photos/ -o depth/ --model dpt_hybrid-midas-501f0c75.pt
+    torchrun --standalone --nproc-per-node 8 --no-python dpt-fast predict photos/ -o depth/ --model ...
+    dpt-fast bench --models large,hybrid --sizes 384,1536,4k --out benchmarks/results
+    dpt-fast train --help
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+COMMANDS = {
+    "predict": "depth or segmentation maps for files, folders and globs (multi-GPU with torchrun)",
+    "bench": "end-to-end benchmark: dpt-fast against the reference, torch.compile and Hugging Face DPT",
+    "train": "train or fine-tune a DPT model (see dpt-fast train --help)",
+}
+
+
+def _parser() -> argparse.ArgumentParser:
+    from . import __version__
+    parser = argparse.ArgumentParser(
+        prog="dpt-fast", description="Dense Prediction Transformer with fused kernels.",
+        epilog="Run 'dpt-fast COMMAND --help' for a command's options.")
+    parser.add_argument("--version", action="version", version=f"dpt-fast {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    from . import bench, predict
+    predict.add_arguments(sub.add_parser("predict", help=COMMANDS["predict"], description=predict.__doc__.split("\n\n")[0]))
+    bench.add_arguments(sub.add_parser("bench", help=COMMANDS["bench"], description=bench.__doc__.split("\n\n")[0]))
+    sub.add_parser("train", help=COMMANDS["train"], add_help=False)
+    return parser
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "train":  # train owns its whole command line
+        from . import train
+        return train.main(argv[1:]) or 0
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        return 2
+    if args.command == "predict":
+        from . import predict
+        try:
+            return predict.run(args)
+        except predict.UsageError as e:
+            print(f"dpt-fast predict: {e}", file=sys.stderr)
+            return 2
+    if args.command == "bench":
+        from . import bench
+        return bench.run(args)
+    parser.error(f"unknown command {args.command!r}")
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
