@@ -1,0 +1,327 @@
+"""Hugging Face transformers' DPT -> dpt_fast: config -> constructor arguments, state dict -> original keys.
+
+transformers ports DPT as `DPTForDepthEstimation` and `DPTForSemanticSegmentation` (hub: Intel/dpt-large,
+Intel/dpt-hybrid-midas, Intel/dpt-large-ade) with renamed keys (DESIGN.md §3). This module maps a
+checkpoint of theirs onto the original release's layout, which is dpt_fast's, and refuses -- with the
+field named -- any config setting that would change the numbers and that dpt_fast cannot reproduce.
+
+Config fields and what they become:
+
+- hidden_size, num_hidden_layers, num_attention_heads, intermediate_size, patch_size, image_size:
+  pick the timm ViT with exactly these dimensions (`HF_VIT_TABLE`; the released DPT names
+  `vitb16_384` / `vitl16_384` where they match). The position-embedding grid is image_size/patch_size.
+- is_hybrid + backbone_config (BiT): the hybrid `vitb_rn50_384` (timm `vit_base_r50_s16_384`). BiT's
+  keys are mapped onto timm's ResNetV2 (`bit.embedder.convolution` -> `stem.conv`,
+  `bit.encoder.stages.S.layers.L` -> `stages.S.blocks.L`, the rest unchanged). The layers compute the
+  same thing: weight-standardised convs with eps 1e-8 (HF `WeightStandardizedConv2d(eps=1e-8)`, timm
+  `StdConv2dSame(eps=1e-8)`), GroupNorm(32 groups, eps 1e-5), TF-"SAME" padding (static where stride 1,
+  dynamic otherwise, identical split). One formal difference: the stem max-pool pads with 0 in HF and
+  with -inf in timm; it follows a ReLU, so the maxima are equal.
+- layer_norm_eps -> `layer_norm_eps` (HF's default 1e-12 differs from timm's 1e-6: always passed).
+- backbone_out_indices -> `hooks`. HF keeps the hidden states whose index is in the list, in
+  ascending order, so the hooks are the sorted indices; for the hybrid HF always taps BiT stage1 and
+  stage2 and the ViT at indices[2:], i.e. hooks = [0, 1] + sorted(indices[2:]).
+- neck_hidden_sizes (Reassemble widths) and fusion_hidden_size -> `features` (see `features_arg`).
+- readout_type -> `readout`; use_batch_norm_in_fusion_residual -> `use_bn`.
+- use_bias_in_fusion_residual: must be unset or `not use_batch_norm_in_fusion_residual` (the original).
+- reassemble_factors: must be [4, 2, 1, 0.5] (hybrid: the last two 1, 0.5) -- the original's resampling.
+- num_labels (len(id2label)) -> `num_classes` of the segmentation model.
+- add_projection (an extra conv+ReLU before the depth head), hidden_act other than "gelu",
+  qkv_bias=False, head_in_index other than the last map, a non-BiT `backbone_config` (DINOv2, BEiT,
+  Swin DPT variants): not the original architecture, refused with a clear error.
+- Fields that do not change inference outputs: dropout probabilities, semantic_classifier_dropout,
+  auxiliary_loss_weight, semantic_loss_ignore_index, pooler_* (the task models have no pooler),
+  initializer_range, dtype / torch_dtype (load_model's `dtype` decides).
+
+timm's classifier (`pretrained.model.head.*`) is not used by DPT and HF checkpoints do not carry it;
+`hf_state_dict_to_original` leaves it out and `dpt_fast.weights` fills it with zeros.
+"""
+from __future__ import annotations
+
+import re
+
+import torch
+
+__all__ = ["HFConversionError", "HF_VIT_TABLE", "is_hf_dpt_config", "hf_model_class",
+           "hf_config_to_model_config", "hf_state_dict_to_original", "hf_key_to_original",
+           "features_arg", "HF_FILLED_KEYS"]
+
+
+class HFConversionError(ValueError):
+    """A Hugging Face DPT config or checkpoint that dpt_fast cannot reproduce exactly."""
+
+
+# timm ViTs with a class token, position embeddings over (cls + grid), LayerNorm pre-norm blocks,
+# qkv bias, GELU MLP, no pre-norm -- HF's DPTViT exactly. Patch 16 only: DPT's stages sit at
+# 1/4 .. 1/32 of the input. (hidden, layers, heads, intermediate, patch, image) -> backbone name.
+HF_VIT_TABLE = {
+    (192, 12, 3, 768, 16, 224): "vit_tiny_patch16_224",
+    (192, 12, 3, 768, 16, 384): "vit_tiny_patch16_384",
+    (384, 12, 6, 1536, 16, 224): "vit_small_patch16_224",
+    (384, 12, 6, 1536, 16, 384): "vit_small_patch16_384",
+    (768, 12, 12, 3072, 16, 224): "vit_base_patch16_224",
+    (768, 12, 12, 3072, 16, 384): "vitb16_384",       # = timm vit_base_patch16_384, released DPT-Base
+    (1024, 24, 16, 4096, 16, 224): "vit_large_patch16_224",
+    (1024, 24, 16, 4096, 16, 384): "vitl16_384",      # = timm vit_large_patch16_384, released DPT-Large
+}
+
+# Reassemble widths of the released backbones (DESIGN.md §3); `features=int` implies these.
+_RELEASED_WIDTHS = {
+    "vitb16_384": [96, 192, 384, 768],
+    "vitl16_384": [256, 512, 1024, 1024],
+    "vitb_rn50_384": [256, 512, 768, 768],
+}
+
+# The BiT of DPT-Hybrid (ResNet-50 stem + 3 stages), as transformers' DPTConfig builds it.
+_HYBRID_VIT = {"hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12,
+               "intermediate_size": 3072, "patch_size": 16, "image_size": 384}
+_HYBRID_BIT = {"layer_type": "bottleneck", "depths": [3, 4, 9], "embedding_size": 64, "num_groups": 32,
+               "hidden_act": "relu", "width_factor": 1, "num_channels": 3, "output_stride": 32}
+
+# Keys the original layout has and HF checkpoints lack; they do not affect DPT's outputs.
+HF_FILLED_KEYS = ("pretrained.model.head.weight", "pretrained.model.head.bias")
+
+
+def is_hf_dpt_config(cfg: dict) -> bool:
+    return isinstance(cfg, dict) and cfg.get("model_type") == "dpt"
+
+
+def _pair(value, name):
+    if isinstance(value, (list, tuple)):
+        if len(value) != 2 or value[0] != value[1]:
+            raise HFConversionError(f"{name}={list(value)}: only square sizes are supported")
+        return int(value[0])
+    return int(value)
+
+
+def hf_model_class(cfg: dict, state_dict_keys=None) -> str:
+    """"DPTDepthModel" or "DPTSegmentationModel" from config['architectures'] (or the keys)."""
+    archs = cfg.get("architectures") or []
+    if "DPTForDepthEstimation" in archs:
+        return "DPTDepthModel"
+    if "DPTForSemanticSegmentation" in archs:
+        return "DPTSegmentationModel"
+    if archs:
+        raise HFConversionError(f"config architectures={archs}: dpt_fast loads DPTForDepthEstimation and "
+                                "DPTForSemanticSegmentation (a bare DPTModel has no head)")
+    if state_dict_keys is not None:
+        keys = set(state_dict_keys)
+        if "head.head.1.running_mean" in keys or any(k.startswith("auxiliary_head.") for k in keys):
+            return "DPTSegmentationModel"
+        if "head.head.2.weight" in keys:
+            return "DPTDepthModel"
+    raise HFConversionError("cannot tell a depth from a segmentation checkpoint: config.json has no "
+                            "'architectures' and the keys have no recognisable head")
+
+
+def _check(cond: bool, message: str) -> None:
+    if not cond:
+        raise HFConversionError(message)
+
+
+def features_arg(backbone: str, widths, fusion: int):
+    """dpt_fast's `features` for Reassemble widths `widths` and fusion width `fusion`.
+
+    dpt_fast (like the original) takes an int (the fusion width; the Reassemble widths are then the
+    released backbone's, or that same int for any other timm ViT) or a list of four Reassemble widths
+    (the fusion width is then 256). Combinations outside these two cannot be built: HFConversionError.
+    """
+    widths = [int(n) for n in widths]
+    released = _RELEASED_WIDTHS.get(backbone)
+    if released is not None and widths == released:
+        return fusion
+    if released is None and all(n == fusion for n in widths):
+        return fusion
+    if fusion == 256:
+        return widths
+    raise HFConversionError(
+        f"Reassemble widths {widths} with fusion width {fusion}: dpt_fast's `features` expresses either "
+        f"Reassemble widths {released or '[features] * 4'} with any fusion width, or any four Reassemble "
+        "widths with fusion width 256")
+
+
+def hf_config_to_model_config(cfg: dict, model_class: str | None = None) -> dict:
+    """A transformers DPTConfig (as the dict in config.json) -> dpt_fast model config (for build_model)."""
+    _check(is_hf_dpt_config(cfg), f"not a Hugging Face DPT config (model_type={cfg.get('model_type')!r})")
+    model_class = model_class or hf_model_class(cfg)
+    get = cfg.get
+    hybrid = bool(get("is_hybrid", False))
+    backbone_cfg = get("backbone_config")
+    if not hybrid and (backbone_cfg is not None or get("backbone") is not None):
+        kind = backbone_cfg.get("model_type") if isinstance(backbone_cfg, dict) else get("backbone")
+        raise HFConversionError(f"DPT with a {kind!r} backbone (backbone_config; the DINOv2/BEiT/Swin DPT "
+                                "variants) is not supported: dpt_fast loads DPT's ViT and ViT-hybrid")
+    act = get("hidden_act", "gelu")
+    _check(act == "gelu", f"hidden_act={act!r}: the original DPT (and timm's ViT) use exact GELU ('gelu')")
+    _check(get("qkv_bias", True) is not False, "qkv_bias=False: the released ViTs have a qkv bias")
+    _check(int(get("num_channels", 3)) == 3, f"num_channels={get('num_channels')}: DPT takes RGB (3)")
+    _check(get("head_in_index", -1) in (-1, 3), f"head_in_index={get('head_in_index')}: DPT's heads read the "
+                                                "last fused map (-1)")
+    _check(not get("add_projection", False),
+           "add_projection=True (an extra 3x3 conv + ReLU before the depth head) is not part of the "
+           "original DPT and not supported by dpt_fast")
+    readout = get("readout_type", "project")
+    _check(readout in ("ignore", "add", "project"), f"readout_type={readout!r}")
+    factors = [float(f) for f in get("reassemble_factors", (4, 2, 1, 0.5))]
+    use_bn = bool(get("use_batch_norm_in_fusion_residual", False))
+    bias = get("use_bias_in_fusion_residual")
+    _check(bias is None or bool(bias) == (not use_bn),
+           f"use_bias_in_fusion_residual={bias} with use_batch_norm_in_fusion_residual={use_bn}: the original "
+           "RCU has conv bias exactly when it has no batch norm")
+    indices = [int(i) for i in get("backbone_out_indices") or ()]
+    _check(len(indices) == 4 and len(set(indices)) == 4,
+           f"backbone_out_indices={indices}: DPT needs four distinct block indices")
+    neck = get("neck_hidden_sizes", (96, 192, 384, 768))
+    _check(len(neck) == 4, f"neck_hidden_sizes={list(neck)}: DPT has four Reassemble stages")
+    fusion = int(get("fusion_hidden_size", 256))
+    dims = (int(get("hidden_size", 768)), int(get("num_hidden_layers", 12)), int(get("num_attention_heads", 12)),
+            int(get("intermediate_size", 3072)), _pair(get("patch_size", 16), "patch_size"),
+            _pair(get("image_size", 384), "image_size"))
+    names = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "patch_size",
+             "image_size")
+
+    if hybrid:
+        found = dict(zip(names, dims))
+        _check(found == _HYBRID_VIT, f"DPT-hybrid with ViT {found}: dpt_fast's hybrid is vitb_rn50_384 "
+                                     f"({_HYBRID_VIT})")
+        _check(readout == "project", f"readout_type={readout!r}: DPT-hybrid uses 'project'")
+        _check(factors[2:] == [1.0, 0.5], f"reassemble_factors={factors}: the hybrid's ViT stages resample "
+                                           "by 1 and 0.5")
+        _check(list(get("neck_ignore_stages", [0, 1])) == [0, 1],
+               f"neck_ignore_stages={get('neck_ignore_stages')}: the hybrid takes stages 1-2 from the ResNet")
+        featmap = get("backbone_featmap_shape") or [1, 1024, 24, 24]
+        _check(int(featmap[1]) == 1024, f"backbone_featmap_shape={featmap}: ResNet-50 stage 3 has 1024 channels")
+        bit = dict(backbone_cfg or {})
+        _check(bit.get("model_type", "bit") == "bit", f"hybrid backbone_config model_type="
+                                                      f"{bit.get('model_type')!r}: only BiT is supported")
+        for key, want in _HYBRID_BIT.items():
+            if key in bit:
+                have = list(bit[key]) if isinstance(bit[key], (list, tuple)) else bit[key]
+                _check(have == want, f"backbone_config.{key}={have!r}: DPT-hybrid's ResNet-50 has {want!r}")
+        if "hidden_sizes" in bit:
+            _check(list(bit["hidden_sizes"])[:3] == [256, 512, 1024],
+                   f"backbone_config.hidden_sizes={bit['hidden_sizes']}: ResNet-50 stages are 256, 512, 1024")
+        padding = str(bit.get("global_padding", "same")).lower()
+        _check(padding == "same", f"backbone_config.global_padding={bit.get('global_padding')!r}: "
+                                  "timm's vit_base_r50_s16_384 uses TF 'SAME' padding")
+        _check(bit.get("embedding_dynamic_padding", True) is True,
+               "backbone_config.embedding_dynamic_padding=False: timm's stem max-pool pads 'SAME'")
+        outs = bit.get("out_features")
+        _check(outs is None or list(outs) == ["stage1", "stage2", "stage3"],
+               f"backbone_config.out_features={outs}: DPT-hybrid reads stage1, stage2, stage3")
+        backbone = "vitb_rn50_384"
+        hooks = [0, 1] + sorted(indices[2:])
+        _check(max(hooks[2:]) < dims[1], f"backbone_out_indices={indices} reach past {dims[1]} layers")
+    else:
+        _check(factors == [4.0, 2.0, 1.0, 0.5], f"reassemble_factors={factors}: the original resamples by "
+                                                "4, 2, 1, 0.5")
+        backbone = HF_VIT_TABLE.get(dims)
+        if backbone is None:
+            raise HFConversionError(
+                "no timm ViT matches " + ", ".join(f"{n}={d}" for n, d in zip(names, dims))
+                + f"; supported: {sorted(HF_VIT_TABLE.values())} (patch 16, cls token, mlp ratio 4)")
+        hooks = sorted(indices)
+        _check(hooks[-1] < dims[1], f"backbone_out_indices={indices} reach past {dims[1]} layers")
+
+    config = {"model_class": model_class, "backbone": backbone, "readout": readout,
+              "features": features_arg(backbone, neck, fusion), "use_bn": use_bn, "hooks": hooks,
+              "layer_norm_eps": float(get("layer_norm_eps") or 1e-12)}
+    if model_class == "DPTDepthModel":
+        # HF's depth head always ends with a ReLU; it never inverts.
+        config.update(non_negative=True, scale=1.0, shift=0.0, invert=False)
+    else:
+        id2label = get("id2label")
+        num = len(id2label) if id2label else get("num_labels", 2)
+        config["num_classes"] = int(num)
+    return config
+
+
+# --------------------------------------------------------------------------------------- state dict
+
+_FIXED = {
+    "dpt.embeddings.cls_token": "pretrained.model.cls_token",
+    "dpt.embeddings.position_embeddings": "pretrained.model.pos_embed",
+    "dpt.embeddings.patch_embeddings.projection.weight": "pretrained.model.patch_embed.proj.weight",
+    "dpt.embeddings.patch_embeddings.projection.bias": "pretrained.model.patch_embed.proj.bias",
+    "dpt.embeddings.projection.weight": "pretrained.model.patch_embed.proj.weight",   # hybrid 1x1 proj
+    "dpt.embeddings.projection.bias": "pretrained.model.patch_embed.proj.bias",
+    "dpt.layernorm.weight": "pretrained.model.norm.weight",
+    "dpt.layernorm.bias": "pretrained.model.norm.bias",
+}
+
+_LAYER = {
+    "attention.output.dense": "attn.proj",
+    "intermediate.dense": "mlp.fc1",
+    "output.dense": "mlp.fc2",
+    "layernorm_before": "norm1",
+    "layernorm_after": "norm2",
+}
+
+_RULES = [
+    (re.compile(r"^dpt\.embeddings\.backbone\.bit\.embedder\.convolution\.(.+)$"),
+     lambda m: f"pretrained.model.patch_embed.backbone.stem.conv.{m[1]}"),
+    (re.compile(r"^dpt\.embeddings\.backbone\.bit\.embedder\.norm\.(.+)$"),
+     lambda m: f"pretrained.model.patch_embed.backbone.stem.norm.{m[1]}"),
+    (re.compile(r"^dpt\.embeddings\.backbone\.bit\.encoder\.stages\.(\d+)\.layers\.(\d+)\.(.+)$"),
+     lambda m: f"pretrained.model.patch_embed.backbone.stages.{m[1]}.blocks.{m[2]}.{m[3]}"),
+    (re.compile(r"^dpt\.encoder\.layer\.(\d+)\.(attention\.output\.dense|intermediate\.dense|output\.dense|"
+                r"layernorm_before|layernorm_after)\.(weight|bias)$"),
+     lambda m: f"pretrained.model.blocks.{m[1]}.{_LAYER[m[2]]}.{m[3]}"),
+    (re.compile(r"^neck\.reassemble_stage\.readout_projects\.(\d)\.0\.(weight|bias)$"),
+     lambda m: f"pretrained.act_postprocess{int(m[1]) + 1}.0.project.0.{m[2]}"),
+    (re.compile(r"^neck\.reassemble_stage\.layers\.(\d)\.projection\.(weight|bias)$"),
+     lambda m: f"pretrained.act_postprocess{int(m[1]) + 1}.3.{m[2]}"),
+    (re.compile(r"^neck\.reassemble_stage\.layers\.(\d)\.resize\.(weight|bias)$"),
+     lambda m: f"pretrained.act_postprocess{int(m[1]) + 1}.4.{m[2]}"),
+    (re.compile(r"^neck\.convs\.(\d)\.weight$"),
+     lambda m: f"scratch.layer{int(m[1]) + 1}_rn.weight"),
+    (re.compile(r"^neck\.fusion_stage\.layers\.(\d)\.residual_layer(\d)\.convolution(\d)\.(.+)$"),
+     lambda m: f"scratch.refinenet{4 - int(m[1])}.resConfUnit{m[2]}.conv{m[3]}.{m[4]}"),
+    (re.compile(r"^neck\.fusion_stage\.layers\.(\d)\.residual_layer(\d)\.batch_norm(\d)\.(.+)$"),
+     lambda m: f"scratch.refinenet{4 - int(m[1])}.resConfUnit{m[2]}.bn{m[3]}.{m[4]}"),
+    (re.compile(r"^neck\.fusion_stage\.layers\.(\d)\.projection\.(weight|bias)$"),
+     lambda m: f"scratch.refinenet{4 - int(m[1])}.out_conv.{m[2]}"),
+    (re.compile(r"^head\.head\.(\d+)\.(.+)$"), lambda m: f"scratch.output_conv.{m[1]}.{m[2]}"),
+    (re.compile(r"^auxiliary_head\.head\.(\d+)\.(.+)$"), lambda m: f"auxlayer.{m[1]}.{m[2]}"),
+]
+
+_QKV = re.compile(r"^dpt\.encoder\.layer\.(\d+)\.attention\.attention\.(query|key|value)\.(weight|bias)$")
+
+
+def hf_key_to_original(key: str) -> str | None:
+    """The original-layout name of one HF DPT key (None for q/k/v, which are concatenated, and unknowns)."""
+    if key in _FIXED:
+        return _FIXED[key]
+    for pattern, build in _RULES:
+        m = pattern.match(key)
+        if m:
+            return build(m)
+    return None
+
+
+def hf_state_dict_to_original(state_dict: dict) -> tuple[dict, list[str]]:
+    """HF DPTFor* state dict -> (original-layout state dict, HF keys that have no counterpart).
+
+    query/key/value of each layer are concatenated (in that order, along the output dim) into timm's
+    `attn.qkv`, which is how timm splits its packed projection. Tensors are not copied except for qkv.
+    """
+    out: dict[str, torch.Tensor] = {}
+    qkv: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
+    unknown: list[str] = []
+    for key, value in state_dict.items():
+        m = _QKV.match(key)
+        if m:
+            qkv.setdefault((int(m[1]), m[3]), {})[m[2]] = value
+            continue
+        new = hf_key_to_original(key)
+        if new is None:
+            unknown.append(key)
+        else:
+            out[new] = value
+    for (layer, kind), parts in sorted(qkv.items()):
+        if set(parts) != {"query", "key", "value"}:
+            missing = sorted({"query", "key", "value"} - set(parts))
+            raise HFConversionError(f"layer {layer}: attention {kind} has {sorted(parts)} but not {missing}")
+        out[f"pretrained.model.blocks.{layer}.attn.qkv.{kind}"] = torch.cat(
+            [parts["query"], parts["key"], parts["value"]], dim=0)
+    return out, unknown
