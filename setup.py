@@ -1,8 +1,214 @@
-"""Packaging: pure-Python package plus, when a CUDA toolchain is present, the dpt_fast._C extension
-built by CMakeLists.txt. DPT_FAST_BUILD_CUDA=0 skips the extension, =1 forces it (and fails loudly)."""
-from setuptools import setup
+"""Packaging: the pure-Python package plus, when a CUDA toolchain is present, the dpt_fast._C extension
+described by CMakeLists.txt (the fused residual conv unit, csrc/).
+
+DPT_FAST_BUILD_CUDA selects:
+  unset (or "auto")  build the extension when nvcc and a CUDA build of torch are found; otherwise install
+                     pure Python (the reference implementation then serves) and say so
+  0                  never build it
+  1                  always build it; fail with a clear message when that is impossible
+MAX_JOBS sets the parallel compile jobs (default: min(CPU count, 4)); DPT_FAST_CUDA_GENCODE overrides the
+nvcc targets (default sm_80 + PTX, sm_90a), e.g. "-gencode=arch=compute_90a,code=sm_90a" for a quick build.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+import time
+
+from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+ENV = "DPT_FAST_BUILD_CUDA"
+
+
+def _note(msg: str) -> None:
+    print(f"dpt_fast setup: {msg}", file=sys.stderr, flush=True)
+
+
+class CUDABuildError(RuntimeError):
+    pass
+
+
+def _find_nvcc() -> str | None:
+    """CUDACXX when set (and only it), else nvcc on PATH, under CUDA_HOME/CUDA_PATH, or /usr/local/cuda."""
+    if os.environ.get("CUDACXX"):
+        candidates = [os.environ["CUDACXX"]]
+    else:
+        candidates = [shutil.which("nvcc")]
+        for var in ("CUDA_HOME", "CUDA_PATH", "CUDA_ROOT"):
+            if os.environ.get(var):
+                candidates.append(os.path.join(os.environ[var], "bin", "nvcc"))
+        candidates.append("/usr/local/cuda/bin/nvcc")
+    for c in candidates:
+        if c and os.path.isfile(c) and os.access(c, os.X_OK):
+            return c
+    return None
+
+
+def _find_cmake() -> str | None:
+    exe = shutil.which("cmake")
+    if exe:
+        return exe
+    try:  # the `cmake` PyPI package
+        import cmake  # type: ignore
+
+        exe = os.path.join(cmake.CMAKE_BIN_DIR, "cmake")
+        return exe if os.path.isfile(exe) else None
+    except ImportError:
+        return None
+
+
+def _find_ninja() -> str | None:
+    exe = shutil.which("ninja")
+    if exe:
+        return exe
+    try:  # the `ninja` PyPI package
+        import ninja  # type: ignore
+
+        exe = os.path.join(ninja.BIN_DIR, "ninja")
+        return exe if os.path.isfile(exe) else None
+    except ImportError:
+        return None
+
+
+def _torch_cuda() -> tuple[str | None, str]:
+    """(torch.version.cuda or None, a description)."""
+    try:
+        import torch
+    except ImportError:
+        return None, "torch is not installed in the build environment (install torch first and use --no-build-isolation)"
+    if not torch.version.cuda:
+        return None, f"torch {torch.__version__} is not a CUDA build"
+    return torch.version.cuda, f"torch {torch.__version__} (CUDA {torch.version.cuda})"
+
+
+def _cuda_toolchain_problem() -> str | None:
+    """None when the extension can be attempted, else what is missing."""
+    problems = []
+    cuda, torch_desc = _torch_cuda()
+    if cuda is None:
+        problems.append(torch_desc)
+    if _find_nvcc() is None:
+        problems.append("no nvcc found (PATH, CUDACXX, CUDA_HOME)")
+    if _find_cmake() is None:
+        problems.append("no cmake found (pip install cmake)")
+    return "; ".join(problems) or None
+
+
+def _mode() -> str:
+    value = os.environ.get(ENV, "").strip().lower()
+    if value in ("", "auto"):
+        return "auto"
+    if value in ("0", "1"):
+        return value
+    raise SystemExit(f"dpt_fast setup: {ENV} must be 0, 1 or unset, got {os.environ[ENV]!r}")
+
+
+class CMakeExtension(Extension):
+    def __init__(self, name: str):
+        super().__init__(name, sources=[])
+
+
+class CMakeBuild(build_ext):
+    """Runs CMakeLists.txt for each CMakeExtension; the module lands where setuptools expects it
+    (and, for editable installs, setuptools copies it into dpt_fast/ in the source tree)."""
+
+    def build_extension(self, ext: Extension) -> None:
+        if not isinstance(ext, CMakeExtension):
+            return super().build_extension(ext)
+        forced = _mode() == "1"
+        try:
+            self._cmake_build(ext)
+        except CUDABuildError as exc:
+            how = ("" if forced else
+                   f" (it was attempted because nvcc and a CUDA build of torch were found; set {ENV}=0 to "
+                   "install without it: the reference implementation then serves)")
+            raise SystemExit(f"dpt_fast setup: building the CUDA extension dpt_fast._C failed{how}:\n{exc}") from None
+
+    def _cmake_build(self, ext: Extension) -> None:
+        cmake = _find_cmake()
+        if cmake is None:
+            raise CUDABuildError("cmake not found (pip install cmake)")
+        problem = _cuda_toolchain_problem()
+        if problem:
+            raise CUDABuildError(problem)
+        ext_path = os.path.abspath(self.get_ext_fullpath(ext.name))
+        ext_dir = os.path.dirname(ext_path)
+        ext_file = os.path.basename(ext_path)
+        suffix = ext_file[len("_C"):] if ext_file.startswith("_C") else sysconfig.get_config_var("EXT_SUFFIX")
+        build_dir = os.path.abspath(os.path.join(self.build_temp, "cmake"))
+        os.makedirs(build_dir, exist_ok=True)
+        os.makedirs(ext_dir, exist_ok=True)
+
+        args = [
+            f"-DCMAKE_BUILD_TYPE={'Debug' if self.debug else 'Release'}",
+            f"-DCMAKE_LIBRARY_OUTPUT_DIRECTORY={ext_dir}",
+            f"-DPython_EXECUTABLE={sys.executable}",
+            f"-DDPT_FAST_EXT_SUFFIX={suffix}",
+        ]
+        nvcc = _find_nvcc()
+        if nvcc and not os.environ.get("CUDACXX"):
+            args.append(f"-DCMAKE_CUDA_COMPILER={nvcc}")
+        if os.environ.get("DPT_FAST_CUDA_GENCODE"):
+            args.append(f"-DDPT_FAST_CUDA_GENCODE={os.environ['DPT_FAST_CUDA_GENCODE']}")
+        if os.environ.get("DPT_FAST_CUTLASS_INCLUDE"):
+            args.append(f"-DDPT_FAST_CUTLASS_INCLUDE={os.environ['DPT_FAST_CUTLASS_INCLUDE']}")
+        ninja = _find_ninja()
+        if ninja and not os.path.exists(os.path.join(build_dir, "CMakeCache.txt")):
+            args += ["-G", "Ninja", f"-DCMAKE_MAKE_PROGRAM={ninja}"]
+        jobs = os.environ.get("MAX_JOBS") or str(min(os.cpu_count() or 1, 4))
+
+        start = time.monotonic()
+        _note(f"building dpt_fast._C with CMake in {build_dir} ({jobs} jobs)")
+        try:
+            self._run([cmake, "-S", ROOT, "-B", build_dir, *args])
+        except CUDABuildError as first:
+            # torch's cmake config (find_package(Torch)) is picky about the CUDA toolkit layout; the
+            # extension only needs torch's headers and three libraries, which Python can name.
+            _note("CMake configure with find_package(Torch) failed; retrying with torch's paths from Python "
+                  "(-DDPT_FAST_FIND_TORCH=OFF)")
+            build_dir += "-torch-from-python"
+            try:
+                self._run([cmake, "-S", ROOT, "-B", build_dir, *args, "-DDPT_FAST_FIND_TORCH=OFF"])
+            except CUDABuildError as second:
+                raise CUDABuildError(f"{first}\n\nand the retry without find_package(Torch):\n{second}") from None
+        self._run([cmake, "--build", build_dir, "--parallel", jobs])
+        if not os.path.isfile(ext_path):
+            raise CUDABuildError(f"CMake finished but {ext_path} was not produced")
+        _note(f"built {ext_path} in {time.monotonic() - start:.0f} s")
+
+    @staticmethod
+    def _run(cmd: list[str]) -> None:
+        _note("$ " + " ".join(cmd))
+        proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        sys.stderr.write(proc.stdout)
+        if proc.returncode != 0:
+            tail = "\n".join(proc.stdout.splitlines()[-60:])
+            raise CUDABuildError(f"`{' '.join(cmd)}` exited with {proc.returncode}; last output:\n{tail}")
+
+
+def _ext_modules() -> list[Extension]:
+    mode = _mode()
+    if mode == "0":
+        _note(f"{ENV}=0: pure-Python install, the CUDA extension dpt_fast._C is not built "
+              "(the reference residual conv unit serves on every device)")
+        return []
+    if mode == "auto":
+        problem = _cuda_toolchain_problem()
+        if problem:
+            _note(f"pure-Python install, the CUDA extension dpt_fast._C is not built: {problem}. "
+                  f"(The reference residual conv unit serves; set {ENV}=1 to require the extension.)")
+            return []
+    return [CMakeExtension("dpt_fast._C")]
+
 
 setup(
     packages=["dpt_fast", "dpt_fast.ops", "dpt_fast.reference", "dpt_fast.models", "dpt_fast.kernels"],
     package_dir={"dpt_fast": "dpt_fast", "dpt_fast.kernels": "kernels"},
+    ext_modules=_ext_modules(),
+    cmdclass={"build_ext": CMakeBuild},
 )

@@ -1,35 +1,83 @@
 """`dpt_fast::residual_conv_unit`: x + conv2(relu(conv1(relu(x)) + b1)) + b2 [+ extra], 3x3 convs.
 
-Fused path: the CUDA kernels of the dpt_fast._C extension (csrc/), registered there as
-`dpt_fast::_rcu_fused_forward` for the CUDA dispatch key. Backward composes aten convolution backward.
+Fused path (CUDA tensors, float16/bfloat16, channels a multiple of 8, one image under 2^31 bytes): the
+CUTLASS kernels of the dpt_fast._C extension (csrc/), registered there for the CUDA dispatch key as
+`dpt_fast::_rcu_fused_forward` (two kernels: conv1 with the input ReLU in its mainloop and bias + ReLU in
+its epilogue; conv2 with bias + x [+ extra] in its epilogue) and `dpt_fast::_rcu_fused_conv1`.
+Everything else (CPU, float32/float64, other channel counts, no extension) runs the reference.
+
+Backward: the operator schema saves only the inputs, so the hidden activation relu(conv1(relu(x)) + b1)
+is recomputed — by the fused conv1 kernel when the fused path applies — and the rest composes aten's
+convolution backward (cuDNN) with ReLU masks (aten.threshold_backward, one pass each).
 """
 from __future__ import annotations
+
+import functools
+import importlib.util
+import warnings
 
 import torch
 
 from .. import backend, reference
+from ..reference import rcu as _reference_rcu
 
 _OP = "dpt_fast::residual_conv_unit"
+_OP_BACKWARD = "dpt_fast::residual_conv_unit_backward"
+_MAX_TENSOR_BYTES = 2**31 - 1  # the kernels address one launch's tensors with 32-bit offsets
 
 
+@functools.lru_cache(maxsize=None)
 def cuda_kernel_registered() -> bool:
     """True when the compiled extension is importable and its CUDA kernel is registered."""
+    if importlib.util.find_spec("dpt_fast._C") is None:  # not built (pure-Python install)
+        return False
     try:
         from .. import _C  # noqa: F401  (loading registers the kernels)
-    except ImportError:
+    except ImportError as exc:  # built, but does not load (e.g. built against another torch): say so once
+        warnings.warn(f"dpt_fast._C is present but failed to load ({exc}); the reference residual conv "
+                      "unit serves instead of the CUDA kernel. Rebuild: pip install --no-build-isolation -e .",
+                      RuntimeWarning, stacklevel=2)
         return False
-    return torch._C._dispatch_has_kernel_for_dispatch_key("dpt_fast::_rcu_fused_forward", "CUDA")
+    registered = torch._C._dispatch_has_kernel_for_dispatch_key("dpt_fast::_rcu_fused_forward", "CUDA")
+    if registered:
+        try:
+            _register_internal_fakes()
+        except RuntimeError:  # already registered (the cache was cleared)
+            pass
+    return registered
 
 
-def _use_fused(x: torch.Tensor) -> bool:
-    return (backend.get_backend() == "fused" and x.is_cuda and x.dtype in (torch.float16, torch.bfloat16)
-            and cuda_kernel_registered())
+def _register_internal_fakes() -> None:
+    """Fake (meta) implementations of the extension's internal operators, for tracing tools."""
+    @torch.library.register_fake("dpt_fast::_rcu_fused_forward")
+    def _(x, w1, b1, w2, b2, extra):
+        return torch.empty_like(x)
+
+    @torch.library.register_fake("dpt_fast::_rcu_fused_conv1")
+    def _(x, w1, b1):
+        return torch.empty_like(x, memory_format=torch.channels_last)
+
+
+def fused_supported(x: torch.Tensor, weight1: torch.Tensor) -> bool:
+    """Whether the CUDA kernel can run this call (ignoring the backend choice)."""
+    if not (x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) and x.dim() == 4):
+        return False
+    channels = x.shape[1]
+    if channels % 8 != 0 or tuple(weight1.shape) != (channels, channels, 3, 3):
+        return False
+    if channels * x.shape[2] * x.shape[3] * x.element_size() > _MAX_TENSOR_BYTES:
+        return False
+    return cuda_kernel_registered()
+
+
+def _use_fused(x: torch.Tensor, weight1: torch.Tensor) -> bool:
+    return backend.get_backend() == "fused" and fused_supported(x, weight1)
 
 
 @torch.library.custom_op("dpt_fast::residual_conv_unit", mutates_args=())
 def residual_conv_unit_op(x: torch.Tensor, weight1: torch.Tensor, bias1: torch.Tensor, weight2: torch.Tensor,
                           bias2: torch.Tensor, extra: torch.Tensor | None) -> torch.Tensor:
-    if _use_fused(x):
+    if _use_fused(x, weight1):
         backend.record(_OP, "cuda")
         return torch.ops.dpt_fast._rcu_fused_forward(x, weight1, bias1, weight2, bias2, extra)
     backend.record(_OP, "reference")
@@ -41,11 +89,40 @@ def _(x, weight1, bias1, weight2, bias2, extra):
     return torch.empty_like(x)
 
 
+def _like(t: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """t with the strides torch.empty_like(ref) has (what the fake implementation promises)."""
+    out = torch.empty_like(ref, dtype=t.dtype)
+    if t.stride() == out.stride():
+        return t
+    out.copy_(t)
+    return out
+
+
+def _fused_backward(grad_out, x, weight1, bias1, weight2, bias2, has_extra):
+    cl = torch.channels_last
+    conv_backward = _reference_rcu.conv3x3_backward
+    g = grad_out.contiguous(memory_format=cl)
+    xc = x.contiguous(memory_format=cl)
+    relu_hidden = torch.ops.dpt_fast._rcu_fused_conv1(xc, weight1, bias1)  # recomputed, bias + ReLU fused
+    d_relu_hidden, d_weight2 = conv_backward(g, relu_hidden, weight2)
+    d_hidden = torch.ops.aten.threshold_backward(d_relu_hidden, relu_hidden, 0)  # relu_hidden > 0 <=> hidden > 0
+    del d_relu_hidden, relu_hidden
+    d_relu_x, d_weight1 = conv_backward(d_hidden, torch.relu(xc), weight1)
+    d_x = torch.ops.aten.threshold_backward(d_relu_x, xc, 0).add_(g)
+    del d_relu_x
+    d_extra = grad_out.clone() if has_extra else grad_out.new_empty(0)
+    return [_like(d_x, x), _like(d_weight1, weight1), d_hidden.sum((0, 2, 3)).to(bias1.dtype),
+            _like(d_weight2, weight2), g.sum((0, 2, 3)).to(bias2.dtype), d_extra]
+
+
 @torch.library.custom_op("dpt_fast::residual_conv_unit_backward", mutates_args=())
 def residual_conv_unit_backward_op(grad_out: torch.Tensor, x: torch.Tensor, weight1: torch.Tensor,
                                    bias1: torch.Tensor, weight2: torch.Tensor, bias2: torch.Tensor,
                                    has_extra: bool) -> list[torch.Tensor]:
-    backend.record("dpt_fast::residual_conv_unit_backward", "reference")
+    if _use_fused(x, weight1):
+        backend.record(_OP_BACKWARD, "cuda")
+        return _fused_backward(grad_out, x, weight1, bias1, weight2, bias2, has_extra)
+    backend.record(_OP_BACKWARD, "reference")
     return reference.residual_conv_unit_backward(grad_out, x, weight1, bias1, weight2, bias2, has_extra)
 
 

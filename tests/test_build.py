@@ -1,0 +1,51 @@
+"""The DPT_FAST_BUILD_CUDA switch of setup.py (0 skips the extension, 1 forces it and fails loudly, unset
+builds it only when the toolchain is there). Runs setup.py in subprocesses; nothing is compiled:
+CUDACXX pointing at a missing nvcc stands in for a machine without the toolchain."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _setup(args, tmp_path, **env):
+    full_env = {k: v for k, v in os.environ.items() if k != "DPT_FAST_BUILD_CUDA"}
+    full_env.update(env)
+    proc = subprocess.run([sys.executable, "setup.py", *args], cwd=ROOT, env=full_env, capture_output=True,
+                          text=True, timeout=300)
+    return proc.returncode, proc.stdout + proc.stderr
+
+
+def _build_ext_args(tmp_path):
+    return ["build_ext", "--build-temp", str(tmp_path / "temp"), "--build-lib", str(tmp_path / "lib")]
+
+
+def test_zero_skips_the_extension(tmp_path):
+    rc, out = _setup(["--name"], tmp_path, DPT_FAST_BUILD_CUDA="0")
+    assert rc == 0, out
+    assert "DPT_FAST_BUILD_CUDA=0: pure-Python install" in out
+
+
+def test_unset_without_toolchain_installs_pure_python(tmp_path):
+    rc, out = _setup(_build_ext_args(tmp_path), tmp_path, CUDACXX=str(tmp_path / "missing" / "nvcc"))
+    assert rc == 0, out
+    assert "pure-Python install" in out and "no nvcc found" in out
+    assert not (tmp_path / "lib").exists() or not any((tmp_path / "lib").rglob("_C*"))
+
+
+def test_one_without_toolchain_fails_loudly(tmp_path):
+    rc, out = _setup(_build_ext_args(tmp_path), tmp_path, DPT_FAST_BUILD_CUDA="1",
+                     CUDACXX=str(tmp_path / "missing" / "nvcc"))
+    assert rc != 0, out
+    assert "building the CUDA extension dpt_fast._C failed" in out and "no nvcc found" in out
+
+
+@pytest.mark.parametrize("value", ["yes", "2"])
+def test_bad_value_is_an_error(tmp_path, value):
+    rc, out = _setup(["--name"], tmp_path, DPT_FAST_BUILD_CUDA=value)
+    assert rc != 0
+    assert "DPT_FAST_BUILD_CUDA must be 0, 1 or unset" in out

@@ -1,0 +1,332 @@
+"""The CUDA residual conv unit (dpt_fast._C, csrc/) and its dispatch from `dpt_fast::residual_conv_unit`.
+
+Three groups:
+- build/registration (CPU): when the extension is built, `import dpt_fast._C` registers the CUDA kernels
+  (and only CUDA kernels); when the toolchain is present and DPT_FAST_BUILD_CUDA is not 0, the
+  extension must have been built (that is how CI proves the build). Skipped with a reason otherwise.
+- CPU fallback: the fused backend on CPU tensors runs the reference, forward and backward, and says so.
+- GPU (marker gpu): the kernels against the reference evaluated in float64, bf16 and fp16, odd sizes,
+  batch 1 and 5, 64 and 256 channels, with and without the extra addend, forward and every gradient;
+  layouts, fallbacks, a batch split above 2^31 bytes, opcheck, and a compute-sanitizer memcheck run.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import dpt_fast
+from dpt_fast import ops, reference
+from dpt_fast.ops import rcu as rcu_ops
+
+FWD, BWD = "dpt_fast::residual_conv_unit", "dpt_fast::residual_conv_unit_backward"
+INTERNAL_OPS = ("dpt_fast::_rcu_fused_forward", "dpt_fast::_rcu_fused_conv1")
+
+
+def _extension_built() -> bool:
+    return importlib.util.find_spec("dpt_fast._C") is not None
+
+
+def _toolchain_present() -> bool:
+    nvcc = os.environ.get("CUDACXX") or shutil.which("nvcc") or (
+        "/usr/local/cuda/bin/nvcc" if os.path.exists("/usr/local/cuda/bin/nvcc") else None)
+    cutlass = importlib.util.find_spec("cutlass_library") is not None
+    cmake = shutil.which("cmake") is not None or importlib.util.find_spec("cmake") is not None
+    return bool(nvcc and torch.version.cuda and cutlass and cmake)
+
+
+def _skip_reason() -> str:
+    if os.environ.get("DPT_FAST_BUILD_CUDA", "").strip() == "0":
+        return "dpt_fast._C not built (DPT_FAST_BUILD_CUDA=0)"
+    return "dpt_fast._C not built (pure-Python install: no CUDA toolchain, or DPT_FAST_BUILD_CUDA=0, at install time)"
+
+
+needs_extension = pytest.mark.skipif(not _extension_built(), reason=_skip_reason())
+
+
+def gpu(fn):
+    return pytest.mark.gpu(needs_extension(fn))
+
+
+# --- build and registration (no GPU needed) ---------------------------------------------------------
+
+
+def test_extension_built_when_toolchain_present():
+    """The install rule: unset DPT_FAST_BUILD_CUDA + nvcc + CUDA torch (+ cmake, nvidia-cutlass) => built."""
+    if os.environ.get("DPT_FAST_BUILD_CUDA", "").strip() == "0":
+        pytest.skip("DPT_FAST_BUILD_CUDA=0: the extension is meant to be absent")
+    if not _toolchain_present():
+        pytest.skip("no CUDA toolchain (nvcc, CUDA torch, cmake, nvidia-cutlass): pure-Python install expected")
+    assert _extension_built(), (
+        "nvcc, a CUDA build of torch, cmake and nvidia-cutlass are present, so `pip install --no-build-isolation -e .` "
+        "should have built dpt_fast._C; rebuild, or install with DPT_FAST_BUILD_CUDA=0")
+
+
+@needs_extension
+def test_import_registers_cuda_kernels_only():
+    import dpt_fast._C  # noqa: F401
+
+    for name in INTERNAL_OPS:
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(name, "CUDA"), name
+        assert not torch._C._dispatch_has_kernel_for_dispatch_key(name, "CPU"), name
+    assert str(torch.ops.dpt_fast._rcu_fused_forward.default._schema) == (
+        "dpt_fast::_rcu_fused_forward(Tensor x, Tensor w1, Tensor b1, Tensor w2, Tensor b2, Tensor? extra) -> Tensor")
+    assert rcu_ops.cuda_kernel_registered()
+
+
+@needs_extension
+def test_internal_ops_fake_strides():
+    rcu_ops.cuda_kernel_registered()  # registers the fakes
+    x = torch.empty(2, 16, 5, 7, device="meta", dtype=torch.bfloat16)
+    x_cl = x.contiguous(memory_format=torch.channels_last)
+    w = torch.empty(16, 16, 3, 3, device="meta", dtype=torch.bfloat16)
+    b = torch.empty(16, device="meta", dtype=torch.bfloat16)
+    assert torch.ops.dpt_fast._rcu_fused_forward(x_cl, w, b, w, b, None).stride() == x_cl.stride()
+    assert torch.ops.dpt_fast._rcu_fused_forward(x, w, b, w, b, x).stride() == x.stride()
+    assert torch.ops.dpt_fast._rcu_fused_conv1(x, w, b).stride() == x_cl.stride()
+
+
+@needs_extension
+def test_internal_op_rejects_cpu_tensors():
+    import dpt_fast._C  # noqa: F401
+
+    x = torch.randn(1, 8, 4, 4)
+    w, b = torch.randn(8, 8, 3, 3), torch.randn(8)
+    with pytest.raises(NotImplementedError):
+        torch.ops.dpt_fast._rcu_fused_forward(x, w, b, w, b, None)
+
+
+# --- CPU fallback --------------------------------------------------------------------------------------
+
+
+def _params(channels, dtype, device, seed=0, requires_grad=False):
+    gen = torch.Generator().manual_seed(seed)
+    scale = (9 * channels) ** -0.5
+    ps = [torch.randn(channels, channels, 3, 3, generator=gen) * scale, torch.randn(channels, generator=gen) * 0.1,
+          torch.randn(channels, channels, 3, 3, generator=gen) * scale, torch.randn(channels, generator=gen) * 0.1]
+    return [p.to(device=device, dtype=dtype).requires_grad_(requires_grad) for p in ps]
+
+
+def _activation(batch, channels, height, width, dtype, device, seed=1, channels_last=True, requires_grad=False):
+    gen = torch.Generator().manual_seed(seed)
+    t = torch.randn(batch, channels, height, width, generator=gen).to(device=device, dtype=dtype)
+    if channels_last:
+        t = t.contiguous(memory_format=torch.channels_last)
+    return t.requires_grad_(requires_grad)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("with_extra", [False, True])
+def test_cpu_fallback_runs_reference(dtype, with_extra):
+    x = _activation(2, 64, 7, 9, dtype, "cpu", requires_grad=True)
+    extra = _activation(2, 64, 7, 9, dtype, "cpu", seed=2, requires_grad=True) if with_extra else None
+    params = _params(64, dtype, "cpu", requires_grad=True)
+    grad = _activation(2, 64, 7, 9, dtype, "cpu", seed=3)
+    dpt_fast.implementations_ran(reset=True)
+    with dpt_fast.use_backend("fused"):
+        out = ops.residual_conv_unit(x, *params, extra)
+        grads = torch.autograd.grad(out, [x, *params] + ([extra] if with_extra else []), grad)
+    ran = dpt_fast.implementations_ran(reset=True)
+    assert ran[FWD] == {"reference": 1} and ran[BWD] == {"reference": 1}
+    expected = reference.residual_conv_unit(x.detach(), *[p.detach() for p in params],
+                                            None if extra is None else extra.detach())
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    assert out.stride() == x.stride()
+    assert all(g is not None and g.shape == t.shape for g, t in zip(grads, [x, *params]))
+
+
+def test_fused_supported_is_false_on_cpu():
+    x = torch.randn(1, 64, 4, 4, dtype=torch.bfloat16)
+    assert not rcu_ops.fused_supported(x, torch.randn(64, 64, 3, 3, dtype=torch.bfloat16))
+
+
+# --- GPU -----------------------------------------------------------------------------------------------
+
+
+def _rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def _run(x, params, extra, grad, backend_name):
+    """Output and gradients [dx, dw1, db1, dw2, db2, (dextra)] through the public operator."""
+    leaves = [x, *params] + ([extra] if extra is not None else [])
+    with dpt_fast.use_backend(backend_name):
+        out = ops.residual_conv_unit(x, *params, extra)
+        grads = torch.autograd.grad(out, leaves, grad) if grad is not None else []
+    return out, list(grads)
+
+
+def _case(batch, channels, height, width, dtype, with_extra, requires_grad=False, channels_last=True):
+    x = _activation(batch, channels, height, width, dtype, "cuda", channels_last=channels_last,
+                    requires_grad=requires_grad)
+    params = _params(channels, dtype, "cuda", requires_grad=requires_grad)
+    extra = (_activation(batch, channels, height, width, dtype, "cuda", seed=2, requires_grad=requires_grad)
+             if with_extra else None)
+    return x, params, extra
+
+
+def _float64(x, params, extra, requires_grad):
+    up = lambda t: None if t is None else t.detach().double().requires_grad_(requires_grad)  # noqa: E731
+    return up(x), [up(p) for p in params], up(extra)
+
+
+# bf16 keeps 8 significant bits, fp16 11: the fused kernels must be as close to the float64 truth as
+# the same-dtype reference (cuDNN) is, give or take a factor, with an absolute floor for tiny errors.
+_FLOOR = {torch.bfloat16: 8e-3, torch.float16: 1e-3}
+
+SHAPES = [(1, 64, 37, 53), (5, 256, 37, 53), (5, 64, 24, 24), (1, 256, 96, 96)]
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("batch,channels,height,width", SHAPES)
+@pytest.mark.parametrize("with_extra", [False, True])
+def test_forward_matches_reference(dtype, batch, channels, height, width, with_extra):
+    x, params, extra = _case(batch, channels, height, width, dtype, with_extra)
+    dpt_fast.implementations_ran(reset=True)
+    out, _ = _run(x, params, extra, None, "fused")
+    assert dpt_fast.implementations_ran(reset=True)[FWD] == {"cuda": 1}
+    ref, _ = _run(x, params, extra, None, "reference")
+    truth, _ = _run(*_float64(x, params, extra, False), None, "reference")
+    assert out.dtype == dtype and out.shape == x.shape and out.stride() == x.stride()
+    assert torch.isfinite(out).all()
+    err, ref_err = _rel_l2(out, truth), _rel_l2(ref, truth)
+    assert err <= max(2 * ref_err, _FLOOR[dtype]), (err, ref_err)
+    tol = 5e-2 if dtype == torch.bfloat16 else 1e-2
+    torch.testing.assert_close(out.double(), truth, atol=tol, rtol=tol)
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("batch,channels,height,width", [(1, 64, 37, 53), (5, 256, 37, 53)])
+@pytest.mark.parametrize("with_extra", [False, True])
+def test_gradients_match_reference(dtype, batch, channels, height, width, with_extra):
+    x, params, extra = _case(batch, channels, height, width, dtype, with_extra, requires_grad=True)
+    grad = _activation(batch, channels, height, width, dtype, "cuda", seed=3)
+    dpt_fast.implementations_ran(reset=True)
+    out, grads = _run(x, params, extra, grad, "fused")
+    assert dpt_fast.implementations_ran(reset=True) == {FWD: {"cuda": 1}, BWD: {"cuda": 1}}
+    ref_out, ref_grads = _run(x, params, extra, grad, "reference")
+    truth_out, truth_grads = _run(*_float64(x, params, extra, True), grad.double(), "reference")
+    names = ["dx", "dw1", "db1", "dw2", "db2", "dextra"]
+    for name, g, r, t, leaf in zip(names, grads, ref_grads, truth_grads, [x, *params, extra]):
+        assert g.dtype == leaf.dtype and g.shape == leaf.shape and g.stride() == torch.empty_like(leaf).stride(), name
+        err, ref_err = _rel_l2(g, t), _rel_l2(r, t)
+        assert err <= max(2 * ref_err, 2 * _FLOOR[dtype]), (name, err, ref_err)
+
+
+@gpu
+def test_input_not_channels_last_is_converted_once():
+    x, params, extra = _case(2, 64, 19, 23, torch.bfloat16, True, channels_last=False)
+    assert x.is_contiguous() and not x.is_contiguous(memory_format=torch.channels_last)
+    out, _ = _run(x, params, extra, None, "fused")
+    ref, _ = _run(x, params, extra, None, "reference")
+    assert out.stride() == x.stride()  # torch.empty_like(x), as the fake implementation says
+    torch.testing.assert_close(out, ref, atol=5e-2, rtol=5e-2)
+
+
+@gpu
+def test_unsupported_calls_fall_back_to_reference_on_cuda():
+    cases = [
+        _case(1, 64, 9, 11, torch.float32, False),   # float32: the reference serves (cuDNN, TF32 as configured)
+        _case(1, 12, 9, 11, torch.bfloat16, False),  # channels not a multiple of 8
+    ]
+    for x, params, extra in cases:
+        dpt_fast.implementations_ran(reset=True)
+        out, _ = _run(x, params, extra, None, "fused")
+        assert dpt_fast.implementations_ran(reset=True)[FWD] == {"reference": 1}
+        torch.testing.assert_close(out, reference.residual_conv_unit(x, *params, extra), rtol=0, atol=0)
+    x, params, extra = _case(1, 64, 9, 11, torch.bfloat16, False)
+    dpt_fast.implementations_ran(reset=True)
+    _run(x, params, extra, None, "reference")
+    assert dpt_fast.implementations_ran(reset=True)[FWD] == {"reference": 1}
+
+
+@gpu
+def test_noncontiguous_weights():
+    x, params, extra = _case(2, 64, 13, 17, torch.bfloat16, True)
+    w1, b1, w2, b2 = params
+    odd = [w1.contiguous(memory_format=torch.channels_last), b1, w2.transpose(2, 3).contiguous().transpose(2, 3), b2]
+    assert not odd[2].is_contiguous()
+    out, _ = _run(x, odd, extra, None, "fused")
+    ref, _ = _run(x, params, extra, None, "reference")
+    torch.testing.assert_close(out, ref, atol=5e-2, rtol=5e-2)
+
+
+@gpu
+def test_empty_batch():
+    x, params, _ = _case(0, 64, 5, 5, torch.bfloat16, False)
+    out, _ = _run(x, params, None, None, "fused")
+    assert out.shape == x.shape
+
+
+@gpu
+def test_batch_split_above_2gb():
+    # 5 x 64 x 2048 x 2048 bf16 = 2.7 GB: the kernels run it as two launches per convolution.
+    if torch.cuda.get_device_properties(0).total_memory < 40 * 2**30:
+        pytest.skip("needs 40 GiB of GPU memory")
+    x, params, extra = _case(5, 64, 2048, 2048, torch.bfloat16, True)
+    out, _ = _run(x, params, extra, None, "fused")
+    ref, _ = _run(x, params, extra, None, "reference")
+    assert _rel_l2(out, ref) < 1e-2
+    for n in (0, 2, 3, 4):  # both sides of the split
+        torch.testing.assert_close(out[n], ref[n], atol=6e-2, rtol=5e-2)
+    del x, extra, out, ref
+    torch.cuda.empty_cache()
+
+
+@gpu
+def test_opcheck_cuda():
+    x, params, extra = _case(2, 64, 9, 11, torch.bfloat16, True, requires_grad=True)
+    with dpt_fast.use_backend("fused"), torch.backends.cudnn.flags(enabled=True, benchmark=False, deterministic=True):
+        torch.library.opcheck(rcu_ops.residual_conv_unit_op, (x, *params, extra))
+
+
+def _compute_sanitizer() -> str | None:
+    found = shutil.which("compute-sanitizer")
+    for root in (os.environ.get("CUDA_HOME"), "/usr/local/cuda"):
+        if not found and root and os.path.isfile(os.path.join(root, "bin", "compute-sanitizer")):
+            found = os.path.join(root, "bin", "compute-sanitizer")
+    return found
+
+
+_SANITIZED_CASE = textwrap.dedent("""
+    import torch, dpt_fast
+    from dpt_fast.ops import rcu
+    assert rcu.cuda_kernel_registered()
+    torch.manual_seed(0)
+    for dtype in (torch.bfloat16, torch.float16):
+        for (b, c, h, w), extra in (((1, 64, 13, 21), True), ((2, 72, 5, 3), False)):
+            x = torch.randn(b, c, h, w, device="cuda", dtype=dtype).contiguous(memory_format=torch.channels_last)
+            ws = [torch.randn(c, c, 3, 3, device="cuda", dtype=dtype) * 0.05, torch.randn(c, device="cuda", dtype=dtype),
+                  torch.randn(c, c, 3, 3, device="cuda", dtype=dtype) * 0.05, torch.randn(c, device="cuda", dtype=dtype)]
+            e = torch.randn_like(x) if extra else None
+            out = torch.ops.dpt_fast._rcu_fused_forward(x, *ws, e)
+            hidden = torch.ops.dpt_fast._rcu_fused_conv1(x, ws[0], ws[1])
+            torch.cuda.synchronize()
+            assert torch.isfinite(out).all() and torch.isfinite(hidden).all()
+    print("sanitized case ok")
+""")
+
+
+@gpu
+def test_compute_sanitizer_memcheck():
+    sanitizer = _compute_sanitizer()
+    if sanitizer is None:
+        pytest.skip("compute-sanitizer not found (PATH, CUDA_HOME/bin, /usr/local/cuda/bin)")
+    env = dict(os.environ, PYTORCH_NO_CUDA_MEMORY_CACHING="1")  # exact allocations: overruns are caught
+    proc = subprocess.run(
+        [sanitizer, "--tool", "memcheck", "--error-exitcode", "3", "--leak-check", "no",
+         sys.executable, "-c", _SANITIZED_CASE],
+        capture_output=True, text=True, timeout=900, env=env)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 0, output[-6000:]
+    assert "sanitized case ok" in output
+    assert "ERROR SUMMARY: 0 errors" in output, output[-6000:]
