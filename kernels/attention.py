@@ -26,7 +26,7 @@ Under TRITON_INTERPRET=1 the kernels run on CPU tensors through the interpreter 
 (with exact IEEE float32 dots); bfloat16 is excluded there because the interpreter's bf16 tl.dot is wrong.
 
 Tuning. On a GPU each kernel is autotuned over block sizes, warps and stages (chosen for Hopper),
-keyed on N and head dim; under the interpreter one fixed small config is used (the interpreter cannot
+keyed on N (rounded up to a power of two, so that many image sizes share a tuning) and head dim; under the interpreter one fixed small config is used (the interpreter cannot
 autotune over several configs and ignores warps/stages).
 """
 from __future__ import annotations
@@ -98,10 +98,10 @@ def _attention_fwd_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, start, stop, stride_n
     return acc, l_i, m_i
 
 
-@triton.autotune(configs=_FWD_CONFIGS, key=["N_CTX", "HEAD_DIM"])
+@triton.autotune(configs=_FWD_CONFIGS, key=["N_BUCKET", "HEAD_DIM"])
 @triton.jit
-def _attention_fwd(QKV, Out, LSE, stride_qkv_b, stride_qkv_n, stride_out_b, stride_out_n, N_CTX, num_heads,
-                   qk_scale, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+def _attention_fwd(QKV, Out, LSE, stride_qkv_b, stride_qkv_n, stride_out_b, stride_out_n, N_CTX, N_BUCKET,
+                   num_heads, qk_scale, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    DOT_PRECISION: tl.constexpr):
     start_m = tl.program_id(0) * BLOCK_M
     pid_bh = tl.program_id(1)
@@ -184,10 +184,10 @@ def _attention_bwd_dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, lse_ptrs, delta_ptr
     return dk, dv
 
 
-@triton.autotune(configs=_DKDV_CONFIGS, key=["N_CTX", "HEAD_DIM"])
+@triton.autotune(configs=_DKDV_CONFIGS, key=["N_BUCKET", "HEAD_DIM"])
 @triton.jit
 def _attention_bwd_dkdv(QKV, DO, LSE, Delta, DQKV, stride_qkv_b, stride_qkv_n, stride_do_b, stride_do_n,
-                        stride_dqkv_b, stride_dqkv_n, N_CTX, num_heads, scale, qk_scale,
+                        stride_dqkv_b, stride_dqkv_n, N_CTX, N_BUCKET, num_heads, scale, qk_scale,
                         HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                         DOT_PRECISION: tl.constexpr):
     start_n = tl.program_id(0) * BLOCK_N
@@ -251,10 +251,10 @@ def _attention_bwd_dq_inner(dq, q, do, lse2, delta, k_ptrs, v_ptrs, start, stop,
     return dq
 
 
-@triton.autotune(configs=_DQ_CONFIGS, key=["N_CTX", "HEAD_DIM"])
+@triton.autotune(configs=_DQ_CONFIGS, key=["N_BUCKET", "HEAD_DIM"])
 @triton.jit
 def _attention_bwd_dq(QKV, DO, LSE, Delta, DQKV, stride_qkv_b, stride_qkv_n, stride_do_b, stride_do_n,
-                      stride_dqkv_b, stride_dqkv_n, N_CTX, num_heads, scale, qk_scale,
+                      stride_dqkv_b, stride_dqkv_n, N_CTX, N_BUCKET, num_heads, scale, qk_scale,
                       HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                       DOT_PRECISION: tl.constexpr):
     start_m = tl.program_id(0) * BLOCK_M
@@ -315,6 +315,12 @@ def supports(qkv: torch.Tensor, num_heads: int) -> bool:
     return qkv.shape[1] * max(row_stride, qkv.shape[-1]) <= _INT32_MAX
 
 
+def _bucket(tokens: int) -> int:
+    """The autotuning key for N: the next power of two, so that images of many sizes share a few tunings
+    (N_BUCKET is an argument the kernels do not read)."""
+    return triton.next_power_of_2(tokens)
+
+
 def _dot_precision(dtype: torch.dtype) -> str:
     # exact float32 dots under the interpreter; on the GPU only 16-bit inputs arrive (the default applies)
     return "ieee" if _INTERPRET else "tf32"
@@ -362,7 +368,8 @@ def attention_forward(qkv: torch.Tensor, num_heads: int, scale: float):
             grid = lambda meta, n=(hi - lo) * num_heads: (triton.cdiv(tokens, meta["BLOCK_M"]), n)  # noqa: E731
             _attention_fwd[grid](
                 q_chunk, o_chunk, l_chunk, q_chunk.stride(0), q_chunk.stride(1), o_chunk.stride(0),
-                o_chunk.stride(1), tokens, num_heads, qk_scale, HEAD_DIM=head_dim, DOT_PRECISION=precision)
+                o_chunk.stride(1), tokens, _bucket(tokens), num_heads, qk_scale, HEAD_DIM=head_dim,
+                DOT_PRECISION=precision)
     return out, lse
 
 
@@ -389,7 +396,7 @@ def attention_backward(grad_out: torch.Tensor, qkv: torch.Tensor, out: torch.Ten
                 o_c, do_c, d_c, o_c.stride(0), o_c.stride(1), do_c.stride(0), do_c.stride(1), tokens, num_heads,
                 HEAD_DIM=head_dim, BLOCK_M=_PREPROCESS_BLOCK)
             args = (q_c, do_c, l_c, d_c, dq_c, q_c.stride(0), q_c.stride(1), do_c.stride(0), do_c.stride(1),
-                    dq_c.stride(0), dq_c.stride(1), tokens, num_heads, float(scale), qk_scale)
+                    dq_c.stride(0), dq_c.stride(1), tokens, _bucket(tokens), num_heads, float(scale), qk_scale)
             _attention_bwd_dkdv[lambda meta: (triton.cdiv(tokens, meta["BLOCK_N"]), n_bh)](
                 *args, HEAD_DIM=head_dim, DOT_PRECISION=precision)
             _attention_bwd_dq[lambda meta: (triton.cdiv(tokens, meta["BLOCK_M"]), n_bh)](
