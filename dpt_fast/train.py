@@ -1,0 +1,662 @@
+"""Training and fine-tuning DPT: `dpt-fast train ...` (or `python -m dpt_fast.train ...`) and `train()`.
+
+The paper's protocols are the defaults:
+- depth: Adam, learning rate 1e-4 for the decoder and 1e-5 for the backbone (`--lr` sets the decoder's,
+  the backbone gets lr/10 unless `--backbone-lr`), the scale-and-shift-invariant trimmed loss on
+  inverse depth plus 0.5 x the multi-scale gradient-matching loss, random square crops of `--size`
+  (384) after resizing the longer side to it, horizontal flips, datasets mixed uniformly.
+- metric fine-tuning (`--depth-loss silog`, NYU/KITTI): the initial network is first aligned (one scale
+  and shift for the whole training set, the average of per-sample robust least-squares fits, set as the
+  model's scale/shift/invert), then trained with Eigen et al.'s scale-invariant log loss
+  (`--grad-loss-weight 0` for sparse ground truth such as KITTI).
+- segmentation: SGD (momentum 0.9) with polynomial decay (power 0.9), lr 0.002, cross-entropy plus
+  0.2 x the auxiliary head's, crops of 480, random rescaling in (0.5, 2).
+
+Multi-GPU: `torchrun --nproc_per_node N -m dpt_fast.train ...` (DDP; nccl on GPUs, gloo on CPU).
+`--batch-size` is the global batch, split evenly over the processes. The data stream is a pure
+function of (seed, sample index) (dpt_fast.data.TrainStream), so a resumed run, or the same run on
+another number of processes, sees exactly the same samples.
+
+Output folder: checkpoint.pt (model, optimizer, scheduler, step, data position, RNG states; written
+atomically every --save-every steps, at the end, and on Ctrl-C or SIGTERM after the step in progress;
+a second Ctrl-C stops at once without saving), metrics.jsonl (one JSON object per
+--log-every steps: step, loss, lr, backbone_lr, images_per_s, elapsed_s), args.json.
+`--resume` continues from OUT/checkpoint.pt (or a given path) exactly where it stopped.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from . import backend
+from .data import IGNORE_INDEX, StreamSampler, TrainStream, build_datasets
+from .losses import ScaleShiftInvariantLoss, align_least_squares, gradient_matching_loss, segmentation_loss, silog_loss
+from .models import DPTDepthModel, DPTSegmentationModel, build_model
+
+__all__ = ["add_arguments", "main", "train", "estimate_metric_alignment", "param_groups", "CHECKPOINT_FORMAT"]
+
+CHECKPOINT_FORMAT = "dpt_fast.train/1"
+DEPTH_LOSSES = ("ssitrim", "ssimse", "silog")
+TASK_DEFAULTS = {  # the paper's settings per task
+    "depth": dict(size=384, lr=1e-4, optimizer="adam", weight_decay=0.0, schedule="constant", scale_range=(1.0, 1.0)),
+    "segmentation": dict(size=480, lr=2e-3, optimizer="sgd", weight_decay=1e-4, schedule="poly",
+                         scale_range=(0.5, 2.0)),
+}
+SYNTHETIC_CLASSES = 8
+
+
+# --- command line ------------------------------------------------------------------------------------
+
+def _ints(text: str) -> list[int]:
+    return [int(v) for v in str(text).replace(" ", "").split(",") if v]
+
+
+def _features(text: str):
+    values = _ints(text)
+    return values[0] if len(values) == 1 else values
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    return tuple(float(v) for v in str(text).split(","))
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The `dpt-fast train` flags. Defaults given as None are resolved per task (TASK_DEFAULTS)."""
+    data = parser.add_argument_group("data")
+    data.add_argument("--data", action="append", metavar="SRC",
+                      help="'synthetic' (or 'synthetic:N' samples) or a dataset folder (layout: dpt_fast.data); "
+                           "repeat to mix datasets (each drawn with equal probability)")
+    data.add_argument("--task", choices=("depth", "segmentation"), default="depth")
+    data.add_argument("--size", type=int, help="square crop side (default 384 depth, 480 segmentation)")
+    data.add_argument("--scale-range", type=_floats, metavar="LO,HI",
+                      help="random rescaling of the longer side (default 1,1 depth; 0.5,2 segmentation)")
+    data.add_argument("--no-flip", dest="flip", action="store_false", help="disable random horizontal flips")
+    data.add_argument("--num-classes", type=int, help="segmentation classes (default: the init model's, or 8 "
+                                                      "for synthetic data)")
+    data.add_argument("--ignore-index", type=int, default=IGNORE_INDEX)
+    data.add_argument("--num-workers", type=int, default=4, help="data loader processes per training process")
+
+    model = parser.add_argument_group("model")
+    model.add_argument("--backbone", default="vitb_rn50_384",
+                       help="vitb_rn50_384 (DPT-Hybrid), vitl16_384 (DPT-Large), vitb16_384, or any timm ViT "
+                            "name together with --hooks")
+    model.add_argument("--hooks", type=_ints, metavar="I,J,K,L", help="four block indices to tap")
+    model.add_argument("--features", type=_features, default=256, metavar="N|A,B,C,D",
+                       help="fusion width (int), or the four Reassemble widths")
+    model.add_argument("--readout", choices=("ignore", "add", "project"), default="project")
+    model.add_argument("--init", metavar="PATH",
+                       help="checkpoint to fine-tune from (original .pt, Hugging Face folder, dpt_fast folder or "
+                            "a training checkpoint), loaded with dpt_fast.weights.load_model")
+
+    optim = parser.add_argument_group("optimisation")
+    optim.add_argument("--steps", type=int, default=1000)
+    optim.add_argument("--batch-size", type=int, default=16, help="global batch, split over the processes")
+    optim.add_argument("--lr", type=float, help="decoder learning rate (default 1e-4 depth, 2e-3 segmentation)")
+    optim.add_argument("--backbone-lr", type=float, help="backbone learning rate (default lr/10)")
+    optim.add_argument("--optimizer", choices=("adam", "sgd"), help="default adam (depth), sgd (segmentation)")
+    optim.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
+    optim.add_argument("--weight-decay", type=float, help="default 0 (depth), 1e-4 (segmentation)")
+    optim.add_argument("--schedule", choices=("constant", "poly"),
+                       help="learning-rate schedule (default constant depth, poly segmentation)")
+    optim.add_argument("--poly-power", type=float, default=0.9)
+    optim.add_argument("--warmup-steps", type=int, default=0, help="linear warm-up steps")
+    optim.add_argument("--clip-grad", type=float, default=0.0, help="clip the gradient norm (0: off)")
+    optim.add_argument("--depth-loss", choices=DEPTH_LOSSES, default="ssitrim",
+                       help="ssitrim (paper), ssimse, or silog for metric fine-tuning")
+    optim.add_argument("--grad-loss-weight", type=float, default=0.5, help="gradient-matching weight alpha (0: off)")
+    optim.add_argument("--aux-weight", type=float, default=0.2, help="segmentation auxiliary-head loss weight")
+    optim.add_argument("--align-samples", type=int, default=64,
+                       help="silog: samples used to estimate the metric alignment of the initial model")
+
+    run = parser.add_argument_group("run")
+    run.add_argument("--out", default="runs/dpt", help="output folder")
+    run.add_argument("--resume", nargs="?", const="auto", metavar="CKPT",
+                     help="continue from OUT/checkpoint.pt (or CKPT) exactly where it stopped")
+    run.add_argument("--save-every", type=int, default=1000, help="checkpoint every N steps (0: only at the end)")
+    run.add_argument("--log-every", type=int, default=10, help="metrics.jsonl line every N steps")
+    run.add_argument("--seed", type=int, default=0)
+    run.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N (torchrun: cuda:LOCAL_RANK)")
+    run.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
+                     help="bf16 autocast (auto: bf16 on CUDA, fp32 on CPU)")
+    run.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
+                     help="channels_last memory format for convolutions")
+    run.add_argument("--grad-checkpointing", action="store_true",
+                     help="activation checkpointing of the transformer blocks (less memory, more compute)")
+    run.add_argument("--backend", choices=backend.BACKENDS, default="fused", help="dpt_fast operator backend")
+    run.add_argument("--compile", action="store_true", help="torch.compile the model")
+    run.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                     help="progress bar (default: when stderr is a terminal)")
+    return parser
+
+
+def _parser() -> argparse.ArgumentParser:
+    return add_arguments(argparse.ArgumentParser(prog="dpt-fast train", description=__doc__.split("\n\n")[0],
+                                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter))
+
+
+def _resolve(args) -> argparse.Namespace:
+    """Fill task-dependent defaults; `args` is a Namespace or a dict of flag values (underscored)."""
+    if isinstance(args, argparse.Namespace):
+        args = vars(args)
+    defaults = vars(_parser().parse_args([]))
+    unknown = set(args) - set(defaults)
+    if unknown:
+        raise TypeError(f"unknown training options: {sorted(unknown)}")
+    ns = argparse.Namespace(**{**defaults, **args})
+    if not ns.data:
+        raise ValueError("no training data: pass --data synthetic or --data FOLDER (repeatable)")
+    if isinstance(ns.data, str):
+        ns.data = [ns.data]
+    task = TASK_DEFAULTS[ns.task]
+    for key in ("size", "lr", "optimizer", "weight_decay", "schedule", "scale_range"):
+        if getattr(ns, key) is None:
+            setattr(ns, key, task[key])
+    if ns.backbone_lr is None:
+        ns.backbone_lr = ns.lr / 10
+    if isinstance(ns.hooks, str):
+        ns.hooks = _ints(ns.hooks)
+    if isinstance(ns.features, str):
+        ns.features = _features(ns.features)
+    if ns.steps < 0 or ns.batch_size < 1:
+        raise ValueError("--steps must be >= 0 and --batch-size >= 1")
+    return ns
+
+
+# --- distributed set-up ------------------------------------------------------------------------------
+
+class _Dist:
+    def __init__(self, requested_device: str):
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        if requested_device == "auto":
+            requested_device = "cuda" if torch.cuda.is_available() else "cpu"
+        device = torch.device(requested_device)
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", local_rank if self.world > 1 else torch.cuda.current_device())
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        self.device = device
+        self.owns_group = False
+        self.control = None
+        if self.world > 1:
+            if not dist.is_initialized():
+                dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+                self.owns_group = True
+            # CPU-side agreement on stopping, without a GPU synchronisation per step
+            self.control = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else dist.group.WORLD
+        self.main = self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world > 1
+
+    def mean(self, value: torch.Tensor) -> torch.Tensor:
+        if self.distributed:
+            value = value.clone()
+            dist.all_reduce(value)
+            value /= self.world
+        return value
+
+    def any(self, flag: bool) -> bool:
+        if not self.distributed:
+            return flag
+        value = torch.tensor([int(flag)])
+        dist.all_reduce(value, op=dist.ReduceOp.MAX, group=self.control)
+        return bool(value.item())
+
+    def gather(self, obj):
+        if not self.distributed:
+            return [obj]
+        out = [None] * self.world
+        dist.all_gather_object(out, obj)
+        return out
+
+    def barrier(self):
+        if self.distributed:
+            dist.barrier()
+
+    def close(self):
+        if self.owns_group:
+            dist.destroy_process_group()
+
+
+# --- model, optimiser, schedule ----------------------------------------------------------------------
+
+def param_groups(model: nn.Module, lr: float, backbone_lr: float) -> list[dict]:
+    """Two groups: the timm ViT (`pretrained.model.*`) at backbone_lr, everything else at lr.
+    Parameters with requires_grad=False are left out."""
+    backbone, decoder = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (backbone if name.startswith("pretrained.model.") else decoder).append(p)
+    return [{"params": backbone, "lr": backbone_lr, "name": "backbone"},
+            {"params": decoder, "lr": lr, "name": "decoder"}]
+
+
+def _lr_factor(args):
+    def factor(step: int) -> float:
+        value = 1.0
+        if args.warmup_steps > 0:
+            value *= min(1.0, (step + 1) / args.warmup_steps)
+        if args.schedule == "poly":
+            value *= max(0.0, 1.0 - step / max(args.steps, 1)) ** args.poly_power
+        return value
+    return factor
+
+
+def _build_model(args, checkpoint) -> nn.Module:
+    if checkpoint is not None:
+        model = build_model(checkpoint["config"])
+        model.load_state_dict(checkpoint["model"])
+        return model
+    if args.init:
+        model = _load_init(args.init)
+        wanted = DPTDepthModel if args.task == "depth" else DPTSegmentationModel
+        if not isinstance(model, wanted):
+            raise ValueError(f"--init {args.init} holds a {type(model).__name__}, but --task {args.task} "
+                             f"needs a {wanted.__name__}")
+        return model
+    common = dict(backbone=args.backbone, hooks=args.hooks, features=args.features, readout=args.readout)
+    if args.task == "depth":
+        return DPTDepthModel(**common)
+    return DPTSegmentationModel(args.num_classes, **common)
+
+
+def _load_init(path) -> nn.Module:
+    """A model to fine-tune: a training checkpoint of this module, or anything dpt_fast.weights.load_model
+    reads (original .pt, Hugging Face folder, dpt_fast folder)."""
+    if Path(path).is_file():
+        try:  # memory-mapped and weights-only: cheap and safe to peek at whatever the file is
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except Exception:
+            obj = None
+        if isinstance(obj, dict) and obj.get("format") == CHECKPOINT_FORMAT:
+            model = build_model(obj["config"])
+            model.load_state_dict(obj["model"])
+            return model
+    from .weights import load_model
+    return load_model(path)
+
+
+def _freeze_unused(model: nn.Module, device) -> list[str]:
+    """Set requires_grad=False on parameters that the training forward never uses (the timm
+    classifier head and final norm, blocks after the last tap, refinenet4's first RCU), as DDP
+    requires; found by one small probe forward/backward. Returns their names."""
+    was_training = model.training
+    model.train()
+    size = 64
+    probe = torch.zeros(1, 3, size, size, device=device)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        out = model(probe)
+        total = sum(t.float().sum() for t in (out if isinstance(out, tuple) else (out,)))
+        used = torch.autograd.grad(total, [p for p in model.parameters() if p.requires_grad], allow_unused=True)
+    frozen = []
+    for (name, p), g in zip([(n, p) for n, p in model.named_parameters() if p.requires_grad], used):
+        if g is None:
+            p.requires_grad_(False)
+            frozen.append(name)
+    model.train(was_training)
+    return frozen
+
+
+def estimate_metric_alignment(model: DPTDepthModel, batches, trim: float = 0.2) -> tuple[float, float]:
+    """The paper's alignment before metric fine-tuning: fit scale and shift per sample from the
+    model's relative output (inverse depth) to the ground-truth inverse depth (least squares, refit
+    without the worst `trim` residuals), and average them over the samples.
+
+    `batches` yields dicts with "image" [B, 3, H, W], "disparity" (ground-truth inverse depth = 1 /
+    metric depth) and "mask". Returns (scale, shift); the model then predicts metric depth as
+    1 / (scale * output + shift) with model.scale, model.shift, model.invert = scale, shift, True
+    (see `apply_metric_alignment`).
+    """
+    was_training, was_invert = model.training, model.invert
+    model.eval()
+    model.invert = False
+    device = next(model.parameters()).device
+    scales, shifts = [], []
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                pred = model(batch["image"].to(device)).float()
+                target, mask = batch["disparity"].to(device).float(), batch["mask"].to(device)
+                scale, shift = align_least_squares(pred, target, mask, trim=trim)
+                ok = (mask.flatten(1).sum(1) >= 2) & (scale > 0)
+                scales.append(scale[ok].double().cpu())
+                shifts.append(shift[ok].double().cpu())
+    finally:
+        model.invert = was_invert
+        model.train(was_training)
+    scales, shifts = torch.cat(scales), torch.cat(shifts)
+    if scales.numel() == 0:
+        raise ValueError("no sample gave a usable alignment (too few valid pixels, or a constant prediction)")
+    return float(scales.mean()), float(shifts.mean())
+
+
+def apply_metric_alignment(model: DPTDepthModel, scale: float, shift: float) -> None:
+    """Make `model` output metric depth 1 / (scale * inverse_depth + shift), recorded in its config."""
+    model.scale, model.shift, model.invert = scale, shift, True
+    model.config.update(scale=scale, shift=shift, invert=True)
+
+
+# --- checkpoints -------------------------------------------------------------------------------------
+
+def _rng_state(device) -> dict:
+    """RNG states in types that torch.load(weights_only=True) accepts."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"python": random.getstate(), "numpy": (name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached),
+             "torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _set_rng_state(state: dict, device) -> None:
+    random.setstate(state["python"])
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def save_atomic(obj, path: Path) -> None:
+    """torch.save to a temporary file in the same folder, flushed to disk, then os.replace."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _trim_metrics(path: Path, step: int) -> None:
+    """Drop metrics lines after `step` (written by a run that stopped before its next checkpoint)."""
+    if not path.exists():
+        return
+    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    path.write_text("".join(line + "\n" for line in kept))
+
+
+class _StopRequest:
+    """Ctrl-C (SIGINT) or SIGTERM ask the loop to stop after the current step, so that the checkpoint
+    it then writes is the state after a whole step. A second Ctrl-C stops at once, without saving.
+    (Signal handlers exist only in the main thread; elsewhere this never requests anything.)"""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        return False
+
+
+def _ignore_interrupts(worker_id: int) -> None:
+    """Data-loader workers leave Ctrl-C to the training process (which stops between steps)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+# --- the loop ----------------------------------------------------------------------------------------
+
+def _loss_fn(args, model: nn.Module):
+    if args.task == "segmentation":
+        def seg(output, batch):
+            logits, aux = output if isinstance(output, tuple) else (output, None)
+            return segmentation_loss(logits, batch["label"], aux, args.aux_weight, args.ignore_index)
+        return seg
+    if args.depth_loss == "silog":
+        def metric(pred_depth, batch):
+            mask = batch["mask"] & (batch["disparity"] > 0)
+            target = 1.0 / torch.where(mask, batch["disparity"], torch.ones_like(batch["disparity"]))
+            loss = silog_loss(pred_depth.float(), target, mask)
+            if args.grad_loss_weight > 0:  # gradient matching of the log-depth residual (Eigen & Fergus)
+                log_pred = torch.log(pred_depth.float().clamp_min(1e-8))
+                loss = loss + args.grad_loss_weight * gradient_matching_loss(log_pred, torch.log(target), mask)
+            return loss
+        return metric
+    ssi = ScaleShiftInvariantLoss(alpha=args.grad_loss_weight, trimmed=args.depth_loss == "ssitrim")
+    return lambda pred, batch: ssi(pred, batch["disparity"], batch["mask"])
+
+
+def _keys(args) -> tuple[str, ...]:
+    return ("image", "label") if args.task == "segmentation" else ("image", "disparity", "mask")
+
+
+def train(args=None, **overrides) -> dict:
+    """Train as `dpt-fast train` does. `args`: an argparse.Namespace from add_arguments, or a dict
+    of options (the flags' names with underscores); keyword overrides win. Returns {"step", "loss",
+    "out", "checkpoint", "model"} (loss: the last logged value; model: the trained, unwrapped model)."""
+    args = _resolve({**(vars(args) if isinstance(args, argparse.Namespace) else (args or {})), **overrides})
+    env = _Dist(args.device)
+    device = env.device
+    out = Path(args.out)
+    checkpoint_path = out / "checkpoint.pt"
+    previous_backend = backend.get_backend()
+    backend.set_backend(args.backend)
+    try:
+        return _train(args, env, device, out, checkpoint_path)
+    finally:
+        backend.set_backend(previous_backend)
+        env.close()
+
+
+def _train(args, env: _Dist, device, out: Path, checkpoint_path: Path) -> dict:
+    if env.main:
+        out.mkdir(parents=True, exist_ok=True)
+    env.barrier()
+
+    checkpoint = None
+    if args.resume:
+        path = checkpoint_path if args.resume == "auto" else Path(args.resume)
+        if path.exists():
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+            if checkpoint.get("format") != CHECKPOINT_FORMAT:
+                raise ValueError(f"{path} is not a dpt_fast training checkpoint (use --init to fine-tune from it)")
+        elif args.resume != "auto":
+            raise FileNotFoundError(f"--resume {path}: no such checkpoint")
+
+    # the same initial weights on every rank (DDP also broadcasts them from rank 0)
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    if args.task == "segmentation" and args.num_classes is None and not args.init and checkpoint is None:
+        if all(str(d).split(":")[0] == "synthetic" for d in args.data):
+            args.num_classes = SYNTHETIC_CLASSES
+        else:
+            raise ValueError("--num-classes is needed to build a segmentation model for folder datasets")
+    model = _build_model(args, checkpoint)
+    num_classes = getattr(model, "num_classes", None) or SYNTHETIC_CLASSES
+    datasets = build_datasets(args.data, args.task, synthetic_resolution=math.ceil(args.size * 1.25),
+                              num_classes=num_classes, seed=args.seed)
+    stream = TrainStream(datasets, args.size, seed=args.seed, keys=_keys(args), scale_range=args.scale_range,
+                         flip=args.flip, ignore_index=args.ignore_index)
+
+    model.to(device)
+    if args.channels_last:
+        model.to(memory_format=torch.channels_last)
+    model.channels_last = args.channels_last
+    model.pretrained.grad_checkpointing = args.grad_checkpointing
+
+    if args.task == "depth" and args.depth_loss == "silog" and checkpoint is None and not model.invert:
+        align_stream = TrainStream(datasets, args.size, seed=args.seed + 7919, keys=_keys(args), flip=False)
+        batch = max(1, min(args.batch_size, args.align_samples))
+        batches = (torch.utils.data.default_collate([align_stream[i] for i in range(s, min(s + batch, args.align_samples))])
+                   for s in range(0, args.align_samples, batch))
+        scale, shift = estimate_metric_alignment(model, batches)
+        apply_metric_alignment(model, scale, shift)
+        if env.main:
+            print(f"metric alignment of the initial model: scale {scale:.6g}, shift {shift:.6g}", file=sys.stderr)
+
+    frozen = _freeze_unused(model, device) if env.distributed else []
+    groups = param_groups(model, args.lr, args.backbone_lr)
+    if args.optimizer == "adam":
+        optimizer = torch.optim.Adam(groups, lr=args.lr, weight_decay=args.weight_decay)
+    else:
+        optimizer = torch.optim.SGD(groups, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_factor(args))
+
+    net = model
+    if env.distributed:
+        if args.task == "segmentation" and any(isinstance(m, nn.BatchNorm2d) for m in model.modules()):
+            net = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        net = nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
+    if args.compile:
+        net = torch.compile(net)
+
+    step, samples = 0, 0
+    if checkpoint is not None:
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        scheduler.load_state_dict(checkpoint["scheduler"])
+        step, samples = checkpoint["step"], checkpoint["samples"]
+        states = checkpoint["rng"]
+        if len(states) == env.world:
+            _set_rng_state(states[env.rank], device)
+        else:  # another number of processes: the data stay exact, dropout masks cannot
+            torch.manual_seed(args.seed + 1000003 * step + env.rank)
+    else:
+        torch.manual_seed(args.seed + env.rank)  # dropout differs between ranks
+
+    if env.main:
+        (out / "args.json").write_text(json.dumps(vars(args), indent=2, default=str) + "\n")
+        if checkpoint is not None:
+            _trim_metrics(out / "metrics.jsonl", step)
+        n_params = sum(p.numel() for p in model.parameters())
+        print(f"dpt-fast train: {type(model).__name__} {model.config.get('backbone')} ({n_params / 1e6:.1f}M params), "
+              f"{' + '.join(map(repr, datasets))}, {env.world} process(es) on {device}, "
+              f"{'from step ' + str(step) if step else 'from scratch' if not args.init else 'from ' + args.init}"
+              + (f"; {len(frozen)} unused parameters frozen" if frozen else ""), file=sys.stderr)
+
+    def save():
+        rng = env.gather(_rng_state(device))  # every rank's, so that dropout resumes exactly too
+        if env.main:
+            save_atomic({"format": CHECKPOINT_FORMAT, "model": model.state_dict(), "config": model.config,
+                         "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                         "step": step, "samples": samples, "global_batch": args.batch_size, "rng": rng,
+                         "world": env.world, "args": vars(args)}, out / "checkpoint.pt")
+        env.barrier()
+
+    local_batch = args.batch_size // env.world
+    sampler = StreamSampler(args.batch_size, start_sample=samples, rank=env.rank, world=env.world)
+    loader = torch.utils.data.DataLoader(stream, batch_size=local_batch, sampler=sampler,
+                                         num_workers=args.num_workers, pin_memory=device.type == "cuda",
+                                         worker_init_fn=_ignore_interrupts, drop_last=True,
+                                         # its own generator: creating the iterator must not draw from the
+                                         # global RNG whose state a checkpoint restores (dropout)
+                                         generator=torch.Generator().manual_seed(args.seed))
+    loss_fn = _loss_fn(args, model)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16,
+                              enabled=args.precision == "bf16" or (args.precision == "auto" and device.type == "cuda"))
+    memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
+    trainable = [p for p in model.parameters() if p.requires_grad]
+
+    show_bar = args.progress if args.progress is not None else sys.stderr.isatty()
+    bar = None
+    if env.main and show_bar and step < args.steps:
+        from tqdm import tqdm
+        bar = tqdm(total=args.steps, initial=step, unit="step", dynamic_ncols=True)
+    metrics_file = open(out / "metrics.jsonl", "a") if env.main else None
+
+    net.train()
+    loss_sum = torch.zeros((), device=device)
+    logged_steps, last_loss = 0, float("nan")
+    tick, start = time.perf_counter(), time.perf_counter()
+    data = iter(loader) if step < args.steps else None
+    try:
+        with _StopRequest() as stop:
+            while step < args.steps:
+                batch = next(data)
+                batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+                images = batch["image"].contiguous(memory_format=memory_format)
+                with autocast:
+                    output = net(images)
+                loss = loss_fn(output, batch)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if args.clip_grad > 0:
+                    torch.nn.utils.clip_grad_norm_(trainable, args.clip_grad)
+                optimizer.step()
+                lrs = [group["lr"] for group in optimizer.param_groups]  # the rates this step used
+                scheduler.step()
+                step, samples = step + 1, samples + args.batch_size
+                loss_sum += loss.detach()
+                logged_steps += 1
+                if bar is not None:
+                    bar.update(1)
+                if step % args.log_every == 0 or step == args.steps:
+                    mean_loss = float(env.mean(loss_sum) / logged_steps)
+                    now = time.perf_counter()
+                    record = {"step": step, "loss": mean_loss, "lr": lrs[1], "backbone_lr": lrs[0],
+                              "images_per_s": logged_steps * args.batch_size / max(now - tick, 1e-9),
+                              "elapsed_s": now - start}
+                    if metrics_file is not None:
+                        metrics_file.write(json.dumps(record) + "\n")
+                        metrics_file.flush()
+                    if bar is not None:
+                        bar.set_postfix(loss=f"{mean_loss:.4f}", img_s=f"{record['images_per_s']:.1f}")
+                    last_loss, loss_sum, logged_steps, tick = mean_loss, torch.zeros((), device=device), 0, now
+                    if not math.isfinite(mean_loss):
+                        raise FloatingPointError(f"loss is {mean_loss} at step {step}; last checkpoint kept")
+                if env.any(stop.requested):  # every rank stops after the same step
+                    if env.main:
+                        print(f"\ninterrupted: saving the checkpoint at step {step}", file=sys.stderr)
+                    save()
+                    raise KeyboardInterrupt
+                if args.save_every and step % args.save_every == 0 and step < args.steps:
+                    save()
+        save()
+    finally:
+        if bar is not None:
+            bar.close()
+        if metrics_file is not None:
+            metrics_file.close()
+        del data
+    return {"step": step, "loss": last_loss, "out": str(out), "checkpoint": str(out / "checkpoint.pt"), "model": model}
+
+
+def main(argv=None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        args = _resolve(args)
+    except (ValueError, TypeError) as error:
+        parser.error(str(error))
+    try:
+        result = train(args)
+    except KeyboardInterrupt:
+        return 130
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"done: step {result['step']}, loss {result['loss']:.5f}, checkpoint {result['checkpoint']}",
+              file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
