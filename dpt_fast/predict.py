@@ -553,7 +553,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "segmentation) or 'native' (each image at its own resolution)")
     parser.add_argument("--batch-size", type=int, default=None, help="images per batch (default: 16 on CUDA "
                         "at a fixed size, 1 at native size or on CPU)")
-    parser.add_argument("--dtype", default=None, choices=sorted(DTYPES),
+    parser.add_argument("--dtype", default=None, choices=["bf16", "fp16", "fp32"],
                         help="compute dtype (default: bf16 on CUDA, fp32 on CPU)")
     parser.add_argument("--format", default=None, help="comma-separated outputs; depth: png16 (default), pfm, "
                         "npy, color; segmentation: png (palette, default), npy, color")
@@ -561,9 +561,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: cuda when available; "
                         "under torchrun, cuda:LOCAL_RANK)")
     parser.add_argument("--num-workers", type=int, default=None, help="decoding processes per GPU process")
-    parser.add_argument("--compile", nargs="?", const="default", default=None,
+    parser.add_argument("--compile", action="store_true", help="torch.compile the model")
+    parser.add_argument("--compile-mode", default="default",
                         choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"],
-                        help="torch.compile the model (optionally with a mode; reduce-overhead uses CUDA graphs)")
+                        help="torch.compile mode with --compile (reduce-overhead and max-autotune use CUDA graphs)")
     parser.add_argument("--tile", type=int, default=None,
                         help="run images whose processed size exceeds N pixels in overlapping N x N tiles")
     parser.add_argument("--tile-overlap", type=float, default=0.25, help="tile overlap as a fraction of --tile")
@@ -638,7 +639,7 @@ def _run(args: argparse.Namespace) -> int:
 
     compiled = None
     if args.compile:
-        compiled = torch.compile(model, mode=None if args.compile == "default" else args.compile)
+        compiled = torch.compile(model, mode=None if args.compile_mode == "default" else args.compile_mode)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = size is not None
     predictor = Predictor(model, device, size=size, tile=args.tile, tile_overlap=args.tile_overlap,
