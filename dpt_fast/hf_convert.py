@@ -8,8 +8,9 @@ field named -- any config setting that would change the numbers and that dpt_fas
 Config fields and what they become:
 
 - hidden_size, num_hidden_layers, num_attention_heads, intermediate_size, patch_size, image_size:
-  pick the timm ViT with exactly these dimensions (`HF_VIT_TABLE`; the released DPT names
-  `vitb16_384` / `vitl16_384` where they match). The position-embedding grid is image_size/patch_size.
+  the timm ViT with exactly these dimensions where one exists (`HF_VIT_TABLE`; the released DPT names
+  `vitb16_384` / `vitl16_384` where they match), else timm's ViT class with these dimensions passed as
+  `vit_kwargs`. The position-embedding grid is image_size/patch_size.
 - is_hybrid + backbone_config (BiT): the hybrid `vitb_rn50_384` (timm `vit_base_r50_s16_384`). BiT's
   keys are mapped onto timm's ResNetV2 (`bit.embedder.convolution` -> `stem.conv`,
   `bit.encoder.stages.S.layers.L` -> `stages.S.blocks.L`, the rest unchanged). The layers compute the
@@ -21,7 +22,7 @@ Config fields and what they become:
 - backbone_out_indices -> `hooks`. HF keeps the hidden states whose index is in the list, in
   ascending order, so the hooks are the sorted indices; for the hybrid HF always taps BiT stage1 and
   stage2 and the ViT at indices[2:], i.e. hooks = [0, 1] + sorted(indices[2:]).
-- neck_hidden_sizes (Reassemble widths) and fusion_hidden_size -> `features` (see `features_arg`).
+- neck_hidden_sizes (Reassemble widths) -> `features` (a list of four); fusion_hidden_size -> `fusion_features`.
 - readout_type -> `readout`; use_batch_norm_in_fusion_residual -> `use_bn`.
 - use_bias_in_fusion_residual: must be unset or `not use_batch_norm_in_fusion_residual` (the original).
 - reassemble_factors: must be [4, 2, 1, 0.5] (hybrid: the last two 1, 0.5) -- the original's resampling.
@@ -44,7 +45,7 @@ import torch
 
 __all__ = ["HFConversionError", "HF_VIT_TABLE", "is_hf_dpt_config", "hf_model_class",
            "hf_config_to_model_config", "hf_state_dict_to_original", "hf_key_to_original",
-           "features_arg", "HF_FILLED_KEYS"]
+           "HF_FILLED_KEYS"]
 
 
 class HFConversionError(ValueError):
@@ -119,27 +120,6 @@ def _check(cond: bool, message: str) -> None:
         raise HFConversionError(message)
 
 
-def features_arg(backbone: str, widths, fusion: int):
-    """dpt_fast's `features` for Reassemble widths `widths` and fusion width `fusion`.
-
-    dpt_fast (like the original) takes an int (the fusion width; the Reassemble widths are then the
-    released backbone's, or that same int for any other timm ViT) or a list of four Reassemble widths
-    (the fusion width is then 256). Combinations outside these two cannot be built: HFConversionError.
-    """
-    widths = [int(n) for n in widths]
-    released = _RELEASED_WIDTHS.get(backbone)
-    if released is not None and widths == released:
-        return fusion
-    if released is None and all(n == fusion for n in widths):
-        return fusion
-    if fusion == 256:
-        return widths
-    raise HFConversionError(
-        f"Reassemble widths {widths} with fusion width {fusion}: dpt_fast's `features` expresses either "
-        f"Reassemble widths {released or '[features] * 4'} with any fusion width, or any four Reassemble "
-        "widths with fusion width 256")
-
-
 def hf_config_to_model_config(cfg: dict, model_class: str | None = None) -> dict:
     """A transformers DPTConfig (as the dict in config.json) -> dpt_fast model config (for build_model)."""
     _check(is_hf_dpt_config(cfg), f"not a Hugging Face DPT config (model_type={cfg.get('model_type')!r})")
@@ -180,6 +160,7 @@ def hf_config_to_model_config(cfg: dict, model_class: str | None = None) -> dict
     names = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "patch_size",
              "image_size")
 
+    vit_kwargs = None
     if hybrid:
         found = dict(zip(names, dims))
         _check(found == _HYBRID_VIT, f"DPT-hybrid with ViT {found}: dpt_fast's hybrid is vitb_rn50_384 "
@@ -216,16 +197,21 @@ def hf_config_to_model_config(cfg: dict, model_class: str | None = None) -> dict
         _check(factors == [4.0, 2.0, 1.0, 0.5], f"reassemble_factors={factors}: the original resamples by "
                                                 "4, 2, 1, 0.5")
         backbone = HF_VIT_TABLE.get(dims)
-        if backbone is None:
-            raise HFConversionError(
-                "no timm ViT matches " + ", ".join(f"{n}={d}" for n, d in zip(names, dims))
-                + f"; supported: {sorted(HF_VIT_TABLE.values())} (patch 16, cls token, mlp ratio 4)")
+        if backbone is None:  # any other size: timm's VisionTransformer with HF's dimensions
+            hidden, layers, heads, inter, patch, image = dims
+            _check(patch == 16, f"patch_size={patch}: DPT's stages sit at 1/4 .. 1/32 of the input (patch 16)")
+            _check(hidden % heads == 0, f"hidden_size={hidden} is not a multiple of num_attention_heads={heads}")
+            backbone = "vit_base_patch16_384"
+            vit_kwargs = dict(embed_dim=hidden, depth=layers, num_heads=heads, mlp_ratio=inter / hidden,
+                              img_size=image)
         hooks = sorted(indices)
         _check(hooks[-1] < dims[1], f"backbone_out_indices={indices} reach past {dims[1]} layers")
 
     config = {"model_class": model_class, "backbone": backbone, "readout": readout,
-              "features": features_arg(backbone, neck, fusion), "use_bn": use_bn, "hooks": hooks,
+              "features": [int(n) for n in neck], "fusion_features": fusion, "use_bn": use_bn, "hooks": hooks,
               "layer_norm_eps": float(get("layer_norm_eps") or 1e-12)}
+    if vit_kwargs:
+        config["vit_kwargs"] = vit_kwargs
     if model_class == "DPTDepthModel":
         # HF's depth head always ends with a ReLU; it never inverts.
         config.update(non_negative=True, scale=1.0, shift=0.0, invert=False)

@@ -37,6 +37,7 @@ from torch import nn
 
 from . import hf_convert
 from .hf_convert import HFConversionError
+from .models import RELEASED_BACKBONES
 
 __all__ = ["load_model", "save_model", "load_state_dict_into", "detect_format", "read_state_dict",
            "unwrap_state_dict", "infer_original_config", "released_file_settings", "CheckpointError", "RELEASED_FILES",
@@ -299,10 +300,15 @@ def infer_original_config(state_dict: dict, filename: str | None = None, overrid
     # Widths: Reassemble outputs (inputs of layerN_rn) and the fusion width (their outputs).
     rn = [_shape(sd, f"scratch.layer{i}_rn.weight", source) for i in range(1, 5)]
     fusion = rn[0][0]
-    try:
-        features = hf_convert.features_arg(backbone, [s[1] for s in rn], fusion)
-    except HFConversionError as e:
-        raise CheckpointError(f"{source}: {e}") from None
+    widths = [s[1] for s in rn]
+    if backbone in RELEASED_BACKBONES:
+        released_widths = list(RELEASED_BACKBONES[backbone].reassemble_features)
+        if backbone == "vitb_rn50_384":
+            released_widths[:2] = [256, 512]  # the ResNet stages' widths
+    else:
+        released_widths = [fusion] * 4  # what features=<int> means for any other timm ViT
+    width_args = {"features": fusion} if widths == released_widths else {"features": widths,
+                                                                          "fusion_features": fusion}
 
     readout = "project" if any(k.startswith("pretrained.act_postprocess") and ".0.project.0." in k
                                for k in keys) else "ignore"
@@ -311,7 +317,7 @@ def infer_original_config(state_dict: dict, filename: str | None = None, overrid
                       "same (no) parameters and cannot be told apart: assuming 'ignore' (pass readout='add' to "
                       "load_model if the model was trained with it)", stacklevel=3)
 
-    config = {"backbone": backbone, "readout": readout, "features": features,
+    config = {"backbone": backbone, "readout": readout, **width_args,
               "use_bn": "scratch.refinenet1.resConfUnit1.bn1.weight" in sd}
     if segmentation:
         config.update(model_class="DPTSegmentationModel", num_classes=last[0])

@@ -126,7 +126,7 @@ def test_hybrid_depth_matches_hf(tmp_path):
     _center_depth_head(hf, 64)
     ours = load_model(_save(hf, tmp_path / "hf"))
     assert ours.config["backbone"] == "vitb_rn50_384" and ours.config["hooks"] == [0, 1, 8, 11]
-    assert ours.config["features"] == 64
+    assert ours.fusion_width == 64 and ours.config["features"] == [256, 512, 768, 768]
     _rel_ok(_compare_depth(hf, ours, _input(64, batch=1)))
 
 
@@ -210,8 +210,8 @@ def test_config_intel_dpt_large():
                       backbone_out_indices=[5, 11, 17, 23], neck_hidden_sizes=[256, 512, 1024, 1024])
     cfg["architectures"] = ["DPTForDepthEstimation"]
     assert hf_config_to_model_config(cfg) == {
-        "model_class": "DPTDepthModel", "backbone": "vitl16_384", "readout": "project", "features": 256,
-        "use_bn": False, "hooks": [5, 11, 17, 23], "layer_norm_eps": 1e-12, "non_negative": True,
+        "model_class": "DPTDepthModel", "backbone": "vitl16_384", "readout": "project",
+        "features": [256, 512, 1024, 1024], "fusion_features": 256, "use_bn": False, "hooks": [5, 11, 17, 23], "layer_norm_eps": 1e-12, "non_negative": True,
         "scale": 1.0, "shift": 0.0, "invert": False}
 
 
@@ -219,7 +219,8 @@ def test_config_intel_dpt_hybrid_midas_and_large_ade():
     cfg = _hub_config(**HYBRID)
     cfg["architectures"] = ["DPTForDepthEstimation"]
     out = hf_config_to_model_config(cfg)
-    assert (out["backbone"], out["hooks"], out["features"]) == ("vitb_rn50_384", [0, 1, 8, 11], 256)
+    assert (out["backbone"], out["hooks"], out["features"], out["fusion_features"]) == \
+        ("vitb_rn50_384", [0, 1, 8, 11], [256, 512, 768, 768], 256)
     ade = _hub_config(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096,
                       backbone_out_indices=[5, 11, 17, 23], neck_hidden_sizes=[256, 512, 1024, 1024],
                       use_batch_norm_in_fusion_residual=True, num_labels=150)
@@ -231,12 +232,10 @@ def test_config_intel_dpt_hybrid_midas_and_large_ade():
 @pytest.mark.parametrize("fields, words", [
     (dict(add_projection=True), "add_projection"),
     (dict(hidden_act="gelu_new"), "hidden_act"),
-    (dict(hidden_size=64, num_hidden_layers=4, num_attention_heads=4, intermediate_size=256), "no timm ViT"),
+    (dict(patch_size=14), "patch_size"),
     (dict(reassemble_factors=[4, 2, 1, 1]), "reassemble_factors"),
     (dict(use_batch_norm_in_fusion_residual=True, use_bias_in_fusion_residual=True), "use_bias_in_fusion"),
     (dict(backbone_out_indices=[2, 2, 8, 11]), "backbone_out_indices"),
-    (dict(neck_hidden_sizes=[96, 192, 384, 768], fusion_hidden_size=128, hidden_size=192, num_hidden_layers=12,
-          num_attention_heads=3, intermediate_size=768, image_size=224), "fusion width"),
 ])
 def test_config_refusals(fields, words):
     cfg = _hub_config(**fields)
@@ -300,3 +299,18 @@ def test_real_size_hybrid_matches_hf_at_384(tmp_path):
     _center_depth_head(hf, 384)
     ours = load_model(_save(hf, tmp_path / "hf"))
     _rel_ok(_compare_depth(hf, ours, _input(384, batch=1)))
+
+
+def test_vit_of_no_timm_size_and_own_fusion_width_match_hf(tmp_path):
+    """A ViT size timm has no name for (built from HF's dimensions) with Reassemble widths and a fusion
+    width of its own."""
+    torch.manual_seed(3)
+    config = DPTConfig(hidden_size=64, num_hidden_layers=4, num_attention_heads=2, intermediate_size=96,
+                       image_size=64, backbone_out_indices=[0, 1, 2, 3], neck_hidden_sizes=[16, 24, 32, 40],
+                       fusion_hidden_size=24)
+    hf = DPTForDepthEstimation(config)
+    _randomize(hf)
+    _center_depth_head(hf, 64)
+    ours = load_model(_save(hf, tmp_path / "hf"))
+    assert ours.config["vit_kwargs"]["embed_dim"] == 64 and ours.fusion_width == 24
+    _rel_ok(_compare_depth(hf, ours, _input(64)))

@@ -81,11 +81,12 @@ class DPTBackbone(nn.Module):
     """Encoder: image -> four feature maps at 1/4, 1/8, 1/16 and 1/32 of the input."""
 
     def __init__(self, spec: BackboneSpec, reassemble_features, readout: str = "project",
-                 layer_norm_eps: float | None = None):
+                 layer_norm_eps: float | None = None, vit_kwargs: dict | None = None):
         super().__init__()
         if len(spec.hooks) != 4:
             raise ValueError(f"hooks must be four block indices, got {list(spec.hooks)}")
-        timm_kwargs = {"pretrained": False, "attn_layer": DPTAttention}
+        # vit_kwargs go to timm's VisionTransformer (embed_dim, depth, num_heads, img_size, ...)
+        timm_kwargs = {**(vit_kwargs or {}), "pretrained": False, "attn_layer": DPTAttention}
         if layer_norm_eps is not None:
             timm_kwargs["norm_layer"] = functools.partial(nn.LayerNorm, eps=layer_norm_eps)
         self.model = timm.create_model(spec.timm_name, **timm_kwargs)

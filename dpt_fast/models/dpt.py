@@ -17,17 +17,18 @@ from .heads import depth_head, segmentation_head
 SIZE_MULTIPLE = 32
 
 
-def _reassemble_widths(spec, backbone: str, features) -> tuple[list[int], int]:
+def _reassemble_widths(spec, features, fusion_features) -> tuple[list[int], int]:
     """(widths of the four Reassemble outputs, width of the fusion blocks) from `features`:
     an int is the fusion width (and, for a non-released backbone, every Reassemble width too);
-    a list of four sets the Reassemble widths, and the fusion width stays 256 as in the original."""
+    a list of four sets the Reassemble widths, and the fusion width is then 256 as in the original.
+    `fusion_features`, when given, sets the fusion width in either case."""
     if isinstance(features, int):
         widths = list(spec.reassemble_features) if any(spec.reassemble_features) else [features] * 4
-        return widths, features
+        return widths, fusion_features or features
     widths = [int(f) for f in features]
     if len(widths) != 4:
         raise ValueError(f"features must be an int or a list of four ints, got {features!r}")
-    return widths, 256
+    return widths, fusion_features or 256
 
 
 class Scratch(nn.Module):
@@ -53,11 +54,11 @@ class DPT(nn.Module):
 
     def __init__(self, head_builder, backbone: str = "vitb_rn50_384", readout: str = "project",
                  features=256, use_bn: bool = False, hooks=None, layer_norm_eps: float | None = None,
-                 channels_last: bool = True):
+                 fusion_features: int | None = None, vit_kwargs: dict | None = None, channels_last: bool = True):
         super().__init__()
         spec = resolve_backbone(backbone, hooks)
-        widths, fusion_width = _reassemble_widths(spec, backbone, features)
-        self.pretrained = DPTBackbone(spec, widths, readout, layer_norm_eps)
+        widths, fusion_width = _reassemble_widths(spec, features, fusion_features)
+        self.pretrained = DPTBackbone(spec, widths, readout, layer_norm_eps, vit_kwargs)
         if spec.hybrid:  # stages 1-2 are the ResNet maps: their widths are the ResNet's
             resnet = self.pretrained.model.patch_embed.backbone
             widths[:2] = [resnet.stages[i].blocks[-1].conv3.out_channels for i in range(2)]
@@ -65,7 +66,9 @@ class DPT(nn.Module):
         self.scratch.output_conv = head_builder(fusion_width)
         self.channels_last = channels_last
         self.config = {"backbone": backbone, "readout": readout, "features": features, "use_bn": use_bn,
-                       "hooks": list(spec.hooks), "layer_norm_eps": layer_norm_eps}
+                       "hooks": list(spec.hooks), "layer_norm_eps": layer_norm_eps,
+                       "fusion_features": fusion_features, "vit_kwargs": dict(vit_kwargs or {}),
+                       "channels_last": channels_last}
 
     @property
     def fusion_width(self) -> int:
