@@ -20,7 +20,8 @@ another number of processes, sees exactly the same samples.
 Output folder: checkpoint.pt (model, optimizer, scheduler, step, data position, RNG states; written
 atomically every --save-every steps, at the end, and on Ctrl-C or SIGTERM after the step in progress;
 a second Ctrl-C stops at once without saving), metrics.jsonl (one JSON object per
---log-every steps: step, loss, lr, backbone_lr, images_per_s, elapsed_s), args.json.
+--log-every steps: step, loss, lr, backbone_lr, images_per_s, elapsed_s), args.json, and at the end
+model/ (dpt_fast.save_model's format: `dpt_fast.load_model(OUT/model)`, `dpt-fast predict`, `--init`).
 `--resume` continues from OUT/checkpoint.pt (or a given path) exactly where it stopped.
 """
 from __future__ import annotations
@@ -45,6 +46,7 @@ from . import backend
 from .data import IGNORE_INDEX, StreamSampler, TrainStream, build_datasets
 from .losses import ScaleShiftInvariantLoss, align_least_squares, gradient_matching_loss, segmentation_loss, silog_loss
 from .models import DPTDepthModel, DPTSegmentationModel, build_model
+from .weights import load_model, save_model
 
 __all__ = ["add_arguments", "main", "train", "estimate_metric_alignment", "param_groups", "CHECKPOINT_FORMAT"]
 
@@ -288,7 +290,6 @@ def _load_init(path) -> nn.Module:
             model = build_model(obj["config"])
             model.load_state_dict(obj["model"])
             return model
-    from .weights import load_model
     return load_model(path)
 
 
@@ -632,6 +633,8 @@ def _train(args, env: _Dist, device, out: Path, checkpoint_path: Path) -> dict:
                 if args.save_every and step % args.save_every == 0 and step < args.steps:
                     save()
         save()
+        if env.main:
+            save_model(model, out / "model")
     finally:
         if bar is not None:
             bar.close()

@@ -200,10 +200,23 @@ def test_command_line(tmp_path, capsys):
                          "--out", str(tmp_path)]) == 0
     saved = json.loads((tmp_path / "args.json").read_text())
     assert saved["hooks"] == [0, 1, 2, 3] and saved["grad_checkpointing"] is True
+    exported = dpt_fast.load_model(tmp_path / "model").state_dict()  # the final model, dpt_fast's format
+    for name, value in _state(tmp_path)["model"].items():
+        assert torch.equal(exported[name], value), name
+
+
+@pytest.mark.xfail(strict=True, reason="dpt_fast.ops.reassemble / residual_conv_unit take bf16 activations with "
+                                       "float32 weights under autocast, and their backward mixes the dtypes")
+def test_bf16_autocast_training_step(tmp_path):
+    result = trainer.train(TINY, precision="bf16", steps=2, batch_size=2, out=str(tmp_path))
+    assert all(math.isfinite(r["loss"]) for r in _metrics(tmp_path)) and result["step"] == 2
 
 
 @pytest.mark.gpu
 def test_fused_and_reference_backends_give_matching_gradients_in_bf16():
+    """One training step's gradients, fused vs reference backend, both under bf16 autocast. The yardstick
+    is float32: the fused gradients may differ from the float32 reference's by little more than the
+    bf16 reference's own gradients do."""
     torch.manual_seed(0)
     model = dpt_fast.DPTDepthModel(backbone="vit_small_patch16_224", hooks=[2, 5, 8, 11], features=256).cuda()
     model = model.to(memory_format=torch.channels_last).train()
@@ -211,20 +224,25 @@ def test_fused_and_reference_backends_give_matching_gradients_in_bf16():
     batch = {k: v.cuda() for k, v in torch.utils.data.default_collate([stream[i] for i in range(4)]).items()}
     loss_fn = ScaleShiftInvariantLoss()
 
-    def gradients(name):
+    def gradients(name, dtype):
         model.zero_grad(set_to_none=True)
         dpt_fast.implementations_ran(reset=True)
-        with dpt_fast.use_backend(name), torch.autocast("cuda", dtype=torch.bfloat16):
+        with dpt_fast.use_backend(name), torch.autocast("cuda", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
             pred = model(batch["image"].contiguous(memory_format=torch.channels_last))
         loss_fn(pred, batch["disparity"], batch["mask"]).backward()
-        return {n: p.grad.float().clone() for n, p in model.named_parameters() if p.grad is not None}, \
-            dpt_fast.implementations_ran(reset=True)
+        grads = {n: p.grad.float().clone() for n, p in model.named_parameters() if p.grad is not None}
+        return grads, dpt_fast.implementations_ran(reset=True)
 
-    reference, ran_reference = gradients("reference")
-    fused, ran_fused = gradients("fused")
+    exact, _ = gradients("reference", torch.float32)
+    reference, ran_reference = gradients("reference", torch.bfloat16)
+    fused, ran_fused = gradients("fused", torch.bfloat16)
     assert set(ran_reference["dpt_fast::attention"]) == {"reference"}
-    assert "reference" not in ran_fused["dpt_fast::attention"]  # the kernel did run
-    assert set(fused) == set(reference)
-    for name, g in reference.items():
-        error = (fused[name] - g).norm() / g.norm().clamp_min(1e-12)
-        assert error < 5e-2, (name, error.item())  # bf16 activations: relative error of the whole tensor
+    assert "reference" not in ran_fused["dpt_fast::attention"]  # the Triton kernel did run
+    assert set(fused) == set(reference) == set(exact)
+    flat = {k: torch.cat([g[n].flatten() for n in sorted(exact)]) for k, g in
+            (("exact", exact), ("reference", reference), ("fused", fused))}
+    bf16_error = (flat["reference"] - flat["exact"]).norm()
+    assert (flat["fused"] - flat["exact"]).norm() <= 2 * bf16_error + 1e-3 * flat["exact"].norm()
+    for name, g in exact.items():
+        fused_error, reference_error = (fused[name] - g).norm(), (reference[name] - g).norm()
+        assert fused_error <= 3 * reference_error + 1e-2 * g.norm() + 1e-6, (name, fused_error.item(), reference_error.item())
