@@ -1,0 +1,36 @@
+"""README stays true: its Python example runs (on CPU, with a tiny saved model in place of the
+released file), and CI's commands are the ones README shows."""
+import re
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+import dpt_fast
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def test_python_example_runs(tmp_path, monkeypatch):
+    text = README.read_text()
+    code = re.search(r"## Python\n\n```python\n(.*?)```", text, re.S).group(1)
+    model = dpt_fast.DPTDepthModel(backbone="vit_tiny_patch16_224", hooks=[2, 5, 8, 11], features=32)
+    dpt_fast.save_model(model, tmp_path / "tiny")
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (90, 120, 3), dtype=np.uint8)).save(tmp_path / "photo.jpg")
+    code = (code.replace('"dpt_hybrid-midas-501f0c75.pt"', repr(str(tmp_path / "tiny")))
+                .replace(".cuda()", "").replace('torch.autocast("cuda"', 'torch.autocast("cpu"'))
+    monkeypatch.chdir(tmp_path)
+    exec(compile(code, "README example", "exec"), {})
+    depth = np.asarray(Image.open(tmp_path / "photo-depth.png"))
+    assert depth.shape == (90, 120) and depth.dtype == np.uint16 and depth.max() > depth.min()
+
+
+def test_ci_runs_readme_commands():
+    ci = (README.parent / ".ci" / "run").read_text()
+    assert "ci:install" in ci and "ci:test" in ci
+    text = README.read_text()
+    for marker in ("<!-- ci:install -->", "<!-- ci:test -->"):
+        after = text.split(marker, 1)[1]
+        assert re.search(r"^\$ \S", after, re.M), f"no command after {marker}"
