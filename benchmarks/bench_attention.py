@@ -35,11 +35,9 @@ Stops starting new rows after --budget-s seconds (the GPU suite gives this scrip
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import re
-import subprocess
 import sys
 import time
 
@@ -93,27 +91,9 @@ def cases(args):
 
 
 def environment(torch, triton, dpt_fast):
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                                cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or None
-    except OSError:
-        commit = None
-    try:
-        import timm
-        timm_version = timm.__version__
-    except ImportError:
-        timm_version = None
-    props = torch.cuda.get_device_properties(0)
-    return {
-        "benchmark": "attention",
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "device": torch.cuda.get_device_name(0),
-        "capability": list(torch.cuda.get_device_capability(0)),
-        "device_memory_gib": round(props.total_memory / 2**30, 1),
-        "torch": torch.__version__, "cuda": torch.version.cuda, "triton": triton.__version__,
-        "timm": timm_version, "dpt_fast": dpt_fast.__version__, "git_commit": commit,
-        "method": "triton.testing.do_bench median (ms), CUDA events, warm-up excluded; random normal data",
-    }
+    from dpt_fast.bench import environment as common_environment
+    return {**common_environment(torch.device("cuda"), torch.bfloat16), "benchmark": "attention",
+            "method": "triton.testing.do_bench median (ms), CUDA events, warm-up excluded; random normal data"}
 
 
 def main(argv=None):

@@ -27,10 +27,8 @@ JSON is rewritten after every row, so a run cut short still leaves its measureme
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import subprocess
 import sys
 import time
 
@@ -113,26 +111,13 @@ def bench(fn, backward_inputs=None, grad=None, compiled=False):
 
 
 def environment():
-    import triton
-    import dpt_fast
+    from dpt_fast.bench import environment as common_environment
     from dpt_fast.ops.rcu import cuda_kernel_registered
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                                cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or None
-    except OSError:
-        commit = None
-    return {
-        "benchmark": "rcu",
-        "device": torch.cuda.get_device_name(0),
-        "torch": torch.__version__, "cuda": torch.version.cuda, "triton": triton.__version__,
-        "cudnn": torch.backends.cudnn.version(),
-        "dpt_fast": dpt_fast.__version__, "git_commit": commit,
-        "rcu_cuda_kernel_registered": cuda_kernel_registered(),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "dtype": "bfloat16", "channels": CHANNELS, "memory_format": "channels_last",
-        "method": "triton.testing.do_bench median (ms), CUDA events, warm-up excluded; random normal data",
-        "ceilings": {"tflops_bf16": PEAK_TFLOPS, "tbps": PEAK_TBPS},
-    }
+    return {**common_environment(torch.device("cuda"), torch.bfloat16), "benchmark": "rcu",
+            "rcu_cuda_kernel_registered": cuda_kernel_registered(), "channels": CHANNELS,
+            "memory_format": "channels_last",
+            "method": "triton.testing.do_bench median (ms), CUDA events, warm-up excluded; random normal data",
+            "ceilings": {"tflops_bf16": PEAK_TFLOPS, "tbps": PEAK_TBPS}}
 
 
 def main(argv=None):

@@ -27,10 +27,8 @@ rewritten after every row, so a run cut short still leaves its measurements.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import subprocess
 import sys
 import time
 
@@ -140,23 +138,10 @@ def bench(fn, backward_inputs=None, grad=None):
 
 
 def environment():
-    import triton
-    import dpt_fast
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                                cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or None
-    except OSError:
-        commit = None
-    return {
-        "benchmark": "reassemble",
-        "device": torch.cuda.get_device_name(0),
-        "torch": torch.__version__, "cuda": torch.version.cuda, "triton": triton.__version__,
-        "dpt_fast": dpt_fast.__version__, "git_commit": commit,
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "dtype": "bfloat16",
-        "method": "triton.testing.do_bench median (ms), CUDA events, warm-up excluded; random normal data",
-        "ceilings": {"tflops_bf16": PEAK_TFLOPS, "tbps": PEAK_TBPS},
-    }
+    from dpt_fast.bench import environment as common_environment
+    return {**common_environment(torch.device("cuda"), torch.bfloat16), "benchmark": "reassemble",
+            "method": "triton.testing.do_bench median (ms), CUDA events, warm-up excluded; random normal data",
+            "ceilings": {"tflops_bf16": PEAK_TFLOPS, "tbps": PEAK_TBPS}}
 
 
 def main(argv=None):
