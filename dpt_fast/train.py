@@ -19,7 +19,7 @@ another number of processes, sees exactly the same samples.
 
 Output folder: checkpoint.pt (model, optimizer, scheduler, step, data position, RNG states; written
 atomically every --save-every steps, at the end, and on Ctrl-C or SIGTERM after the step in progress;
-a second Ctrl-C stops at once without saving), metrics.jsonl (one JSON object per
+a second Ctrl-C, 2 s later or more, stops at once without saving), metrics.jsonl (one JSON object per
 --log-every steps: step, loss, lr, backbone_lr, images_per_s, elapsed_s), args.json, and at the end
 model/ (dpt_fast.save_model's format: `dpt_fast.load_model(OUT/model)`, `dpt-fast predict`, `--init`).
 `--resume` continues from OUT/checkpoint.pt (or a given path) exactly where it stopped.
@@ -98,6 +98,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     model.add_argument("--hooks", type=_ints, metavar="I,J,K,L", help="four block indices to tap")
     model.add_argument("--features", type=_features, default=256, metavar="N|A,B,C,D",
                        help="fusion width (int), or the four Reassemble widths")
+    model.add_argument("--fusion-features", type=int, metavar="N",
+                       help="fusion width when --features lists the Reassemble widths (default 256)")
     model.add_argument("--readout", choices=("ignore", "add", "project"), default="project")
     model.add_argument("--init", metavar="PATH",
                        help="checkpoint to fine-tune from (original .pt, Hugging Face folder, dpt_fast folder or "
@@ -272,7 +274,8 @@ def _build_model(args, checkpoint) -> nn.Module:
             raise ValueError(f"--init {args.init} holds a {type(model).__name__}, but --task {args.task} "
                              f"needs a {wanted.__name__}")
         return model
-    common = dict(backbone=args.backbone, hooks=args.hooks, features=args.features, readout=args.readout)
+    common = dict(backbone=args.backbone, hooks=args.hooks, features=args.features, readout=args.readout,
+                  fusion_features=args.fusion_features)
     if args.task == "depth":
         return DPTDepthModel(**common)
     return DPTSegmentationModel(args.num_classes, **common)
@@ -298,9 +301,9 @@ def _freeze_unused(model: nn.Module, device) -> list[str]:
     classifier head and final norm, blocks after the last tap, refinenet4's first RCU), as DDP
     requires; found by one small probe forward/backward. Returns their names."""
     was_training = model.training
+    buffers = {name: b.clone() for name, b in model.named_buffers()}  # BN statistics: untouched by the probe
     model.train()
-    size = 64
-    probe = torch.zeros(1, 3, size, size, device=device)
+    probe = torch.zeros(2, 3, 64, 64, device=device)
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         out = model(probe)
         total = sum(t.float().sum() for t in (out if isinstance(out, tuple) else (out,)))
@@ -310,6 +313,9 @@ def _freeze_unused(model: nn.Module, device) -> list[str]:
         if g is None:
             p.requires_grad_(False)
             frozen.append(name)
+    with torch.no_grad():
+        for name, b in model.named_buffers():
+            b.copy_(buffers[name])
     model.train(was_training)
     return frozen
 
@@ -395,11 +401,14 @@ def _trim_metrics(path: Path, step: int) -> None:
 
 class _StopRequest:
     """Ctrl-C (SIGINT) or SIGTERM ask the loop to stop after the current step, so that the checkpoint
-    it then writes is the state after a whole step. A second Ctrl-C stops at once, without saving.
-    (Signal handlers exist only in the main thread; elsewhere this never requests anything.)"""
+    it then writes is the state after a whole step. Another Ctrl-C more than 2 s later stops at once,
+    without saving (sooner it is taken for a copy of the first: a terminal's Ctrl-C reaches torchrun's
+    workers directly and again through torchrun). Signal handlers exist only in the main thread;
+    elsewhere this never requests anything."""
 
     def __init__(self):
         self.requested = False
+        self._first = None
         self._previous = {}
 
     def __enter__(self):
@@ -409,9 +418,11 @@ class _StopRequest:
         return self
 
     def _handle(self, signum, frame):
-        if self.requested and signum == signal.SIGINT:
+        now = time.monotonic()
+        if self.requested and signum == signal.SIGINT and now - self._first > 2.0:
             raise KeyboardInterrupt
-        self.requested = True
+        if not self.requested:
+            self.requested, self._first = True, now
 
     def __exit__(self, *exc):
         for sig, handler in self._previous.items():
@@ -526,8 +537,8 @@ def _train(args, env: _Dist, device, out: Path, checkpoint_path: Path) -> dict:
 
     net = model
     if env.distributed:
-        if args.task == "segmentation" and any(isinstance(m, nn.BatchNorm2d) for m in model.modules()):
-            net = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        if device.type == "cuda" and any(isinstance(m, nn.BatchNorm2d) for m in model.modules()):
+            net = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # batch statistics over the global batch
         net = nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
     if args.compile:
         net = torch.compile(net)

@@ -195,11 +195,13 @@ def test_command_line(tmp_path, capsys):
         trainer.main(["--steps", "1"])  # no --data
     assert exit_info.value.code == 2 and "--data" in capsys.readouterr().err
     assert trainer.main(["--data", "synthetic:8", "--backbone", "vit_tiny_patch16_224", "--hooks", "0,1,2,3",
-                         "--features", "32", "--size", "32", "--batch-size", "2", "--steps", "1", "--num-workers", "1",
+                         "--features", "16,24,32,48", "--fusion-features", "32", "--size", "32", "--batch-size", "2",
+                         "--steps", "1", "--num-workers", "1",
                          "--backend", "reference", "--device", "cpu", "--grad-checkpointing", "--no-channels-last",
                          "--out", str(tmp_path)]) == 0
     saved = json.loads((tmp_path / "args.json").read_text())
     assert saved["hooks"] == [0, 1, 2, 3] and saved["grad_checkpointing"] is True
+    assert saved["features"] == [16, 24, 32, 48] and _state(tmp_path)["config"]["fusion_features"] == 32
     exported = dpt_fast.load_model(tmp_path / "model").state_dict()  # the final model, dpt_fast's format
     for name, value in _state(tmp_path)["model"].items():
         assert torch.equal(exported[name], value), name
