@@ -89,7 +89,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     data.add_argument("--num-classes", type=int, help="segmentation classes (default: the init model's, or 8 "
                                                       "for synthetic data)")
     data.add_argument("--ignore-index", type=int, default=IGNORE_INDEX)
-    data.add_argument("--num-workers", type=int, default=4, help="data loader processes per training process")
+    data.add_argument("--num-workers", type=int, help="data loader processes per training process "
+                                                     "(default: 4, at most the CPU count)")
 
     model = parser.add_argument_group("model")
     model.add_argument("--backbone", default="vitb_rn50_384",
@@ -168,6 +169,8 @@ def _resolve(args) -> argparse.Namespace:
     for key in ("size", "lr", "optimizer", "weight_decay", "schedule", "scale_range"):
         if getattr(ns, key) is None:
             setattr(ns, key, task[key])
+    if ns.num_workers is None:
+        ns.num_workers = min(4, os.cpu_count() or 1)
     if ns.backbone_lr is None:
         ns.backbone_lr = ns.lr / 10
     if isinstance(ns.hooks, str):
