@@ -168,3 +168,29 @@ def test_rcu_and_attention_backward_pass_gradcheck():
     assert torch.autograd.gradcheck(ops.residual_conv_unit, (x, w1, b1, w2, b2, extra))
     qkv = torch.randn(1, 5, 3 * 2 * 4, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda t: ops.attention(t, 2), (qkv,))
+
+
+def test_operators_run_in_the_autocast_dtype_and_train_float32_weights():
+    """Under autocast the ops see bf16 activations and float32 weights: they compute in bf16 (as aten's
+    conv does) and the weights' gradients come back float32, close to the float32 result."""
+    torch.manual_seed(5)
+    x, w1, b1, w2, b2 = (t.float().requires_grad_(True) for t in _rcu_inputs(channels=8))
+    tokens = torch.randn(2, 1 + 3 * 5, 16, requires_grad=True)
+    params = [p.requires_grad_(True) if p is not None else None for p in _reassemble_params(16, 8, "project", "up2")]
+
+    def run():
+        rcu = ops.residual_conv_unit(x, w1, b1, w2, b2)
+        stage = ops.reassemble(tokens, *params, 3, 5, 1, "project", "up2")
+        (rcu.float().square().mean() + stage.float().square().mean()).backward()
+        return rcu, stage, [t.grad.clone() for t in (w1, params[0], params[3])]
+
+    ref_rcu, ref_stage, ref_grads = run()
+    for t in (x, w1, b1, w2, b2, tokens, *[p for p in params if p is not None]):
+        t.grad = None
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        rcu, stage, grads = run()
+    assert rcu.dtype == torch.bfloat16 and stage.dtype == torch.bfloat16
+    for g, r in zip(grads, ref_grads):
+        assert g.dtype == torch.float32
+        assert ((g - r).norm() / r.norm()).item() < 3e-2
+    assert ((stage.float() - ref_stage).norm() / ref_stage.norm()).item() < 2e-2

@@ -207,8 +207,6 @@ def test_command_line(tmp_path, capsys):
         assert torch.equal(exported[name], value), name
 
 
-@pytest.mark.xfail(strict=True, reason="dpt_fast.ops.reassemble / residual_conv_unit take bf16 activations with "
-                                       "float32 weights under autocast, and their backward mixes the dtypes")
 def test_bf16_autocast_training_step(tmp_path):
     result = trainer.train(TINY, precision="bf16", steps=2, batch_size=2, out=str(tmp_path))
     assert all(math.isfinite(r["loss"]) for r in _metrics(tmp_path)) and result["step"] == 2

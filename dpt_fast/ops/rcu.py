@@ -19,6 +19,7 @@ import warnings
 import torch
 
 from .. import backend, reference
+from .autocast import autocast_inputs
 from ..reference import rcu as _reference_rcu
 
 _OP = "dpt_fast::residual_conv_unit"
@@ -154,4 +155,5 @@ def residual_conv_unit(x: torch.Tensor, weight1: torch.Tensor, bias1: torch.Tens
                          f"got x {tuple(x.shape)} and weight1 {tuple(weight1.shape)}")
     if extra is not None and extra.shape != x.shape:
         raise ValueError(f"residual_conv_unit: extra must have x's shape {tuple(x.shape)}, got {tuple(extra.shape)}")
+    x, weight1, bias1, weight2, bias2, extra = autocast_inputs(x, weight1, bias1, weight2, bias2, extra)
     return residual_conv_unit_op(x, weight1, bias1, weight2, bias2, extra)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import torch
 
 from .. import backend, reference
+from .autocast import autocast_inputs
 from ..reference.reassemble import READOUTS, RESAMPLES
 
 _OP = "dpt_fast::reassemble"
@@ -108,5 +109,6 @@ def reassemble(tokens: torch.Tensor, readout_weight, readout_bias, proj_weight, 
         raise ValueError("readout='project' needs readout_weight and readout_bias")
     if resample != "none" and resample_weight is None:
         raise ValueError(f"resample={resample!r} needs resample_weight and resample_bias")
-    return reassemble_op(tokens, readout_weight, readout_bias, proj_weight, proj_bias, resample_weight,
-                         resample_bias, grid_h, grid_w, start_index, readout, resample)
+    tensors = autocast_inputs(tokens, readout_weight, readout_bias, proj_weight, proj_bias, resample_weight,
+                              resample_bias)
+    return reassemble_op(*tensors, grid_h, grid_w, start_index, readout, resample)

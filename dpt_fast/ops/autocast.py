@@ -1,0 +1,20 @@
+"""Autocast for the dpt_fast operators.
+
+A custom operator is opaque to autocast, so under `torch.autocast` it would receive activations in
+the autocast dtype next to float32 weights. Like aten's conv and linear, the operators run in the
+autocast dtype: their floating-point inputs are cast before the call, and autograd carries the
+gradients back through the casts to the float32 parameters.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def autocast_inputs(*tensors):
+    """`tensors` cast to the active autocast dtype of their device (None entries kept), or unchanged."""
+    first = next(t for t in tensors if t is not None)
+    device_type = first.device.type
+    if not torch.is_autocast_enabled(device_type):
+        return tensors
+    dtype = torch.get_autocast_dtype(device_type)
+    return tuple(t.to(dtype) if t is not None and t.is_floating_point() else t for t in tensors)
