@@ -22,7 +22,7 @@ def get_backend() -> str:
 
 
 def set_backend(name: str) -> None:
-    """Set the backend of the calling thread (and the default of threads started later)."""
+    """Set the default backend of every thread (and the backend of the calling thread)."""
     global _default_backend
     if name not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
@@ -31,22 +31,24 @@ def set_backend(name: str) -> None:
 
 
 class use_backend(contextlib.ContextDecorator):
-    """`with dpt_fast.use_backend("reference"): ...` or `dpt_fast.use_backend("fused")` as a setter."""
+    """Choose the backend of the calling thread: `with dpt_fast.use_backend("reference"): ...`, or
+    `dpt_fast.use_backend("fused")` as a plain setter. Other threads are not affected (use
+    `set_backend` to change the default of every thread)."""
 
     def __init__(self, name: str):
         if name not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
-        self._previous = get_backend()
-        self._previous_default = _default_backend
-        set_backend(name)
+        self._previous = getattr(_local, "backend", None)
+        _local.backend = name
 
     def __enter__(self):
         return self
 
     def __exit__(self, *exc):
-        global _default_backend
-        _local.backend = self._previous
-        _default_backend = self._previous_default
+        if self._previous is None:
+            del _local.backend
+        else:
+            _local.backend = self._previous
         return False
 
 

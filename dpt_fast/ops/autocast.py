@@ -14,7 +14,7 @@ def autocast_inputs(*tensors):
     """`tensors` cast to the active autocast dtype of their device (None entries kept), or unchanged."""
     first = next(t for t in tensors if t is not None)
     device_type = first.device.type
-    if not torch.is_autocast_enabled(device_type):
+    if device_type == "meta" or not torch.is_autocast_enabled(device_type):  # meta: tracing, FLOP counting
         return tensors
     dtype = torch.get_autocast_dtype(device_type)
     return tuple(t.to(dtype) if t is not None and t.is_floating_point() else t for t in tensors)
