@@ -38,7 +38,7 @@ def read_image(path) -> np.ndarray:
     Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
     with Image.open(path) as img:
         img = ImageOps.exif_transpose(img)
-        if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+        if img.mode.startswith("I;16") or img.mode == "I":
             arr = np.asarray(img).astype(np.float32)
             scale = 257.0 if img.mode.startswith("I;16") or arr.max() > 255 else 1.0
             arr = np.clip(np.rint(arr / scale), 0, 255).astype(np.uint8)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import glob
+import itertools
 import math
 import os
 import queue
@@ -141,21 +142,71 @@ def collect_inputs(inputs, exclude=None) -> tuple[list[tuple[Path, str]], list[t
     return list(found.values()), problems
 
 
+def _qualified(src, name: str, depth: int) -> str:
+    """`name` prefixed with the `depth` folders above the part of `src` that `name` already names
+    (a/x.jpg and b/x.jpg, both named x from the input folders a and b, become a/x and b/x)."""
+    parts = Path(os.path.abspath(src)).parts[1:]  # without the root
+    above = parts[:max(0, len(parts) - len(Path(name).parts))]
+    return "/".join([*above[len(above) - depth:], name]) if depth <= len(above) else ""
+
+
 def plan_jobs(items, out_dir, formats) -> list[Job]:
     """Output names: the input's relative name without its extension (subfolders kept). Inputs whose
-    names would collide (photo.jpg and photo.png) keep their extension (photo.jpg.png, photo.png.png)."""
+    names would collide (photo.jpg and photo.png) keep their extension (photo.jpg.png, photo.png.png);
+    inputs of one relative name from several input folders (`predict a b` with a/x.jpg and b/x.jpg)
+    are prefixed with their folders' names (a/x.png, b/x.png). Names are compared case-insensitively,
+    so that no two inputs share an output file on any file system."""
     out_dir = Path(out_dir)
-    stems: dict[str, int] = {}
+    stems: dict[str, set] = {}
+    for _, rel in items:
+        stems.setdefault(os.path.splitext(rel)[0].casefold(), set()).add(rel.casefold())
+    names = []
     for _, rel in items:
         stem = os.path.splitext(rel)[0]
-        stems[stem] = stems.get(stem, 0) + 1
-    jobs = []
-    for src, rel in items:
-        stem = os.path.splitext(rel)[0]
-        name = rel if stems[stem] > 1 else stem
-        jobs.append(Job(src, name, {fmt: out_dir / (name + FORMAT_SUFFIX[fmt]) for fmt in formats}))
+        names.append(rel if len(stems[stem.casefold()]) > 1 else stem)
+
+    def outputs(name):
+        return {fmt: out_dir / (name + FORMAT_SUFFIX[fmt]) for fmt in formats}
+
+    def claimed(name):
+        return {str(p).casefold() for p in outputs(name).values()}
+
+    # Names that still collide (one relative name from two folders; "x-color.jpg" against x.jpg's colour
+    # output) are qualified by parent folders, else numbered; deterministic in the items, as sharding needs.
+    counts: dict[str, int] = {}
+    for name in names:
+        for path in claimed(name):
+            counts[path] = counts.get(path, 0) + 1
+    taken: set[str] = set()
+    for i in sorted(range(len(items)), key=lambda i: (names[i], str(items[i][0]))):
+        if any(counts[p] > 1 for p in claimed(names[i])):
+            src, name = items[i][0], names[i]
+            depths = range(1, len(Path(os.path.abspath(src)).parts))
+            candidates = itertools.chain((_qualified(src, name, d) for d in depths),
+                                         (f"{name}~{n}" for n in itertools.count(2)))
+            names[i] = next(c for c in candidates if c and not claimed(c) & taken
+                            and not any(p in counts for p in claimed(c)))
+            taken |= claimed(names[i])
+    jobs = [Job(src, name, outputs(name)) for (src, _), name in zip(items, names)]
     jobs.sort(key=lambda j: (j.rel, str(j.src)))
     return jobs
+
+
+def check_outputs(jobs: list[Job], inputs, out_dir) -> None:
+    """Refuse an output folder that is an input folder (a re-run would read the outputs as inputs)
+    or whose outputs would overwrite an input image (`predict photos/a.png -o photos`)."""
+    out = Path(out_dir).expanduser().resolve()
+    for arg in inputs:
+        path = Path(os.fspath(arg)).expanduser()
+        if path.is_dir() and path.resolve() == out:
+            raise UsageError(f"-o {out_dir} is the input folder {os.fspath(arg)}: the next run would read the "
+                             "outputs as inputs; choose another output folder (a subfolder of the input is fine)")
+    sources = {s for s in (Path(job.src).resolve() for job in jobs) if out in s.parents}
+    for job in jobs if sources else ():  # only inputs inside the output folder can be overwritten
+        for path in job.outputs.values():
+            if path.resolve() in sources:
+                raise UsageError(f"the output {path} would overwrite an input image of that name: choose "
+                                 "another output folder with -o")
 
 
 def shard(jobs: list, rank: int, world: int) -> list:
@@ -630,7 +681,9 @@ def _run(args: argparse.Namespace) -> int:
             _log(f"failed: {arg}: {why}")
     else:
         failures = []  # input problems are counted once, by rank 0
-    jobs = shard(plan_jobs(items, out_dir, formats), rank, world)
+    planned = plan_jobs(items, out_dir, formats)
+    check_outputs(planned, args.inputs, out_dir)
+    jobs = shard(planned, rank, world)
     todo = jobs if args.overwrite else [j for j in jobs if not job_done(j)]
     skipped = len(jobs) - len(todo)
     if skipped and rank == 0:

@@ -395,11 +395,21 @@ def save_atomic(obj, path: Path) -> None:
 
 
 def _trim_metrics(path: Path, step: int) -> None:
-    """Drop metrics lines after `step` (written by a run that stopped before its next checkpoint)."""
+    """Drop metrics lines after `step` (written by a run that stopped before its next checkpoint), and
+    a line cut short by a killed process; rewritten atomically."""
     if not path.exists():
         return
-    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
-    path.write_text("".join(line + "\n" for line in kept))
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= step:
+            kept.append(line)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    os.replace(tmp, path)
 
 
 class _StopRequest:
@@ -497,6 +507,9 @@ def _train(args, env: _Dist, device, out: Path, checkpoint_path: Path) -> dict:
                 raise ValueError(f"{path} is not a dpt_fast training checkpoint (use --init to fine-tune from it)")
         elif args.resume != "auto":
             raise FileNotFoundError(f"--resume {path}: no such checkpoint")
+    elif checkpoint_path.exists():  # starting afresh would overwrite that run's checkpoint at the first save
+        raise FileExistsError(f"{checkpoint_path} exists: pass --resume to continue that run, or choose another "
+                              f"--out (--init {checkpoint_path} fine-tunes from it in a new folder)")
 
     # the same initial weights on every rank (DDP also broadcasts them from rank 0)
     random.seed(args.seed)
@@ -530,7 +543,9 @@ def _train(args, env: _Dist, device, out: Path, checkpoint_path: Path) -> dict:
         if env.main:
             print(f"metric alignment of the initial model: scale {scale:.6g}, shift {shift:.6g}", file=sys.stderr)
 
-    frozen = _freeze_unused(model, device) if env.distributed else []
+    # DDP needs it; one process does it too, so that the optimizer's parameter groups, and so its
+    # checkpointed state, are the same whatever the number of processes (--resume on another count).
+    frozen = _freeze_unused(model, device)
     groups = param_groups(model, args.lr, args.backbone_lr)
     if args.optimizer == "adam":
         optimizer = torch.optim.Adam(groups, lr=args.lr, weight_decay=args.weight_decay)

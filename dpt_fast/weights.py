@@ -13,6 +13,8 @@ Formats, told apart by the path:
   * scale / shift / invert of the depth model -> taken from the released file names (KITTI, NYU),
     else 1 / 0 / False; `non_negative` -> True (every released depth model);
   * `layer_norm_eps` -> timm's 1e-6, which the original used.
+  A training checkpoint of `dpt_fast.train` (OUT/checkpoint.pt) is read the same way, with the model
+  config it records instead of an inferred one (a metric fine-tune keeps its scale/shift/invert).
 - **huggingface** -- a directory whose config.json has "model_type": "dpt" (transformers'
   DPTForDepthEstimation / DPTForSemanticSegmentation) with model.safetensors (or a sharded index) or
   pytorch_model.bin (weights_only). Converted by `dpt_fast.hf_convert`.
@@ -174,7 +176,8 @@ def _is_tensor_dict(obj) -> bool:
 
 def unwrap_state_dict(obj, source="checkpoint") -> dict:
     """The state dict inside a checkpoint object: unwraps {"model": ...}, {"state_dict": ...}
-    (and "model_state_dict"), strips a "module." prefix (DataParallel / DDP)."""
+    (and "model_state_dict"), strips the "module." prefix of DataParallel / DDP and the "_orig_mod."
+    prefix of a torch.compile'd model."""
     for _ in range(3):
         if not isinstance(obj, dict) or _is_tensor_dict(obj):
             break
@@ -191,9 +194,9 @@ def unwrap_state_dict(obj, source="checkpoint") -> dict:
     if others:
         raise CheckpointError(f"{source} is not a state dict: entries that are not tensors: {others[:5]} "
                               "(expected a state dict, or one wrapped as {'model': ...} or {'state_dict': ...})")
-    keys = list(obj)
-    if all(isinstance(k, str) and k.startswith("module.") for k in keys):
-        obj = {k[len("module."):]: v for k, v in obj.items()}
+    for prefix in ("module.", "_orig_mod.", "module."):  # DataParallel/DDP, torch.compile, in either order
+        if all(isinstance(k, str) and k.startswith(prefix) for k in obj):
+            obj = {k[len(prefix):]: v for k, v in obj.items()}
     return dict(obj)
 
 
@@ -421,9 +424,26 @@ def _read(path, overrides: dict, infer: bool = True) -> tuple[str, Path, dict | 
         if meta.get("use_auxiliary_head") is False:
             fill["fill_prefixes"] = ("auxlayer.",)  # training-only head: the model's own init
     else:
-        state = read_state_dict(root)
-        config = infer_original_config(state, filename=root.name, overrides=overrides, source=root) if infer else None
+        obj = _load_safetensors(root) if root.suffix == ".safetensors" else _torch_load(root)
+        state = unwrap_state_dict(obj, root)
+        recorded = _training_checkpoint_config(obj)
+        if not infer:
+            config = None
+        elif recorded is not None:  # dpt_fast.train's checkpoint.pt records the model's config
+            config = {**recorded, **overrides}
+        else:
+            config = infer_original_config(state, filename=root.name, overrides=overrides, source=root)
     return fmt, root, config, state, fill
+
+
+def _training_checkpoint_config(obj) -> dict | None:
+    """The model config recorded in a checkpoint written by dpt_fast.train (None for other files)."""
+    if not isinstance(obj, dict) or not isinstance(obj.get("format"), str):
+        return None
+    config = obj.get("config")
+    if obj["format"].startswith("dpt_fast.train/") and isinstance(config, dict) and "model_class" in config:
+        return dict(config)
+    return None
 
 
 def load_model(path, device=None, dtype=None, **model_kwargs) -> nn.Module:

@@ -310,3 +310,51 @@ def test_image_io_round_trips(tmp_path):
     assert image_io.colorize(values).shape == (7, 5, 3)
     assert len({tuple(c) for c in image_io.label_palette(256)}) == 256
     assert sorted(os.listdir(tmp_path)) == ["l.png", "v.pfm", "v.png"]  # no temporary files left
+
+
+def test_same_names_from_two_folders_never_share_an_output(tmp_path):
+    # `predict cam0 cam1` with cam0/f1.jpg and cam1/f1.jpg: both are named f1; neither output may
+    # overwrite the other (nor may X.JPG and x.jpg on a case-insensitive file system).
+    for rel in ("cam0/f1.jpg", "cam0/sub/f2.png", "cam1/f1.jpg", "cam1/sub/f2.png", "cam1/F3.JPG", "cam1/f3.jpg",
+                "cam0/f4.jpg", "cam0/f4-color.png"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_bytes(b"")
+    items, _ = predict.collect_inputs([tmp_path / "cam0", tmp_path / "cam1"])
+    formats = ("png16", "npy", "color")
+    jobs = predict.plan_jobs(items, tmp_path / "out", formats)
+    assert len(jobs) == 8
+    outputs = [str(p).casefold() for j in jobs for p in j.outputs.values()]
+    assert len(set(outputs)) == len(outputs) == 8 * len(formats)
+    names = {j.src.relative_to(tmp_path).as_posix(): j.rel for j in jobs}
+    assert names["cam0/f1.jpg"] == "cam0/f1" and names["cam1/f1.jpg"] == "cam1/f1"
+    assert names["cam0/sub/f2.png"] == "cam0/sub/f2" and names["cam1/sub/f2.png"] == "cam1/sub/f2"
+    again = predict.plan_jobs(list(reversed(items)), tmp_path / "out", formats)  # the same plan on every rank
+    assert sorted((j.rel, str(j.src)) for j in again) == sorted((j.rel, str(j.src)) for j in jobs)
+
+
+def test_outputs_never_overwrite_inputs(images, tmp_path, depth_model_dir, capsys):
+    before = (images / "a.png").read_bytes()
+    rc = cli.main(["predict", str(images / "a.png"), "-o", str(images), "--model", str(depth_model_dir), *FAST])
+    assert rc == 2 and "would overwrite an input" in capsys.readouterr().err
+    rc = cli.main(["predict", str(images), "-o", str(images), "--model", str(depth_model_dir), *FAST])
+    assert rc == 2 and "is the input folder" in capsys.readouterr().err
+    assert (images / "a.png").read_bytes() == before and not list(images.rglob("*.npy"))
+
+
+def test_read_image_16_bit_exif_rotation_and_modes(tmp_path):
+    rng = np.random.default_rng(1)
+    levels = rng.integers(0, 65536, (9, 13)).astype(np.uint16)
+    Image.fromarray(levels).save(tmp_path / "g16.png")  # 16-bit greyscale: scaled to 8 bits, not clipped
+    got = image_io.read_image(tmp_path / "g16.png")
+    assert got.shape == (9, 13, 3) and got.dtype == np.uint8
+    assert np.abs(got[..., 0].astype(int) - np.rint(levels / 257)).max() == 0 and (got[..., 0] == got[..., 2]).all()
+    rgb = rng.integers(0, 256, (9, 13, 3)).astype(np.uint8)
+    img = Image.fromarray(rgb)
+    exif = img.getexif()
+    exif[0x0112] = 6  # "rotate 90 CW to display", as phones write it
+    img.save(tmp_path / "rot.png", exif=exif)
+    assert np.array_equal(image_io.read_image(tmp_path / "rot.png"), np.rot90(rgb, -1))
+    for mode in ("RGBA", "LA", "P", "CMYK", "I", "F"):  # alpha dropped, palette/CMYK/int/float converted
+        path = tmp_path / f"m-{mode}.{'tif' if mode in ('CMYK', 'I', 'F') else 'png'}"
+        img.convert(mode).save(path)
+        assert image_io.read_image(path).shape == (9, 13, 3), mode

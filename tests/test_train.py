@@ -28,7 +28,7 @@ def _metrics(out):
 
 
 def _state(out):
-    return torch.load(os.path.join(out, "checkpoint.pt"), map_location="cpu", weights_only=False)
+    return torch.load(os.path.join(out, "checkpoint.pt"), map_location="cpu", weights_only=True)
 
 
 @pytest.fixture(scope="module")
@@ -143,6 +143,30 @@ def test_two_process_ddp_matches_single_process_gradients(tmp_path):
         torch.testing.assert_close(grad_ddp, grad_single, rtol=1e-3, atol=1e-4 * max(scale, 1e-3), msg=name)
         compared += bool(scale > 0)
     assert compared > 50  # most parameters did receive a gradient
+
+    # the 2-process checkpoint resumes in one process: same optimizer parameter groups whatever the count
+    resumed = trainer.train(options, steps=2, out=str(tmp_path / "ddp"), resume="auto")
+    assert resumed["step"] == 2 and [r["step"] for r in _metrics(tmp_path / "ddp")] == [1, 2]
+    groups = [len(g["params"]) for g in _state(tmp_path / "single")["optimizer"]["param_groups"]]
+    assert groups == [len(g["params"]) for g in _state(tmp_path / "ddp")["optimizer"]["param_groups"]]
+
+
+def test_a_fresh_run_never_overwrites_an_earlier_runs_checkpoint(tmp_path):
+    trainer.train(TINY, steps=1, batch_size=2, out=str(tmp_path))
+    before = (tmp_path / "checkpoint.pt").read_bytes()
+    with pytest.raises(FileExistsError, match="--resume"):
+        trainer.train(TINY, steps=2, batch_size=2, out=str(tmp_path))
+    assert (tmp_path / "checkpoint.pt").read_bytes() == before
+    assert trainer.train(TINY, steps=2, batch_size=2, out=str(tmp_path), resume="auto")["step"] == 2
+
+
+def test_resume_drops_metrics_after_the_checkpoint_and_a_line_cut_short(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    lines = [json.dumps({"step": s, "loss": 1.0 / s}) for s in range(1, 6)]
+    path.write_text("\n".join(lines) + "\n" + '{"step": 6, "lo')  # killed while writing step 6
+    trainer._trim_metrics(path, 3)
+    assert path.read_text() == "\n".join(lines[:3]) + "\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["metrics.jsonl"]
 
 
 def test_segmentation_run_decays_the_learning_rate_polynomially(tmp_path):

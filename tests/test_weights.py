@@ -134,6 +134,8 @@ def _write(path, state, wrap=None):
         obj = {"state_dict": state, "epoch": 3}
     elif wrap == "module":
         obj = {"module." + k: v for k, v in state.items()}
+    elif wrap == "compiled":  # torch.compile(model).state_dict(), wrapped in DDP, in a {"model": ...}
+        obj = {"model": {"module._orig_mod." + k: v for k, v in state.items()}}
     else:
         obj = state
     torch.save(obj, path)
@@ -197,7 +199,7 @@ def test_kitti_nyu_scale_shift_invert(tmp_path, name, scale, shift):
     assert (renamed["scale"], renamed["shift"], renamed["invert"]) == (scale, shift, True)
 
 
-@pytest.mark.parametrize("wrap", [None, "model", "state_dict", "module"])
+@pytest.mark.parametrize("wrap", [None, "model", "state_dict", "module", "compiled"])
 def test_wrappers_and_prefix(tmp_path, wrap):
     torch.manual_seed(0)
     model = DPTDepthModel(**TINY, features=32).eval()
@@ -207,6 +209,21 @@ def test_wrappers_and_prefix(tmp_path, wrap):
     # The original's constructor argument goes through the same reader.
     again = DPTDepthModel(path=path, **TINY, features=32)
     assert torch.equal(again.scratch.layer1_rn.weight, model.scratch.layer1_rn.weight)
+
+
+def test_training_checkpoint_loads_with_its_recorded_config(tmp_path):
+    """OUT/checkpoint.pt of dpt_fast.train (e.g. of an interrupted metric fine-tune) loads as the model it
+    holds: the recorded config, scale/shift/invert included, not an inferred one."""
+    from dpt_fast.train import CHECKPOINT_FORMAT
+    model = _randomized(DPTDepthModel(**TINY, features=32, scale=0.5, shift=0.25, invert=True))
+    path = tmp_path / "checkpoint.pt"
+    torch.save({"format": CHECKPOINT_FORMAT, "model": model.state_dict(), "config": model.config,
+                "optimizer": {"state": {}, "param_groups": []}, "step": 7, "rng": {"torch": torch.get_rng_state()},
+                "args": {"lr": 1e-4, "data": ["synthetic"], "scale_range": (1.0, 1.0)}}, path)
+    loaded = load_model(path)
+    assert loaded.config == model.config and (loaded.scale, loaded.shift, loaded.invert) == (0.5, 0.25, True)
+    _assert_bit_exact(model, loaded)
+    assert load_model(path, invert=False).invert is False  # keywords still override
 
 
 def test_non_released_vit_needs_backbone_and_hooks(tmp_path):
