@@ -740,10 +740,13 @@ def _run(args: argparse.Namespace) -> int:
         except _OutOfMemory as e:
             fail(job, f"{e} even in {tile}x{tile} tiles: try a smaller --tile")
 
+    fallback_tiles: dict[tuple, int] = {}  # processed size -> tile, once a single image of it ran out of memory
+
     def flush(key, entries):
-        if predictor.needs_tiles(key):
+        tile = predictor.tile if predictor.needs_tiles(key) else fallback_tiles.get(key)
+        if tile:
             for job, image in entries:
-                run_tiled(job, image, key, predictor.tile)
+                run_tiled(job, image, key, tile)
                 account([image])
             return
         start = 0
@@ -753,11 +756,11 @@ def _run(args: argparse.Namespace) -> int:
             try:
                 predictions = predictor.predict_batch([im for _, im in chunk], key)
             except _OutOfMemory as e:
-                job, image = chunk[0]
-                tile = min(FALLBACK_TILE, max(key) // 2)
-                _log(f"{job.src}: {e}: falling back to {tile}x{tile} tiles (set --tile to choose)")
-                run_tiled(job, image, key, tile)
-                account([image])
+                fallback_tiles[key] = tile = predictor._round_tile(min(FALLBACK_TILE, max(key) // 2))
+                _log(f"{chunk[0][0].src}: {e}: falling back to {tile}x{tile} tiles (set --tile to choose)")
+                for job, image in chunk:  # the whole chunk: not one image of it has been written
+                    run_tiled(job, image, key, tile)
+                    account([image])
                 continue
             for (job, image), prediction in zip(chunk, predictions):
                 emit(job, prediction, image)

@@ -219,6 +219,40 @@ def test_out_of_memory_on_one_image_falls_back_to_tiles(images, tmp_path, depth_
     assert np.load(out / "b.npy").shape == GOOD["b.jpg"]
 
 
+def test_out_of_memory_in_a_batch_of_large_images_tiles_every_one(tmp_path, depth_model_dir, monkeypatch, capsys):
+    real_load = load_model
+    calls = []
+
+    def load_small_memory_model(*args, **kwargs):
+        model = real_load(*args, **kwargs)
+        forward = model.forward
+
+        def limited(x):  # even one image of more than 64x64 pixels does not fit
+            calls.append(tuple(x.shape))
+            if x.shape[-1] * x.shape[-2] > 64 * 64:
+                raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+            return forward(x)
+        model.forward = limited
+        return model
+
+    monkeypatch.setattr("dpt_fast.weights.load_model", load_small_memory_model)
+    folder = tmp_path / "in"
+    folder.mkdir()
+    rng = np.random.default_rng(3)
+    for name in ("p", "q", "r", "s"):
+        Image.fromarray(rng.integers(0, 256, (70, 90, 3), dtype=np.uint8)).save(folder / f"{name}.png")
+    out = tmp_path / "out"
+    rc = cli.main(["predict", str(folder), "-o", str(out), "--model", str(depth_model_dir), "--size", "native",
+                   "--batch-size", "3", "--format", "npy", *FAST])
+    err = capsys.readouterr().err
+    assert rc == 0 and "4 written" in err, err
+    assert sorted(p.name for p in out.iterdir()) == ["p.npy", "q.npy", "r.npy", "s.npy"]
+    assert all(np.load(out / f"{n}.npy").shape == (70, 90) for n in "pqrs")
+    # the batch of 3 (then its first half, of 1) runs out of memory, then all 3 are tiled; the 4th image
+    # of that size goes to tiles directly
+    assert [s[0] for s in calls if s[-2:] == (96, 96)] == [3, 1]
+
+
 def test_segmentation_palette_png(images, tmp_path, seg_model_dir, capsys):
     out = tmp_path / "seg"
     rc = cli.main(["predict", str(images / "a.png"), str(images / "b.jpg"), "-o", str(out), "--model",
