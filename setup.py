@@ -2,7 +2,8 @@
 described by CMakeLists.txt (the fused residual conv unit, csrc/).
 
 DPT_FAST_BUILD_CUDA selects:
-  unset (or "auto")  build the extension when nvcc and a CUDA build of torch are found; otherwise install
+  unset (or "auto")  build the extension when nvcc, a CUDA build of torch, cmake and the CUTLASS headers
+                     (the nvidia-cutlass wheel) are found; otherwise install
                      pure Python (the reference implementation then serves) and say so
   0                  never build it
   1                  always build it; fail with a clear message when that is impossible
@@ -86,6 +87,20 @@ def _torch_cuda() -> tuple[str | None, str]:
     return torch.version.cuda, f"torch {torch.__version__} (CUDA {torch.version.cuda})"
 
 
+def _find_cutlass_include() -> str | None:
+    """DPT_FAST_CUTLASS_INCLUDE when set (and only it), else the nvidia-cutlass wheel's headers (the same
+    lookup as CMakeLists.txt); None when cutlass/cutlass.h is not there."""
+    root = os.environ.get("DPT_FAST_CUTLASS_INCLUDE")
+    if not root:
+        import importlib.util
+
+        spec = importlib.util.find_spec("cutlass_library")
+        if spec is None or not spec.submodule_search_locations:
+            return None
+        root = os.path.join(list(spec.submodule_search_locations)[0], "source", "include")
+    return root if os.path.isfile(os.path.join(root, "cutlass", "cutlass.h")) else None
+
+
 def _cuda_toolchain_problem() -> str | None:
     """None when the extension can be attempted, else what is missing."""
     problems = []
@@ -96,6 +111,8 @@ def _cuda_toolchain_problem() -> str | None:
         problems.append("no nvcc found (PATH, CUDACXX, CUDA_HOME)")
     if _find_cmake() is None:
         problems.append("no cmake found (pip install cmake)")
+    if _find_cutlass_include() is None:
+        problems.append("no CUTLASS headers found (pip install nvidia-cutlass, or set DPT_FAST_CUTLASS_INCLUDE)")
     return "; ".join(problems) or None
 
 

@@ -59,12 +59,13 @@ _SCALES = {"up4": 4, "up2": 2}
 
 
 def supports(tokens: torch.Tensor, readout: str, resample: str) -> bool:
-    """fp16/bf16 CUDA tensors; under TRITON_INTERPRET=1 also fp32/fp16 CPU tensors (bf16 dots are wrong
-    in the interpreter)."""
+    """fp16/bf16 CUDA tensors on sm_80+; under TRITON_INTERPRET=1 also fp32/fp16 CPU tensors (bf16 dots are
+    wrong in the interpreter)."""
     if tokens.dim() != 3:
         return False
-    if tokens.is_cuda:
-        return tokens.dtype in (torch.float16, torch.bfloat16)
+    if tokens.is_cuda:  # (never interpreted: the interpreter's bf16 dots are wrong)
+        return (not _INTERPRET and tokens.dtype in (torch.float16, torch.bfloat16)
+                and torch.cuda.get_device_capability(tokens.device) >= (8, 0))
     return _INTERPRET and tokens.device.type == "cpu" and tokens.dtype in (torch.float32, torch.float16)
 
 
@@ -88,7 +89,8 @@ def _reassemble_pix_offsets(tok, col, pix_np, pix_gw, pix_feat, S: tl.constexpr)
     rem = tok % pix_np
     q = col // pix_feat
     pixel = ((rem // pix_gw) * S + q // S) * (pix_gw * S) + (rem % pix_gw) * S + q % S
-    return img.to(tl.int64) * (pix_np * S * S * pix_feat) + pixel.to(tl.int64) * pix_feat + col % pix_feat
+    # int64 from the first factor on: one image's map may exceed 2^31 elements
+    return img.to(tl.int64) * pix_np * (S * S) * pix_feat + pixel.to(tl.int64) * pix_feat + col % pix_feat
 
 
 @triton.jit
@@ -155,9 +157,10 @@ def _reassemble_gemm(
             a = tl.load(a_ptr + _reassemble_pix_offsets(a_rows, k[None, :], pix_np, pix_gw, pix_feat, PIX_S),
                         mask=a_mask, other=0.0)
         else:
-            a = tl.load(a_ptr + a_rows[:, None] + k[None, :] * stride_ak, mask=a_mask, other=0.0)
+            # int64 product: K may be the token count (dWt = y^T g reads y^T with stride_ak = F)
+            a = tl.load(a_ptr + a_rows[:, None] + k[None, :].to(tl.int64) * stride_ak, mask=a_mask, other=0.0)
         if A_CLS:
-            a += tl.load(cls_ptr + cls_rows[:, None] + k[None, :] * stride_ak, mask=a_mask, other=0.0)
+            a += tl.load(cls_ptr + cls_rows[:, None] + k[None, :].to(tl.int64) * stride_ak, mask=a_mask, other=0.0)
         b_mask = mask_k[:, None] & mask_n[None, :]
         if B_PIX:
             b = tl.load(b_ptr + _reassemble_pix_offsets(k[:, None], offs_n[None, :], pix_np, pix_gw, pix_feat,
@@ -212,6 +215,8 @@ def _gemm(a, b, c, M, N, K, rows_per_img, *, b_strides=None, cls=None, bias=None
     stride_cn = 1 if c_pix else c.stride(-1)
     stride_bk, stride_bn = (0, 0) if b_pix else b_strides
     pix_np, pix_gw, pix_feat, pix_s = pix if pix is not None else (1, 1, 1, 1)
+    if bias is not None:
+        bias = bias.contiguous()  # read as bias[n % bias_period]: unit stride
     bias_mode, bias_t = (1, bias) if bias is not None else ((2, bias_img) if bias_img is not None else (0, c))
     aux = c if aux is None else aux
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731

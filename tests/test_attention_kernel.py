@@ -60,6 +60,12 @@ def _op_fwd_bwd(qkv, grad, heads, scale=None):
     return out, dqkv
 
 
+def _assert_triton_ran(calls=1):
+    """Forward and backward both ran the Triton kernels (a silent fallback to the reference fails here)."""
+    ran = dpt_fast.implementations_ran(reset=True)
+    assert ran.get(FWD) == {"triton": calls} and ran.get(BWD) == {"triton": calls}, ran
+
+
 # fp32 runs with exact (IEEE) dots in the interpreter; fp16 rounds P and dS to fp16 before their matmuls
 _TOL = {torch.float32: dict(atol=2e-5, rtol=1e-4), torch.float16: dict(atol=3e-3, rtol=3e-3)}
 
@@ -134,7 +140,7 @@ def test_strided_input(layout):
     dpt_fast.implementations_ran(reset=True)
     with dpt_fast.use_backend("fused"):
         out, dqkv = _op_fwd_bwd(qkv, grad, heads)
-    assert dpt_fast.implementations_ran()[FWD] == {"triton": 1}
+    _assert_triton_ran()
     ref_out, _, ref_dqkv = _reference_fwd_bwd(qkv.contiguous(), grad, heads, head_dim ** -0.5)
     _close(out, ref_out, torch.float32)
     _close(dqkv, ref_dqkv, torch.float32, scale_by=2.0)
@@ -144,8 +150,10 @@ def test_strided_input(layout):
 def test_large_magnitude_inputs_stay_finite():
     heads, head_dim = 2, 64
     qkv, grad = _qkv(1, 70, heads, head_dim, torch.float32, magnitude=30.0, seed=11)
+    dpt_fast.implementations_ran(reset=True)
     with dpt_fast.use_backend("fused"):
         out, dqkv = _op_fwd_bwd(qkv, grad, heads)
+    _assert_triton_ran()
     assert torch.isfinite(out).all() and torch.isfinite(dqkv).all()
     ref_out, _, ref_dqkv = _reference_fwd_bwd(qkv, grad, heads, head_dim ** -0.5)
     torch.testing.assert_close(out.double(), ref_out, atol=1e-3, rtol=1e-4)
@@ -166,8 +174,10 @@ def test_very_negative_scores(tokens):
     qkv[..., head_dim:2 * head_dim] = -5.0 + 0.01 * torch.randn(1, tokens, head_dim)
     qkv[..., 2 * head_dim:] = torch.randn(1, tokens, head_dim)
     grad = torch.randn(1, tokens, head_dim)
+    dpt_fast.implementations_ran(reset=True)
     with dpt_fast.use_backend("fused"):
         out, dqkv = _op_fwd_bwd(qkv, grad, heads)
+    _assert_triton_ran()
     ref_out, _, ref_dqkv = _reference_fwd_bwd(qkv, grad, heads, head_dim ** -0.5)
     assert torch.isfinite(out).all() and torch.isfinite(dqkv).all()
     torch.testing.assert_close(out.double(), ref_out, atol=1e-4, rtol=1e-4)
@@ -177,9 +187,11 @@ def test_very_negative_scores(tokens):
 @interpreter
 def test_deterministic():
     qkv, grad = _qkv(1, 77, 2, 64, torch.float16, seed=5)
+    dpt_fast.implementations_ran(reset=True)
     with dpt_fast.use_backend("fused"):
         first = _op_fwd_bwd(qkv, grad, 2)
         second = _op_fwd_bwd(qkv, grad, 2)
+    _assert_triton_ran(calls=2)
     assert all(torch.equal(a, b) for a, b in zip(first, second))
 
 
@@ -201,6 +213,19 @@ def test_unsupported_inputs_fall_back_to_reference():
         torch.testing.assert_close(out, reference.attention(qkv, heads, (qkv.shape[-1] // (3 * heads)) ** -0.5)[0])
     assert kernels.supports(torch.randn(1, 9, 3 * 2 * 64), 2)
     assert not kernels.supports(torch.randn(1, 0, 3 * 2 * 64), 2)
+
+
+@interpreter
+def test_supports_refuses_rows_beyond_int32_offsets():
+    """In-image offsets are int32: the largest image whose N * row stride fits is served, one token more
+    is not (expanded views: no memory). A 4K frame of DPT-Large (N = 32401, H*D = 1024) is far inside."""
+    kernels = _kernels()
+    width = 3 * 16 * 64
+    limit = (2**31 - 1) // width
+    row = torch.randn(1, 1, width)
+    assert kernels.supports(row.expand(1, 32401, width), 16)
+    assert kernels.supports(row.expand(2, limit, width), 16)
+    assert not kernels.supports(row.expand(1, limit + 1, width), 16)
 
 
 @interpreter
@@ -313,9 +338,11 @@ def test_gpu_matches_reference(dtype, batch, tokens, heads, head_dim, magnitude)
 @pytest.mark.parametrize("tokens", [577, 2305])
 def test_gpu_deterministic(tokens):
     qkv, grad = _qkv(2, tokens, 4, 64, torch.bfloat16, device="cuda", seed=1)
+    dpt_fast.implementations_ran(reset=True)
     with dpt_fast.use_backend("fused"):
         first = _op_fwd_bwd(qkv, grad, 4)
         second = _op_fwd_bwd(qkv, grad, 4)
+    _assert_triton_ran(calls=2)
     assert all(torch.equal(a, b) for a, b in zip(first, second))
 
 
@@ -326,9 +353,11 @@ def test_gpu_strided_input():
     big = torch.randn(2, tokens, width + 64, device="cuda", dtype=torch.bfloat16)
     qkv = big[:, :, 64:]
     grad = torch.randn(2, tokens, heads * head_dim, device="cuda", dtype=torch.bfloat16)
+    dpt_fast.implementations_ran(reset=True)
     with dpt_fast.use_backend("fused"):
         out, dqkv = _op_fwd_bwd(qkv, grad, heads)
         out_c, dqkv_c = _op_fwd_bwd(qkv.contiguous(), grad, heads)
+    _assert_triton_ran(calls=2)
     torch.testing.assert_close(out, out_c, atol=0, rtol=0)
     torch.testing.assert_close(dqkv, dqkv_c, atol=0, rtol=0)
 

@@ -49,3 +49,12 @@ def test_bad_value_is_an_error(tmp_path, value):
     rc, out = _setup(["--name"], tmp_path, DPT_FAST_BUILD_CUDA=value)
     assert rc != 0
     assert "DPT_FAST_BUILD_CUDA must be 0, 1 or unset" in out
+
+
+def test_unset_without_cutlass_installs_pure_python(tmp_path):
+    """nvcc and a CUDA torch may be here, but without the CUTLASS headers the auto mode must not attempt (and
+    fail) the build: it installs pure Python, like the other missing pieces of the toolchain."""
+    rc, out = _setup(_build_ext_args(tmp_path), tmp_path, DPT_FAST_CUTLASS_INCLUDE=str(tmp_path / "no-cutlass"))
+    assert rc == 0, out
+    assert "pure-Python install" in out and "no CUTLASS headers found" in out
+    assert "building dpt_fast._C" not in out

@@ -145,6 +145,7 @@ def test_use_backend_is_a_context_manager_and_per_thread():
         assert get_backend() == "reference"
         t = threading.Thread(target=lambda: seen.append(get_backend()))
         t.start(); t.join()
+    assert seen == ["fused"]  # another thread is not affected by this thread's context manager
     assert get_backend() == "fused"
     with pytest.raises(ValueError, match="backend must be one of"):
         use_backend("cudnn")

@@ -141,6 +141,20 @@ def test_cpu_fallback_runs_reference(dtype, with_extra):
     assert all(g is not None and g.shape == t.shape for g, t in zip(grads, [x, *params]))
 
 
+def test_backward_strides_follow_the_fake_implementation():
+    """dx must have x's strides (what the fake promises; torch.compile asserts it) even when the incoming
+    gradient has another layout (here NCHW for a channels_last x)."""
+    x = _activation(2, 16, 5, 7, torch.float32, "cpu")
+    params = _params(16, torch.float32, "cpu")
+    grad = _activation(2, 16, 5, 7, torch.float32, "cpu", seed=3, channels_last=False)
+    with dpt_fast.use_backend("fused"):
+        grads = torch.ops.dpt_fast.residual_conv_unit_backward(grad, x, *params, True)
+    expected = reference.residual_conv_unit_backward(grad, x, *params, True)
+    for g, e, t in zip(grads, expected, [x, *params, grad]):
+        assert g.stride() == torch.empty_like(t).stride()
+        torch.testing.assert_close(g, e, rtol=0, atol=0)
+
+
 def test_fused_supported_is_false_on_cpu():
     x = torch.randn(1, 64, 4, 4, dtype=torch.bfloat16)
     assert not rcu_ops.fused_supported(x, torch.randn(64, 64, 3, 3, dtype=torch.bfloat16))
@@ -226,7 +240,9 @@ def test_gradients_match_reference(dtype, batch, channels, height, width, with_e
 def test_input_not_channels_last_is_converted_once():
     x, params, extra = _case(2, 64, 19, 23, torch.bfloat16, True, channels_last=False)
     assert x.is_contiguous() and not x.is_contiguous(memory_format=torch.channels_last)
+    dpt_fast.implementations_ran(reset=True)
     out, _ = _run(x, params, extra, None, "fused")
+    assert dpt_fast.implementations_ran(reset=True)[FWD] == {"cuda": 1}
     ref, _ = _run(x, params, extra, None, "reference")
     assert out.stride() == x.stride()  # torch.empty_like(x), as the fake implementation says
     torch.testing.assert_close(out, ref, atol=5e-2, rtol=5e-2)
@@ -255,7 +271,9 @@ def test_noncontiguous_weights():
     w1, b1, w2, b2 = params
     odd = [w1.contiguous(memory_format=torch.channels_last), b1, w2.transpose(2, 3).contiguous().transpose(2, 3), b2]
     assert not odd[2].is_contiguous()
+    dpt_fast.implementations_ran(reset=True)
     out, _ = _run(x, odd, extra, None, "fused")
+    assert dpt_fast.implementations_ran(reset=True)[FWD] == {"cuda": 1}
     ref, _ = _run(x, params, extra, None, "reference")
     torch.testing.assert_close(out, ref, atol=5e-2, rtol=5e-2)
 
@@ -263,7 +281,9 @@ def test_noncontiguous_weights():
 @gpu
 def test_empty_batch():
     x, params, _ = _case(0, 64, 5, 5, torch.bfloat16, False)
+    dpt_fast.implementations_ran(reset=True)
     out, _ = _run(x, params, None, None, "fused")
+    assert dpt_fast.implementations_ran(reset=True)[FWD] == {"cuda": 1}
     assert out.shape == x.shape
 
 
@@ -273,7 +293,9 @@ def test_batch_split_above_2gb():
     if torch.cuda.get_device_properties(0).total_memory < 40 * 2**30:
         pytest.skip("needs 40 GiB of GPU memory")
     x, params, extra = _case(5, 64, 2048, 2048, torch.bfloat16, True)
+    dpt_fast.implementations_ran(reset=True)
     out, _ = _run(x, params, extra, None, "fused")
+    assert dpt_fast.implementations_ran(reset=True)[FWD] == {"cuda": 1}
     ref, _ = _run(x, params, extra, None, "reference")
     assert _rel_l2(out, ref) < 1e-2
     for n in (0, 2, 3, 4):  # both sides of the split
@@ -285,8 +307,11 @@ def test_batch_split_above_2gb():
 @gpu
 def test_opcheck_cuda():
     x, params, extra = _case(2, 64, 9, 11, torch.bfloat16, True, requires_grad=True)
+    dpt_fast.implementations_ran(reset=True)
     with dpt_fast.use_backend("fused"), torch.backends.cudnn.flags(enabled=True, benchmark=False, deterministic=True):
         torch.library.opcheck(rcu_ops.residual_conv_unit_op, (x, *params, extra))
+    ran = dpt_fast.implementations_ran(reset=True)
+    assert set(ran[FWD]) == {"cuda"} and set(ran[BWD]) == {"cuda"}, ran
 
 
 def _compute_sanitizer() -> str | None:

@@ -5,14 +5,21 @@ Two groups:
   run when tests/conftest.py turned the interpreter on (no CUDA). Every readout x resample, odd grids
   (7x13 patches), batch 1 and 3, widths that are not multiples of the block sizes, forward and every
   gradient through the public op on the fused backend, against the reference evaluated in float64.
+- One CPU test that compiles every flag combination of the GEMM kernel for sm_90 (no GPU needed).
 - GPU tests (marker gpu): compiled kernels, bf16 at DPT-Large/Hybrid widths, against the reference in
-  float32, and torch.compile(fullgraph=True). Skipped without CUDA or when interpreting.
+  float64, and torch.compile(fullgraph=True). Skipped without CUDA or when interpreting.
 """
+import os
+
 import pytest
 import torch
 
+import triton
+import triton.language as tl
+
 import dpt_fast
 from dpt_fast import backend, ops, reference
+from dpt_fast.kernels.reassemble import _reassemble_pix_offsets  # conftest has set TRITON_INTERPRET by now
 from dpt_fast.ops.reassemble import output_shape, reassemble_op
 from dpt_fast.reference.reassemble import READOUTS, RESAMPLES
 
@@ -98,8 +105,9 @@ def _check(batch, grid_h, grid_w, dim, features, readout, resample, dtype, start
         out, grads = _op_fwd_bwd(tokens, params, grad, *meta)
     ran = dpt_fast.implementations_ran()
     assert ran[FWD] == {"triton": 1} and ran[BWD] == {"triton": 1}, ran
-    ref_dtype = torch.float64 if device == "cpu" else torch.float32
-    ref_out, ref_grads = _reference_fwd_bwd(tokens, params, grad, *meta, dtype=ref_dtype)
+    # float64 on the GPU too: a float32 oracle runs its convolutions in TF32 there (cuDNN's default), whose
+    # 10-bit mantissa is no better than the fp16 kernels under test
+    ref_out, ref_grads = _reference_fwd_bwd(tokens, params, grad, *meta, dtype=torch.float64)
     assert out.dtype == dtype and out.shape == ref_out.shape
     assert out.stride() == ref_out.stride() and out.is_contiguous(memory_format=torch.channels_last)
     _close(out, ref_out, dtype, "out")
@@ -146,12 +154,73 @@ def test_strided_tokens():
     tokens = wide[..., 8:8 + dim]
     assert not tokens.is_contiguous()
     meta = (gh, gw, 1, "project", "up4")
+    dpt_fast.implementations_ran(reset=True)
     with dpt_fast.use_backend("fused"):
         out, grads = _op_fwd_bwd(tokens, params, grad, *meta)
+    ran = dpt_fast.implementations_ran()
+    assert ran[FWD] == {"triton": 1} and ran[BWD] == {"triton": 1}, ran
     ref_out, ref_grads = _reference_fwd_bwd(tokens, params, grad, *meta)
     _close(out, ref_out, torch.float32, "out")
     for g, r in zip(grads, ref_grads):
         _close(g, r, torch.float32, "grad")
+
+
+@interpreter
+@pytest.mark.parametrize("resample", ["up4", "down2"])
+def test_channels_last_weights(resample):
+    """A model converted with .to(memory_format=torch.channels_last) hands the op channels_last conv
+    weights: their gradients must have the strides the fake implementation promises (empty_like), or
+    torch.compile's stride assertions fail, and the right values."""
+    batch, gh, gw, dim, features = 2, 3, 5, 16, 8
+    tokens, params, grad = _inputs(batch, gh, gw, dim, features, "project", resample, torch.float32, seed=16)
+    params = [p.contiguous(memory_format=torch.channels_last) if p is not None and p.dim() == 4 else p
+              for p in params]
+    assert not params[4].is_contiguous()
+    meta = (gh, gw, 1, "project", resample)
+    dpt_fast.implementations_ran(reset=True)
+    with dpt_fast.use_backend("fused"):
+        out, grads = _op_fwd_bwd(tokens, params, grad, *meta)
+        direct = torch.ops.dpt_fast.reassemble_backward(grad, tokens, *params, *meta)
+    ran = dpt_fast.implementations_ran()
+    assert ran[FWD] == {"triton": 1} and ran[BWD] == {"triton": 2}, ran
+    ref_out, ref_grads = _reference_fwd_bwd(tokens, params, grad, *meta)
+    _close(out, ref_out, torch.float32, "out")
+    for t, g, d, r in zip([tokens, *params], grads, direct, ref_grads):
+        assert d.stride() == torch.empty_like(t).stride()
+        _close(g, r, torch.float32, "grad")
+
+
+@triton.jit
+def _pix_offsets_kernel(tok_ptr, col_ptr, out_ptr, pix_np, pix_gw, pix_feat, S: tl.constexpr):
+    i = tl.arange(0, 4)
+    tl.store(out_ptr + i, _reassemble_pix_offsets(tl.load(tok_ptr + i), tl.load(col_ptr + i), pix_np, pix_gw,
+                                                  pix_feat, S))
+
+
+@interpreter
+def test_pixel_shuffle_offsets_are_int64():
+    """The pixel-shuffle offsets of an image whose map passes 2^31 elements are computed in 64 bits."""
+    _kernels()
+    n_patch, gw, feat, s = 2**20, 1024, 256, 4  # one image's map: 2^32 elements
+    tok = torch.tensor([0, 5, n_patch + 7, 3 * n_patch + 1029], dtype=torch.int32)
+    col = torch.tensor([3, s * s * feat - 1, 2 * feat + 9, 7 * feat], dtype=torch.int32)
+    out = torch.empty(4, dtype=torch.int64)
+    _pix_offsets_kernel[(1,)](tok, col, out, n_patch, gw, feat, S=s)
+    expected = []
+    for t, c in zip(tok.tolist(), col.tolist()):
+        img, rem, q = t // n_patch, t % n_patch, c // feat
+        h, w = (rem // gw) * s + q // s, (rem % gw) * s + q % s
+        expected.append(((img * n_patch * s * s) + h * gw * s + w) * feat + c % feat)
+    assert out.tolist() == expected
+
+
+@interpreter
+def test_readout_needs_a_prefix_token():
+    tokens, params, _ = _inputs(1, 2, 2, 8, 4, "add", "none", torch.float32, start_index=0, seed=17)
+    with pytest.raises(ValueError, match="start_index"):
+        ops.reassemble(tokens, *params, 2, 2, 0, "add", "none")
+    out = ops.reassemble(tokens, *params, 2, 2, 0, "ignore", "none")  # no prefix token: ignore only
+    torch.testing.assert_close(out, reference.reassemble(tokens, *params, 2, 2, 0, "ignore", "none"))
 
 
 @interpreter
@@ -183,6 +252,13 @@ def test_unsupported_inputs_fall_back_to_reference():
             out = ops.reassemble(tokens, *params, 3, 4, 1, "project", "up2")
         assert dpt_fast.implementations_ran()[FWD] == {"reference": 1}
         torch.testing.assert_close(out, reference.reassemble(tokens, *params, 3, 4, 1, "project", "up2"))
+    # parameters in another dtype than the tokens: aten's dtype error from the reference, not a kernel crash
+    tokens, params, _ = _inputs(1, 3, 4, 16, 8, "project", "up2", torch.float32, seed=10)
+    params[2] = params[2].half()
+    dpt_fast.implementations_ran(reset=True)
+    with dpt_fast.use_backend("fused"), pytest.raises(RuntimeError):
+        ops.reassemble(tokens, *params, 3, 4, 1, "project", "up2")
+    assert dpt_fast.implementations_ran()[FWD] == {"reference": 1}
 
 
 @interpreter
@@ -196,6 +272,65 @@ def test_opcheck_fused(readout, resample):
         torch.library.opcheck(reassemble_op, (tokens, *params, 3, 5, 1, readout, resample),
                               test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
     assert "triton" in dpt_fast.implementations_ran()[FWD]
+
+
+# --- CPU: ahead-of-time compilation for Hopper (no GPU needed) ----------------------------------------
+
+_AOT_SCRIPT = r"""
+import json
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from dpt_fast.kernels import reassemble as K
+assert not K._INTERPRET
+fn, cfg = K._reassemble_gemm.fn, K._reassemble_gemm.configs[0]
+OFF = dict(A_CLS=0, A_PIX=0, B_PIX=0, C_PIX=0, BIAS=0, ACT=0, STORE_PRE=0)
+# every launch of the launchers: its flags, the int arguments a real launch passes as 1 (Triton specialises
+# them to constants: unit strides, one token per image), and the pointers that are not bf16
+VARIANTS = {
+    "readout_token_bias": ({**OFF, "BIAS": 1}, ("stride_ak", "stride_bk", "stride_cn", "rows_per_img"),
+                           {"c_ptr": "*fp32"}),
+    "read_gelu": ({**OFF, "BIAS": 2, "ACT": 1, "STORE_PRE": 1}, ("stride_ak", "stride_bk", "stride_cn"),
+                  {"bias_ptr": "*fp32"}),
+    "project_add": ({**OFF, "A_CLS": 1, "BIAS": 1}, ("stride_ak", "stride_bk", "stride_cn"), {}),
+    "convt_pixel_shuffle_store": ({**OFF, "C_PIX": 1, "BIAS": 1}, ("stride_ak", "stride_bn", "stride_cn"), {}),
+    "bwd_dy_unshuffle": ({**OFF, "A_PIX": 1}, ("stride_ak", "stride_bk", "stride_cn"), {}),
+    "bwd_dwt_unshuffle": ({**OFF, "B_PIX": 1}, ("stride_a_row", "stride_cn"), {}),
+    "bwd_gelu_grad": ({**OFF, "ACT": 2}, ("stride_ak", "stride_bn", "stride_cn"), {}),
+}
+result = {}
+for name, (flags, ones, pointers) in VARIANTS.items():
+    consts = {**flags, "PIX_S": 4, "IEEE": False, **cfg.kwargs, **{a: 1 for a in ones}}
+    sig = {a: "constexpr" if a in consts else (pointers.get(a, "*bf16") if a.endswith("_ptr") else "i32")
+           for a in fn.arg_names}
+    # 16-byte aligned tensors, strides and sizes divisible by 16 (DPT widths)
+    attrs = {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a in fn.arg_names if sig[a] != "constexpr"
+             and (sig[a].startswith("*") or a.startswith("stride") or a in ("K", "N", "pix_feat"))}
+    src = ASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()},
+                    attrs=attrs)
+    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                              options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
+    ptx = compiled.asm["ptx"]
+    result[name] = {"wgmma": "wgmma" in ptx, "cp_async": "cp.async" in ptx, "shared": compiled.metadata.shared}
+print(json.dumps(result))
+"""
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU tests run the compiled kernels themselves")
+def test_kernels_compile_for_hopper_without_a_gpu():
+    """Compile every flag combination the launchers use (first autotune config) for sm_90, ptxas included:
+    catches what the interpreter cannot see, and checks the GEMMs use wgmma with pipelined loads."""
+    import json
+    import subprocess
+    import sys
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    proc = subprocess.run([sys.executable, "-c", _AOT_SCRIPT], capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert len(result) == 7, result
+    for name, r in result.items():
+        assert r["wgmma"] and r["cp_async"] and r["shared"] <= 227 * 1024, (name, r)
 
 
 # --- GPU: compiled kernels -----------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """`dpt_fast::residual_conv_unit`: x + conv2(relu(conv1(relu(x)) + b1)) + b2 [+ extra], 3x3 convs.
 
-Fused path (CUDA tensors, float16/bfloat16, channels a multiple of 8, one image under 2^31 bytes): the
+Fused path (CUDA tensors on sm_80+, float16/bfloat16, channels a multiple of 8, one image under 2^31 bytes): the
 CUTLASS kernels of the dpt_fast._C extension (csrc/), registered there for the CUDA dispatch key as
 `dpt_fast::_rcu_fused_forward` (two kernels: conv1 with the input ReLU in its mainloop and bias + ReLU in
 its epilogue; conv2 with bias + x [+ extra] in its epilogue) and `dpt_fast::_rcu_fused_conv1`.
@@ -63,6 +63,10 @@ def fused_supported(x: torch.Tensor, weight1: torch.Tensor) -> bool:
     """Whether the CUDA kernel can run this call (ignoring the backend choice)."""
     if not (x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) and x.dim() == 4):
         return False
+    if weight1.dtype != x.dtype or weight1.device != x.device:  # mixed: the reference (aten's error)
+        return False
+    if torch.cuda.get_device_capability(x.device) < (8, 0):  # the extension is built for sm_80 and sm_90a
+        return False
     channels = x.shape[1]
     if channels % 8 != 0 or tuple(weight1.shape) != (channels, channels, 3, 3):
         return False
@@ -124,7 +128,9 @@ def residual_conv_unit_backward_op(grad_out: torch.Tensor, x: torch.Tensor, weig
         backend.record(_OP_BACKWARD, "cuda")
         return _fused_backward(grad_out, x, weight1, bias1, weight2, bias2, has_extra)
     backend.record(_OP_BACKWARD, "reference")
-    return reference.residual_conv_unit_backward(grad_out, x, weight1, bias1, weight2, bias2, has_extra)
+    grads = reference.residual_conv_unit_backward(grad_out, x, weight1, bias1, weight2, bias2, has_extra)
+    # the strides the fake implementation promises (dx follows grad_out's layout otherwise)
+    return [_like(g, p) for g, p in zip(grads[:5], (x, weight1, bias1, weight2, bias2))] + grads[5:]
 
 
 @residual_conv_unit_backward_op.register_fake

@@ -18,10 +18,22 @@ def _kernels():
     return kernels
 
 
-def _use_fused(tokens: torch.Tensor, readout: str, resample: str) -> bool:
+def _use_fused(tokens: torch.Tensor, readout: str, resample: str, params=()) -> bool:
     if backend.get_backend() != "fused" or not (tokens.is_cuda or backend.triton_interpreting()):
         return False
+    # mixed dtypes or devices: the reference serves (and raises aten's usual error)
+    if any(p is not None and (p.dtype != tokens.dtype or p.device != tokens.device) for p in params):
+        return False
     return _kernels().supports(tokens, readout, resample)
+
+
+def _like(t: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """t with the strides torch.empty_like(ref) has (what the fake implementation promises; torch.compile
+    asserts them): e.g. the gradient of a channels_last weight (model.to(memory_format=channels_last))."""
+    out = torch.empty_like(ref, dtype=t.dtype)
+    if t.shape != out.shape or t.stride() == out.stride():
+        return t
+    return out.copy_(t)
 
 
 def output_shape(tokens, proj_weight, resample_weight, grid_h, grid_w, resample):
@@ -42,7 +54,7 @@ def reassemble_op(tokens: torch.Tensor, readout_weight: torch.Tensor | None, rea
                   readout: str, resample: str) -> torch.Tensor:
     args = (tokens, readout_weight, readout_bias, proj_weight, proj_bias, resample_weight, resample_bias,
             grid_h, grid_w, start_index, readout, resample)
-    if _use_fused(tokens, readout, resample):
+    if _use_fused(tokens, readout, resample, args[1:7]):
         backend.record(_OP, "triton")
         return _kernels().reassemble_forward(*args)
     backend.record(_OP, "reference")
@@ -64,11 +76,14 @@ def reassemble_backward_op(grad_out: torch.Tensor, tokens: torch.Tensor, readout
                            resample: str) -> list[torch.Tensor]:
     args = (grad_out, tokens, readout_weight, readout_bias, proj_weight, proj_bias, resample_weight,
             resample_bias, grid_h, grid_w, start_index, readout, resample)
-    if _use_fused(tokens, readout, resample):
+    params = [tokens, readout_weight, readout_bias, proj_weight, proj_bias, resample_weight, resample_bias]
+    if _use_fused(tokens, readout, resample, params[1:] + [grad_out]):
         backend.record("dpt_fast::reassemble_backward", "triton")
-        return _kernels().reassemble_backward(*args)
-    backend.record("dpt_fast::reassemble_backward", "reference")
-    return reference.reassemble_backward(*args)
+        grads = _kernels().reassemble_backward(*args)
+    else:
+        backend.record("dpt_fast::reassemble_backward", "reference")
+        grads = reference.reassemble_backward(*args)
+    return [g if p is None else _like(g, p) for g, p in zip(grads, params)]
 
 
 @reassemble_backward_op.register_fake
@@ -102,6 +117,9 @@ def reassemble(tokens: torch.Tensor, readout_weight, readout_bias, proj_weight, 
         raise ValueError(f"readout must be one of {READOUTS}, got {readout!r}")
     if resample not in RESAMPLES:
         raise ValueError(f"resample must be one of {RESAMPLES}, got {resample!r}")
+    if start_index < 0 or (readout != "ignore" and start_index < 1):
+        raise ValueError(f"readout={readout!r} reads token 0 as the readout token: start_index must be >= 1 "
+                         f"(0 only with readout='ignore'), got {start_index}")
     if tokens.dim() != 3 or tokens.shape[1] != start_index + grid_h * grid_w:
         raise ValueError(f"reassemble expects tokens [B, {start_index} + {grid_h}*{grid_w}, D], "
                          f"got {tuple(tokens.shape)}")
