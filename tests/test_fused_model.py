@@ -51,3 +51,24 @@ def test_fused_tiny_model_matches_reference_forward_and_gradients():
     assert ref_grads.keys() == grads.keys()
     worst = max(rel(grads[k], ref_grads[k]) for k in grads if ref_grads[k].norm() > 0)
     assert worst < 1e-3
+
+
+def test_backward_uses_the_backend_of_its_forward():
+    """Autograd may run a backward in another thread (its CUDA device thread) or outside the `with`
+    block: the backward must still run the implementation family its forward was asked for."""
+    model = _model()
+    x = torch.randn(1, 3, 64, 64)
+    dpt_fast.implementations_ran(reset=True)
+    with use_backend("reference"):
+        out = model(x)
+    out.sum().backward()  # outside the block: the thread's backend is "fused" again
+    ran = dpt_fast.implementations_ran(reset=True)
+    for op in ("attention", "reassemble", "residual_conv_unit"):
+        assert set(ran[f"dpt_fast::{op}_backward"]) == {"reference"}, ran
+    with use_backend("fused"):
+        out = model(x)
+    with use_backend("reference"):
+        out.sum().backward()
+    ran = dpt_fast.implementations_ran(reset=True)
+    assert set(ran["dpt_fast::attention_backward"]) == {"triton"}
+    assert set(ran["dpt_fast::reassemble_backward"]) == {"triton"}

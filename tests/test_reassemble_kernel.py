@@ -180,7 +180,7 @@ def test_channels_last_weights(resample):
     dpt_fast.implementations_ran(reset=True)
     with dpt_fast.use_backend("fused"):
         out, grads = _op_fwd_bwd(tokens, params, grad, *meta)
-        direct = torch.ops.dpt_fast.reassemble_backward(grad, tokens, *params, *meta)
+        direct = torch.ops.dpt_fast.reassemble_backward(grad, tokens, *params, *meta, "fused")
     ran = dpt_fast.implementations_ran()
     assert ran[FWD] == {"triton": 1} and ran[BWD] == {"triton": 2}, ran
     ref_out, ref_grads = _reference_fwd_bwd(tokens, params, grad, *meta)

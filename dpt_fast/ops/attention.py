@@ -19,8 +19,8 @@ def _kernels():
     return kernels
 
 
-def _use_fused(qkv: torch.Tensor, num_heads: int) -> bool:
-    if backend.get_backend() != "fused" or not (qkv.is_cuda or backend.triton_interpreting()):
+def _use_fused(qkv: torch.Tensor, num_heads: int, backend_name: str | None = None) -> bool:
+    if (backend_name or backend.get_backend()) != "fused" or not (qkv.is_cuda or backend.triton_interpreting()):
         return False
     return _kernels().supports(qkv, num_heads)
 
@@ -44,8 +44,8 @@ def _(qkv, num_heads, scale):
 
 @torch.library.custom_op("dpt_fast::attention_backward", mutates_args=())
 def attention_backward_op(grad_out: torch.Tensor, qkv: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
-                          num_heads: int, scale: float) -> torch.Tensor:
-    if _use_fused(qkv, num_heads):
+                          num_heads: int, scale: float, backend_name: str) -> torch.Tensor:
+    if _use_fused(qkv, num_heads, backend_name):
         backend.record("dpt_fast::attention_backward", "triton")
         return _kernels().attention_backward(grad_out, qkv, out, lse, num_heads, scale)
     backend.record("dpt_fast::attention_backward", "reference")
@@ -53,7 +53,7 @@ def attention_backward_op(grad_out: torch.Tensor, qkv: torch.Tensor, out: torch.
 
 
 @attention_backward_op.register_fake
-def _(grad_out, qkv, out, lse, num_heads, scale):
+def _(grad_out, qkv, out, lse, num_heads, scale, backend_name):
     return torch.empty_like(qkv, memory_format=torch.contiguous_format)
 
 
@@ -62,11 +62,13 @@ def _setup_context(ctx, inputs, output):
     out, lse = output
     ctx.save_for_backward(qkv, out, lse)
     ctx.num_heads, ctx.scale = num_heads, scale
+    ctx.backend_name = backend.get_backend()  # the backward may run in autograd's device thread
 
 
 def _backward(ctx, grad_out, grad_lse):
     qkv, out, lse = ctx.saved_tensors
-    grad_qkv = attention_backward_op(grad_out.contiguous(), qkv, out, lse, ctx.num_heads, ctx.scale)
+    grad_qkv = attention_backward_op(grad_out.contiguous(), qkv, out, lse, ctx.num_heads, ctx.scale,
+                                     ctx.backend_name)
     return grad_qkv, None, None
 
 

@@ -19,7 +19,7 @@ import warnings
 import torch
 
 from .. import backend, reference
-from .autocast import autocast_inputs
+from .common import autocast_inputs, with_strides_of
 from ..reference import rcu as _reference_rcu
 
 _OP = "dpt_fast::residual_conv_unit"
@@ -75,8 +75,8 @@ def fused_supported(x: torch.Tensor, weight1: torch.Tensor) -> bool:
     return cuda_kernel_registered()
 
 
-def _use_fused(x: torch.Tensor, weight1: torch.Tensor) -> bool:
-    return backend.get_backend() == "fused" and fused_supported(x, weight1)
+def _use_fused(x: torch.Tensor, weight1: torch.Tensor, backend_name: str | None = None) -> bool:
+    return (backend_name or backend.get_backend()) == "fused" and fused_supported(x, weight1)
 
 
 @torch.library.custom_op("dpt_fast::residual_conv_unit", mutates_args=())
@@ -94,15 +94,6 @@ def _(x, weight1, bias1, weight2, bias2, extra):
     return torch.empty_like(x)
 
 
-def _like(t: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
-    """t with the strides torch.empty_like(ref) has (what the fake implementation promises)."""
-    out = torch.empty_like(ref, dtype=t.dtype)
-    if t.stride() == out.stride():
-        return t
-    out.copy_(t)
-    return out
-
-
 def _fused_backward(grad_out, x, weight1, bias1, weight2, bias2, has_extra):
     cl = torch.channels_last
     conv_backward = _reference_rcu.conv3x3_backward
@@ -116,25 +107,25 @@ def _fused_backward(grad_out, x, weight1, bias1, weight2, bias2, has_extra):
     d_x = torch.ops.aten.threshold_backward(d_relu_x, xc, 0).add_(g)
     del d_relu_x
     d_extra = grad_out.clone() if has_extra else grad_out.new_empty(0)
-    return [_like(d_x, x), _like(d_weight1, weight1), d_hidden.sum((0, 2, 3)).to(bias1.dtype),
-            _like(d_weight2, weight2), g.sum((0, 2, 3)).to(bias2.dtype), d_extra]
+    return [with_strides_of(d_x, x), with_strides_of(d_weight1, weight1), d_hidden.sum((0, 2, 3)).to(bias1.dtype),
+            with_strides_of(d_weight2, weight2), g.sum((0, 2, 3)).to(bias2.dtype), d_extra]
 
 
 @torch.library.custom_op("dpt_fast::residual_conv_unit_backward", mutates_args=())
 def residual_conv_unit_backward_op(grad_out: torch.Tensor, x: torch.Tensor, weight1: torch.Tensor,
                                    bias1: torch.Tensor, weight2: torch.Tensor, bias2: torch.Tensor,
-                                   has_extra: bool) -> list[torch.Tensor]:
-    if _use_fused(x, weight1):
+                                   has_extra: bool, backend_name: str) -> list[torch.Tensor]:
+    if _use_fused(x, weight1, backend_name):
         backend.record(_OP_BACKWARD, "cuda")
         return _fused_backward(grad_out, x, weight1, bias1, weight2, bias2, has_extra)
     backend.record(_OP_BACKWARD, "reference")
     grads = reference.residual_conv_unit_backward(grad_out, x, weight1, bias1, weight2, bias2, has_extra)
     # the strides the fake implementation promises (dx follows grad_out's layout otherwise)
-    return [_like(g, p) for g, p in zip(grads[:5], (x, weight1, bias1, weight2, bias2))] + grads[5:]
+    return [with_strides_of(g, p) for g, p in zip(grads[:5], (x, weight1, bias1, weight2, bias2))] + grads[5:]
 
 
 @residual_conv_unit_backward_op.register_fake
-def _(grad_out, x, weight1, bias1, weight2, bias2, has_extra):
+def _(grad_out, x, weight1, bias1, weight2, bias2, has_extra, backend_name):
     d_extra = torch.empty_like(grad_out) if has_extra else grad_out.new_empty(0)
     return [torch.empty_like(x), torch.empty_like(weight1), torch.empty_like(bias1),
             torch.empty_like(weight2), torch.empty_like(bias2), d_extra]
@@ -144,10 +135,11 @@ def _setup_context(ctx, inputs, output):
     x, weight1, bias1, weight2, bias2, extra = inputs
     ctx.save_for_backward(x, weight1, bias1, weight2, bias2)
     ctx.has_extra = extra is not None
+    ctx.backend_name = backend.get_backend()  # the backward may run in autograd's device thread
 
 
 def _backward(ctx, grad_out):
-    grads = residual_conv_unit_backward_op(grad_out, *ctx.saved_tensors, ctx.has_extra)
+    grads = residual_conv_unit_backward_op(grad_out, *ctx.saved_tensors, ctx.has_extra, ctx.backend_name)
     return (*grads[:5], grads[5] if ctx.has_extra else None)
 
 

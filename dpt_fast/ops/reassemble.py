@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 
 from .. import backend, reference
-from .autocast import autocast_inputs
+from .common import autocast_inputs, with_strides_of
 from ..reference.reassemble import READOUTS, RESAMPLES
 
 _OP = "dpt_fast::reassemble"
@@ -18,22 +18,14 @@ def _kernels():
     return kernels
 
 
-def _use_fused(tokens: torch.Tensor, readout: str, resample: str, params=()) -> bool:
-    if backend.get_backend() != "fused" or not (tokens.is_cuda or backend.triton_interpreting()):
+def _use_fused(tokens: torch.Tensor, readout: str, resample: str, params=(),
+               backend_name: str | None = None) -> bool:
+    if (backend_name or backend.get_backend()) != "fused" or not (tokens.is_cuda or backend.triton_interpreting()):
         return False
     # mixed dtypes or devices: the reference serves (and raises aten's usual error)
     if any(p is not None and (p.dtype != tokens.dtype or p.device != tokens.device) for p in params):
         return False
     return _kernels().supports(tokens, readout, resample)
-
-
-def _like(t: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
-    """t with the strides torch.empty_like(ref) has (what the fake implementation promises; torch.compile
-    asserts them): e.g. the gradient of a channels_last weight (model.to(memory_format=channels_last))."""
-    out = torch.empty_like(ref, dtype=t.dtype)
-    if t.shape != out.shape or t.stride() == out.stride():
-        return t
-    return out.copy_(t)
 
 
 def output_shape(tokens, proj_weight, resample_weight, grid_h, grid_w, resample):
@@ -73,22 +65,22 @@ def reassemble_backward_op(grad_out: torch.Tensor, tokens: torch.Tensor, readout
                            readout_bias: torch.Tensor | None, proj_weight: torch.Tensor, proj_bias: torch.Tensor,
                            resample_weight: torch.Tensor | None, resample_bias: torch.Tensor | None,
                            grid_h: int, grid_w: int, start_index: int, readout: str,
-                           resample: str) -> list[torch.Tensor]:
+                           resample: str, backend_name: str) -> list[torch.Tensor]:
     args = (grad_out, tokens, readout_weight, readout_bias, proj_weight, proj_bias, resample_weight,
             resample_bias, grid_h, grid_w, start_index, readout, resample)
     params = [tokens, readout_weight, readout_bias, proj_weight, proj_bias, resample_weight, resample_bias]
-    if _use_fused(tokens, readout, resample, params[1:] + [grad_out]):
+    if _use_fused(tokens, readout, resample, params[1:] + [grad_out], backend_name):
         backend.record("dpt_fast::reassemble_backward", "triton")
         grads = _kernels().reassemble_backward(*args)
     else:
         backend.record("dpt_fast::reassemble_backward", "reference")
         grads = reference.reassemble_backward(*args)
-    return [g if p is None else _like(g, p) for g, p in zip(grads, params)]
+    return [g if p is None else with_strides_of(g, p) for g, p in zip(grads, params)]
 
 
 @reassemble_backward_op.register_fake
 def _(grad_out, tokens, readout_weight, readout_bias, proj_weight, proj_bias, resample_weight, resample_bias,
-      grid_h, grid_w, start_index, readout, resample):
+      grid_h, grid_w, start_index, readout, resample, backend_name):
     params = [tokens, readout_weight, readout_bias, proj_weight, proj_bias, resample_weight, resample_bias]
     return [tokens.new_empty(0) if p is None else torch.empty_like(p) for p in params]
 
@@ -97,11 +89,12 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(*inputs[:7])
     ctx.meta = inputs[7:]
     ctx.present = [t is not None for t in inputs[:7]]
+    ctx.backend_name = backend.get_backend()  # the backward may run in autograd's device thread
 
 
 def _backward(ctx, grad_out):
     grads = reassemble_backward_op(grad_out.contiguous(memory_format=torch.channels_last),
-                                   *ctx.saved_tensors, *ctx.meta)
+                                   *ctx.saved_tensors, *ctx.meta, ctx.backend_name)
     return (*[g if present else None for g, present in zip(grads, ctx.present)],
             None, None, None, None, None)
 

@@ -1,6 +1,6 @@
-"""Autocast for the dpt_fast operators.
+"""What the three operator files share: autocast casting and the strides promised by fake impls.
 
-A custom operator is opaque to autocast, so under `torch.autocast` it would receive activations in
+Autocast: a custom operator is opaque to autocast, so under `torch.autocast` it would receive activations in
 the autocast dtype next to float32 weights. Like aten's conv and linear, the operators run in the
 autocast dtype: their floating-point inputs are cast before the call, and autograd carries the
 gradients back through the casts to the float32 parameters.
@@ -18,3 +18,13 @@ def autocast_inputs(*tensors):
         return tensors
     dtype = torch.get_autocast_dtype(device_type)
     return tuple(t.to(dtype) if t is not None and t.is_floating_point() else t for t in tensors)
+
+
+def with_strides_of(t: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """t with the strides torch.empty_like(ref) has: what the fake implementations promise, and what
+    torch.compile asserts (e.g. the gradient of a channels_last weight after
+    model.to(memory_format=torch.channels_last))."""
+    out = torch.empty_like(ref, dtype=t.dtype)
+    if t.shape != out.shape or t.stride() == out.stride():
+        return t
+    return out.copy_(t)
