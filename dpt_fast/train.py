@@ -484,12 +484,10 @@ def train(args=None, **overrides) -> dict:
     device = env.device
     out = Path(args.out)
     checkpoint_path = out / "checkpoint.pt"
-    previous_backend = backend.get_backend()
-    backend.set_backend(args.backend)
     try:
-        return _train(args, env, device, out, checkpoint_path)
+        with backend.use_backend(args.backend):  # this thread only; backwards follow their forward's choice
+            return _train(args, env, device, out, checkpoint_path)
     finally:
-        backend.set_backend(previous_backend)
         env.close()
 
 
