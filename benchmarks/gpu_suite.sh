@@ -7,6 +7,12 @@
 #   bash benchmarks/gpu_suite.sh e2e       end-to-end inference benchmark + training-step benchmark
 #   bash benchmarks/gpu_suite.sh all       everything, one after the other (a machine without a time limit)
 #
+# The GPU image has no nvidia-cutlass: carry its wheel. Once, here, in the repo root:
+#   echo /.whl/ >> .git/info/exclude
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#     --platform manylinux2014_x86_64 -d .whl nvidia-cutlass==4.2.0.0
+# then name ".whl" in the device call's `carry`; the build takes the headers out of it.
+#
 # Everything goes under $OUT (default ./gpu-out): suite-<stage>.log plus each benchmark's JSON (the device
 # tool returns at most 8 files a call). Results then go to benchmarks/results/ and benchmarks/RESULTS.md.
 set -uo pipefail
@@ -27,6 +33,15 @@ build() {
     return
   fi
   step build
+  wheel=$(ls .whl/nvidia_cutlass-*.whl 2>/dev/null | head -1)
+  if [ -n "$wheel" ] && [ -z "${DPT_FAST_CUTLASS_INCLUDE:-}" ]; then
+    python - "$wheel" <<'PY'
+import sys, zipfile
+with zipfile.ZipFile(sys.argv[1]) as z:
+    z.extractall("/tmp/cutlass", [n for n in z.namelist() if n.startswith("cutlass_library/source/include/")])
+PY
+    export DPT_FAST_CUTLASS_INCLUDE=/tmp/cutlass/cutlass_library/source/include
+  fi
   DPT_FAST_BUILD_CUDA=1 MAX_JOBS=16 pip install -q --no-build-isolation --no-deps -e . 2>&1 | tail -40
   python -c "from dpt_fast.ops.rcu import cuda_kernel_registered as r; print('rcu kernel registered:', r())"
 }
