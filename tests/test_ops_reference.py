@@ -195,3 +195,10 @@ def test_operators_run_in_the_autocast_dtype_and_train_float32_weights():
         assert g.dtype == torch.float32
         assert ((g - r).norm() / r.norm()).item() < 3e-2
     assert ((stage.float() - ref_stage).norm() / ref_stage.norm()).item() < 2e-2
+
+
+@pytest.mark.parametrize("shape,heads,match", [((2, 5, 48), 0, "num_heads"), ((2, 5, 50), 2, "3\\*H\\*D"),
+                                               ((5, 48), 2, "3\\*H\\*D")])
+def test_attention_rejects_bad_shapes_clearly(shape, heads, match):
+    with pytest.raises(ValueError, match=match):
+        ops.attention(torch.randn(shape), heads)

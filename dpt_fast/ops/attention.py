@@ -76,6 +76,8 @@ attention_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def check_attention_input(qkv: torch.Tensor, num_heads: int) -> None:
+    if num_heads < 1:
+        raise ValueError(f"dpt_fast.attention needs num_heads >= 1, got {num_heads}")
     if qkv.dim() != 3 or qkv.shape[-1] % (3 * num_heads) != 0:
         raise ValueError(f"dpt_fast.attention expects qkv of shape [B, N, 3*H*D] with H={num_heads}, "
                          f"got {tuple(qkv.shape)}")
