@@ -50,30 +50,25 @@ def _find_nvcc() -> str | None:
     return None
 
 
-def _find_cmake() -> str | None:
-    exe = shutil.which("cmake")
+def _find_tool(name: str, bin_dir_attr: str) -> str | None:
+    """`name` on PATH, else the binary shipped by the PyPI package of that name (cmake, ninja)."""
+    exe = shutil.which(name)
     if exe:
         return exe
-    try:  # the `cmake` PyPI package
-        import cmake  # type: ignore
-
-        exe = os.path.join(cmake.CMAKE_BIN_DIR, "cmake")
-        return exe if os.path.isfile(exe) else None
+    try:
+        package = __import__(name)
     except ImportError:
         return None
+    exe = os.path.join(getattr(package, bin_dir_attr), name)
+    return exe if os.path.isfile(exe) else None
+
+
+def _find_cmake() -> str | None:
+    return _find_tool("cmake", "CMAKE_BIN_DIR")
 
 
 def _find_ninja() -> str | None:
-    exe = shutil.which("ninja")
-    if exe:
-        return exe
-    try:  # the `ninja` PyPI package
-        import ninja  # type: ignore
-
-        exe = os.path.join(ninja.BIN_DIR, "ninja")
-        return exe if os.path.isfile(exe) else None
-    except ImportError:
-        return None
+    return _find_tool("ninja", "BIN_DIR")
 
 
 def _torch_cuda() -> tuple[str | None, str]:
