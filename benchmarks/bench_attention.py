@@ -100,11 +100,10 @@ def main(argv=None):
     args = parse_args(argv)
     import torch
 
-    if not torch.cuda.is_available():
-        print("bench_attention.py needs a CUDA GPU: none is available here, nothing was measured.", file=sys.stderr)
-        return 2
-    if os.environ.get("TRITON_INTERPRET", "0") == "1":
-        print("bench_attention.py: unset TRITON_INTERPRET (the interpreter is not a benchmark).", file=sys.stderr)
+    from dpt_fast.bench import gpu_benchmark_blocker
+    blocker = gpu_benchmark_blocker()
+    if blocker:
+        print(f"bench_attention.py: {blocker}", file=sys.stderr)
         return 2
 
     import torch.nn.functional as F

@@ -133,8 +133,10 @@ def main(argv=None):
                     help="stop starting compiled baselines after this many seconds in total")
     args = ap.parse_args(argv)
 
-    if not torch.cuda.is_available():
-        print("bench_rcu: needs a CUDA GPU (none found); nothing was measured", file=sys.stderr)
+    from dpt_fast.bench import gpu_benchmark_blocker
+    blocker = gpu_benchmark_blocker()
+    if blocker:
+        print(f"bench_rcu.py: {blocker}", file=sys.stderr)
         return 2
 
     import dpt_fast

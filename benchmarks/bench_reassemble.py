@@ -159,11 +159,10 @@ def main(argv=None):
                     help="stop starting compiled baselines after this many seconds in total")
     args = ap.parse_args(argv)
 
-    if not torch.cuda.is_available():
-        print("bench_reassemble: needs a CUDA GPU (none found); nothing was measured", file=sys.stderr)
-        return 2
-    if os.environ.get("TRITON_INTERPRET", "0") == "1":
-        print("bench_reassemble: TRITON_INTERPRET=1 would time the interpreter; unset it", file=sys.stderr)
+    from dpt_fast.bench import gpu_benchmark_blocker
+    blocker = gpu_benchmark_blocker()
+    if blocker:
+        print(f"bench_reassemble.py: {blocker}", file=sys.stderr)
         return 2
 
     import dpt_fast

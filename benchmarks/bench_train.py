@@ -218,8 +218,10 @@ def markdown(report: dict) -> str:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    if not torch.cuda.is_available():
-        print("bench_train.py needs a CUDA GPU (none is available here); nothing was measured.", file=sys.stderr)
+    from dpt_fast.bench import gpu_benchmark_blocker
+    blocker = gpu_benchmark_blocker()
+    if blocker:
+        print(f"bench_train.py: {blocker}", file=sys.stderr)
         return 2
     import dpt_fast
     from dpt_fast.bench import environment

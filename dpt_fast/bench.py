@@ -152,6 +152,15 @@ def _git_commit() -> str | None:
         return None
 
 
+def gpu_benchmark_blocker() -> str | None:
+    """Why a GPU benchmark script would measure nothing meaningful here; None when it can run."""
+    if not torch.cuda.is_available():
+        return "needs a CUDA GPU (none is available here); nothing was measured"
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        return "TRITON_INTERPRET=1 would time the Triton interpreter; unset it"
+    return None
+
+
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
