@@ -6,21 +6,8 @@ import torch
 import torch.nn.functional as F
 
 from dpt_fast import DPTDepthModel, DPTSegmentationModel, backend, build_model, use_backend
-
-TINY = dict(backbone="vit_tiny_patch16_224", hooks=[2, 5, 8, 11], features=32)
-
-
-def _randomize_(model, seed=0):
-    """Random weights everywhere, BN statistics included (fresh init leaves some zeros/ones)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.state_dict().items():
-            if p.is_floating_point():
-                if "running_var" in name:
-                    p.copy_(torch.rand(p.shape, generator=g) + 0.5)
-                else:
-                    p.copy_(torch.randn(p.shape, generator=g) * (0.02 if p.dim() > 1 else 0.1))
-    return model
+from model_helpers import TINY
+from model_helpers import randomize_ as _randomize_
 
 
 def _block_as_original(block, x):

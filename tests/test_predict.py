@@ -17,34 +17,22 @@ from PIL import Image
 from dpt_fast import DPTDepthModel, DPTSegmentationModel, cli, image_io, predict, use_backend
 from dpt_fast.transforms import normalize_depth, preprocess, resize_prediction
 from dpt_fast.weights import load_model, save_model
+from model_helpers import TINY, randomize_
 
-TINY = dict(backbone="vit_tiny_patch16_224", hooks=[2, 5, 8, 11], features=32)
 GOOD = {"a.png": (60, 80), "b.jpg": (90, 70), "sub/c.png": (64, 64), "sub/d.jpg": (50, 100), "sub/deeper/e.png": (45, 33)}
 FAST = ["--backend", "reference", "--num-workers", "0"]
-
-
-def _randomize_(model, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.state_dict().items():
-            if p.is_floating_point():
-                if "running_var" in name:
-                    p.copy_(torch.rand(p.shape, generator=g) + 0.5)
-                else:
-                    p.copy_(torch.randn(p.shape, generator=g) * (0.05 if p.dim() > 1 else 0.1))
-    return model
 
 
 @pytest.fixture(scope="module")
 def depth_model_dir(tmp_path_factory):
     torch.manual_seed(0)
-    return save_model(_randomize_(DPTDepthModel(**TINY)), tmp_path_factory.mktemp("models") / "tiny-depth")
+    return save_model(randomize_(DPTDepthModel(**TINY), matrix_std=0.05), tmp_path_factory.mktemp("models") / "tiny-depth")
 
 
 @pytest.fixture(scope="module")
 def seg_model_dir(tmp_path_factory):
     torch.manual_seed(0)
-    return save_model(_randomize_(DPTSegmentationModel(5, **TINY), seed=1), tmp_path_factory.mktemp("models") / "tiny-seg")
+    return save_model(randomize_(DPTSegmentationModel(5, **TINY), seed=1, matrix_std=0.05), tmp_path_factory.mktemp("models") / "tiny-seg")
 
 
 def _make_images(root: Path) -> Path:
