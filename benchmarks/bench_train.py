@@ -113,7 +113,7 @@ def build_model(name: str, initial_state, args, device):
 def run_variant(name: str, variant: str, batch: dict, initial_state, args, device) -> dict:
     import contextlib
     import dpt_fast
-    from dpt_fast.bench import _cleanup, inline_plain_ops, time_calls
+    from dpt_fast.bench import _cleanup, describe_error, inline_plain_ops, time_calls
     result = {"model": LABELS[name], "backbone": MODELS[name], "variant": variant, "batch": batch["image"].shape[0],
               "size": args.size, "error": None}
     stack = contextlib.ExitStack()
@@ -149,7 +149,7 @@ def run_variant(name: str, variant: str, batch: dict, initial_state, args, devic
     except torch.OutOfMemoryError:
         result["error"] = "out of memory"
     except Exception as e:  # noqa: BLE001 -- one failing variant must not stop the others
-        result["error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:500]
+        result["error"] = describe_error(e)
     finally:
         stack.close()
         del step, model

@@ -152,6 +152,12 @@ def _git_commit() -> str | None:
         return None
 
 
+def describe_error(error: BaseException, limit: int = 500) -> str:
+    """One line for a results table: the error's type and the first line of its message."""
+    text = str(error)
+    return f"{type(error).__name__}: {text.splitlines()[0] if text else ''}"[:limit]
+
+
 def gpu_benchmark_blocker() -> str | None:
     """Why a GPU benchmark script would measure nothing meaningful here; None when it can run."""
     if not torch.cuda.is_available():
@@ -397,7 +403,7 @@ def run_variant(variant: str, model_name: str, x: torch.Tensor, args, device, dt
     except torch.OutOfMemoryError:
         result["error"] = "out of memory"
     except Exception as e:  # noqa: BLE001 -- one failing variant must not stop the others
-        result["error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:500]
+        result["error"] = describe_error(e)
     finally:
         stack.close()
         del model
