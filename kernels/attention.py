@@ -3,6 +3,7 @@
 Kernels (named after the operator, so a profile tells which ran):
 
     _attention_fwd              online softmax over key blocks; writes out [B, N, H*D] and lse [B, H, N]
+    _attention_fwd_tma          the same with its tiles moved by TMA (Hopper), see "TMA" below
     _attention_bwd_preprocess   delta = rowsum(dO * O)                        [B, H, N] float32
     _attention_bwd_dkdv         one program per key block: dK, dV             -> packed dqkv
     _attention_bwd_dq           one program per query block: dQ               -> packed dqkv
@@ -26,16 +27,48 @@ Under TRITON_INTERPRET=1 the kernels run on CPU tensors through the interpreter 
 (with exact IEEE float32 dots); bfloat16 is excluded there because the interpreter's bf16 tl.dot is wrong.
 
 Tuning. On a GPU each kernel is autotuned over block sizes, warps and stages (chosen for Hopper),
-keyed on N (rounded up to a power of two, so that many image sizes share a tuning) and head dim; under the interpreter one fixed small config is used (the interpreter cannot
-autotune over several configs and ignores warps/stages).
+keyed on N (rounded up to a power of two, so that many image sizes share a tuning) and head dim; under the
+interpreter one fixed small config is used (the interpreter cannot autotune over several configs and
+ignores warps/stages).
+
+TMA. On sm_90+ CUDA devices the launchers run the *_tma kernels (autotuned over the same configs as their
+pointer twins), which read and write q/k/v/out tiles through host-side tensor descriptors
+(triton.tools.tensor_descriptor.TensorDescriptor, triton >= 3.4): the tensor memory accelerator copies
+whole tiles (cp.async.bulk.tensor) instead of every thread computing addresses. The descriptors are 3-D,
+[B, N, C] with blocks [1, rows, HEAD_DIM] at column h*D (q), H*D + h*D (k), 2*H*D + h*D (v), so the
+hardware zero-fills rows past N of an image on load and drops them on store: never the next image's rows
+(a descriptor over the flattened [B*N, C] rows would overwrite them). Zero-filled keys score 0, not
+-inf: the last key block still masks columns >= N explicitly. A block shape depends on the config, so an
+autotune pre-hook sets it (_TMA_BLOCK_ROWS). TMA needs a 16-byte aligned base and 16-byte multiples for
+every stride but the last (which must be 1): a tensor that is not (an odd slice of a larger one) takes
+the pointer kernels, as do pre-Hopper GPUs and triton versions without TensorDescriptor.
+DPT_FAST_ATTENTION_TMA=0 in the environment (read per call) forces the pointer kernels, to compare or to
+isolate a problem; `kernel_launches()` tells which kernels the launchers ran. Under the interpreter the
+TMA kernels run only when asked for (attention_forward(..., tma=True); tests).
+
+Warp specialization: not used, because triton does not warp-specialize these loops for Hopper. Checked by
+compiling a TMA attention forward for GPUTarget("cuda", 90, 32) with tl.range(..., warp_specialize=True),
+triton 3.6.0 and 3.9.0 alike: with num_warps=4 compilation fails in the Hopper pass
+NVGPUWarpSpecialization (3.9: "descriptor block and tensor must have the same number of elements"); with
+num_warps=8 it compiles, but the TTGIR has no ttg.warp_specialize op (only the loop's tt.warp_specialize
+attribute), the PTX is the same as without the flag and has no setmaxnreg. For sm_100 the same source gets
+ttg.warp_specialize partitions, 12 warps and setmaxnreg; the tl.range docstring of both versions says
+warp specialization "is only supported on Blackwell GPUs".
+Re-check when the GPU image moves past triton 3.9.
 """
 from __future__ import annotations
 
 import os
+import threading
 
 import torch
 import triton
 import triton.language as tl
+
+try:  # host-side TMA descriptors (triton >= 3.4; the GPU image has 3.6)
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # pragma: no cover - older triton: pointer kernels only
+    TensorDescriptor = None
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -70,31 +103,58 @@ _DQ_CONFIGS = _configs([
 ])
 _PREPROCESS_BLOCK = 64
 
+# Rows of the TMA block of every descriptor argument of the TMA kernels (the block is [1, rows, HEAD_DIM]
+# over a [B, N, C] tensor); the autotune pre-hook and the sm_90 compile test both read this table.
+_TMA_BLOCK_ROWS = {"desc_q": "BLOCK_M", "desc_o": "BLOCK_M", "desc_do": "BLOCK_M", "desc_dq": "BLOCK_M",
+                   "desc_kv": "BLOCK_N", "desc_dkv": "BLOCK_N"}
+
+
+def _set_tma_block_shapes(nargs):
+    """Autotune pre-hook: the descriptors' block shapes follow the config being run."""
+    head_dim = nargs["HEAD_DIM"]
+    for name, rows in _TMA_BLOCK_ROWS.items():
+        desc = nargs.get(name)
+        if desc is not None:
+            desc.block_shape = [1, nargs[rows], head_dim]
+
+
+def _with_tma_hook(configs):
+    return [triton.Config(dict(c.kwargs), num_warps=c.num_warps, num_stages=c.num_stages,
+                          pre_hook=_set_tma_block_shapes) for c in configs]
+
 
 # --- forward ------------------------------------------------------------------------------------
+
+@triton.jit
+def _attention_fwd_step(acc, l_i, m_i, q, k, v, key_valid, qk_scale, MASK: tl.constexpr,
+                        DOT_PRECISION: tl.constexpr):
+    """One key block of the online softmax (shared by the pointer and the TMA kernels). With MASK, key
+    columns where key_valid is False get score -inf: their K rows were read as zeros (score 0, not -inf)."""
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # log2 units
+    if MASK:
+        s = tl.where(key_valid[None, :], s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    p = tl.math.exp2(s - m_new[:, None])
+    alpha = tl.math.exp2(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None]
+    acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
+    return acc, l_i, m_new
+
 
 @triton.jit
 def _attention_fwd_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, start, stop, stride_n, N_CTX, qk_scale,
                          BLOCK_N: tl.constexpr, MASK: tl.constexpr, DOT_PRECISION: tl.constexpr):
     offs_n = tl.arange(0, BLOCK_N)
     for start_n in range(start, stop, BLOCK_N):
+        valid = (start_n + offs_n) < N_CTX
         if MASK:
-            valid = (start_n + offs_n) < N_CTX
             k = tl.load(k_ptrs + start_n * stride_n, mask=valid[:, None], other=0.0)
             v = tl.load(v_ptrs + start_n * stride_n, mask=valid[:, None], other=0.0)
         else:
             k = tl.load(k_ptrs + start_n * stride_n)
             v = tl.load(v_ptrs + start_n * stride_n)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # log2 units
-        if MASK:
-            s = tl.where(valid[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        p = tl.math.exp2(s - m_new[:, None])
-        alpha = tl.math.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None]
-        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
-        m_i = m_new
+        acc, l_i, m_i = _attention_fwd_step(acc, l_i, m_i, q, k, v, valid, qk_scale, MASK, DOT_PRECISION)
     return acc, l_i, m_i
 
 
@@ -136,6 +196,54 @@ def _attention_fwd(QKV, Out, LSE, stride_qkv_b, stride_qkv_n, stride_out_b, stri
     out_base = Out + off_b.to(tl.int64) * stride_out_b + off_h * HEAD_DIM
     tl.store(out_base + offs_m[:, None] * stride_out_n + offs_d[None, :], acc.to(Out.dtype.element_ty),
              mask=row_valid[:, None])
+
+
+@triton.jit
+def _attention_fwd_tma_inner(acc, l_i, m_i, q, desc_kv, off_b, k_col, v_col, start, stop, N_CTX, qk_scale,
+                             HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MASK: tl.constexpr,
+                             DOT_PRECISION: tl.constexpr):
+    offs_n = tl.arange(0, BLOCK_N)
+    for start_n in range(start, stop, BLOCK_N):
+        # rows past N of this image come back as zeros (the descriptor's N bound), never the next image's
+        k = desc_kv.load([off_b, start_n, k_col]).reshape(BLOCK_N, HEAD_DIM)
+        v = desc_kv.load([off_b, start_n, v_col]).reshape(BLOCK_N, HEAD_DIM)
+        valid = (start_n + offs_n) < N_CTX
+        acc, l_i, m_i = _attention_fwd_step(acc, l_i, m_i, q, k, v, valid, qk_scale, MASK, DOT_PRECISION)
+    return acc, l_i, m_i
+
+
+@triton.autotune(configs=_with_tma_hook(_FWD_CONFIGS), key=["N_BUCKET", "HEAD_DIM"])
+@triton.jit
+def _attention_fwd_tma(desc_q, desc_kv, desc_o, LSE, N_CTX, N_BUCKET, num_heads, qk_scale, HEAD_DIM: tl.constexpr,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """_attention_fwd with every q/k/v/out tile moved by the tensor memory accelerator (Hopper): 3-D
+    descriptors [B, N, C] with blocks [1, rows, HEAD_DIM], so the hardware zero-fills rows past N on load
+    and drops them on store."""
+    start_m = tl.program_id(0) * BLOCK_M
+    pid_bh = tl.program_id(1)
+    off_b = pid_bh // num_heads
+    off_h = pid_bh % num_heads
+    q_col = off_h * HEAD_DIM
+    width = num_heads * HEAD_DIM
+
+    q = desc_q.load([off_b, start_m, q_col]).reshape(BLOCK_M, HEAD_DIM)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+
+    full_stop = (N_CTX // BLOCK_N) * BLOCK_N
+    acc, l_i, m_i = _attention_fwd_tma_inner(acc, l_i, m_i, q, desc_kv, off_b, width + q_col, 2 * width + q_col,
+                                             0, full_stop, N_CTX, qk_scale, HEAD_DIM, BLOCK_N, False, DOT_PRECISION)
+    if full_stop < N_CTX:
+        acc, l_i, m_i = _attention_fwd_tma_inner(acc, l_i, m_i, q, desc_kv, off_b, width + q_col,
+                                                 2 * width + q_col, full_stop, N_CTX, N_CTX, qk_scale, HEAD_DIM,
+                                                 BLOCK_N, True, DOT_PRECISION)
+
+    acc = acc / l_i[:, None]
+    lse = (m_i + tl.math.log2(l_i)) * 0.6931471805599453  # natural-log units
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    tl.store(LSE + pid_bh.to(tl.int64) * N_CTX + offs_m, lse, mask=offs_m < N_CTX)
+    desc_o.store([off_b, start_m, q_col], acc.to(desc_o.dtype).reshape(1, BLOCK_M, HEAD_DIM))
 
 
 # --- backward -----------------------------------------------------------------------------------
@@ -336,6 +444,52 @@ def _batch_chunks(batch: int, num_heads: int):
         yield lo, min(lo + step, batch)
 
 
+def _tma_aligned(t: torch.Tensor) -> bool:
+    """What a TMA descriptor over t needs: a 16-byte aligned base, unit last stride, 16-byte multiples for
+    the other strides. (Head column offsets h*D*itemsize are 16-byte multiples for every supported D.)"""
+    size = t.element_size()
+    return (t.dim() == 3 and t.stride(-1) == 1 and t.data_ptr() % 16 == 0
+            and all((stride * size) % 16 == 0 for stride in t.stride()[:-1]))
+
+
+def use_tma(*tensors: torch.Tensor, tma: bool | None = None) -> bool:
+    """Whether the launchers run the TMA kernels for these operands (the [B, N, C] tensors the kernel
+    reads and writes through descriptors). tma=None: on sm_90+ CUDA devices unless the environment sets
+    DPT_FAST_ATTENTION_TMA=0 (read per call); True: wherever the descriptors are possible (also under the
+    interpreter); False: never. A tensor TMA cannot address (misaligned base or strides, e.g. an odd
+    slice) always takes the pointer kernels."""
+    if tma is None:
+        first = tensors[0]
+        tma = (not _INTERPRET and first.is_cuda and os.environ.get("DPT_FAST_ATTENTION_TMA", "1") != "0"
+               and torch.cuda.get_device_capability(first.device) >= (9, 0))
+    return bool(tma) and TensorDescriptor is not None and all(_tma_aligned(t) for t in tensors)
+
+
+def _descriptor(t: torch.Tensor, head_dim: int):
+    """A [B, N, C] descriptor; its block shape [1, rows, head_dim] is set per config by the pre-hook."""
+    return TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 16, head_dim])
+
+
+_launches: dict[str, int] = {}
+_launches_lock = threading.Lock()
+
+
+def _count(kernel) -> None:
+    name = getattr(kernel, "fn", kernel).__name__
+    with _launches_lock:
+        _launches[name] = _launches.get(name, 0) + 1
+
+
+def kernel_launches(reset: bool = False) -> dict[str, int]:
+    """How many launcher calls ran each forward/dK-dV/dQ kernel (by kernel name) since the last reset: tells
+    a test or a benchmark whether the TMA or the pointer kernels ran."""
+    with _launches_lock:
+        counts = dict(_launches)
+        if reset:
+            _launches.clear()
+    return counts
+
+
 class _on_device:
     """Launch on the tensor's CUDA device (Triton launches on the current device)."""
 
@@ -352,25 +506,42 @@ class _on_device:
         return False
 
 
-def attention_forward(qkv: torch.Tensor, num_heads: int, scale: float):
-    """out [B, N, H*D] in qkv.dtype, lse [B, H, N] float32 (natural log)."""
+def attention_forward(qkv: torch.Tensor, num_heads: int, scale: float, *, tma: bool | None = None):
+    """out [B, N, H*D] in qkv.dtype, lse [B, H, N] float32 (natural log).
+
+    tma: None chooses (see `use_tma`); True asks for the TMA kernel (the tests' hook: it also runs under
+    the interpreter), still only where the tensors meet TMA's alignment; False: the pointer kernel."""
     head_dim = _head_dim(qkv, num_heads)
     assert head_dim in HEAD_DIMS, f"head dim {head_dim} not supported by the Triton attention"
     qkv = _last_dim_contiguous(qkv)
     batch, tokens, width = qkv.shape
     out = torch.empty((batch, tokens, width // 3), dtype=qkv.dtype, device=qkv.device)
     lse = torch.empty((batch, num_heads, tokens), dtype=torch.float32, device=qkv.device)
+    _forward_into(qkv, out, lse, num_heads, scale, tma)
+    return out, lse
+
+
+def _forward_into(qkv, out, lse, num_heads, scale, tma):
+    """The forward launches: qkv [B, N, 3*H*D] and out [B, N, H*D] (unit last strides), lse [B, H, N]
+    contiguous float32."""
+    batch, tokens, width = qkv.shape
+    head_dim = width // (3 * num_heads)
     qk_scale = float(scale) * _LOG2E
     precision = _dot_precision(qkv.dtype)
+    kernel = _attention_fwd_tma if use_tma(qkv, out, tma=tma) else _attention_fwd
+    _count(kernel)
     with _on_device(qkv):
         for lo, hi in _batch_chunks(batch, num_heads):
-            q_chunk, o_chunk, l_chunk = qkv[lo:hi], out[lo:hi], lse[lo:hi]
+            q_c, o_c, l_c = qkv[lo:hi], out[lo:hi], lse[lo:hi]
             grid = lambda meta, n=(hi - lo) * num_heads: (triton.cdiv(tokens, meta["BLOCK_M"]), n)  # noqa: E731
-            _attention_fwd[grid](
-                q_chunk, o_chunk, l_chunk, q_chunk.stride(0), q_chunk.stride(1), o_chunk.stride(0),
-                o_chunk.stride(1), tokens, _bucket(tokens), num_heads, qk_scale, HEAD_DIM=head_dim,
-                DOT_PRECISION=precision)
-    return out, lse
+            if kernel is _attention_fwd_tma:
+                _attention_fwd_tma[grid](
+                    _descriptor(q_c, head_dim), _descriptor(q_c, head_dim), _descriptor(o_c, head_dim), l_c, tokens,
+                    _bucket(tokens), num_heads, qk_scale, HEAD_DIM=head_dim, DOT_PRECISION=precision)
+            else:
+                _attention_fwd[grid](
+                    q_c, o_c, l_c, q_c.stride(0), q_c.stride(1), o_c.stride(0), o_c.stride(1), tokens, _bucket(tokens),
+                    num_heads, qk_scale, HEAD_DIM=head_dim, DOT_PRECISION=precision)
 
 
 def attention_backward(grad_out: torch.Tensor, qkv: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
@@ -404,4 +575,4 @@ def attention_backward(grad_out: torch.Tensor, qkv: torch.Tensor, out: torch.Ten
     return dqkv
 
 
-__all__ = ["supports", "attention_forward", "attention_backward", "HEAD_DIMS"]
+__all__ = ["supports", "attention_forward", "attention_backward", "use_tma", "kernel_launches", "HEAD_DIMS"]

@@ -238,6 +238,89 @@ def test_opcheck_fused():
     assert set(ran[FWD]) == {"triton"} and set(ran[BWD]) == {"triton"}, ran
 
 
+# --- CPU: the TMA (tensor descriptor) kernels through the interpreter --------------------------------
+# The launchers pick them on sm_90+ GPUs only; tma=True asks for them here (the interpreter emulates the
+# descriptors, bounds and 16-byte alignment rules included).
+
+_TMA_CASES = [  # (batch, tokens, head_dim)
+    (1, 1, 64), (3, 17, 64), (1, 77, 64), (3, 129, 64), (1, 197, 64), (3, 300, 64), (3, 77, 128), (1, 129, 128),
+]
+
+
+def _launched(kernels, expected):
+    ran = kernels.kernel_launches(reset=True)
+    assert ran == expected, ran
+
+
+@interpreter
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("batch,tokens,head_dim", _TMA_CASES)
+def test_tma_forward_matches_reference(dtype, batch, tokens, head_dim):
+    kernels = _kernels()
+    heads, scale = 2, head_dim ** -0.5
+    qkv, _ = _qkv(batch, tokens, heads, head_dim, dtype, seed=5 * tokens + batch)
+    out = torch.empty(batch, tokens, heads * head_dim, dtype=dtype)
+    assert kernels.use_tma(qkv, out, tma=True) and not kernels.use_tma(qkv, out)  # auto: GPUs only
+    kernels.kernel_launches(reset=True)
+    out, lse = kernels.attention_forward(qkv, heads, scale, tma=True)
+    _launched(kernels, {"_attention_fwd_tma": 1})
+    ref_out, ref_lse = reference.attention(qkv.double(), heads, scale)
+    assert out.dtype == dtype and out.shape == ref_out.shape and lse.shape == (batch, heads, tokens)
+    _close(out, ref_out, dtype)
+    torch.testing.assert_close(lse.double(), ref_lse, atol=1e-5, rtol=1e-5)
+
+
+@interpreter
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_tma_forward_stays_inside_each_image(dtype):
+    """qkv and out are the first N rows of taller per-image buffers: the rows after N hold NaN (qkv) and a
+    sentinel (out). The 3-D descriptors' N bound must zero-fill the reads there and drop the writes (a
+    descriptor over the flattened rows would read the NaNs and overwrite the sentinel)."""
+    kernels = _kernels()
+    batch, tokens, pad, heads, head_dim = 3, 70, 58, 2, 64
+    qkv_rows, _ = _qkv(batch, tokens + pad, heads, head_dim, dtype, seed=21)
+    qkv_rows[:, tokens:] = float("nan")
+    qkv = qkv_rows[:, :tokens]
+    out_rows = torch.full((batch, tokens + pad, heads * head_dim), 1234.0, dtype=dtype)
+    out = out_rows[:, :tokens]
+    lse = torch.empty(batch, heads, tokens)
+    kernels.kernel_launches(reset=True)
+    kernels._forward_into(qkv, out, lse, heads, head_dim ** -0.5, tma=True)
+    _launched(kernels, {"_attention_fwd_tma": 1})
+    assert (out_rows[:, tokens:] == 1234.0).all()
+    ref_out, ref_lse = reference.attention(qkv.double(), heads, head_dim ** -0.5)
+    _close(out, ref_out, dtype)
+    torch.testing.assert_close(lse.double(), ref_lse, atol=1e-5, rtol=1e-5)
+
+
+@interpreter
+@pytest.mark.parametrize("layout,takes_tma", [
+    ("base_off_by_4_bytes", False),  # fp32 slice starting one element in: base not 16-byte aligned
+    ("row_stride_not_16_bytes", False),  # token stride (width + 1) * 4 bytes
+    ("slice_16_bytes_in", True),  # fp16 slice 8 elements in, token stride a multiple of 16 bytes: TMA
+])
+def test_tma_misaligned_input_takes_pointer_kernel(layout, takes_tma):
+    kernels = _kernels()
+    batch, tokens, heads, head_dim = 2, 45, 2, 64
+    width = 3 * heads * head_dim
+    gen = torch.Generator().manual_seed(17)
+    if layout == "base_off_by_4_bytes":
+        qkv = torch.randn(batch, tokens, width + 1, generator=gen)[:, :, 1:]
+    elif layout == "row_stride_not_16_bytes":
+        qkv = torch.randn(batch, tokens, width + 1, generator=gen)[:, :, :width]
+    else:
+        qkv = torch.randn(batch, tokens, width + 8, generator=gen).half()[:, :, 8:]
+    assert not qkv.is_contiguous()
+    out = torch.empty(batch, tokens, width // 3, dtype=qkv.dtype)
+    assert kernels.use_tma(qkv, out, tma=True) == takes_tma
+    kernels.kernel_launches(reset=True)
+    out, lse = kernels.attention_forward(qkv, heads, 0.1, tma=True)
+    _launched(kernels, {"_attention_fwd_tma" if takes_tma else "_attention_fwd": 1})
+    ref_out, ref_lse = reference.attention(qkv.double(), heads, 0.1)
+    _close(out, ref_out, qkv.dtype)
+    torch.testing.assert_close(lse.double(), ref_lse, atol=1e-5, rtol=1e-5)
+
+
 # --- CPU: ahead-of-time compilation for Hopper (no GPU needed) ----------------------------------------
 
 _AOT_SCRIPT = r"""
@@ -249,17 +332,19 @@ from triton.runtime.autotuner import Autotuner
 from dpt_fast.kernels import attention as K
 assert not K._INTERPRET
 result = {}
-for name in ("_attention_fwd", "_attention_bwd_dkdv", "_attention_bwd_dq", "_attention_bwd_preprocess"):
+for name, head_dim in json.loads(sys.argv[1]):
     kernel = getattr(K, name)
     fn = kernel.fn if isinstance(kernel, Autotuner) else kernel
     cfg = kernel.configs[0] if isinstance(kernel, Autotuner) else triton.Config({"BLOCK_M": 64}, num_warps=4)
-    consts = {"HEAD_DIM": 64, **cfg.kwargs}
+    consts = {"HEAD_DIM": head_dim, **cfg.kwargs}
     if "DOT_PRECISION" in fn.arg_names:
         consts["DOT_PRECISION"] = "tf32"
     sig = {}
     for arg in fn.arg_names:
         if arg in consts:
             sig[arg] = "constexpr"
+        elif arg in K._TMA_BLOCK_ROWS:  # the block shape the autotune pre-hook gives this config
+            sig[arg] = f"tensordesc<bf16[1,{cfg.kwargs[K._TMA_BLOCK_ROWS[arg]]},{head_dim}]>"
         elif arg in ("LSE", "Delta"):
             sig[arg] = "*fp32"
         elif arg in ("QKV", "Out", "DO", "DQKV"):
@@ -274,25 +359,44 @@ for name in ("_attention_fwd", "_attention_bwd_dkdv", "_attention_bwd_dq", "_att
     compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32),
                               options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
     ptx = compiled.asm["ptx"]
-    result[name] = {"wgmma": "wgmma" in ptx, "cp_async": "cp.async" in ptx, "shared": compiled.metadata.shared}
+    result[f"{name}/{head_dim}"] = {"wgmma": "wgmma" in ptx, "cp_async": "cp.async" in ptx,
+                                    "tma": "cp.async.bulk.tensor" in ptx, "shared": compiled.metadata.shared}
 print(json.dumps(result))
 """
 
+_POINTER_KERNELS = ("_attention_fwd", "_attention_bwd_dkdv", "_attention_bwd_dq")
+_TMA_KERNELS = ("_attention_fwd_tma",)
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU tests run the compiled kernels themselves")
-def test_kernels_compile_for_hopper_without_a_gpu():
-    """Compile the first autotune config of every kernel for sm_90 (ptxas included): catches errors the
-    interpreter cannot see, and checks that the matmuls use wgmma and the K/V loads are pipelined."""
+
+def _compile_for_hopper(kernels):
+    """Compile [(kernel name, head dim)] for sm_90 in a subprocess without the interpreter; {name/D: facts}."""
     import json
     import subprocess
     import sys
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    proc = subprocess.run([sys.executable, "-c", _AOT_SCRIPT], capture_output=True, text=True, env=env, timeout=600)
+    proc = subprocess.run([sys.executable, "-c", _AOT_SCRIPT, json.dumps(kernels)], capture_output=True, text=True,
+                          env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
-    for name in ("_attention_fwd", "_attention_bwd_dkdv", "_attention_bwd_dq"):
-        assert result[name]["wgmma"] and result[name]["cp_async"], result
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU tests run the compiled kernels themselves")
+def test_kernels_compile_for_hopper_without_a_gpu():
+    """Compile the first autotune config of every kernel for sm_90 (ptxas included): catches errors the
+    interpreter cannot see, and checks that the matmuls use wgmma, the pointer kernels' K/V loads are
+    pipelined (cp.async) and the TMA kernels move their tiles with the tensor copy engine
+    (cp.async.bulk.tensor), at head dim 64 and, for the TMA forward, 128 (a 256-byte row: wider than
+    one 128-byte swizzled TMA box)."""
+    kernels = [(name, 64) for name in _POINTER_KERNELS + _TMA_KERNELS + ("_attention_bwd_preprocess",)]
+    kernels.append(("_attention_fwd_tma", 128))
+    result = _compile_for_hopper(kernels)
+    for name in _POINTER_KERNELS:
+        assert result[f"{name}/64"]["wgmma"] and result[f"{name}/64"]["cp_async"], result
+        assert not result[f"{name}/64"]["tma"], result
+    for name, head_dim in kernels:
+        if name in _TMA_KERNELS:
+            assert result[f"{name}/{head_dim}"]["wgmma"] and result[f"{name}/{head_dim}"]["tma"], result
 
 
 # --- GPU: compiled kernels -----------------------------------------------------------------------
@@ -384,3 +488,46 @@ def test_gpu_torch_compile_fullgraph():
     assert dpt_fast.implementations_ran()[FWD] == {"triton": 1}
     torch.testing.assert_close(out, eager, atol=2e-2, rtol=2e-2)
     torch.testing.assert_close(g_compiled, g_eager, atol=2e-2, rtol=2e-2)
+
+
+def _hopper():
+    return torch.cuda.is_available() and torch.cuda.get_device_capability() >= (9, 0)
+
+
+@gpu
+@pytest.mark.skipif(not _hopper(), reason="TMA kernels: sm_90+")
+@pytest.mark.parametrize("tokens,head_dim", [(577, 64), (2305, 64), (577, 128), (1, 64), (129, 64)])
+def test_gpu_tma_and_pointer_kernels_agree(tokens, head_dim, monkeypatch):
+    """On Hopper the launchers choose the TMA kernels by themselves; DPT_FAST_ATTENTION_TMA=0 forces the
+    pointer kernels; both agree with the fp32 reference as closely as PyTorch's own attention does."""
+    kernels = _kernels()
+    heads, scale = 4, head_dim ** -0.5
+    qkv, grad = _qkv(3, tokens, heads, head_dim, torch.bfloat16, device="cuda", seed=tokens)
+    kernels.kernel_launches(reset=True)
+    out_tma, lse_tma = kernels.attention_forward(qkv, heads, scale)
+    _launched(kernels, {"_attention_fwd_tma": 1})
+    monkeypatch.setenv("DPT_FAST_ATTENTION_TMA", "0")
+    out_ptr, lse_ptr = kernels.attention_forward(qkv, heads, scale)
+    _launched(kernels, {"_attention_fwd": 1})
+    ref_out, ref_lse, _ = _reference_fwd_bwd(qkv, grad, heads, scale, dtype=torch.float32)
+    base_out, _ = _sdpa_fwd_bwd(qkv, grad, heads, scale)
+    bound = 2 * _max_err(base_out, ref_out) + 1e-3 * ref_out.abs().max().item()
+    assert _max_err(out_tma, ref_out) <= bound and _max_err(out_ptr, ref_out) <= bound
+    torch.testing.assert_close(lse_tma, ref_lse, atol=1e-3, rtol=1e-3)
+    torch.testing.assert_close(lse_ptr, ref_lse, atol=1e-3, rtol=1e-3)
+
+
+@gpu
+@pytest.mark.skipif(not _hopper(), reason="TMA kernels: sm_90+")
+def test_gpu_tma_misaligned_slice_takes_pointer_kernels():
+    kernels = _kernels()
+    heads, head_dim, tokens = 4, 64, 577
+    width = 3 * heads * head_dim
+    qkv = torch.randn(2, tokens, width + 1, device="cuda", dtype=torch.bfloat16)[:, :, 1:]  # base 2 bytes in
+    kernels.kernel_launches(reset=True)
+    out, _ = kernels.attention_forward(qkv, heads, head_dim ** -0.5)
+    _launched(kernels, {"_attention_fwd": 1})
+    out_c, _ = kernels.attention_forward(qkv.contiguous(), heads, head_dim ** -0.5)
+    _launched(kernels, {"_attention_fwd_tma": 1})
+    ref_out, _ = reference.attention(qkv.float(), heads, head_dim ** -0.5)
+    assert _max_err(out, ref_out) < 2e-2 and _max_err(out_c, ref_out) < 2e-2
