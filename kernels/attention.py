@@ -7,6 +7,7 @@ Kernels (named after the operator, so a profile tells which ran):
     _attention_bwd_preprocess   delta = rowsum(dO * O)                        [B, H, N] float32
     _attention_bwd_dkdv         one program per key block: dK, dV             -> packed dqkv
     _attention_bwd_dq           one program per query block: dQ               -> packed dqkv
+    _attention_bwd_dkdv_tma, _attention_bwd_dq_tma   their TMA twins
 
 Layout. q, k and v are read straight from the packed qkv projection output [B, N, 3*H*D] (it views as
 [B, N, 3, H, D]) through its batch and token strides: no split, permute or contiguous copies. A slice
@@ -32,19 +33,23 @@ interpreter one fixed small config is used (the interpreter cannot autotune over
 ignores warps/stages).
 
 TMA. On sm_90+ CUDA devices the launchers run the *_tma kernels (autotuned over the same configs as their
-pointer twins), which read and write q/k/v/out tiles through host-side tensor descriptors
+pointer twins), which read q/k/v/dO and write out/dQ/dK/dV tiles through host-side tensor descriptors
 (triton.tools.tensor_descriptor.TensorDescriptor, triton >= 3.4): the tensor memory accelerator copies
 whole tiles (cp.async.bulk.tensor) instead of every thread computing addresses. The descriptors are 3-D,
 [B, N, C] with blocks [1, rows, HEAD_DIM] at column h*D (q), H*D + h*D (k), 2*H*D + h*D (v), so the
 hardware zero-fills rows past N of an image on load and drops them on store: never the next image's rows
 (a descriptor over the flattened [B*N, C] rows would overwrite them). Zero-filled keys score 0, not
--inf: the last key block still masks columns >= N explicitly. A block shape depends on the config, so an
+-inf: the last key block still masks columns >= N explicitly (forward: score -inf; dQ: probability 0,
+which also keeps inf * 0 out when exp(-lse) overflows). lse, delta and the lse store stay pointer
+accesses; the delta preprocess kernel is shared. A block shape depends on the config, so an
 autotune pre-hook sets it (_TMA_BLOCK_ROWS). TMA needs a 16-byte aligned base and 16-byte multiples for
-every stride but the last (which must be 1): a tensor that is not (an odd slice of a larger one) takes
-the pointer kernels, as do pre-Hopper GPUs and triton versions without TensorDescriptor.
+every stride but the last (which must be 1): a tensor that is not (an odd slice of a larger one), or
+that is not laid out as plain nested rows (expanded or interleaved views; see _tma_aligned), takes the
+pointer kernels, as do pre-Hopper GPUs and triton versions without TensorDescriptor.
 DPT_FAST_ATTENTION_TMA=0 in the environment (read per call) forces the pointer kernels, to compare or to
 isolate a problem; `kernel_launches()` tells which kernels the launchers ran. Under the interpreter the
-TMA kernels run only when asked for (attention_forward(..., tma=True); tests).
+TMA kernels run only when asked for (attention_forward/attention_backward(..., tma=True); the tests).
+The backward takes TMA when qkv, grad_out and dqkv all allow it, independently of the forward.
 
 Warp specialization: not used, because triton does not warp-specialize these loops for Hopper. Checked by
 compiling a TMA attention forward for GPUTarget("cuda", 90, 32) with tl.range(..., warp_specialize=True),
@@ -266,6 +271,18 @@ def _attention_bwd_preprocess(Out, DO, Delta, stride_out_b, stride_out_n, stride
 
 
 @triton.jit
+def _attention_bwd_dkdv_step(dk, dv, k, v, q, do, lse, delta, qk_scale, DOT_PRECISION: tl.constexpr):
+    """One query block of dK/dV (shared by the pointer and the TMA kernels)."""
+    s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)  # [BLOCK_N, BLOCK_M]
+    p_t = tl.math.exp2(s_t * qk_scale - (lse * 1.4426950408889634)[None, :])
+    dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
+    dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+    ds_t = p_t * (dp_t - delta[None, :])
+    dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=DOT_PRECISION)
+    return dk, dv
+
+
+@triton.jit
 def _attention_bwd_dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, lse_ptrs, delta_ptrs, start, stop, stride_qkv_n,
                               stride_do_n, N_CTX, qk_scale, BLOCK_M: tl.constexpr, MASK: tl.constexpr,
                               DOT_PRECISION: tl.constexpr):
@@ -283,12 +300,7 @@ def _attention_bwd_dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, lse_ptrs, delta_ptr
             do = tl.load(do_ptrs + start_m * stride_do_n)
             lse = tl.load(lse_ptrs + start_m)
             delta = tl.load(delta_ptrs + start_m)
-        s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)  # [BLOCK_N, BLOCK_M]
-        p_t = tl.math.exp2(s_t * qk_scale - (lse * 1.4426950408889634)[None, :])
-        dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
-        dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
-        ds_t = p_t * (dp_t - delta[None, :])
-        dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=DOT_PRECISION)
+        dk, dv = _attention_bwd_dkdv_step(dk, dv, k, v, q, do, lse, delta, qk_scale, DOT_PRECISION)
     return dk, dv
 
 
@@ -338,24 +350,32 @@ def _attention_bwd_dkdv(QKV, DO, LSE, Delta, DQKV, stride_qkv_b, stride_qkv_n, s
 
 
 @triton.jit
+def _attention_bwd_dq_step(dq, q, do, lse2, delta, k, v, key_valid, qk_scale, MASK: tl.constexpr,
+                           DOT_PRECISION: tl.constexpr):
+    """One key block of dQ (shared by the pointer and the TMA kernels). With MASK, key columns where
+    key_valid is False get probability 0 (their K/V rows were read as zeros)."""
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+    p = tl.math.exp2(s * qk_scale - lse2[:, None])
+    if MASK:
+        p = tl.where(key_valid[None, :], p, 0.0)
+    dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+    ds = p * (dp - delta[:, None])
+    return tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PRECISION)
+
+
+@triton.jit
 def _attention_bwd_dq_inner(dq, q, do, lse2, delta, k_ptrs, v_ptrs, start, stop, stride_qkv_n, N_CTX, qk_scale,
                             BLOCK_N: tl.constexpr, MASK: tl.constexpr, DOT_PRECISION: tl.constexpr):
     offs_n = tl.arange(0, BLOCK_N)
     for start_n in range(start, stop, BLOCK_N):
+        valid = (start_n + offs_n) < N_CTX
         if MASK:
-            valid = (start_n + offs_n) < N_CTX
             k = tl.load(k_ptrs + start_n * stride_qkv_n, mask=valid[:, None], other=0.0)
             v = tl.load(v_ptrs + start_n * stride_qkv_n, mask=valid[:, None], other=0.0)
         else:
             k = tl.load(k_ptrs + start_n * stride_qkv_n)
             v = tl.load(v_ptrs + start_n * stride_qkv_n)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
-        p = tl.math.exp2(s * qk_scale - lse2[:, None])
-        if MASK:
-            p = tl.where(valid[None, :], p, 0.0)
-        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
-        ds = p * (dp - delta[:, None])
-        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PRECISION)
+        dq = _attention_bwd_dq_step(dq, q, do, lse2, delta, k, v, valid, qk_scale, MASK, DOT_PRECISION)
     return dq
 
 
@@ -395,6 +415,105 @@ def _attention_bwd_dq(QKV, DO, LSE, Delta, DQKV, stride_qkv_b, stride_qkv_n, str
     dq = dq * scale
     tl.store(DQKV + off_b.to(tl.int64) * stride_dqkv_b + off_h * HEAD_DIM + offs_m[:, None] * stride_dqkv_n
              + offs_d[None, :], dq.to(DQKV.dtype.element_ty), mask=row_valid[:, None])
+
+
+# TMA twins of the two backward kernels: q/k/v/dO tiles loaded and dQ/dK/dV tiles stored through 3-D
+# descriptors ([B, N, C], blocks [1, rows, HEAD_DIM]); lse and delta stay pointer loads.
+
+@triton.jit
+def _attention_bwd_dkdv_tma_inner(dk, dv, k, v, desc_q, desc_do, off_b, q_col, lse_ptrs, delta_ptrs, start, stop,
+                                  N_CTX, qk_scale, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+                                  MASK: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    offs_m = tl.arange(0, BLOCK_M)
+    for start_m in range(start, stop, BLOCK_M):
+        # query rows past N come back as zeros; with lse = +inf there their probabilities are exactly 0
+        q = desc_q.load([off_b, start_m, q_col]).reshape(BLOCK_M, HEAD_DIM)
+        do = desc_do.load([off_b, start_m, q_col]).reshape(BLOCK_M, HEAD_DIM)
+        if MASK:
+            valid = (start_m + offs_m) < N_CTX
+            lse = tl.load(lse_ptrs + start_m, mask=valid, other=float("inf"))
+            delta = tl.load(delta_ptrs + start_m, mask=valid, other=0.0)
+        else:
+            lse = tl.load(lse_ptrs + start_m)
+            delta = tl.load(delta_ptrs + start_m)
+        dk, dv = _attention_bwd_dkdv_step(dk, dv, k, v, q, do, lse, delta, qk_scale, DOT_PRECISION)
+    return dk, dv
+
+
+@triton.autotune(configs=_with_tma_hook(_DKDV_CONFIGS), key=["N_BUCKET", "HEAD_DIM"])
+@triton.jit
+def _attention_bwd_dkdv_tma(desc_q, desc_kv, desc_do, desc_dkv, LSE, Delta, N_CTX, N_BUCKET, num_heads, scale,
+                            qk_scale, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                            DOT_PRECISION: tl.constexpr):
+    start_n = tl.program_id(0) * BLOCK_N
+    pid_bh = tl.program_id(1)
+    off_b = pid_bh // num_heads
+    off_h = pid_bh % num_heads
+    q_col = off_h * HEAD_DIM
+    width = num_heads * HEAD_DIM
+
+    k = desc_kv.load([off_b, start_n, width + q_col]).reshape(BLOCK_N, HEAD_DIM)
+    v = desc_kv.load([off_b, start_n, 2 * width + q_col]).reshape(BLOCK_N, HEAD_DIM)
+    offs_m = tl.arange(0, BLOCK_M)
+    lse_ptrs = LSE + pid_bh.to(tl.int64) * N_CTX + offs_m
+    delta_ptrs = Delta + pid_bh.to(tl.int64) * N_CTX + offs_m
+
+    dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+    full_stop = (N_CTX // BLOCK_M) * BLOCK_M
+    dk, dv = _attention_bwd_dkdv_tma_inner(dk, dv, k, v, desc_q, desc_do, off_b, q_col, lse_ptrs, delta_ptrs, 0,
+                                           full_stop, N_CTX, qk_scale, HEAD_DIM, BLOCK_M, False, DOT_PRECISION)
+    if full_stop < N_CTX:
+        dk, dv = _attention_bwd_dkdv_tma_inner(dk, dv, k, v, desc_q, desc_do, off_b, q_col, lse_ptrs, delta_ptrs,
+                                               full_stop, N_CTX, N_CTX, qk_scale, HEAD_DIM, BLOCK_M, True,
+                                               DOT_PRECISION)
+    dk = dk * scale
+    # key rows past N (zero-filled keys: their values are discarded) are dropped by the descriptor's N bound
+    desc_dkv.store([off_b, start_n, width + q_col], dk.to(desc_dkv.dtype).reshape(1, BLOCK_N, HEAD_DIM))
+    desc_dkv.store([off_b, start_n, 2 * width + q_col], dv.to(desc_dkv.dtype).reshape(1, BLOCK_N, HEAD_DIM))
+
+
+@triton.jit
+def _attention_bwd_dq_tma_inner(dq, q, do, lse2, delta, desc_kv, off_b, k_col, v_col, start, stop, N_CTX, qk_scale,
+                                HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MASK: tl.constexpr,
+                                DOT_PRECISION: tl.constexpr):
+    offs_n = tl.arange(0, BLOCK_N)
+    for start_n in range(start, stop, BLOCK_N):
+        k = desc_kv.load([off_b, start_n, k_col]).reshape(BLOCK_N, HEAD_DIM)
+        v = desc_kv.load([off_b, start_n, v_col]).reshape(BLOCK_N, HEAD_DIM)
+        valid = (start_n + offs_n) < N_CTX
+        dq = _attention_bwd_dq_step(dq, q, do, lse2, delta, k, v, valid, qk_scale, MASK, DOT_PRECISION)
+    return dq
+
+
+@triton.autotune(configs=_with_tma_hook(_DQ_CONFIGS), key=["N_BUCKET", "HEAD_DIM"])
+@triton.jit
+def _attention_bwd_dq_tma(desc_q, desc_kv, desc_do, desc_dq, LSE, Delta, N_CTX, N_BUCKET, num_heads, scale,
+                          qk_scale, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                          DOT_PRECISION: tl.constexpr):
+    start_m = tl.program_id(0) * BLOCK_M
+    pid_bh = tl.program_id(1)
+    off_b = pid_bh // num_heads
+    off_h = pid_bh % num_heads
+    q_col = off_h * HEAD_DIM
+    width = num_heads * HEAD_DIM
+
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    row_valid = offs_m < N_CTX
+    q = desc_q.load([off_b, start_m, q_col]).reshape(BLOCK_M, HEAD_DIM)
+    do = desc_do.load([off_b, start_m, q_col]).reshape(BLOCK_M, HEAD_DIM)
+    lse2 = tl.load(LSE + pid_bh.to(tl.int64) * N_CTX + offs_m, mask=row_valid, other=0.0) * 1.4426950408889634
+    delta = tl.load(Delta + pid_bh.to(tl.int64) * N_CTX + offs_m, mask=row_valid, other=0.0)
+
+    dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    full_stop = (N_CTX // BLOCK_N) * BLOCK_N
+    dq = _attention_bwd_dq_tma_inner(dq, q, do, lse2, delta, desc_kv, off_b, width + q_col, 2 * width + q_col, 0,
+                                     full_stop, N_CTX, qk_scale, HEAD_DIM, BLOCK_N, False, DOT_PRECISION)
+    if full_stop < N_CTX:
+        dq = _attention_bwd_dq_tma_inner(dq, q, do, lse2, delta, desc_kv, off_b, width + q_col, 2 * width + q_col,
+                                         full_stop, N_CTX, N_CTX, qk_scale, HEAD_DIM, BLOCK_N, True, DOT_PRECISION)
+    dq = dq * scale
+    desc_dq.store([off_b, start_m, q_col], dq.to(desc_dq.dtype).reshape(1, BLOCK_M, HEAD_DIM))
 
 
 # --- launchers ----------------------------------------------------------------------------------
@@ -444,20 +563,35 @@ def _batch_chunks(batch: int, num_heads: int):
         yield lo, min(lo + step, batch)
 
 
+def _descriptor_strides(t: torch.Tensor) -> list[int]:
+    """t's strides for a descriptor, a size-1 dimension's (never used to address) made canonical."""
+    batch, tokens, width = t.shape
+    stride_b, stride_n, stride_c = t.stride()
+    stride_n = width if tokens == 1 else stride_n
+    stride_b = tokens * stride_n if batch == 1 else stride_b
+    return [stride_b, stride_n, stride_c]
+
+
 def _tma_aligned(t: torch.Tensor) -> bool:
-    """What a TMA descriptor over t needs: a 16-byte aligned base, unit last stride, 16-byte multiples for
-    the other strides. (Head column offsets h*D*itemsize are 16-byte multiples for every supported D.)"""
+    """Whether a [B, N, C] descriptor can address t: TMA needs a 16-byte aligned base, unit last stride and
+    16-byte multiples for the other strides (head column offsets h*D*itemsize are 16-byte multiples for
+    every supported D). Beyond that only the plain nested layout is taken (rows of C elements, images of N
+    rows, neither overlapping: contiguous tensors and slices of wider or taller ones); other layouts
+    (expanded, interleaved batch-major views) were never run through TMA on a GPU: pointer kernels."""
+    if t.dim() != 3 or t.stride(-1) != 1 or t.data_ptr() % 16 != 0:
+        return False
+    stride_b, stride_n, _ = _descriptor_strides(t)
     size = t.element_size()
-    return (t.dim() == 3 and t.stride(-1) == 1 and t.data_ptr() % 16 == 0
-            and all((stride * size) % 16 == 0 for stride in t.stride()[:-1]))
+    return (stride_n >= t.shape[2] and stride_b >= t.shape[1] * stride_n
+            and (stride_n * size) % 16 == 0 and (stride_b * size) % 16 == 0)
 
 
 def use_tma(*tensors: torch.Tensor, tma: bool | None = None) -> bool:
     """Whether the launchers run the TMA kernels for these operands (the [B, N, C] tensors the kernel
     reads and writes through descriptors). tma=None: on sm_90+ CUDA devices unless the environment sets
     DPT_FAST_ATTENTION_TMA=0 (read per call); True: wherever the descriptors are possible (also under the
-    interpreter); False: never. A tensor TMA cannot address (misaligned base or strides, e.g. an odd
-    slice) always takes the pointer kernels."""
+    interpreter); False: never. Tensors the descriptors cannot take (see _tma_aligned: e.g. an odd slice
+    with a misaligned base or row stride) always take the pointer kernels."""
     if tma is None:
         first = tensors[0]
         tma = (not _INTERPRET and first.is_cuda and os.environ.get("DPT_FAST_ATTENTION_TMA", "1") != "0"
@@ -465,9 +599,10 @@ def use_tma(*tensors: torch.Tensor, tma: bool | None = None) -> bool:
     return bool(tma) and TensorDescriptor is not None and all(_tma_aligned(t) for t in tensors)
 
 
-def _descriptor(t: torch.Tensor, head_dim: int):
-    """A [B, N, C] descriptor; its block shape [1, rows, head_dim] is set per config by the pre-hook."""
-    return TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 16, head_dim])
+def _descriptors(head_dim: int, *tensors: torch.Tensor):
+    """One [B, N, C] descriptor per tensor (a new object each: the autotune pre-hook sets its block shape
+    [1, rows, head_dim] for the config about to run)."""
+    return tuple(TensorDescriptor(t, list(t.shape), _descriptor_strides(t), [1, 16, head_dim]) for t in tensors)
 
 
 _launches: dict[str, int] = {}
@@ -536,8 +671,8 @@ def _forward_into(qkv, out, lse, num_heads, scale, tma):
             grid = lambda meta, n=(hi - lo) * num_heads: (triton.cdiv(tokens, meta["BLOCK_M"]), n)  # noqa: E731
             if kernel is _attention_fwd_tma:
                 _attention_fwd_tma[grid](
-                    _descriptor(q_c, head_dim), _descriptor(q_c, head_dim), _descriptor(o_c, head_dim), l_c, tokens,
-                    _bucket(tokens), num_heads, qk_scale, HEAD_DIM=head_dim, DOT_PRECISION=precision)
+                    *_descriptors(head_dim, q_c, q_c, o_c), l_c, tokens, _bucket(tokens), num_heads, qk_scale,
+                    HEAD_DIM=head_dim, DOT_PRECISION=precision)
             else:
                 _attention_fwd[grid](
                     q_c, o_c, l_c, q_c.stride(0), q_c.stride(1), o_c.stride(0), o_c.stride(1), tokens, _bucket(tokens),
@@ -545,19 +680,31 @@ def _forward_into(qkv, out, lse, num_heads, scale, tma):
 
 
 def attention_backward(grad_out: torch.Tensor, qkv: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
-                       num_heads: int, scale: float) -> torch.Tensor:
-    """dqkv [B, N, 3*H*D], contiguous, in qkv.dtype."""
+                       num_heads: int, scale: float, *, tma: bool | None = None) -> torch.Tensor:
+    """dqkv [B, N, 3*H*D], contiguous, in qkv.dtype. tma: as for attention_forward (qkv, grad_out and dqkv
+    must suit TMA for the *_tma kernels to run)."""
     head_dim = _head_dim(qkv, num_heads)
     assert head_dim in HEAD_DIMS, f"head dim {head_dim} not supported by the Triton attention"
     qkv = _last_dim_contiguous(qkv)
+    dqkv = torch.empty(qkv.shape, dtype=qkv.dtype, device=qkv.device)
+    _backward_into(_last_dim_contiguous(grad_out.to(qkv.dtype)), qkv, _last_dim_contiguous(out.to(qkv.dtype)),
+                   lse.to(torch.float32).contiguous(), dqkv, num_heads, scale, tma)
+    return dqkv
+
+
+def _backward_into(grad_out, qkv, out, lse, dqkv, num_heads, scale, tma):
+    """The backward launches: grad_out/out [B, N, H*D], qkv and dqkv [B, N, 3*H*D] (unit last strides, in
+    qkv.dtype), lse [B, H, N] contiguous float32."""
     batch, tokens, width = qkv.shape
-    grad_out = _last_dim_contiguous(grad_out.to(qkv.dtype))
-    out = _last_dim_contiguous(out.to(qkv.dtype))
-    lse = lse.to(torch.float32).contiguous()
+    head_dim = width // (3 * num_heads)
     delta = torch.empty((batch, num_heads, tokens), dtype=torch.float32, device=qkv.device)
-    dqkv = torch.empty((batch, tokens, width), dtype=qkv.dtype, device=qkv.device)
     qk_scale = float(scale) * _LOG2E
     precision = _dot_precision(qkv.dtype)
+    tma = use_tma(qkv, grad_out, dqkv, tma=tma)
+    dkdv_kernel, dq_kernel = (_attention_bwd_dkdv_tma, _attention_bwd_dq_tma) if tma else \
+        (_attention_bwd_dkdv, _attention_bwd_dq)
+    _count(dkdv_kernel)
+    _count(dq_kernel)
     with _on_device(qkv):
         for lo, hi in _batch_chunks(batch, num_heads):
             q_c, do_c, o_c, l_c, d_c, dq_c = qkv[lo:hi], grad_out[lo:hi], out[lo:hi], lse[lo:hi], delta[lo:hi], \
@@ -566,13 +713,19 @@ def attention_backward(grad_out: torch.Tensor, qkv: torch.Tensor, out: torch.Ten
             _attention_bwd_preprocess[(triton.cdiv(tokens, _PREPROCESS_BLOCK), n_bh)](
                 o_c, do_c, d_c, o_c.stride(0), o_c.stride(1), do_c.stride(0), do_c.stride(1), tokens, num_heads,
                 HEAD_DIM=head_dim, BLOCK_M=_PREPROCESS_BLOCK)
-            args = (q_c, do_c, l_c, d_c, dq_c, q_c.stride(0), q_c.stride(1), do_c.stride(0), do_c.stride(1),
-                    dq_c.stride(0), dq_c.stride(1), tokens, _bucket(tokens), num_heads, float(scale), qk_scale)
-            _attention_bwd_dkdv[lambda meta: (triton.cdiv(tokens, meta["BLOCK_N"]), n_bh)](
-                *args, HEAD_DIM=head_dim, DOT_PRECISION=precision)
-            _attention_bwd_dq[lambda meta: (triton.cdiv(tokens, meta["BLOCK_M"]), n_bh)](
-                *args, HEAD_DIM=head_dim, DOT_PRECISION=precision)
-    return dqkv
+            dkdv_grid = lambda meta, n=n_bh: (triton.cdiv(tokens, meta["BLOCK_N"]), n)  # noqa: E731
+            dq_grid = lambda meta, n=n_bh: (triton.cdiv(tokens, meta["BLOCK_M"]), n)  # noqa: E731
+            tail = (tokens, _bucket(tokens), num_heads, float(scale), qk_scale)
+            if tma:  # fresh descriptors per kernel (desc_q, desc_kv, desc_do, dqkv): its pre-hook sets their blocks
+                _attention_bwd_dkdv_tma[dkdv_grid](*_descriptors(head_dim, q_c, q_c, do_c, dq_c), l_c, d_c, *tail,
+                                                   HEAD_DIM=head_dim, DOT_PRECISION=precision)
+                _attention_bwd_dq_tma[dq_grid](*_descriptors(head_dim, q_c, q_c, do_c, dq_c), l_c, d_c, *tail,
+                                               HEAD_DIM=head_dim, DOT_PRECISION=precision)
+            else:
+                args = (q_c, do_c, l_c, d_c, dq_c, q_c.stride(0), q_c.stride(1), do_c.stride(0), do_c.stride(1),
+                        dq_c.stride(0), dq_c.stride(1), *tail)
+                _attention_bwd_dkdv[dkdv_grid](*args, HEAD_DIM=head_dim, DOT_PRECISION=precision)
+                _attention_bwd_dq[dq_grid](*args, HEAD_DIM=head_dim, DOT_PRECISION=precision)
 
 
 __all__ = ["supports", "attention_forward", "attention_backward", "use_tma", "kernel_launches", "HEAD_DIMS"]
