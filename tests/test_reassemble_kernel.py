@@ -5,7 +5,8 @@ Two groups:
   run when tests/conftest.py turned the interpreter on (no CUDA). Every readout x resample, odd grids
   (7x13 patches), batch 1 and 3, widths that are not multiples of the block sizes, forward and every
   gradient through the public op on the fused backend, against the reference evaluated in float64.
-- One CPU test that compiles every flag combination of the GEMM kernel for sm_90 (no GPU needed).
+- One CPU test that compiles for sm_90 (no GPU needed) every kernel variant the launchers produce,
+  recorded from their forward and backward on meta tensors at the product's shapes.
 - GPU tests (marker gpu): compiled kernels, bf16 at DPT-Large/Hybrid widths, against the reference in
   float64, and torch.compile(fullgraph=True). Skipped without CUDA or when interpreting.
 """
@@ -278,59 +279,136 @@ def test_opcheck_fused(readout, resample):
 
 _AOT_SCRIPT = r"""
 import json
+import sys
+
+import torch
 import triton
+from triton._C.libtriton import native_specialize_impl
 from triton.backends.compiler import GPUTarget
+from triton.backends.nvidia.compiler import CUDABackend
 from triton.compiler import ASTSource
+
 from dpt_fast.kernels import reassemble as K
+from dpt_fast.reference.reassemble import READOUTS
+
 assert not K._INTERPRET
-fn, cfg = K._reassemble_gemm.fn, K._reassemble_gemm.configs[0]
-OFF = dict(A_CLS=0, A_PIX=0, B_PIX=0, C_PIX=0, BIAS=0, ACT=0, STORE_PRE=0)
-# every launch of the launchers: its flags, the int arguments a real launch passes as 1 (Triton specialises
-# them to constants: unit strides, one token per image), and the pointers that are not bf16
-VARIANTS = {
-    "readout_token_bias": ({**OFF, "BIAS": 1}, ("stride_ak", "stride_bk", "stride_cn", "rows_per_img"),
-                           {"c_ptr": "*fp32"}),
-    "read_gelu": ({**OFF, "BIAS": 2, "ACT": 1, "STORE_PRE": 1}, ("stride_ak", "stride_bk", "stride_cn"),
-                  {"bias_ptr": "*fp32"}),
-    "project_add": ({**OFF, "A_CLS": 1, "BIAS": 1}, ("stride_ak", "stride_bk", "stride_cn"), {}),
-    "convt_pixel_shuffle_store": ({**OFF, "C_PIX": 1, "BIAS": 1}, ("stride_ak", "stride_bn", "stride_cn"), {}),
-    "bwd_dy_unshuffle": ({**OFF, "A_PIX": 1}, ("stride_ak", "stride_bk", "stride_cn"), {}),
-    "bwd_dwt_unshuffle": ({**OFF, "B_PIX": 1}, ("stride_a_row", "stride_cn"), {}),
-    "bwd_gelu_grad": ({**OFF, "ACT": 2}, ("stride_ak", "stride_bn", "stride_cn"), {}),
-}
-result = {}
-for name, (flags, ones, pointers) in VARIANTS.items():
-    consts = {**flags, "PIX_S": 4, "IEEE": False, **cfg.kwargs, **{a: 1 for a in ones}}
-    sig = {a: "constexpr" if a in consts else (pointers.get(a, "*bf16") if a.endswith("_ptr") else "i32")
-           for a in fn.arg_names}
-    # 16-byte aligned tensors, strides and sizes divisible by 16 (DPT widths)
-    attrs = {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a in fn.arg_names if sig[a] != "constexpr"
-             and (sig[a].startswith("*") or a.startswith("stride") or a in ("K", "N", "pix_feat"))}
-    src = ASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()},
-                    attrs=attrs)
-    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                              options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
-    ptx = compiled.asm["ptx"]
-    result[name] = {"wgmma": "wgmma" in ptx, "cp_async": "cp.async" in ptx, "shared": compiled.metadata.shared}
+tuner = K._reassemble_gemm
+fn = tuner.fn
+variants = {}   # every distinct (signature, constexprs, attributes) a launch of the launchers produces
+stats = {"max_programs": 0, "launches": 0}
+scenario = ""
+
+
+def specialise(bound):
+    # what JITFunction.run does with a launch's arguments (the same native function): pointer dtypes,
+    # ints equal to 1 become constexprs, 16-divisible ints and 16-byte aligned pointers get attributes
+    sig, consts, attrs = {}, {}, {}
+    for p in fn.params:
+        if p.name not in bound:  # BLOCK_*, GROUP_M: from the autotune config
+            continue
+        v = bound[p.name]
+        if p.is_constexpr:
+            sig[p.name], consts[p.name] = "constexpr", v
+            continue
+        ty, key = native_specialize_impl(CUDABackend, v, False, True, True)
+        sig[p.name] = ty
+        if ty == "constexpr":
+            consts[p.name] = key
+        elif isinstance(key, str) and key:
+            attrs[p.name] = CUDABackend.parse_attr(key)
+    return sig, consts, attrs
+
+
+class Recorder:  # stands in for the autotuned kernel: records launches instead of running them
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            bound = dict(zip(fn.arg_names, args), **kwargs)
+            for cfg in tuner.configs:
+                programs = grid(cfg.kwargs)
+                assert len(programs) == 1 and programs[0] < 2**31, programs
+                stats["max_programs"] = max(stats["max_programs"], programs[0])
+            stats["launches"] += 1
+            sig, consts, attrs = specialise(bound)
+            key = json.dumps([sig, {k: repr(v) for k, v in consts.items()}, attrs], sort_keys=True)
+            variants.setdefault(key, (sig, consts, attrs, scenario))
+        return launch
+
+
+K._reassemble_gemm = Recorder()
+
+
+def stage(batch, gh, gw, dim, features, readout, resample, dtype):
+    # forward and backward of one stage on meta tensors: the launchers run, no kernel does
+    global scenario
+    scenario = f"{readout}/{resample} B{batch} {gh}x{gw} D{dim} F{features} {dtype}"
+    e = lambda *s: torch.empty(*s, dtype=dtype, device="meta")  # noqa: E731
+    tokens = e(batch, 1 + gh * gw, dim)
+    rw, rb = (e(dim, 2 * dim), e(dim)) if readout == "project" else (None, None)
+    k = {"up4": 4, "up2": 2, "down2": 3}.get(resample)
+    sw, sb = (e(features, features, k, k), e(features)) if k else (None, None)
+    args = (tokens, rw, rb, e(features, dim, 1, 1), e(features), sw, sb, gh, gw, 1, readout, resample)
+    out = K.reassemble_forward(*args)
+    K.reassemble_backward(torch.empty(out.shape, dtype=dtype, device="meta", memory_format=torch.channels_last),
+                          *args)
+
+
+# (resample, D, features): DPT-Large, DPT-Base and DPT-Hybrid stages
+STAGES = [("up4", 1024, 256), ("up2", 1024, 512), ("none", 1024, 1024), ("down2", 1024, 1024),
+          ("up4", 768, 96), ("up2", 768, 192), ("none", 768, 384), ("down2", 768, 768), ("none", 768, 768)]
+# (batch, grid): 384^2 batch 1 and 2, 4K (3840x2176: 240x136 patches), 1536^2 batch 16, the GPU tests' odd grids
+GRIDS = [(1, 24, 24), (2, 24, 24), (1, 136, 240), (16, 96, 96), (3, 7, 13), (1, 27, 41)]
+for dtype in (torch.bfloat16, torch.float16):
+    for batch, gh, gw in GRIDS:
+        for resample, dim, features in STAGES:
+            for readout in READOUTS:
+                stage(batch, gh, gw, dim, features, readout, resample, dtype)
+
+SMEM = 232448  # H100/H200: 227 KiB of shared memory per block
+configs = tuner.configs if sys.argv[1:] == ["all"] else tuner.configs[:1]
+result = {"stats": stats, "variants": len(variants), "compiled": []}
+for sig, consts, attrs, where in variants.values():
+    fits = []
+    for cfg in configs:
+        c = {**consts, **cfg.kwargs}
+        src = ASTSource(fn=fn, signature={n: "constexpr" if n in c else sig[n] for n in fn.arg_names},
+                        constexprs={(fn.arg_names.index(n),): v for n, v in c.items()},
+                        attrs={(fn.arg_names.index(n),): a for n, a in attrs.items()})
+        compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                                  options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
+        ptx = compiled.asm["ptx"]
+        fits.append(compiled.metadata.shared <= SMEM)
+        result["compiled"].append({"where": where, "config": str(cfg), "wgmma": "wgmma" in ptx,
+                                   "cp_async": "cp.async" in ptx, "shared": compiled.metadata.shared})
+    assert any(fits), f"no autotune config fits in shared memory: {where}"
 print(json.dumps(result))
 """
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU tests run the compiled kernels themselves")
-def test_kernels_compile_for_hopper_without_a_gpu():
-    """Compile every flag combination the launchers use (first autotune config) for sm_90, ptxas included:
-    catches what the interpreter cannot see, and checks the GEMMs use wgmma with pipelined loads."""
+def _aot_compile(*args):
     import json
     import subprocess
     import sys
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    proc = subprocess.run([sys.executable, "-c", _AOT_SCRIPT], capture_output=True, text=True, env=env, timeout=600)
+    proc = subprocess.run([sys.executable, "-c", _AOT_SCRIPT, *args], capture_output=True, text=True, env=env,
+                          timeout=1200)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert len(result) == 7, result
-    for name, r in result.items():
-        assert r["wgmma"] and r["cp_async"] and r["shared"] <= 227 * 1024, (name, r)
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU tests run the compiled kernels themselves")
+def test_kernels_compile_for_hopper_without_a_gpu():
+    """Compile, for sm_90 (ptxas included), every kernel variant the launchers produce: each distinct
+    specialisation (flags, pointer dtypes, ints specialised to 1, divisibility) of every launch of the
+    forward and backward, every readout x resample, DPT-Large/Base/Hybrid widths, batch 1 to 16, 384^2
+    to 4K grids, bf16 and fp16, with the first autotune config. Catches what the interpreter cannot see,
+    and checks the GEMMs use wgmma with pipelined loads. By hand, `_aot_compile("all")` compiles every
+    autotune config of every variant (minutes), and PYTHONPATH can point it at another Triton."""
+    result = _aot_compile()
+    assert result["variants"] >= 40 and result["stats"]["launches"] > 1000, result["stats"]
+    assert len(result["compiled"]) == result["variants"]
+    for r in result["compiled"]:
+        assert r["wgmma"] and r["cp_async"] and r["shared"] <= 227 * 1024, r
 
 
 # --- GPU: compiled kernels -----------------------------------------------------------------------
@@ -352,6 +430,23 @@ def test_gpu_bf16_matches_reference(resample, dim, features, readout):
 def test_gpu_odd_grid_fp16():
     _check(3, 7, 13, 1024, 256, "project", "up4", torch.float16, seed=13, device="cuda")
     _check(1, 27, 41, 768, 768, "project", "down2", torch.float16, seed=14, device="cuda")
+
+
+@gpu
+def test_gpu_4k_stage_matches_reference():
+    """The largest grid the product runs: DPT-Large stage 1 at 3840x2176 (240x136 patches, M = 32640 rows,
+    a 256 x 544 x 960 output), batch 1, bf16, forward and every gradient (the dWt GEMM reduces over all
+    32640 tokens)."""
+    _check(1, 136, 240, 1024, 256, "project", "up4", torch.bfloat16, seed=18, device="cuda")
+
+
+@gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_gpu_tensors_on_a_device_that_is_not_the_current_one():
+    """Triton launches on the current device: the operator must switch to the tensors' device."""
+    with torch.cuda.device(0):
+        _check(2, 7, 13, 1024, 256, "project", "up4", torch.bfloat16, seed=19, device="cuda:1")
+        _check(1, 5, 6, 768, 768, "add", "down2", torch.float16, seed=20, device="cuda:1")
 
 
 @gpu
