@@ -18,6 +18,7 @@
 // The same code is compiled for sm_80 and sm_90a (on Hopper it runs as mma.sync, not wgmma).
 #pragma once
 
+#include <atomic>
 #include <type_traits>
 
 #include "cutlass/cutlass.h"
@@ -447,11 +448,23 @@ const char* run(const RcuConvProblem& p, int num_sources, cudaStream_t stream) {
   dim3 block(Kernel::kThreadCount, 1, 1);
   int smem_size = int(sizeof(typename Kernel::SharedStorage));
   if (smem_size >= (48 << 10)) {
-    cudaError_t err = cudaFuncSetAttribute(cutlass::Kernel<Kernel>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                           smem_size);
-    if (err != cudaSuccess) {
-      (void)cudaGetLastError();  // clear it: the caller reports this failure itself
-      return "cudaFuncSetAttribute(MaxDynamicSharedMemorySize) failed (GPU without 96 KiB shared memory per block?)";
+    // Opt in to > 48 KiB of dynamic shared memory once per device (a function attribute lives in the
+    // device's context): no extra runtime call per launch, none while a CUDA graph is being captured.
+    static std::atomic<unsigned long long> opted_in{0};  // bit d: done on device d (one per kernel type)
+    int device = 0;
+    if (cudaGetDevice(&device) != cudaSuccess) {
+      (void)cudaGetLastError();
+      return "cudaGetDevice failed";
+    }
+    const unsigned long long bit = device < 64 ? (1ull << device) : 0ull;
+    if (bit == 0 || (opted_in.load(std::memory_order_acquire) & bit) == 0) {
+      cudaError_t err = cudaFuncSetAttribute(cutlass::Kernel<Kernel>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                             smem_size);
+      if (err != cudaSuccess) {
+        (void)cudaGetLastError();  // clear it: the caller reports this failure itself
+        return "cudaFuncSetAttribute(MaxDynamicSharedMemorySize) failed (GPU without 96 KiB shared memory per block?)";
+      }
+      opted_in.fetch_or(bit, std::memory_order_acq_rel);
     }
   }
   cutlass::Kernel<Kernel><<<grid, block, smem_size, stream>>>(params);

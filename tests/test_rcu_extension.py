@@ -194,7 +194,10 @@ def _float64(x, params, extra, requires_grad):
 # the same-dtype reference (cuDNN) is, give or take a factor, with an absolute floor for tiny errors.
 _FLOOR = {torch.bfloat16: 8e-3, torch.float16: 1e-3}
 
-SHAPES = [(1, 64, 37, 53), (5, 256, 37, 53), (5, 64, 24, 24), (1, 256, 96, 96)]
+# 72 channels: a partial 64-wide K chunk and a partial 128-wide N tile; 384: three N tiles; 16 channels on a
+# 1x2 map: every 3x3 window mostly padding, one tile for everything
+SHAPES = [(1, 64, 37, 53), (5, 256, 37, 53), (5, 64, 24, 24), (1, 256, 96, 96), (2, 72, 11, 13),
+          (1, 384, 19, 23), (3, 16, 1, 2)]
 
 
 @gpu
@@ -218,7 +221,7 @@ def test_forward_matches_reference(dtype, batch, channels, height, width, with_e
 
 @gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("batch,channels,height,width", [(1, 64, 37, 53), (5, 256, 37, 53)])
+@pytest.mark.parametrize("batch,channels,height,width", [(1, 64, 37, 53), (5, 256, 37, 53), (2, 72, 11, 13)])
 @pytest.mark.parametrize("with_extra", [False, True])
 def test_gradients_match_reference(dtype, batch, channels, height, width, with_extra):
     x, params, extra = _case(batch, channels, height, width, dtype, with_extra, requires_grad=True)
@@ -262,6 +265,75 @@ def test_unsupported_calls_fall_back_to_reference_on_cuda():
     dpt_fast.implementations_ran(reset=True)
     _run(x, params, extra, None, "reference")
     assert dpt_fast.implementations_ran(reset=True)[FWD] == {"reference": 1}
+
+
+@gpu
+def test_mixed_dtypes_fall_back_to_reference():
+    """A bias or extra in another dtype than x: the reference serves (aten's behaviour, an error or a
+    promotion), never the kernel converting it silently (its backward would then mix dtypes)."""
+    for which in ("bias1", "weight2", "extra"):
+        x, params, extra = _case(1, 64, 9, 11, torch.bfloat16, True)
+        if which == "extra":
+            extra = extra.float()
+        else:
+            i = {"bias1": 1, "weight2": 2}[which]
+            params[i] = params[i].float()
+        dpt_fast.implementations_ran(reset=True)
+        try:
+            _run(x, params, extra, None, "fused")
+        except RuntimeError:
+            pass  # aten's dtype error, from the reference
+        assert dpt_fast.implementations_ran(reset=True)[FWD] == {"reference": 1}, which
+
+
+@gpu
+def test_side_stream_and_cuda_graph_capture():
+    """The kernels launch on the current stream (graph capture fails on any other, and a side stream's
+    result would race): eager on a side stream, then a captured graph replayed on new data."""
+    x, params, extra = _case(2, 64, 19, 23, torch.bfloat16, True)
+    with dpt_fast.use_backend("reference"):
+        expected = ops.residual_conv_unit(x, *params, extra)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    dpt_fast.implementations_ran(reset=True)
+    with torch.cuda.stream(side), dpt_fast.use_backend("fused"):
+        out = ops.residual_conv_unit(x, *params, extra)
+    torch.cuda.current_stream().wait_stream(side)
+    assert dpt_fast.implementations_ran(reset=True)[FWD] == {"cuda": 1}
+    torch.testing.assert_close(out, expected, atol=5e-2, rtol=5e-2)
+
+    static_x = x.clone()
+    graph = torch.cuda.CUDAGraph()
+    with dpt_fast.use_backend("fused"):
+        ops.residual_conv_unit(static_x, *params, extra)  # warm-up outside the capture
+        torch.cuda.synchronize()
+        with torch.cuda.graph(graph):
+            static_out = ops.residual_conv_unit(static_x, *params, extra)
+    new_x = _activation(2, 64, 19, 23, torch.bfloat16, "cuda", seed=7)
+    static_x.copy_(new_x)
+    graph.replay()
+    torch.cuda.synchronize()
+    with dpt_fast.use_backend("reference"):
+        expected = ops.residual_conv_unit(new_x, *params, extra)
+    torch.testing.assert_close(static_out, expected, atol=5e-2, rtol=5e-2)
+
+
+@gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_tensors_on_a_device_that_is_not_the_current_one():
+    with torch.cuda.device(0):
+        x, params, extra = _case(2, 64, 13, 17, torch.bfloat16, True, requires_grad=True)
+        x, params, extra = (x.detach().to("cuda:1").requires_grad_(), [p.detach().to("cuda:1").requires_grad_()
+                            for p in params], extra.detach().to("cuda:1").requires_grad_())
+        grad = torch.randn_like(x)
+        dpt_fast.implementations_ran(reset=True)
+        out, grads = _run(x, params, extra, grad, "fused")
+        assert dpt_fast.implementations_ran(reset=True) == {FWD: {"cuda": 1}, BWD: {"cuda": 1}}
+        ref, ref_grads = _run(x, params, extra, grad, "reference")
+    assert out.device == x.device
+    torch.testing.assert_close(out, ref, atol=5e-2, rtol=5e-2)
+    for g, r in zip(grads, ref_grads):
+        assert _rel_l2(g, r) < 5e-2
 
 
 @gpu

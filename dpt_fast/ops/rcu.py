@@ -59,11 +59,14 @@ def _register_internal_fakes() -> None:
         return torch.empty_like(x, memory_format=torch.channels_last)
 
 
-def fused_supported(x: torch.Tensor, weight1: torch.Tensor) -> bool:
-    """Whether the CUDA kernel can run this call (ignoring the backend choice)."""
+def fused_supported(x: torch.Tensor, weight1: torch.Tensor, *others: torch.Tensor | None) -> bool:
+    """Whether the CUDA kernel can run this call (ignoring the backend choice). `others`: the call's other
+    tensors (bias1, weight2, bias2, extra; None entries ignored), which must share x's dtype and device."""
     if not (x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) and x.dim() == 4):
         return False
-    if weight1.dtype != x.dtype or weight1.device != x.device:  # mixed: the reference (aten's error)
+    # mixed dtypes or devices: the reference serves (and raises aten's usual error). The kernel would
+    # convert them silently, and the backward's aten convolutions would then fail on the mixed dtypes.
+    if any(t is not None and (t.dtype != x.dtype or t.device != x.device) for t in (weight1, *others)):
         return False
     if torch.cuda.get_device_capability(x.device) < (8, 0):  # the extension is built for sm_80 and sm_90a
         return False
@@ -75,14 +78,15 @@ def fused_supported(x: torch.Tensor, weight1: torch.Tensor) -> bool:
     return cuda_kernel_registered()
 
 
-def _use_fused(x: torch.Tensor, weight1: torch.Tensor, backend_name: str | None = None) -> bool:
-    return (backend_name or backend.get_backend()) == "fused" and fused_supported(x, weight1)
+def _use_fused(tensors, backend_name: str | None = None) -> bool:
+    """tensors: (x, weight1, bias1, weight2, bias2[, extra or grad_out])."""
+    return (backend_name or backend.get_backend()) == "fused" and fused_supported(*tensors)
 
 
 @torch.library.custom_op("dpt_fast::residual_conv_unit", mutates_args=())
 def residual_conv_unit_op(x: torch.Tensor, weight1: torch.Tensor, bias1: torch.Tensor, weight2: torch.Tensor,
                           bias2: torch.Tensor, extra: torch.Tensor | None) -> torch.Tensor:
-    if _use_fused(x, weight1):
+    if _use_fused((x, weight1, bias1, weight2, bias2, extra)):
         backend.record(_OP, "cuda")
         return torch.ops.dpt_fast._rcu_fused_forward(x, weight1, bias1, weight2, bias2, extra)
     backend.record(_OP, "reference")
@@ -115,7 +119,7 @@ def _fused_backward(grad_out, x, weight1, bias1, weight2, bias2, has_extra):
 def residual_conv_unit_backward_op(grad_out: torch.Tensor, x: torch.Tensor, weight1: torch.Tensor,
                                    bias1: torch.Tensor, weight2: torch.Tensor, bias2: torch.Tensor,
                                    has_extra: bool, backend_name: str) -> list[torch.Tensor]:
-    if _use_fused(x, weight1, backend_name):
+    if _use_fused((x, weight1, bias1, weight2, bias2, grad_out), backend_name):
         backend.record(_OP_BACKWARD, "cuda")
         return _fused_backward(grad_out, x, weight1, bias1, weight2, bias2, has_extra)
     backend.record(_OP_BACKWARD, "reference")
