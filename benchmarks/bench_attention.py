@@ -16,8 +16,10 @@ for the largest N, batch 1 as well, plus 577 tokens at batch 16). Times forward 
 
 TFLOP/s count the attention matmuls: forward 4*B*H*N^2*D, backward 2.5x that, forward+backward 3.5x
 (the FlashAttention convention). "vs best" is the best SDPA time divided by ours (> 1: we are faster).
-The bf16 dense matmul peak is measured in the same process (8192^3 torch.matmul) and every row states
-the fraction of it reached.
+The bf16 dense matmul peak and the copy bandwidth are measured in the same process
+(dpt_fast.bench.measure_ceilings: 8192^3 torch.matmul, a 1 GiB copy) and every row states the fraction of
+the peak reached. Each row records dpt_fast.implementations_ran() and a verdict (`fused_path`): a row where
+the reference served a call is marked, and the script exits with status 1.
 
 Block table: timm.layers.Attention(dim=H*D, num_heads=H, qkv_bias=True) with fused_attn (SDPA, default
 backend choice) against the same module's weights run as qkv Linear -> dpt_fast.ops.attention -> proj;
@@ -27,7 +29,9 @@ Times are medians of triton.testing.do_bench (CUDA events, warm-up excluded; Tri
 in an explicit warm-up call before timing). The JSON (--out; rewritten after every row so a run cut short
 keeps its measurements) records device, torch/triton/timm versions, date, git commit, the measured
 matmul peak and dpt_fast.implementations_ran(), which must show the Triton path and never the reference.
-Stops starting new rows after --budget-s seconds (the GPU suite gives this script 420 s).
+Rows run most important first (kernel rows at N = 577, 2305, 4097, 9217, the block rows there, then the
+rest); no new row starts after --budget-s seconds. --smoke runs the same code on the CPU with tiny
+shapes and float32 (Triton interpreter): a dry run for the tests, never a measurement.
 
     python benchmarks/bench_attention.py --out benchmarks/results/attention-H100-2025-01-01.json
     python benchmarks/bench_attention.py --sizes 577 4097 --no-block --out /tmp/attn.json
@@ -35,8 +39,6 @@ Stops starting new rows after --budget-s seconds (the GPU suite gives this scrip
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import re
 import sys
 import time
@@ -59,6 +61,8 @@ def parse_args(argv=None):
     p.add_argument("--math-max-tokens", type=int, default=4097, help="largest N for the math backend")
     p.add_argument("--no-block", action="store_true", help="skip the attention block table")
     p.add_argument("--budget-s", type=float, default=360.0, help="start no new row after this many seconds")
+    p.add_argument("--smoke", action="store_true",
+                   help="CPU dry run of the code path (tiny shapes, float32, Triton interpreter); no measurement")
     return p.parse_args(argv)
 
 
@@ -90,10 +94,23 @@ def cases(args):
     return out
 
 
-def environment(torch, triton, dpt_fast):
+def environment(torch, device, dtype):
     from dpt_fast.bench import environment as common_environment
-    return {**common_environment(torch.device("cuda"), torch.bfloat16), "benchmark": "attention",
-            "method": "triton.testing.do_bench median (ms), CUDA events, warm-up excluded; random normal data"}
+    return {**common_environment(torch.device(device), dtype), "benchmark": "attention",
+            "method": "triton.testing.do_bench median (ms), CUDA events, L2 flushed, warm-up excluded; "
+                      "random normal data"}
+
+
+def task_order(kernel_cases, block_cases, first=(577, 2305, 4097, 9217)):
+    """Most important rows first, so that a run cut short by its budget still answers the targets:
+    the kernel rows at `first` token counts, the block rows there, then the remaining kernel rows, then
+    the remaining block rows."""
+    def split(kind, items):
+        head = [(kind, n, b) for n, b in items if n in first]
+        return head, [(kind, n, b) for n, b in items if n not in first]
+    k_head, k_tail = split("kernel", kernel_cases)
+    b_head, b_tail = split("block", block_cases)
+    return k_head + b_head + k_tail + b_tail
 
 
 def main(argv=None):
@@ -101,55 +118,60 @@ def main(argv=None):
     import torch
 
     from dpt_fast.bench import gpu_benchmark_blocker
-    blocker = gpu_benchmark_blocker()
+    blocker = None if args.smoke else gpu_benchmark_blocker()
     if blocker:
         print(f"bench_attention.py: {blocker}", file=sys.stderr)
         return 2
 
     import torch.nn.functional as F
-    import triton
-    import triton.testing
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     import dpt_fast
     from dpt_fast import ops
+    from dpt_fast.bench import measure_ceilings, median_ms, verify_fused, write_json
 
     backends = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
                 "cudnn": SDPBackend.CUDNN_ATTENTION, "math": SDPBackend.MATH}
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    dev = "cuda"
+    if args.smoke:  # the interpreter's bf16 dots are wrong: float32; shapes in the seconds range
+        dev, dtype, args.dtype = "cpu", torch.float32, "fp32"
+        args.sizes, args.extra, args.heads, args.tokens = [17, 40], ["17x3"], 2, 64
     heads, head_dim = args.heads, args.head_dim
     start = time.time()
     torch.manual_seed(0)
 
+    def empty_cache():
+        if dev == "cuda":
+            torch.cuda.empty_cache()
+
     def bench_ms(fn):
-        return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+        return median_ms(fn, dev, warmup_ms=25, rep_ms=100)
 
     def tflops(flop, ms):
         return flop / (ms * 1e-3) / 1e12
 
-    # the measured dense matmul peak of this dtype
-    a = torch.randn(8192, 8192, device="cuda", dtype=dtype)
-    b = torch.randn(8192, 8192, device="cuda", dtype=dtype)
-    peak = tflops(2.0 * 8192**3, bench_ms(lambda: a @ b))
-    del a, b
+    ceilings = measure_ceilings(torch.device(dev), dtype)  # the measured matmul peak and copy bandwidth
+    peak = ceilings["matmul_tflops"]
 
-    report = {**environment(torch, triton, dpt_fast), "args": vars(args), "dtype": args.dtype,
-              "heads": heads, "head_dim": head_dim, "matmul_peak_tflops": round(peak, 1),
-              "kernel": [], "block": [], "implementations_ran": {}, "notes": []}
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    report = {**environment(torch, dev, dtype), "smoke": args.smoke, "args": vars(args), "dtype": args.dtype,
+              "heads": heads, "head_dim": head_dim, "ceilings": ceilings, "matmul_peak_tflops": peak,
+              "kernel": [], "block": [], "implementations_ran": {}, "notes": [], "complete": False}
+    ops_required = ("dpt_fast::attention", "dpt_fast::attention_backward")
 
     def save():
-        report["implementations_ran"] = dpt_fast.implementations_ran()
+        report["kernel"].sort(key=lambda r: (r["tokens"], -r["batch"]))
+        report["block"].sort(key=lambda r: (r["tokens"], -r["batch"]))
         report["elapsed_s"] = round(time.time() - start, 1)
-        with open(args.out, "w") as f:
-            json.dump(report, f, indent=1)
+        write_json(args.out, report)
 
-    def over_budget(what):
-        if time.time() - start > args.budget_s:
-            report["notes"].append(f"skipped for --budget-s {args.budget_s:.0f}: {what}")
-            print(f"[budget] skipped {what}", flush=True)
-            return True
-        return False
+    def account(row, ran):
+        row["implementations_ran"] = ran
+        row["fused_path"] = verify_fused(ran, ops_required)
+        for op, impls in ran.items():
+            total = report["implementations_ran"].setdefault(op, {})
+            for impl, n in impls.items():
+                total[impl] = total.get(impl, 0) + n
 
     def time_variant(make, grad):
         """make() -> (forward callable, leaves). Returns {fwd, bwd, fwd_bwd} in ms and one forward output."""
@@ -163,34 +185,32 @@ def main(argv=None):
             res["fwd"] = bench_ms(fwd)
         out = fwd()
         res["bwd"] = bench_ms(lambda: torch.autograd.grad(out, leaves, grad, retain_graph=True))
-        del out
+        out = None
         res["fwd_bwd"] = bench_ms(lambda: torch.autograd.grad(fwd(), leaves, grad))
         return res, out_ref
 
-    # --- kernel table ---
-    dpt_fast.implementations_ran(reset=True)
-    for tokens, batch in cases(args):
-        if over_budget(f"kernel N={tokens} B={batch}"):
-            continue
+    def kernel_row(tokens, batch):
         width = 3 * heads * head_dim
-        qkv = torch.randn(batch, tokens, width, device="cuda", dtype=dtype)
-        grad = torch.randn(batch, tokens, heads * head_dim, device="cuda", dtype=dtype)
+        qkv = torch.randn(batch, tokens, width, device=dev, dtype=dtype)
+        grad = torch.randn(batch, tokens, heads * head_dim, device=dev, dtype=dtype)
         flop = attention_flops(batch, tokens, heads, head_dim)
-        row = {"tokens": tokens, "batch": batch, "ms": {}, "tflops": {}, "errors": {}}
+        row = {"tokens": tokens, "batch": batch, "flops": flop, "ms": {}, "tflops": {}, "errors": {}}
 
         def make_ours():
             x = qkv.clone().requires_grad_(True)
             return (lambda: ops.attention(x, heads)), [x]
 
+        dpt_fast.implementations_ran(reset=True)
         with dpt_fast.use_backend("fused"):
             times, ours_out = time_variant(make_ours, grad)
+        account(row, dpt_fast.implementations_ran(reset=True))
         row["ms"]["dpt_fast"] = times
         outputs = {"dpt_fast": ours_out}
 
         for name in SDPA_BACKENDS:
             if name == "math":
                 need = 16 * batch * heads * tokens * tokens  # fp32 scores, probabilities and their grads
-                free = torch.cuda.mem_get_info()[0]
+                free = torch.cuda.mem_get_info()[0] if dev == "cuda" else 2**34
                 if tokens > args.math_max_tokens or need > 0.6 * free:
                     row["errors"][name] = f"not run: N^2 scores need ~{need / 2**30:.0f} GiB (free {free / 2**30:.0f})"
                     continue
@@ -215,7 +235,7 @@ def main(argv=None):
                     break
                 except (RuntimeError, torch.cuda.OutOfMemoryError) as err:  # backend cannot serve this input
                     row["errors"][name] = f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"
-                    torch.cuda.empty_cache()
+                    empty_cache()
             if out is None:
                 continue
             row["errors"].pop(name, None)
@@ -232,82 +252,110 @@ def main(argv=None):
                 best = min(sdpa_rows, key=lambda k: sdpa_rows[k][mode])
                 row["best_sdpa"][mode] = best
                 row["vs_best_sdpa"][mode] = round(sdpa_rows[best][mode] / row["ms"]["dpt_fast"][mode], 3)
-        row["fraction_of_matmul_peak"] = {m: round(row["tflops"]["dpt_fast"][m] / peak, 3) for m in flop}
+        row["fraction_of_matmul_peak"] = {m: (round(row["tflops"]["dpt_fast"][m] / peak, 3) if peak else None)
+                                          for m in flop}
         # forward outputs of every SDPA backend against ours (bf16 rounding level expected)
         row["max_abs_diff_vs_dpt_fast"] = {k: (v.float() - outputs["dpt_fast"].float()).abs().max().item()
                                            for k, v in outputs.items() if k != "dpt_fast"}
+        row["dpt_fast_output_finite"] = bool(torch.isfinite(outputs["dpt_fast"]).all())
         report["kernel"].append(row)
-        save()
         print(f"N={tokens} B={batch}: ours fwd {row['tflops']['dpt_fast']['fwd']} TFLOP/s, "
-              f"vs best SDPA {row['vs_best_sdpa']}", flush=True)
-        del qkv, grad, outputs
-        torch.cuda.empty_cache()
+              f"vs best SDPA {row['vs_best_sdpa']}" + ("" if row["fused_path"]["verified"] else
+                                                       f"  NOT THE FUSED PATH: {row['fused_path']['problems']}"),
+              flush=True)
 
-    # --- attention block table ---
+    def block_row(tokens, batch, Attention):
+        dim = heads * head_dim
+        attn = Attention(dim, num_heads=heads, qkv_bias=True).to(device=dev, dtype=dtype)
+        attn.fused_attn = True
+        params = list(attn.parameters())
+        x0 = torch.randn(batch, tokens, dim, device=dev, dtype=dtype)
+        grad = torch.randn(batch, tokens, dim, device=dev, dtype=dtype)
+        flop = block_flops(batch, tokens, heads, head_dim)
+        row = {"tokens": tokens, "batch": batch, "flops": flop, "ms": {}}
+
+        def ours(x):
+            return attn.proj(ops.attention(attn.qkv(x), attn.num_heads, attn.scale))
+
+        outs = {}
+        for name, fn in (("timm", attn), ("dpt_fast", ours)):
+            x = x0.clone().requires_grad_(True)
+            dpt_fast.implementations_ran(reset=True)
+            with dpt_fast.use_backend("fused"):
+                with torch.no_grad():
+                    outs[name] = fn(x)
+                torch.autograd.grad(fn(x), [x, *params], grad)  # warm-up
+                with torch.no_grad():
+                    fwd = bench_ms(lambda: fn(x))
+                fwd_bwd = bench_ms(lambda: torch.autograd.grad(fn(x), [x, *params], grad))
+            if name == "dpt_fast":
+                account(row, dpt_fast.implementations_ran(reset=True))
+            row["ms"][name] = {"fwd": fwd, "fwd_bwd": fwd_bwd}
+        row["tflops"] = {k: {m: round(tflops(flop[m], t), 1) for m, t in v.items()} for k, v in row["ms"].items()}
+        row["speedup_vs_timm"] = {m: round(row["ms"]["timm"][m] / row["ms"]["dpt_fast"][m], 3)
+                                  for m in ("fwd", "fwd_bwd")}
+        row["max_abs_diff_vs_timm"] = (outs["dpt_fast"].float() - outs["timm"].float()).abs().max().item()
+        report["block"].append(row)
+        print(f"block N={tokens} B={batch}: speedup vs timm {row['speedup_vs_timm']}"
+              + ("" if row["fused_path"]["verified"] else f"  NOT THE FUSED PATH: {row['fused_path']['problems']}"),
+              flush=True)
+
+    Attention = None
     if not args.no_block:
         try:
             from timm.layers import Attention
         except ImportError:
-            Attention = None
             report["notes"].append("timm not installed: no block table")
-        for tokens, batch in ([] if Attention is None else cases(args)):
-            if over_budget(f"block N={tokens} B={batch}"):
-                continue
-            dim = heads * head_dim
-            attn = Attention(dim, num_heads=heads, qkv_bias=True).to(device="cuda", dtype=dtype)
-            attn.fused_attn = True
-            params = list(attn.parameters())
-            x0 = torch.randn(batch, tokens, dim, device="cuda", dtype=dtype)
-            grad = torch.randn(batch, tokens, dim, device="cuda", dtype=dtype)
-            flop = block_flops(batch, tokens, heads, head_dim)
-            row = {"tokens": tokens, "batch": batch, "ms": {}}
-
-            def ours(x):
-                return attn.proj(ops.attention(attn.qkv(x), attn.num_heads, attn.scale))
-
-            outs = {}
-            for name, fn in (("timm", attn), ("dpt_fast", ours)):
-                x = x0.clone().requires_grad_(True)
-                with dpt_fast.use_backend("fused"):
-                    with torch.no_grad():
-                        outs[name] = fn(x)
-                    torch.autograd.grad(fn(x), [x, *params], grad)  # warm-up
-                    with torch.no_grad():
-                        fwd = bench_ms(lambda: fn(x))
-                    fwd_bwd = bench_ms(lambda: torch.autograd.grad(fn(x), [x, *params], grad))
-                row["ms"][name] = {"fwd": fwd, "fwd_bwd": fwd_bwd}
-            row["tflops"] = {k: {m: round(tflops(flop[m], t), 1) for m, t in v.items()} for k, v in row["ms"].items()}
-            row["speedup_vs_timm"] = {m: round(row["ms"]["timm"][m] / row["ms"]["dpt_fast"][m], 3)
-                                      for m in ("fwd", "fwd_bwd")}
-            row["max_abs_diff_vs_timm"] = (outs["dpt_fast"].float() - outs["timm"].float()).abs().max().item()
-            report["block"].append(row)
+    all_cases = cases(args)
+    tasks = task_order(all_cases, [] if Attention is None else all_cases)
+    report["planned"] = [f"{kind} N={n} B={b}" for kind, n, b in tasks]
+    save()
+    for kind, tokens, batch in tasks:
+        if time.time() - start > args.budget_s:
+            report["notes"].append(f"skipped: time budget (--budget-s {args.budget_s:.0f}) spent: {kind} N={tokens} B={batch}")
+            print(f"[budget] skipped {kind} N={tokens} B={batch}", flush=True)
             save()
-            print(f"block N={tokens} B={batch}: speedup vs timm {row['speedup_vs_timm']}", flush=True)
-            del attn, params, x0, grad, outs
-            torch.cuda.empty_cache()
+            continue
+        try:
+            if kind == "kernel":
+                kernel_row(tokens, batch)
+            else:
+                block_row(tokens, batch, Attention)
+        except torch.cuda.OutOfMemoryError:
+            report["notes"].append(f"out of memory: {kind} N={tokens} B={batch}")
+        except Exception as err:  # one failing row must not lose the others
+            report["notes"].append(f"failed: {kind} N={tokens} B={batch}: {type(err).__name__}: "
+                                   f"{str(err).splitlines()[0][:300] if str(err) else ''}")
+            print(f"{kind} N={tokens} B={batch} FAILED: {err!r}", file=sys.stderr, flush=True)
+        empty_cache()
+        save()
 
     from dpt_fast.kernels import attention as kernels
     report["autotuned_configs"] = {  # {kernel: {(N, head dim, dtypes...): chosen config}}
-        name: {str(key): str(cfg) for key, cfg in getattr(getattr(kernels, name), "cache", {}).items()}
+        name: {str(key): str(cfg) for key, cfg in getattr(getattr(kernels, name, None), "cache", {}).items()}
         for name in ("_attention_fwd", "_attention_bwd_dkdv", "_attention_bwd_dq")}
-    ran = dpt_fast.implementations_ran()
-    report["fused_path_verified"] = (ran.get("dpt_fast::attention", {}).keys() == {"triton"}
-                                     and ran.get("dpt_fast::attention_backward", {}).keys() == {"triton"})
-    if not report["fused_path_verified"]:
-        report["notes"].append(f"WARNING: the Triton path did not serve every call: {ran}")
+    rows = report["kernel"] + report["block"]
+    report["fused_path_verified"] = bool(rows) and all(r["fused_path"]["verified"] for r in rows)
+    if rows and not report["fused_path_verified"]:
+        report["notes"].append(f"WARNING: the Triton path did not serve every call: {report['implementations_ran']}")
+    report["complete"] = True
     report["markdown"] = markdown(report)
     save()
     print(report["markdown"])
-    if not report["fused_path_verified"]:
-        print(f"WARNING: the Triton path did not serve every call: {ran}", file=sys.stderr)
+    if rows and not report["fused_path_verified"]:
+        print(f"WARNING: the Triton path did not serve every call: {report['implementations_ran']}", file=sys.stderr)
         return 1
     return 0
 
 
+def _pct(value):
+    return "-" if value is None else f"{value:.0%}"
+
+
 def markdown(report):
     lines = [f"Attention, {report['device']}, {report['dtype']}, H={report['heads']}, D={report['head_dim']}; "
-             f"torch {report['torch']}, triton {report['triton']}, {report['date']}; measured {report['dtype']} "
-             f"matmul peak {report['matmul_peak_tflops']} TFLOP/s",
+             f"torch {report['versions']['torch']}, triton {report['versions']['triton']}, {report['date']}; "
+             f"measured {report['dtype']} matmul peak {report['matmul_peak_tflops']} TFLOP/s",
              "",
              "| N | B | pass | dpt_fast TFLOP/s | flash | efficient | cudnn | math | best SDPA | ours / best | of peak |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -316,14 +364,16 @@ def markdown(report):
             cells = [str(row["tflops"].get(v, {}).get(mode, "-")) for v in ("dpt_fast",) + SDPA_BACKENDS]
             lines.append(f"| {row['tokens']} | {row['batch']} | {mode} | " + " | ".join(cells)
                          + f" | {row['best_sdpa'].get(mode, '-')} | {row['vs_best_sdpa'].get(mode, '-')}x"
-                         + f" | {row['fraction_of_matmul_peak'][mode]:.0%} |")
+                         + f" | {_pct(row['fraction_of_matmul_peak'][mode])} |"
+                         + ("" if row["fused_path"]["verified"] else " (reference ran)"))
     if report["block"]:
         lines += ["", "Attention block (qkv Linear -> attention -> proj) vs timm Attention (fused_attn, SDPA)", "",
                   "| N | B | pass | timm ms | dpt_fast ms | speedup |", "|---|---|---|---|---|---|"]
         for row in report["block"]:
             for mode in ("fwd", "fwd_bwd"):
                 lines.append(f"| {row['tokens']} | {row['batch']} | {mode} | {row['ms']['timm'][mode]:.3f} | "
-                             f"{row['ms']['dpt_fast'][mode]:.3f} | {row['speedup_vs_timm'][mode]}x |")
+                             f"{row['ms']['dpt_fast'][mode]:.3f} | {row['speedup_vs_timm'][mode]}x |"
+                             + ("" if row["fused_path"]["verified"] else " (reference ran)"))
     if report["notes"]:
         lines += [""] + [f"- {n}" for n in report["notes"]]
     return "\n".join(lines)

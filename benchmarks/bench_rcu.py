@@ -10,33 +10,33 @@ convs 3x3, 256 channels, bias, bf16, channels_last, random data. For every map s
   fused     two dpt_fast.ops.residual_conv_unit calls on the fused backend (the x0 add rides in RCU1's
             epilogue as `extra`), same parameters: 4 kernels forward
 
-Times are medians of triton.testing.do_bench (CUDA events, warm-up excluded; compilation happens in a
-warm-up call before timing). Each row records the fused output's error against eager, the FLOPs of the
-four convolutions and the bytes a fully fused forward must move, and the achieved fractions of the
-DESIGN.md ceilings (H100: 800 TFLOP/s bf16 dense, 3.0 TB/s). The JSON also holds device, versions, date
-and dpt_fast.implementations_ran(), so a run shows that the CUDA path (not the reference) was timed.
+Times are medians of triton.testing.do_bench (CUDA events, L2 flushed, warm-up excluded; compilation
+happens in a warm-up call before timing). Each row records the fused output's error against eager, the
+FLOPs of the four convolutions and the bytes a fully fused forward must move, the achieved fractions of
+the ceilings measured in the same process (bf16 matmul TFLOP/s, copy TB/s: dpt_fast.bench.measure_ceilings),
+and dpt_fast.implementations_ran() with a verdict (`fused_path`): a row where the reference served any
+call (e.g. dpt_fast._C not built) is marked, and the script exits with status 1.
 
-torch.compile with max-autotune takes a long time per graph: eager/fused rows for every case come first,
-then compiled baselines in order of importance (forward at 384^2 and 192^2 and 96^2, batch 8, then the
-rest, then forward+backward) until --budget-s runs out; rows left without a compiled time say so. The
-JSON is rewritten after every row, so a run cut short still leaves its measurements.
+Order, so that a run cut short still answers the targets: the forward rows (eager and fused) of every
+case, then forward+backward, within (1 - --compile-share) of --budget-s; then compiled baselines, most
+important first (forward at batch 8: 384^2, 192^2, 96^2, 768^2, then batch 1, then the smaller maps, then
+forward+backward), each compile capped at --compile-timeout-s ("skipped: compile over budget" otherwise).
+The JSON is rewritten after every row.
 
     python benchmarks/bench_rcu.py --out benchmarks/results/rcu-H100-2025-01-01.json
-    python benchmarks/bench_rcu.py --maps 96,384 --batches 8 --no-compile
+    python benchmarks/bench_rcu.py --maps 96,384 --batches 8 --no-compile --out /tmp/rcu.json
 """
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
 import time
 
 import torch
 from torch import nn
 
-PEAK_TFLOPS, PEAK_TBPS = 800.0, 3.0  # DESIGN.md section 7, H100 bf16 dense and copy bandwidth
 CHANNELS = 256
+DEFAULT_MAPS, DEFAULT_BATCHES = "24,48,96,192,384,768", "1,8"
 
 
 class EagerRCU(nn.Module):
@@ -83,9 +83,10 @@ def count(batch, size, channels=CHANNELS):
     return flops, bytes_
 
 
-def bench(fn, backward_inputs=None, grad=None, compiled=False):
+def bench(fn, backward_inputs=None, grad=None, compiled=False, device="cuda"):
     """Median ms of fn() (no_grad) or of fn() + autograd.grad over backward_inputs."""
-    import triton.testing
+    from dpt_fast.bench import median_ms
+    cuda = torch.device(device).type == "cuda"
 
     def mark():
         if compiled:  # CUDA-graph trees (max-autotune) want a step marker per iteration
@@ -101,60 +102,98 @@ def bench(fn, backward_inputs=None, grad=None, compiled=False):
             mark()
             torch.autograd.grad(fn(), backward_inputs, grad)
     call()  # compile / first-call set-up outside the timing
-    torch.cuda.synchronize()
+    if cuda:
+        torch.cuda.synchronize()
     t0 = time.perf_counter()
     call()
-    torch.cuda.synchronize()
+    if cuda:
+        torch.cuda.synchronize()
     once_ms = (time.perf_counter() - t0) * 1e3
-    return triton.testing.do_bench(call, warmup=max(25, 2 * once_ms), rep=max(100, 8 * once_ms),
-                                   return_mode="median")
+    return median_ms(call, device, warmup_ms=max(25, 2 * once_ms), rep_ms=max(100, 8 * once_ms))
 
 
-def environment():
+def environment(device="cuda", dtype=torch.bfloat16):
     from dpt_fast.bench import environment as common_environment
     from dpt_fast.ops.rcu import cuda_kernel_registered
-    return {**common_environment(torch.device("cuda"), torch.bfloat16), "benchmark": "rcu",
+    return {**common_environment(torch.device(device), dtype), "benchmark": "rcu",
             "rcu_cuda_kernel_registered": cuda_kernel_registered(), "channels": CHANNELS,
             "memory_format": "channels_last",
-            "method": "triton.testing.do_bench median (ms), CUDA events, warm-up excluded; random normal data",
-            "ceilings": {"tflops_bf16": PEAK_TFLOPS, "tbps": PEAK_TBPS}}
+            "method": "triton.testing.do_bench median (ms), CUDA events, L2 flushed, warm-up excluded; "
+                      "random normal data"}
 
 
-def main(argv=None):
+def compile_priority(batch, size, mode, batches):
+    """Sort key of the compiled baselines: forward first; the largest batch first; maps 384, 192, 96, 768
+    (the target's range), then the smaller ones."""
+    return (mode != "fwd", batch != max(batches), {384: 0, 192: 1, 96: 2, 768: 3}.get(size, 4), -size)
+
+
+def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", help="write the results as JSON here (rewritten after every row)")
-    ap.add_argument("--maps", default="24,48,96,192,384,768", help="square feature-map sizes (pixels per side)")
-    ap.add_argument("--batches", default="1,8")
+    ap.add_argument("--maps", default=DEFAULT_MAPS, help="square feature-map sizes (pixels per side)")
+    ap.add_argument("--batches", default=DEFAULT_BATCHES)
     ap.add_argument("--modes", default="fwd,fwd+bwd")
     ap.add_argument("--compile-mode", default="max-autotune", help="torch.compile mode of the baseline")
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
     ap.add_argument("--budget-s", type=float, default=380.0,
-                    help="stop starting compiled baselines after this many seconds in total")
+                    help="start no new row or compile after this many seconds in total")
+    ap.add_argument("--compile-share", type=float, default=0.5,
+                    help="fraction of --budget-s kept for the compiled baselines")
+    ap.add_argument("--compile-timeout-s", type=float, default=120.0,
+                    help="cap on one compile (first call incl. autotuning); over it the row says so")
+    ap.add_argument("--smoke", action="store_true", help="CPU dry run of the code path (float32, the reference "
+                    "serves, maps 8 and 12 and batches 1 and 2 unless given, compile capped at 2 s); no measurement")
     args = ap.parse_args(argv)
+    try:
+        args.map_list = [int(v) for v in args.maps.split(",")]
+        args.batch_list = [int(v) for v in args.batches.split(",")]
+    except ValueError:
+        ap.error("--maps and --batches take comma-separated integers")
+    for mode in args.modes.split(","):
+        if mode not in ("fwd", "fwd+bwd"):
+            ap.error(f"unknown mode {mode!r}: fwd, fwd+bwd")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
 
     from dpt_fast.bench import gpu_benchmark_blocker
-    blocker = gpu_benchmark_blocker()
+    blocker = None if args.smoke else gpu_benchmark_blocker()
     if blocker:
         print(f"bench_rcu.py: {blocker}", file=sys.stderr)
         return 2
 
     import dpt_fast
+    from dpt_fast.bench import (DeadlineExceeded, deadline, describe_error, measure_ceilings, verify_fused,
+                                recover_after_deadline, warm_up_compiler, write_json)
     from dpt_fast.ops.rcu import cuda_kernel_registered
     start = time.time()
     torch.manual_seed(0)
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 256)
     dev, dtype, cl = "cuda", torch.bfloat16, torch.channels_last
-    report = {**environment(), "args": vars(args), "results": [], "implementations_ran": {}, "notes": []}
+    if args.smoke:
+        dev, dtype = "cpu", torch.float32
+        if args.maps == DEFAULT_MAPS:
+            args.map_list = [8, 12]
+        if args.batches == DEFAULT_BATCHES:
+            args.batch_list = [1, 2]
+        args.compile_timeout_s, args.budget_s = min(args.compile_timeout_s, 2.0), 120.0
+    ceilings = measure_ceilings(torch.device(dev), dtype)
+    report = {**environment(dev, dtype), "smoke": args.smoke, "args": {k: v for k, v in vars(args).items() if not k.endswith("_list")},
+              "ceilings": ceilings, "results": [], "implementations_ran": {}, "notes": [], "complete": False}
     if not cuda_kernel_registered():
         report["notes"].append("dpt_fast._C is not built/registered: the 'fused' rows time the reference")
         print("bench_rcu: WARNING dpt_fast._C not registered; fused rows run the reference", file=sys.stderr)
+    ops_required = {"fwd": ("dpt_fast::residual_conv_unit",),
+                    "fwd+bwd": ("dpt_fast::residual_conv_unit", "dpt_fast::residual_conv_unit_backward")}
 
     def save():
+        report["elapsed_s"] = round(time.time() - start, 1)
         if args.out:
-            os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-            with open(args.out, "w") as f:
-                json.dump(report, f, indent=1)
+            write_json(args.out, report)
 
     pair = EagerPair(CHANNELS).to(dev, dtype).to(memory_format=cl)
     with torch.no_grad():  # trained-like scales keep activations O(1)
@@ -162,7 +201,6 @@ def main(argv=None):
             p.copy_(torch.randn_like(p) * ((9 * CHANNELS) ** -0.5 if p.dim() == 4 else 0.1))
     params = list(pair.parameters())
     modes = args.modes.split(",")
-    compiled_pair = None
 
     def inputs(batch, size, requires_grad):
         mk = lambda: torch.randn(batch, CHANNELS, size, size, device=dev, dtype=dtype)  # noqa: E731
@@ -171,19 +209,21 @@ def main(argv=None):
     def run_case(batch, size, mode):
         x0, skip = inputs(batch, size, mode == "fwd+bwd")
         grad_inputs = [x0, skip, *params] if mode == "fwd+bwd" else None
+        dpt_fast.implementations_ran(reset=True)
         with torch.no_grad(), dpt_fast.use_backend("fused"):
             ref, out = pair(x0, skip), fused_pair(pair, x0, skip)
         grad = torch.randn_like(ref).contiguous(memory_format=cl) if mode == "fwd+bwd" else None
         err = ((out.float() - ref.float()).norm() / ref.float().norm()).item()
         row = {"size": size, "batch": batch, "mode": mode, "channels": CHANNELS,
-               "fused_rel_l2_err_vs_eager": err, "fused_out_channels_last": out.is_contiguous(memory_format=cl)}
+               "fused_rel_l2_err_vs_eager": err, "fused_output_finite": bool(torch.isfinite(out).all()),
+               "fused_out_channels_last": out.is_contiguous(memory_format=cl)}
         del ref, out
-        row["eager_ms"] = bench(lambda: pair(x0, skip), grad_inputs, grad)
-        dpt_fast.implementations_ran(reset=True)
+        row["eager_ms"] = bench(lambda: pair(x0, skip), grad_inputs, grad, device=dev)
         with dpt_fast.use_backend("fused"):
-            row["fused_ms"] = bench(lambda: fused_pair(pair, x0, skip), grad_inputs, grad)
+            row["fused_ms"] = bench(lambda: fused_pair(pair, x0, skip), grad_inputs, grad, device=dev)
         ran = dpt_fast.implementations_ran(reset=True)
         row["implementations_ran"] = ran
+        row["fused_path"] = verify_fused(ran, ops_required[mode])
         for op, impls in ran.items():
             total = report["implementations_ran"].setdefault(op, {})
             for impl, n in impls.items():
@@ -194,20 +234,26 @@ def main(argv=None):
             flops *= 3  # dgrad + wgrad; the fused backward also recomputes conv1 (not counted)
             nbytes = None
         sec = row["fused_ms"] * 1e-3
-        row.update(flops=flops, fused_tflops=flops / sec / 1e12, fraction_of_peak_flops=flops / sec / 1e12 / PEAK_TFLOPS)
+        row.update(flops=flops, fused_tflops=flops / sec / 1e12,
+                   fraction_of_matmul_peak=(flops / sec / 1e12 / ceilings["matmul_tflops"]
+                                            if ceilings["matmul_tflops"] else None))
         if nbytes is not None:
             row.update(bytes=nbytes, fused_tbps=nbytes / sec / 1e12,
-                       fraction_of_peak_bandwidth=nbytes / sec / 1e12 / PEAK_TBPS)
+                       fraction_of_copy_bandwidth=(nbytes / sec / 1e12 / ceilings["copy_tbps"]
+                                                   if ceilings["copy_tbps"] else None))
         row["compiled_ms"] = None
         row["compiled_note"] = "not run (--no-compile)" if args.no_compile else "pending"
         return row, (x0, skip, grad_inputs, grad)
 
+    # 1. eager and fused rows: forward of every case first, then forward+backward
+    rows_deadline = args.budget_s * (1.0 if args.no_compile else 1.0 - args.compile_share)
     pending = []
-    maps = [int(s) for s in args.maps.split(",")]
-    batches = [int(b) for b in args.batches.split(",")]
-    for size in maps:
-        for batch in batches:
-            for mode in modes:
+    for mode in modes:
+        for size in args.map_list:
+            for batch in args.batch_list:
+                if time.time() - start > rows_deadline:
+                    report["notes"].append(f"skipped: time budget for eager/fused rows spent: {size}^2 batch {batch} {mode}")
+                    continue
                 try:
                     row, tensors = run_case(batch, size, mode)
                 except torch.cuda.OutOfMemoryError:
@@ -215,21 +261,32 @@ def main(argv=None):
                     report["notes"].append(f"out of memory: {size}^2 batch {batch} {mode}")
                     save()
                     continue
+                except Exception as e:  # noqa: BLE001 -- one failing case must not lose the others
+                    report["notes"].append(f"failed: {size}^2 batch {batch} {mode}: {describe_error(e)}")
+                    print(f"{size}^2 b{batch} {mode} FAILED: {e!r}", file=sys.stderr, flush=True)
+                    save()
+                    continue
                 report["results"].append(row)
                 print(f"{size:4d}^2 b{batch} {mode:7s} eager {row['eager_ms']:9.3f} ms  fused {row['fused_ms']:9.3f} ms"
                       f"  x{row['speedup_vs_eager']:.2f}  {row['fused_tflops']:.0f} TFLOP/s"
-                      f"  err {row['fused_rel_l2_err_vs_eager']:.1e}", flush=True)
+                      f"  err {row['fused_rel_l2_err_vs_eager']:.1e}"
+                      + ("" if row["fused_path"]["verified"] else f"  NOT THE FUSED PATH: {row['fused_path']['problems']}"),
+                      flush=True)
                 save()
                 if not args.no_compile:
-                    priority = (mode != "fwd", batch != max(batches), {384: 0, 192: 1, 96: 2}.get(size, 3), -size)
-                    pending.append((priority, row, batch, size, mode))
+                    pending.append((compile_priority(batch, size, mode, args.batch_list), row, batch, size, mode))
                 del tensors
                 torch.cuda.empty_cache()
 
-    # compiled baselines, most important first, within the time budget
+    # 2. compiled baselines, most important first, each compile capped, within the time budget
+    if pending:
+        warm_up_compiler(dev)  # lazy imports done before any compile deadline
+    compiled_pair = None
     for _, row, batch, size, mode in sorted(pending, key=lambda p: p[0]):
-        if time.time() - start > args.budget_s:
-            row["compiled_note"] = f"skipped: --budget-s {args.budget_s:.0f} s spent"
+        left = args.budget_s - (time.time() - start)
+        if left < 5:
+            row["compiled_note"] = f"skipped: time budget (--budget-s {args.budget_s:.0f}) spent"
+            save()
             continue
         if compiled_pair is None:
             compiled_pair = torch.compile(pair, mode=args.compile_mode, dynamic=False)
@@ -239,30 +296,60 @@ def main(argv=None):
                 if mode == "fwd+bwd" else None)
         t0 = time.time()
         try:
-            row["compiled_ms"] = bench(lambda: compiled_pair(x0, skip), grad_inputs, grad, compiled=True)
-        except Exception as e:  # a failed compile is a result to record, not a crash of the whole run
-            row["compiled_note"] = f"failed: {type(e).__name__}: {str(e)[:200]}"
+            with deadline(min(args.compile_timeout_s, left), "compiled baseline"):
+                row["compiled_ms"] = bench(lambda: compiled_pair(x0, skip), grad_inputs, grad, compiled=True,
+                                           device=dev)
+        except DeadlineExceeded:
+            row["compiled_note"] = (f"skipped: compile over budget ({args.compile_mode}, stopped after "
+                                    f"{time.time() - t0:.0f} s)")
+            compiled_pair = None
+            recover_after_deadline()
+            save()
+            print(f"{size:4d}^2 b{batch} {mode:7s} compiled: {row['compiled_note']}", flush=True)
+            continue
+        except Exception as e:  # noqa: BLE001 -- a failed compile is a result to record, not a crash of the run
+            row["compiled_note"] = f"failed: {describe_error(e, 300)}"
             save()
             continue
         finally:
-            del x0, skip, grad_inputs, grad
-        row["compiled_note"] = f"mode={args.compile_mode}, first call (compile) {time.time() - t0:.0f} s"
+            x0 = skip = grad_inputs = grad = None
+            torch.cuda.empty_cache()
+        row["compiled_note"] = f"mode={args.compile_mode}, compile + timing {time.time() - t0:.0f} s"
         row["speedup_vs_compiled"] = row["compiled_ms"] / row["fused_ms"]
         print(f"{size:4d}^2 b{batch} {mode:7s} compiled {row['compiled_ms']:9.3f} ms  fused x{row['speedup_vs_compiled']:.2f}",
               flush=True)
         save()
-        torch.cuda.empty_cache()
 
-    report["wall_s"] = time.time() - start
+    rows = report["results"]
+    report["fused_path_verified"] = bool(rows) and all(r["fused_path"]["verified"] for r in rows)
+    report["complete"] = True
+    report["markdown"] = markdown(report)
     save()
-    print("\n| map | batch | mode | eager ms | compiled ms | fused ms | vs eager | vs compiled | fused TFLOP/s |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for r in report["results"]:
-        c = f"{r['compiled_ms']:.3f}" if r["compiled_ms"] is not None else "-"
-        vc = f"{r['speedup_vs_compiled']:.2f}x" if r.get("speedup_vs_compiled") else "-"
-        print(f"| {r['size']}^2 | {r['batch']} | {r['mode']} | {r['eager_ms']:.3f} | {c} | {r['fused_ms']:.3f} | "
-              f"{r['speedup_vs_eager']:.2f}x | {vc} | {r['fused_tflops']:.0f} |")
+    print(report["markdown"])
+    if rows and not report["fused_path_verified"]:
+        print(f"WARNING: the CUDA path did not serve every call: {report['implementations_ran']}", file=sys.stderr)
+        return 1
     return 0
+
+
+def markdown(report):
+    lines = [f"Residual conv unit pair (fusion block), {report['device']}, {report['dtype']}, {report['channels']} channels, "
+             f"channels_last; torch {report['versions']['torch']}, {report['date']}; measured ceilings "
+             f"{report['ceilings']['matmul_tflops']} TFLOP/s, {report['ceilings']['copy_tbps']} TB/s",
+             "",
+             "| map | batch | mode | eager ms | compiled ms | fused ms | vs eager | vs compiled | fused TFLOP/s |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    order = {"fwd": 0, "fwd+bwd": 1}
+    for r in sorted(report["results"], key=lambda r: (r["size"], r["batch"], order.get(r["mode"], 2))):
+        c = f"{r['compiled_ms']:.3f}" if r.get("compiled_ms") is not None else (
+            "over budget" if "over budget" in r.get("compiled_note", "") else "-")
+        vc = f"{r['speedup_vs_compiled']:.2f}x" if r.get("speedup_vs_compiled") else "-"
+        mark = "" if r["fused_path"]["verified"] else " (reference ran)"
+        lines.append(f"| {r['size']}^2 | {r['batch']} | {r['mode']} | {r['eager_ms']:.3f} | {c} | {r['fused_ms']:.3f}{mark} | "
+                     f"{r['speedup_vs_eager']:.2f}x | {vc} | {r['fused_tflops']:.0f} |")
+    if report["notes"]:
+        lines += [""] + [f"- {n}" for n in report["notes"]]
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -10,25 +10,26 @@ For every model width set, input size and stage (1-4 and "all" four in one call 
   compiled  torch.compile(mode=--compile-mode) of exactly that chain
   fused     dpt_fast.ops.reassemble on the fused backend, same parameters, output channels_last
 
-Times are medians of triton.testing.do_bench (CUDA events, warm-up excluded; Triton autotuning and
-torch.compile happen in a warm-up call before timing). Each row records the fused output's error
-against the eager chain, the FLOPs and bytes the fused algorithm must spend, and the achieved fraction
-of the DESIGN.md ceilings (H100: 800 TFLOP/s bf16 dense, 3.0 TB/s). The JSON also holds device,
-versions, date and dpt_fast.implementations_ran(), so a run shows that the Triton path was timed.
+Times are medians of triton.testing.do_bench (CUDA events, L2 flushed, warm-up excluded; Triton
+autotuning and torch.compile happen in a warm-up call before timing). Each row records the fused output's
+error against the eager chain, the FLOPs and bytes the fused algorithm must spend, the achieved fraction
+of the ceilings measured in the same process (bf16 matmul TFLOP/s, copy TB/s: dpt_fast.bench.measure_ceilings),
+and dpt_fast.implementations_ran() with a verdict (`fused_path`): a row where the reference served any
+call is marked, and the script exits with status 1.
 
-torch.compile with max-autotune takes minutes per graph: the eager/fused rows for every case come
-first, then compiled baselines in order of importance (forward at 1024^2 and 1536^2, then 384^2, then
-forward+backward) until --budget-s runs out; rows left without a compiled time say so. The JSON is
-rewritten after every row, so a run cut short still leaves its measurements.
+Order, so that a run cut short still answers the targets: the eager and fused rows of the four-stage
+chain in both modes, then the single stages' forward rows, then their forward+backward rows, using at most
+(1 - --compile-share) of --budget-s; then compiled
+baselines, most important first (forward at 1024^2 and 1536^2, all four stages before single ones, then
+384^2, then forward+backward), each compile capped at --compile-timeout-s (a compile over it is recorded as
+"skipped: compile over budget"). The JSON is rewritten after every row.
 
     python benchmarks/bench_reassemble.py --out benchmarks/results/reassemble-H100-2025-01-01.json
-    python benchmarks/bench_reassemble.py --sizes 1024 --models large --no-compile
+    python benchmarks/bench_reassemble.py --sizes 1024 --models large --no-compile --out /tmp/r.json
 """
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
 import time
 
@@ -40,7 +41,11 @@ MODELS = {  # name: (token width D, [(stage, readout, resample, features), ...])
                      (4, "project", "down2", 1024)]),
     "hybrid": (768, [(3, "project", "none", 768), (4, "project", "down2", 768)]),
 }
-PEAK_TFLOPS, PEAK_TBPS = 800.0, 3.0  # DESIGN.md section 7, H100 bf16 dense and copy bandwidth
+SMOKE_MODELS = {  # --smoke: the same stage kinds at widths the Triton interpreter runs in a moment
+    "large": (32, [(1, "project", "up4", 8), (2, "project", "up2", 16), (3, "project", "none", 32),
+                   (4, "project", "down2", 32)]),
+    "hybrid": (32, [(3, "project", "none", 16), (4, "project", "down2", 16)]),
+}
 
 
 class EagerStage(nn.Module):
@@ -121,30 +126,44 @@ def count(stages, batch, grid_h, grid_w, dim):
     return flops, bytes_
 
 
-def bench(fn, backward_inputs=None, grad=None):
+def bench(fn, backward_inputs=None, grad=None, compiled=False, device="cuda"):
     """Median ms of fn() (no_grad) or of fn() + autograd.grad over backward_inputs."""
-    import triton.testing
+    from dpt_fast.bench import median_ms
+
+    def mark():
+        if compiled:  # CUDA-graph trees (max-autotune) want a step marker per iteration
+            torch.compiler.cudagraph_mark_step_begin()
+
     if backward_inputs is None:
         def call():
+            mark()
             with torch.no_grad():
                 fn()
     else:
         def call():
+            mark()
             outs = fn()
             torch.autograd.grad(outs, backward_inputs, grad)
     call()  # compile / autotune outside the timing
-    torch.cuda.synchronize()
-    return triton.testing.do_bench(call, return_mode="median")
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+    return median_ms(call, device)
 
 
-def environment():
+def environment(device="cuda", dtype=torch.bfloat16):
     from dpt_fast.bench import environment as common_environment
-    return {**common_environment(torch.device("cuda"), torch.bfloat16), "benchmark": "reassemble",
-            "method": "triton.testing.do_bench median (ms), CUDA events, warm-up excluded; random normal data",
-            "ceilings": {"tflops_bf16": PEAK_TFLOPS, "tbps": PEAK_TBPS}}
+    return {**common_environment(torch.device(device), dtype), "benchmark": "reassemble",
+            "method": "triton.testing.do_bench median (ms), CUDA events, L2 flushed, warm-up excluded; "
+                      "random normal data"}
 
 
-def main(argv=None):
+def compile_priority(size, label, mode):
+    """Sort key of the compiled baselines: forward first; 1024^2, 1536^2, then the rest; all four stages
+    before single stages."""
+    return (mode != "fwd", {1024: 0, 1536: 1}.get(size, 2), label != "all", label)
+
+
+def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", help="write the results as JSON here (rewritten after every row)")
@@ -156,33 +175,64 @@ def main(argv=None):
     ap.add_argument("--compile-mode", default="max-autotune", help="torch.compile mode of the baseline")
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
     ap.add_argument("--budget-s", type=float, default=380.0,
-                    help="stop starting compiled baselines after this many seconds in total")
+                    help="start no new row or compile after this many seconds in total")
+    ap.add_argument("--compile-share", type=float, default=0.5,
+                    help="fraction of --budget-s kept for the compiled baselines (the eager/fused rows stop "
+                         "starting at (1 - share) x budget)")
+    ap.add_argument("--compile-timeout-s", type=float, default=120.0,
+                    help="cap on one compile (first call incl. autotuning); over it the row says so")
+    ap.add_argument("--smoke", action="store_true", help="CPU dry run of the code path (tiny token grids, "
+                    "float32, Triton interpreter, compile capped at 2 s); no measurement")
     args = ap.parse_args(argv)
+    for m in args.models.split(","):
+        if m not in MODELS:
+            ap.error(f"unknown model {m!r}; choose from {', '.join(MODELS)}")
+    for mode in args.modes.split(","):
+        if mode not in ("fwd", "fwd+bwd"):
+            ap.error(f"unknown mode {mode!r}: fwd, fwd+bwd")
+    for label in args.stages.split(","):
+        if label != "all" and label not in ("1", "2", "3", "4"):
+            ap.error(f"unknown stage {label!r}: 1, 2, 3, 4, all")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
 
     from dpt_fast.bench import gpu_benchmark_blocker
-    blocker = gpu_benchmark_blocker()
+    blocker = None if args.smoke else gpu_benchmark_blocker()
     if blocker:
         print(f"bench_reassemble.py: {blocker}", file=sys.stderr)
         return 2
 
     import dpt_fast
+    from dpt_fast.bench import (DeadlineExceeded, deadline, describe_error, measure_ceilings, verify_fused,
+                                recover_after_deadline, warm_up_compiler, write_json)
     start = time.time()
     torch.manual_seed(0)
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 256)
     dev, dtype = "cuda", torch.bfloat16
-    report = {**environment(), "args": vars(args), "results": [], "implementations_ran": {}, "notes": []}
+    models = SMOKE_MODELS if args.smoke else MODELS
+    if args.smoke:  # the interpreter's bf16 dots are wrong: float32; narrow widths, a 2x2 token grid
+        dev, dtype = "cpu", torch.float32
+        args.sizes, args.stages = "32", "1,4,all"
+        args.compile_timeout_s, args.budget_s = min(args.compile_timeout_s, 2.0), 60.0
+    ceilings = measure_ceilings(torch.device(dev), dtype)
+    report = {**environment(dev, dtype), "smoke": args.smoke, "args": vars(args), "ceilings": ceilings, "results": [], "implementations_ran": {},
+              "notes": [], "complete": False}
+    ops_required = {"fwd": ("dpt_fast::reassemble",),
+                    "fwd+bwd": ("dpt_fast::reassemble", "dpt_fast::reassemble_backward")}
 
     def save():
+        report["elapsed_s"] = round(time.time() - start, 1)
         if args.out:
-            os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-            with open(args.out, "w") as f:
-                json.dump(report, f, indent=1)
+            write_json(args.out, report)
 
     want_stages = args.stages.split(",")
     modes = args.modes.split(",")
     cases = []  # (model, size, stage label, stages, tokens, grid)
     for model in args.models.split(","):
-        dim, specs = MODELS[model]
+        dim, specs = models[model]
         stage_mods = {n: EagerStage(dim, f, ro, rs).to(dev, dtype) for n, ro, rs, f in specs}
         for size in map(int, args.sizes.split(",")):
             g = size // 16
@@ -192,8 +242,6 @@ def main(argv=None):
                 if names:
                     cases.append((model, size, label, [stage_mods[n] for n in names], [tokens[n] for n in names], g))
 
-    compiled_fns = {}  # (model, label) -> compiled chain of that stage set
-
     def run_case(model, size, label, stages, tokens, g, mode):
         grad_inputs = None
         if mode == "fwd+bwd":
@@ -201,61 +249,82 @@ def main(argv=None):
             grad_inputs = tokens + [p for st in stages for p in st.parameters()]
         eager = chain(eager_call, stages, g, g)
         fused = chain(fused_stage, stages, g, g)
-        with torch.no_grad():
+        dpt_fast.implementations_ran(reset=True)
+        with torch.no_grad(), dpt_fast.use_backend("fused"):
             ref, out = eager(*tokens), fused(*tokens)
         grads = [torch.randn_like(o) for o in ref]
         grads_cl = [gr.contiguous(memory_format=torch.channels_last) for gr in grads]
         err = max(((o.float() - r.float()).abs().max() / r.float().abs().max()).item() for o, r in zip(out, ref))
         row = {"model": model, "size": size, "batch": args.batch, "stage": label, "mode": mode,
-               "grid": [g, g], "dim": MODELS[model][0],
+               "grid": [g, g], "dim": models[model][0],
                "stages": [{"readout": st.readout, "resample": st.resample_name, "features": st.conv.out_channels}
                           for st in stages],
                "fused_max_rel_err_vs_eager": err,
+               "fused_output_finite": all(bool(torch.isfinite(o).all()) for o in out),
                "fused_out_channels_last": all(o.is_contiguous(memory_format=torch.channels_last) for o in out)}
-        row["eager_ms"] = bench(lambda: eager(*tokens), grad_inputs, grads)
-        dpt_fast.implementations_ran(reset=True)
+        del ref, out
+        row["eager_ms"] = bench(lambda: eager(*tokens), grad_inputs, grads, device=dev)
         with dpt_fast.use_backend("fused"):
-            row["fused_ms"] = bench(lambda: fused(*tokens), grad_inputs, grads_cl)
+            row["fused_ms"] = bench(lambda: fused(*tokens), grad_inputs, grads_cl, device=dev)
         ran = dpt_fast.implementations_ran(reset=True)
         row["implementations_ran"] = ran
+        row["fused_path"] = verify_fused(ran, ops_required[mode])
         for op, impls in ran.items():
             total = report["implementations_ran"].setdefault(op, {})
             for impl, n in impls.items():
                 total[impl] = total.get(impl, 0) + n
         row["speedup_vs_eager"] = row["eager_ms"] / row["fused_ms"]
         if mode == "fwd":
-            flops, nbytes = count(stages, args.batch, g, g, MODELS[model][0])
+            flops, nbytes = count(stages, args.batch, g, g, models[model][0])
             sec = row["fused_ms"] * 1e-3
-            row.update(flops=flops, bytes=nbytes, fused_tflops=flops / sec / 1e12, fused_tbps=nbytes / sec / 1e12,
-                       fraction_of_peak_flops=flops / sec / 1e12 / PEAK_TFLOPS,
-                       fraction_of_peak_bandwidth=nbytes / sec / 1e12 / PEAK_TBPS)
+            row.update(flops=flops, bytes=nbytes, fused_tflops=flops / sec / 1e12, fused_tbps=nbytes / sec / 1e12)
+            row["fraction_of_matmul_peak"] = (row["fused_tflops"] / ceilings["matmul_tflops"]
+                                              if ceilings["matmul_tflops"] else None)
+            row["fraction_of_copy_bandwidth"] = row["fused_tbps"] / ceilings["copy_tbps"] if ceilings["copy_tbps"] else None
         row["compiled_ms"] = None
         row["compiled_note"] = "not run (--no-compile)" if args.no_compile else "pending"
         return row
 
+    # 1. eager and fused rows: the four-stage chain ("all") of every case in both modes first, then the
+    #    single stages' forward rows, then their forward+backward rows
+    rows_deadline = args.budget_s * (1.0 if args.no_compile else 1.0 - args.compile_share)
     pending = []
-    for model, size, label, stages, tokens, g in cases:
-        for mode in modes:
-            try:
-                row = run_case(model, size, label, stages, tokens, g, mode)
-            except torch.cuda.OutOfMemoryError:
-                torch.cuda.empty_cache()
-                report["notes"].append(f"out of memory: {model} {size} stage {label} {mode}")
-                save()
-                continue
-            report["results"].append(row)
-            print(f"{model:6s} {size:5d} stage {label:3s} {mode:7s} eager {row['eager_ms']:8.3f} ms  "
-                  f"fused {row['fused_ms']:8.3f} ms  x{row['speedup_vs_eager']:.2f}  err {row['fused_max_rel_err_vs_eager']:.1e}",
-                  flush=True)
+    order = sorted(((mode, case) for mode in modes for case in cases),
+                   key=lambda mc: (mc[1][2] != "all", mc[1][2] != "all" and mc[0] != "fwd"))
+    for mode, (model, size, label, stages, tokens, g) in order:
+        if time.time() - start > rows_deadline:
+            report["notes"].append(f"skipped: time budget for eager/fused rows spent: {model} {size} stage {label} {mode}")
+            continue
+        try:
+            row = run_case(model, size, label, stages, tokens, g, mode)
+        except torch.cuda.OutOfMemoryError:
+            torch.cuda.empty_cache()
+            report["notes"].append(f"out of memory: {model} {size} stage {label} {mode}")
             save()
-            if not args.no_compile:
-                priority = (mode != "fwd", {1024: 0, 1536: 1}.get(size, 2), label == "all")
-                pending.append((priority, row, model, label, stages, tokens, g, mode))
+            continue
+        except Exception as e:  # noqa: BLE001 -- one failing case must not lose the others
+            report["notes"].append(f"failed: {model} {size} stage {label} {mode}: {describe_error(e)}")
+            print(f"{model} {size} stage {label} {mode} FAILED: {e!r}", file=sys.stderr, flush=True)
+            save()
+            continue
+        report["results"].append(row)
+        print(f"{model:6s} {size:5d} stage {label:3s} {mode:7s} eager {row['eager_ms']:8.3f} ms  "
+              f"fused {row['fused_ms']:8.3f} ms  x{row['speedup_vs_eager']:.2f}  err {row['fused_max_rel_err_vs_eager']:.1e}"
+              + ("" if row["fused_path"]["verified"] else f"  NOT THE FUSED PATH: {row['fused_path']['problems']}"),
+              flush=True)
+        save()
+        if not args.no_compile:
+            pending.append((compile_priority(size, label, mode), row, model, label, stages, tokens, g, mode))
 
-    # compiled baselines, most important first, within the time budget
+    # 2. compiled baselines, most important first, each compile capped, within the time budget
+    if pending:
+        warm_up_compiler(dev)  # lazy imports done before any compile deadline
+    compiled_fns = {}  # (model, label) -> compiled chain of that stage set
     for _, row, model, label, stages, tokens, g, mode in sorted(pending, key=lambda p: p[0]):
-        if time.time() - start > args.budget_s:
-            row["compiled_note"] = f"skipped: --budget-s {args.budget_s:.0f} s spent"
+        left = args.budget_s - (time.time() - start)
+        if left < 5:
+            row["compiled_note"] = f"skipped: time budget (--budget-s {args.budget_s:.0f}) spent"
+            save()
             continue
         key = (model, label)
         if key not in compiled_fns:
@@ -270,28 +339,61 @@ def main(argv=None):
             with torch.no_grad():
                 grads = [torch.randn_like(o) for o in chain(eager_call, stages, g, g)(*toks)]
         t0 = time.time()
+        limit = min(args.compile_timeout_s, left)
         try:
-            row["compiled_ms"] = bench(lambda: compiled(*toks), grad_inputs, grads)
-        except Exception as e:  # a failed compile is a result to record, not a crash of the whole run
-            row["compiled_note"] = f"failed: {type(e).__name__}: {str(e)[:200]}"
+            with deadline(limit, "compiled baseline"):
+                row["compiled_ms"] = bench(lambda: compiled(*toks), grad_inputs, grads, compiled=True, device=dev)
+        except DeadlineExceeded:
+            row["compiled_note"] = (f"skipped: compile over budget ({args.compile_mode}, stopped after "
+                                    f"{time.time() - t0:.0f} s)")
+            compiled_fns.pop(key, None)
+            recover_after_deadline()
+            torch.cuda.empty_cache()
+            save()
+            print(f"{model:6s} {row['size']:5d} stage {label:3s} {mode:7s} compiled: {row['compiled_note']}", flush=True)
+            continue
+        except Exception as e:  # noqa: BLE001 -- a failed compile is a result to record, not a crash of the run
+            row["compiled_note"] = f"failed: {describe_error(e, 300)}"
             save()
             continue
-        row["compiled_note"] = f"mode={args.compile_mode}, first call (compile) {time.time() - t0:.0f} s"
+        row["compiled_note"] = f"mode={args.compile_mode}, compile + timing {time.time() - t0:.0f} s"
         row["speedup_vs_compiled"] = row["compiled_ms"] / row["fused_ms"]
         print(f"{model:6s} {row['size']:5d} stage {label:3s} {mode:7s} compiled {row['compiled_ms']:8.3f} ms  "
               f"fused x{row['speedup_vs_compiled']:.2f}", flush=True)
         save()
 
-    report["wall_s"] = time.time() - start
+    rows = report["results"]
+    report["fused_path_verified"] = bool(rows) and all(r["fused_path"]["verified"] for r in rows)
+    report["complete"] = True
+    report["markdown"] = markdown(report)
     save()
-    print("\n| model | size | stage | mode | eager ms | compiled ms | fused ms | vs eager | vs compiled |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for r in report["results"]:
-        c = f"{r['compiled_ms']:.3f}" if r["compiled_ms"] is not None else "-"
-        vc = f"{r['speedup_vs_compiled']:.2f}x" if r.get("speedup_vs_compiled") else "-"
-        print(f"| {r['model']} | {r['size']} | {r['stage']} | {r['mode']} | {r['eager_ms']:.3f} | {c} | "
-              f"{r['fused_ms']:.3f} | {r['speedup_vs_eager']:.2f}x | {vc} |")
+    print(report["markdown"])
+    if rows and not report["fused_path_verified"]:
+        print(f"WARNING: the Triton path did not serve every call: {report['implementations_ran']}", file=sys.stderr)
+        return 1
     return 0
+
+
+def markdown(report):
+    env = report
+    lines = [f"Reassemble, {env['device']}, {env['dtype']}, batch {report['args']['batch']}; torch {env['versions']['torch']}, "
+             f"triton {env['versions']['triton']}, {env['date']}; measured ceilings "
+             f"{report['ceilings']['matmul_tflops']} TFLOP/s, {report['ceilings']['copy_tbps']} TB/s",
+             "",
+             "| model | size | stage | mode | eager ms | compiled ms | fused ms | vs eager | vs compiled | fused TB/s |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    order = {"fwd": 0, "fwd+bwd": 1}
+    for r in sorted(report["results"], key=lambda r: (r["model"], r["size"], r["stage"], order.get(r["mode"], 2))):
+        c = f"{r['compiled_ms']:.3f}" if r.get("compiled_ms") is not None else (
+            "over budget" if "over budget" in r.get("compiled_note", "") else "-")
+        vc = f"{r['speedup_vs_compiled']:.2f}x" if r.get("speedup_vs_compiled") else "-"
+        tbps = f"{r['fused_tbps']:.2f}" if r.get("fused_tbps") is not None else "-"
+        mark = "" if r["fused_path"]["verified"] else " (reference ran)"
+        lines.append(f"| {r['model']} | {r['size']} | {r['stage']} | {r['mode']} | {r['eager_ms']:.3f} | {c} | "
+                     f"{r['fused_ms']:.3f}{mark} | {r['speedup_vs_eager']:.2f}x | {vc} | {tbps} |")
+    if report["notes"]:
+        lines += [""] + [f"- {n}" for n in report["notes"]]
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

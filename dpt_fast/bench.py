@@ -17,9 +17,16 @@ is downloaded):
 Latency is the median of timed runs (CUDA events on GPU, perf_counter on CPU) after warm-up; the first
 call's time (compilation included) is reported separately. FLOPs are counted once per configuration with
 torch.utils.flop_counter on the meta device (attention counted as its two matmuls). The achieved
-fraction of a measured dense matmul peak of the same dtype is reported as MFU. Results go to --out as
-JSON, a markdown table and a PNG plot; the JSON records the device, versions, date and, per variant,
-which implementation of each dpt_fast operator ran (dpt_fast.implementations_ran()).
+fraction of a dense matmul peak of the same dtype, measured in the same process (with the copy
+bandwidth: measure_ceilings), is reported as MFU. Results go to --out as JSON (rewritten after every
+row), a markdown table and a PNG plot; the JSON records the device, versions, date and, per variant,
+which implementation of each dpt_fast operator ran (dpt_fast.implementations_ran()); a fused variant
+where the reference served any call is marked (`fused_path`) in the JSON and the table.
+
+Time limits (one call of a lent GPU is 10 minutes): --budget-s bounds the whole run (order: fused and
+hf-sdpa of every configuration, then reference+compile, reference, fused+compile), --compile-timeout-s bounds one
+compilation (torch.compile(mode="max-autotune") of a DPT can take many minutes), optionally retried with
+--compile-fallback-mode; whatever did not fit is recorded as "skipped: ...", never silently dropped.
 """
 from __future__ import annotations
 
@@ -32,9 +39,11 @@ import math
 import os
 import platform
 import re
+import signal
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -130,6 +139,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--runs", type=int, default=None, help="timed calls at most (default 50)")
     parser.add_argument("--max-time", type=float, default=10.0, help="stop timing a variant after this many "
                         "seconds (at least 3 runs)")
+    parser.add_argument("--budget-s", type=float, default=None, help="time budget of the whole run: variants "
+                        "that would start later are recorded as skipped, a running one is stopped at it "
+                        "(default: none). Order: fused and hf-sdpa of every configuration, then "
+                        "reference+compile, reference, fused+compile")
+    parser.add_argument("--compile-timeout-s", type=float, default=None, help="cap on a compiled variant's "
+                        "first call (compilation and autotuning); over it the variant is recorded as skipped "
+                        "(default: none)")
+    parser.add_argument("--compile-fallback-mode", default=None, help="torch.compile mode to retry with when "
+                        "--compile-mode runs over --compile-timeout-s (e.g. default); the row names the mode used")
 
 
 # --- environment ---------------------------------------------------------------------------------
@@ -213,6 +231,142 @@ def measure_matmul_peak(device: torch.device, dtype: torch.dtype) -> float | Non
         return None
 
 
+def measure_copy_bandwidth(device: torch.device) -> float | None:
+    """Measured device-to-device copy TB/s (bytes read + bytes written), 1 GiB on GPU, random data."""
+    n = (1 << 28) if device.type == "cuda" else (1 << 22)  # float32 elements: 1 GiB / 16 MiB
+    try:
+        src = torch.randn(n, device=device)
+        dst = torch.empty_like(src)
+        times = time_calls(lambda: dst.copy_(src), device, warmup=3, runs=20 if device.type == "cuda" else 5,
+                           max_time=5.0)
+        return 2 * src.numel() * src.element_size() / statistics.median(times) / 1e12
+    except Exception:  # noqa: BLE001
+        return None
+    finally:
+        src = dst = None  # noqa: F841
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def measure_ceilings(device: torch.device, dtype: torch.dtype = torch.bfloat16) -> dict:
+    """The two measured ceilings every benchmark states its fractions against (DESIGN.md section 7):
+    dense matmul TFLOP/s of `dtype` (8192^3 on GPU) and device-to-device copy TB/s (read + write)."""
+    matmul = measure_matmul_peak(device, dtype)
+    copy = measure_copy_bandwidth(device)
+    return {"matmul_tflops": None if matmul is None else float(f"{matmul:.4g}"),
+            "copy_tbps": None if copy is None else float(f"{copy:.4g}"),
+            "dtype": str(dtype).replace("torch.", ""),
+            "method": ("median of CUDA-event timings after warm-up, random normal data: torch.matmul "
+                       f"{8192 if device.type == 'cuda' else 512}^3 (2*n^3 FLOPs); copy_ of "
+                       f"{'1 GiB' if device.type == 'cuda' else '16 MiB'} counting bytes read + written")}
+
+
+def median_ms(fn, device: torch.device | str = "cuda", warmup_ms: float = 25, rep_ms: float = 100) -> float:
+    """Median milliseconds of fn(): triton.testing.do_bench on CUDA (CUDA events, L2 flushed between
+    calls, warm-up excluded); on CPU (the benchmark scripts' --smoke dry runs only) a few perf_counter
+    timings after one warm-up call."""
+    if torch.device(device).type == "cuda":
+        import triton.testing
+        return triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median")
+    fn()
+    times = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def fraction(value: float | None, ceiling: float | None) -> float | None:
+    """value / ceiling (4 significant digits); None when either is missing."""
+    return None if value is None or not ceiling else float(f"{value / ceiling:.4g}")
+
+
+class DeadlineExceeded(BaseException):
+    """Raised inside a `deadline` block when its time is up. A BaseException, so that the `except
+    Exception` of torch.compile's internals (autotuning, backend errors) cannot swallow it."""
+
+
+@contextlib.contextmanager
+def deadline(seconds: float | None, what: str = "this step"):
+    """Raise DeadlineExceeded in the main thread after `seconds` (SIGALRM; a no-op for None/inf, outside
+    the main thread, or where SIGALRM does not exist). Used to cap torch.compile(mode="max-autotune"),
+    which can take many minutes, inside one device call."""
+    if (seconds is None or not math.isfinite(seconds) or not hasattr(signal, "setitimer")
+            or threading.current_thread() is not threading.main_thread()):
+        yield
+        return
+    if seconds <= 0:
+        raise DeadlineExceeded(f"{what}: no time left")
+
+    def _expire(signum, frame):
+        raise DeadlineExceeded(f"{what}: over its {seconds:.0f} s limit")
+
+    previous = signal.signal(signal.SIGALRM, _expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+_COMPILER_WARM: set = set()
+
+
+def warm_up_compiler(device: torch.device | str) -> float | None:
+    """Compile and run a trivial function once on `device`, outside any deadline, so that torch.compile's
+    lazy imports and one-time set-up are done before a `deadline` can interrupt a compile (an import cut
+    in the middle can leave a module half-registered for the rest of the process). Returns the seconds it
+    took (None when it failed or was already done)."""
+    key = torch.device(device).type
+    if key in _COMPILER_WARM:
+        return None
+    _COMPILER_WARM.add(key)
+    t0 = time.perf_counter()
+    try:
+        import importlib
+        importlib.import_module("torch._inductor.compile_fx")  # (an `import torch.x` here would shadow torch)
+        fn = torch.compile(lambda t: torch.relu(t) * 2 + 1, dynamic=False)
+        fn(torch.randn(16, device=device))
+        torch._dynamo.reset()
+    except Exception:  # noqa: BLE001 -- the compile rows then report their own errors
+        return None
+    return time.perf_counter() - t0
+
+
+def recover_after_deadline() -> None:
+    """Global state a DeadlineExceeded may have cut short of restoring: grad mode, dynamo's caches."""
+    torch.set_grad_enabled(True)
+    try:
+        torch._dynamo.reset()
+    except Exception:  # noqa: BLE001
+        pass
+
+
+FUSED_OPS = ("dpt_fast::attention", "dpt_fast::reassemble", "dpt_fast::residual_conv_unit")
+
+
+def verify_fused(ran: dict, required=()) -> dict:
+    """Did the fused implementations serve every call? `ran` is dpt_fast.implementations_ran();
+    `required` names operators that must have been called. Any call served by "reference" is a problem
+    (a fused benchmark must never time the reference silently)."""
+    problems = [f"{op} was never called" for op in required if not ran.get(op)]
+    for op, impls in sorted(ran.items()):
+        if impls.get("reference"):
+            problems.append(f"{op}: the reference served {impls['reference']} of {sum(impls.values())} calls")
+    return {"verified": not problems, "problems": problems}
+
+
+def write_json(path, obj) -> None:
+    """Write `obj` as JSON atomically (a run killed mid-write keeps the previous complete file)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1, default=str) + "\n")
+    os.replace(tmp, path)
+
+
 # --- the variants --------------------------------------------------------------------------------
 
 def _plain_attention(qkv, num_heads, scale, matmul=False):
@@ -261,10 +415,17 @@ def build_dpt(name: str, device, dtype, train: bool):
     return model.train(train)
 
 
-def build_hf(name: str, device, dtype, train: bool):
+def build_hf(name: str, device, dtype, train: bool, image_size: int | None = None):
+    """transformers' DPTForDepthEstimation of the same architecture, random weights, SDPA attention in the
+    ViT. image_size: the run's (square) input size -- HF's hybrid embeddings refuse any other size, and
+    its position embeddings are then made for that grid (the resize becomes an identity)."""
     from transformers import DPTConfig, DPTForDepthEstimation
-    config = DPTConfig(**{**HF_COMMON, **HF_CONFIGS[name]})
-    model = DPTForDepthEstimation._from_config(config, attn_implementation="sdpa")
+    overrides = {"image_size": image_size} if image_size and HF_CONFIGS[name].get("is_hybrid") else {}
+    config = DPTConfig(**{**HF_COMMON, **HF_CONFIGS[name], **overrides})
+    try:  # the hybrid's BiT backbone has no SDPA path: eager there, SDPA in the transformer
+        model = DPTForDepthEstimation._from_config(config, attn_implementation={"": "sdpa", "backbone_config": "eager"})
+    except (ValueError, TypeError, KeyError):
+        model = DPTForDepthEstimation._from_config(config, attn_implementation="sdpa")
     model.to(device=device, dtype=dtype)
     return model.train(train)
 
@@ -282,13 +443,19 @@ def count_flops(name: str, batch: int, size: tuple[int, int], train: bool) -> in
     return int(counter.get_total_flops())
 
 
-def _step(model, x, train: bool, hf: bool):
+def _step(model, x, train: bool, hf: bool, compiled: bool = False):
     if hf:
-        def forward():
+        def call_model():
             return model(pixel_values=x).predicted_depth
     else:
-        def forward():
+        def call_model():
             return model(x)
+    if compiled:  # CUDA-graph trees (max-autotune) want a step marker per iteration
+        def forward():
+            torch.compiler.cudagraph_mark_step_begin()
+            return call_model()
+    else:
+        forward = call_model
     if not train:
         def call():
             with torch.inference_mode():
@@ -346,47 +513,70 @@ def _summarise_impls(impls: dict) -> str:
     return ", ".join(parts)
 
 
-def run_variant(variant: str, model_name: str, x: torch.Tensor, args, device, dtype, flops, peak) -> dict:
+def run_variant(variant: str, model_name: str, x: torch.Tensor, args, device, dtype, flops, peak,
+                time_limit_s: float | None = None, compile_mode: str | None = None,
+                first_call_limit_s: float | None = None) -> dict:
+    """One variant on one configuration. time_limit_s caps the whole variant, first_call_limit_s the
+    model's building and first call (where compilation and autotuning happen); over either the row's
+    error says "skipped: ..." and `timed_out` is set ("compile" when a compiled variant's first call
+    had not finished)."""
     from . import implementations_ran, use_backend
     result = {"variant": variant, "error": None}
     hf = variant.startswith("hf")
     backend = "reference" if variant.startswith("reference") else "fused"
     compiled = variant.endswith("+compile")
+    if compiled:
+        compile_mode = compile_mode or args.compile_mode
+        result["compile_mode"] = compile_mode
     stack = contextlib.ExitStack()
     model = None
+    phase = "build"
+    started = time.perf_counter()
+
+    def left():
+        return None if time_limit_s is None else time_limit_s - (time.perf_counter() - started)
+
+    first_limit = min((t for t in (left(), first_call_limit_s) if t is not None), default=None)
     try:
-        stack.enter_context(use_backend(backend))
-        if hf:
-            model = build_hf(model_name, device, dtype, args.train)
-            attn = getattr(model.config, "_attn_implementation", None)
-            result["implementations"] = {"transformers": {f"DPTForDepthEstimation(attn_implementation={attn})": 1}}
-            if x.shape[-2] != x.shape[-1]:
-                raise RuntimeError("transformers' DPT (ViT backbone) reshapes tokens to a square grid: "
-                                   "non-square inputs are not supported")
-        else:
-            model = build_dpt(model_name, device, dtype, args.train)
-        if variant == "reference+compile":
-            stack.enter_context(inline_plain_ops(attention="sdpa"))
-        run_model = model
-        if compiled:
-            run_model = torch.compile(model, mode=args.compile_mode)
-        call = _step(run_model, x, args.train, hf)
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        implementations_ran(reset=True)
-        t0 = time.perf_counter()
-        out = call()
-        _sync(device)
-        result["first_call_s"] = time.perf_counter() - t0
-        if not hf:
-            ran = implementations_ran(reset=True)
+        with deadline(first_limit, f"{variant} (build and first call)"):
+            stack.enter_context(use_backend(backend))
+            if hf:
+                if x.shape[-2] != x.shape[-1]:
+                    raise RuntimeError("transformers' DPT (ViT backbone) reshapes tokens to a square grid: "
+                                       "non-square inputs are not supported")
+                model = build_hf(model_name, device, dtype, args.train, image_size=x.shape[-1])
+                attn = getattr(model.config, "_attn_implementation", None)
+                result["implementations"] = {"transformers": {f"DPTForDepthEstimation(attn_implementation={attn})": 1}}
+            else:
+                model = build_dpt(model_name, device, dtype, args.train)
             if variant == "reference+compile":
-                ran = {"inlined": {"plain PyTorch (attention via F.scaled_dot_product_attention)": 1}}
-            result["implementations"] = ran
-        result["output_shape"] = list(out.shape)
-        result["output_finite"] = bool(torch.isfinite(out.float()).all())
-        del out
-        times = time_calls(call, device, args.warmup, args.runs, args.max_time)
+                stack.enter_context(inline_plain_ops(attention="sdpa"))
+            run_model = model
+            if compiled:
+                run_model = torch.compile(model, mode=compile_mode)
+            call = _step(run_model, x, args.train, hf, compiled=compiled)
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            implementations_ran(reset=True)
+            phase = "first call"
+            t0 = time.perf_counter()
+            out = call()
+            _sync(device)
+            result["first_call_s"] = time.perf_counter() - t0
+        phase = "timing"
+        with deadline(left(), f"{variant} (timing)"):
+            if not hf:
+                ran = implementations_ran(reset=True)
+                if variant == "reference+compile":
+                    ran = {"inlined": {"plain PyTorch (attention via F.scaled_dot_product_attention)": 1}}
+                result["implementations"] = ran
+                if backend == "fused":
+                    required = FUSED_OPS + (tuple(op + "_backward" for op in FUSED_OPS) if args.train else ())
+                    result["fused_path"] = verify_fused(ran, required)
+            result["output_shape"] = list(out.shape)
+            result["output_finite"] = bool(torch.isfinite(out.float()).all())
+            del out
+            times = time_calls(call, device, args.warmup, args.runs, args.max_time)
         latency = statistics.median(times)
         batch, height, width = x.shape[0], x.shape[-2], x.shape[-1]
         result.update({
@@ -400,6 +590,15 @@ def run_variant(variant: str, model_name: str, x: torch.Tensor, args, device, dt
         })
         if device.type == "cuda":
             result["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+    except DeadlineExceeded:
+        recover_after_deadline()
+        spent = time.perf_counter() - started
+        if compiled and phase in ("build", "first call"):
+            result["timed_out"] = "compile"
+            result["error"] = f"skipped: compile over budget ({compile_mode}, stopped after {spent:.0f} s)"
+        else:
+            result["timed_out"] = phase
+            result["error"] = f"skipped: time budget spent during {phase} (stopped after {spent:.0f} s)"
     except torch.OutOfMemoryError:
         result["error"] = "out of memory"
     except Exception as e:  # noqa: BLE001 -- one failing variant must not stop the others
@@ -408,6 +607,7 @@ def run_variant(variant: str, model_name: str, x: torch.Tensor, args, device, dt
         stack.close()
         del model
         _cleanup(device)
+    result["wall_s"] = round(time.perf_counter() - started, 1)
     return result
 
 
@@ -433,6 +633,18 @@ def _fmt(value, spec: str, missing: str = "–") -> str:
     return missing if value is None else format(value, spec)
 
 
+def ordered_results(report: dict) -> list[dict]:
+    """Rows grouped by model and size (in the order asked for), variants in VARIANTS order."""
+    models = report["settings"]["models"]
+    sizes = report["settings"]["sizes"]
+
+    def key(r):
+        return (models.index(r["model"]) if r["model"] in models else len(models),
+                sizes.index(r["size_label"]) if r.get("size_label") in sizes else len(sizes),
+                VARIANTS.index(r["variant"]) if r["variant"] in VARIANTS else len(VARIANTS))
+    return sorted(report["results"], key=key)
+
+
 def markdown_table(report: dict) -> str:
     env = report["environment"]
     v = env["versions"]
@@ -443,6 +655,7 @@ def markdown_table(report: dict) -> str:
         f"- torch {v['torch']}, triton {v['triton']}, timm {v['timm']}, transformers {v['transformers']}, "
         f"CUDA {v['cuda']}, dpt_fast {v['dpt_fast']}" + (f" ({env['git_commit']})" if env.get("git_commit") else ""),
         f"- measured dense matmul peak ({env['dtype']}): {_fmt(report.get('matmul_peak_tflops'), '.3g')} TFLOP/s; "
+        f"copy {_fmt((report.get('ceilings') or {}).get('copy_tbps'), '.3g')} TB/s; "
         "MFU = achieved model TFLOP/s / that peak",
         f"- latency: median of timed runs after warm-up; random weights and inputs; compile mode "
         f"{report['settings']['compile_mode']}",
@@ -451,19 +664,28 @@ def markdown_table(report: dict) -> str:
         "× reference | × ref+compile | × HF | operators ran |",
         "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
-    for r in report["results"]:
+    for r in ordered_results(report):
         size = f"{r['size'][0]}x{r['size'][1]}"
         if r.get("error"):
             lines.append(f"| {r['model']} | {size} | {r['batch']} | {r['variant']} | {r['error']} "
                          "| | | | | | | | | |")
             continue
         s = r.get("speedup", {})
+        variant = r["variant"] + (f" ({r['compile_mode']})" if r.get("compile_mode") else "")
+        if r.get("fused_path") and not r["fused_path"]["verified"]:
+            variant += " **(reference ran)**"
         lines.append(
-            f"| {r['model']} | {size} | {r['batch']} | {r['variant']} | {r['latency_ms']:.2f} | "
+            f"| {r['model']} | {size} | {r['batch']} | {variant} | {r['latency_ms']:.2f} | "
             f"{r['images_per_s']:.2f} | {r['megapixels_per_s']:.1f} | {_fmt(r.get('tflops'), '.3g')} | "
             f"{_fmt(r.get('mfu'), '.0%')} | {_fmt(r.get('peak_memory_gib'), '.2f')} | "
             f"{_fmt(s.get('reference'), '.2f')} | {_fmt(s.get('reference+compile'), '.2f')} | "
             f"{_fmt(s.get('hf-sdpa'), '.2f')} | {_summarise_impls(r.get('implementations', {}))} |")
+    unverified = [r for r in report["results"] if r.get("fused_path") and not r["fused_path"]["verified"]]
+    if unverified:
+        lines += ["", "Fused rows where the reference served some operator calls (not a measurement of the "
+                  "fused kernels):"]
+        lines += [f"- {r['model']} {r['size'][0]}x{r['size'][1]} b{r['batch']} {r['variant']}: "
+                  + "; ".join(r["fused_path"]["problems"]) for r in unverified]
     return "\n".join(lines) + "\n"
 
 
@@ -521,6 +743,10 @@ def run(args: argparse.Namespace) -> int:
     args.sizes = args.sizes or "384,1024,1536,4k"
     args.warmup = 3 if args.warmup is None else args.warmup
     args.runs = 50 if args.runs is None else args.runs
+    budget = getattr(args, "budget_s", None)
+    compile_timeout = getattr(args, "compile_timeout_s", None)
+    fallback_mode = getattr(args, "compile_fallback_mode", None)
+    started = time.perf_counter()
     try:
         models = [m.strip() for m in args.models.split(",") if m.strip()]
         unknown = [m for m in models if m not in MODELS]
@@ -549,47 +775,92 @@ def run(args: argparse.Namespace) -> int:
 
     torch.manual_seed(0)
     env = environment(device, dtype)
-    peak = measure_matmul_peak(device, dtype)
+    ceilings = measure_ceilings(device, dtype)
+    peak = ceilings["matmul_tflops"]
     skipped = [v for v in VARIANTS if v not in variants]
-    print(f"dpt-fast bench on {env['device']} ({dtype}); matmul peak {_fmt(peak, '.3g')} TFLOP/s; variants: "
-          f"{', '.join(variants)}" + (f" (skipped: {', '.join(skipped)})" if skipped else ""), file=sys.stderr)
-    results = []
-    for model_name in models:
-        for label, size, batch in configs:
-            padded = (math.ceil(size[0] / 32) * 32, math.ceil(size[1] / 32) * 32)
-            try:
-                flops = count_flops(model_name, batch, padded, args.train)
-            except Exception as e:  # noqa: BLE001
-                print(f"dpt-fast bench: FLOP count failed for {model_name} {label}: {e}", file=sys.stderr)
-                flops = None
-            generator = torch.Generator(device="cpu").manual_seed(0)
-            x = torch.randn(batch, 3, *padded, generator=generator).to(device=device, dtype=dtype)
-            for variant in variants:
-                r = run_variant(variant, model_name, x, args, device, dtype, flops, peak)
-                r.update({"model": model_name, "backbone": MODELS[model_name]["backbone"], "size_label": label,
-                          "size": list(padded), "requested_size": list(size), "batch": batch, "flops": flops})
-                results.append(r)
-                status = r["error"] or (f"{r['latency_ms']:.2f} ms, {r['images_per_s']:.2f} img/s, "
-                                        f"{_fmt(r.get('tflops'), '.3g')} TFLOP/s")
-                print(f"  {model_name:7s} {padded[0]}x{padded[1]} b{batch} {variant:18s} {status}", file=sys.stderr)
-            del x
-            _cleanup(device)
-    add_ratios(results)
-    report = {
-        "environment": env,
-        "settings": {"models": models, "sizes": [c[0] for c in configs], "variants": variants,
-                     "skipped_variants": skipped, "train": args.train, "compile_mode": args.compile_mode,
-                     "warmup": args.warmup, "runs": args.runs, "max_time_s": args.max_time, "tiny": args.tiny},
-        "matmul_peak_tflops": peak,
-        "results": results,
-    }
+    print(f"dpt-fast bench on {env['device']} ({dtype}); matmul peak {_fmt(peak, '.3g')} TFLOP/s, copy "
+          f"{_fmt(ceilings['copy_tbps'], '.3g')} TB/s; variants: {', '.join(variants)}"
+          + (f" (skipped: {', '.join(skipped)})" if skipped else ""), file=sys.stderr)
+
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = f"{_slug(env['device'])}-{_dt.datetime.now().strftime('%Y%m%d-%H%M%S')}" + ("-train" if args.train else "")
     json_path, md_path, png_path = out / f"{stem}.json", out / f"{stem}.md", out / f"{stem}.png"
-    json_path.write_text(json.dumps(report, indent=2) + "\n")
+    results: list[dict] = []
+    report = {
+        "benchmark": "e2e_train" if args.train else "e2e_inference",
+        "environment": env,
+        "settings": {"models": models, "sizes": [c[0] for c in configs], "variants": variants,
+                     "skipped_variants": skipped, "train": args.train, "compile_mode": args.compile_mode,
+                     "compile_timeout_s": compile_timeout, "compile_fallback_mode": fallback_mode,
+                     "budget_s": budget, "warmup": args.warmup, "runs": args.runs, "max_time_s": args.max_time,
+                     "tiny": args.tiny},
+        "ceilings": ceilings,
+        "matmul_peak_tflops": peak,
+        "results": results,
+        "complete": False,
+    }
+
+    def save() -> None:  # after every row: a run cut short keeps what it measured
+        add_ratios(results)
+        report["elapsed_s"] = round(time.perf_counter() - started, 1)
+        write_json(json_path, report)
+        md_path.write_text(markdown_table(report))
+
+    # Order, so that a run cut short by --budget-s still answers the targets: dpt-fast fused and HF of every
+    # configuration, then the reference under torch.compile (minutes each), then the reference eager, then
+    # fused under torch.compile.
+    tasks = [(m, cfg, v) for cfg in configs for m in models for v in variants if v in ("fused", "hf-sdpa")]
+    for later in ("reference+compile", "reference", "fused+compile"):
+        tasks += [(m, cfg, later) for cfg in configs for m in models if later in variants]
+    flop_counts: dict = {}
+    for model_name, (label, size, batch), variant in tasks:
+        padded = (math.ceil(size[0] / 32) * 32, math.ceil(size[1] / 32) * 32)
+        meta = {"model": model_name, "backbone": MODELS[model_name]["backbone"], "size_label": label,
+                "size": list(padded), "requested_size": list(size), "batch": batch}
+        remaining = None if budget is None else budget - (time.perf_counter() - started)
+        if remaining is not None and remaining <= 1:
+            r = {"variant": variant, "error": f"skipped: time budget (--budget-s {budget:.0f}) spent", **meta}
+            if variant in COMPILE_VARIANTS:
+                r["compile_mode"] = args.compile_mode
+            results.append(r)
+            save()
+            print(f"  {model_name:7s} {padded[0]}x{padded[1]} b{batch} {variant:18s} {r['error']}", file=sys.stderr)
+            continue
+        key = (model_name, padded, batch)
+        if key not in flop_counts:
+            try:
+                flop_counts[key] = count_flops(model_name, batch, padded, args.train)
+            except Exception as e:  # noqa: BLE001
+                print(f"dpt-fast bench: FLOP count failed for {model_name} {label}: {e}", file=sys.stderr)
+                flop_counts[key] = None
+        flops = flop_counts[key]
+        if variant in COMPILE_VARIANTS:
+            warm_up_compiler(device)
+        generator = torch.Generator(device="cpu").manual_seed(0)
+        x = torch.randn(batch, 3, *padded, generator=generator).to(device=device, dtype=dtype)
+        is_compiled = variant in COMPILE_VARIANTS
+        r = run_variant(variant, model_name, x, args, device, dtype, flops, peak, time_limit_s=remaining,
+                        compile_mode=args.compile_mode if is_compiled else None,
+                        first_call_limit_s=compile_timeout if is_compiled else None)
+        if r.get("timed_out") == "compile" and fallback_mode and fallback_mode != args.compile_mode:
+            remaining = None if budget is None else budget - (time.perf_counter() - started)
+            if remaining is None or remaining > 10:
+                first = r
+                r = run_variant(variant, model_name, x, args, device, dtype, flops, peak, time_limit_s=remaining,
+                                compile_mode=fallback_mode)
+                r["primary_compile"] = {"mode": args.compile_mode, "error": first["error"], "wall_s": first["wall_s"]}
+        r.update(meta)
+        r["flops"] = flops
+        results.append(r)
+        del x
+        save()
+        status = r["error"] or (f"{r['latency_ms']:.2f} ms, {r['images_per_s']:.2f} img/s, "
+                                f"{_fmt(r.get('tflops'), '.3g')} TFLOP/s")
+        print(f"  {model_name:7s} {padded[0]}x{padded[1]} b{batch} {variant:18s} {status}", file=sys.stderr)
+    report["complete"] = True
+    save()
     table = markdown_table(report)
-    md_path.write_text(table)
     plotted = plot(report, png_path)
     print(table)
     print(f"dpt-fast bench: wrote {json_path}, {md_path}" + (f", {png_path}" if plotted else " (no matplotlib: no plot)"),

@@ -21,7 +21,7 @@ def test_bench_tiny_cpu_writes_json_table_and_plot(tmp_path):
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
                           env={**os.environ, "TRITON_INTERPRET": "0"})
     assert proc.returncode == 0, proc.stderr
-    assert "| tiny | 64x64 | 2 | fused |" in proc.stdout
+    assert "| tiny | 64x64 | 2 | fused **(reference ran)** |" in proc.stdout  # the fallback is marked
     files = {p.suffix: p for p in out.iterdir()}
     assert set(files) == {".json", ".md", ".png"}
     assert files[".png"].stat().st_size > 1000
@@ -47,8 +47,12 @@ def test_bench_tiny_cpu_writes_json_table_and_plot(tmp_path):
     assert set(ran) == {"dpt_fast::attention", "dpt_fast::reassemble", "dpt_fast::residual_conv_unit"}
     assert all(set(impls) == {"reference"} for impls in ran.values())
     assert set(variants["fused"]["implementations"]["dpt_fast::attention"]) == {"reference"}  # recorded, not hidden
+    assert variants["fused"]["fused_path"]["verified"] is False and "reference" not in variants["reference"].get(
+        "fused_path", {})
+    assert report["complete"] and report["ceilings"]["matmul_tflops"] > 0 and report["ceilings"]["copy_tbps"] > 0
     table = files[".md"].read_text()
-    assert "| tiny | 64x64 | 2 | fused |" in table and env["versions"]["torch"] in table
+    assert "| tiny | 64x64 | 2 | fused **(reference ran)** |" in table and env["versions"]["torch"] in table
+    assert "the reference served 12 of 12 calls" in table
 
 
 def test_run_variant_restores_the_backend_and_records_errors(tmp_path):
@@ -102,3 +106,248 @@ def test_parse_sizes_and_batches():
 def test_bench_rejects_unknown_model(capsys):
     assert cli.main(["bench", "--models", "gigantic", "--device", "cpu"]) == 2
     assert "unknown model" in capsys.readouterr().err
+
+
+# --- benchmark harness: ceilings, deadlines, fused-path verdicts ----------------------------------
+
+def test_measure_ceilings_on_cpu_are_positive():
+    c = bench.measure_ceilings(torch.device("cpu"), torch.float32)
+    assert c["matmul_tflops"] > 0 and c["copy_tbps"] > 0 and "copy_" in c["method"]
+    assert bench.fraction(1.0, 4.0) == 0.25 and bench.fraction(None, 4.0) is None and bench.fraction(1.0, 0) is None
+
+
+def test_deadline_interrupts_a_long_step_and_restores_the_handler():
+    import signal
+    import time
+    before = signal.getsignal(signal.SIGALRM)
+    t0 = time.perf_counter()
+    with pytest.raises(bench.DeadlineExceeded):
+        with bench.deadline(0.3, "busy loop"):
+            while time.perf_counter() - t0 < 10:
+                torch.ones(64).sum()
+    assert time.perf_counter() - t0 < 3
+    assert signal.getsignal(signal.SIGALRM) == before
+    assert not issubclass(bench.DeadlineExceeded, Exception)  # torch.compile's `except Exception` cannot eat it
+    with bench.deadline(None):  # no limit: a no-op
+        pass
+    with pytest.raises(bench.DeadlineExceeded):
+        with bench.deadline(0, "nothing left"):
+            pass
+
+
+def test_verify_fused_flags_any_reference_call_and_missing_ops():
+    ran = {"dpt_fast::attention": {"triton": 12}, "dpt_fast::reassemble": {"triton": 4}}
+    assert bench.verify_fused(ran, ["dpt_fast::attention"]) == {"verified": True, "problems": []}
+    v = bench.verify_fused({**ran, "dpt_fast::residual_conv_unit": {"cuda": 5, "reference": 2}},
+                           bench.FUSED_OPS)
+    assert not v["verified"] and "reference served 2 of 7" in v["problems"][0]
+    v = bench.verify_fused(ran, bench.FUSED_OPS)
+    assert not v["verified"] and v["problems"] == ["dpt_fast::residual_conv_unit was never called"]
+
+
+def test_bench_budget_and_compile_cap_are_recorded(tmp_path):
+    # a compile capped at 0.2 s is recorded as skipped (no fallback), and a spent budget skips the rest
+    args = ["bench", "--tiny", "--device", "cpu", "--sizes", "64", "--runs", "1", "--warmup", "0",
+            "--variants", "reference,reference+compile", "--compile-timeout-s", "1", "--out", str(tmp_path / "a")]
+    assert cli.main(args) == 0
+    report = json.loads(next((tmp_path / "a").glob("*.json")).read_text())
+    rows = {r["variant"]: r for r in report["results"]}
+    assert report["complete"] and report["ceilings"]["matmul_tflops"] > 0
+    assert rows["reference"]["error"] is None and rows["reference"]["latency_ms"] > 0
+    compiled = rows["reference+compile"]
+    assert compiled["error"].startswith("skipped: compile over budget") and compiled["timed_out"] == "compile"
+    assert compiled["compile_mode"] == "max-autotune"
+    assert cli.main(args[:-1] + [str(tmp_path / "b"), "--budget-s", "0"]) == 0
+    report = json.loads(next((tmp_path / "b").glob("*.json")).read_text())
+    assert all(r["error"].startswith("skipped: time budget") for r in report["results"])
+    assert "skipped: time budget" in next((tmp_path / "b").glob("*.md")).read_text()
+
+
+# --- the benchmark scripts, dry-run on the CPU (--smoke), and render_results.py --------------------
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _script(name):
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(f"_bench_{name}", os.path.join(ROOT, "benchmarks", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def smoke_outputs(tmp_path_factory):
+    """Every benchmark script's --smoke run (CPU, tiny shapes): their JSON and exit status."""
+    if not backend.triton_interpreting():
+        pytest.skip("the --smoke runs use the Triton interpreter (CPU-only machines)")
+    out = tmp_path_factory.mktemp("smoke")
+    runs = {
+        "attention": ["--smoke"],
+        "reassemble": ["--smoke", "--no-compile"],
+        "rcu": ["--smoke", "--maps", "8", "--batches", "1", "--compile-timeout-s", "0.5"],
+        "train": ["--smoke", "--variants", "fused,reference"],
+    }
+    status = {}
+    for name, argv in runs.items():
+        status[name] = _script(f"bench_{name}").main(argv + ["--out", str(out / f"{name}.json")])
+    return out, status
+
+
+def test_smoke_runs_record_what_ran(smoke_outputs):
+    out, status = smoke_outputs
+    assert status == {"attention": 0, "reassemble": 0, "rcu": 1, "train": 0}  # rcu: the reference served
+    docs = {name: json.loads((out / f"{name}.json").read_text()) for name in status}
+    for name, doc in docs.items():
+        assert doc["complete"] and doc["smoke"], name
+        env = doc.get("environment", doc)
+        assert env["device_type"] == "cpu" and env["versions"]["torch"] and env["date"]
+        assert doc["ceilings"]["matmul_tflops"] > 0 and doc["ceilings"]["copy_tbps"] > 0
+    att = docs["attention"]
+    assert att["fused_path_verified"] and {r["tokens"] for r in att["kernel"]} == {17, 40}
+    assert att["block"] and all(r["fused_path"]["verified"] for r in att["kernel"] + att["block"])
+    row = att["kernel"][0]
+    assert set(row["ms"]["dpt_fast"]) == {"fwd", "bwd", "fwd_bwd"} and row["flops"]["fwd_bwd"] == 3.5 * row["flops"]["fwd"]
+    assert row["max_abs_diff_vs_dpt_fast"]["math"] < 1e-4  # the interpreter's kernel agrees with SDPA
+    re_rows = docs["reassemble"]["results"]
+    assert {r["mode"] for r in re_rows} == {"fwd", "fwd+bwd"} and all(r["fused_path"]["verified"] for r in re_rows)
+    assert all(r["fused_max_rel_err_vs_eager"] < 1e-4 and r["fused_out_channels_last"] for r in re_rows)
+    rcu = docs["rcu"]
+    assert not rcu["fused_path_verified"] and all(not r["fused_path"]["verified"] for r in rcu["results"])
+    assert any(r["compiled_note"].startswith("skipped: compile over budget") or r["compiled_ms"] for r in rcu["results"])
+    train = {r["variant"]: r for r in docs["train"]["results"]}
+    assert train["reference"]["step_ms"] > 0 and train["reference"]["loss_finite"]
+    assert train["fused"]["fused_path"]["verified"] is False  # bf16 autocast on CPU: the reference served
+
+
+def test_render_results_refuses_non_gpu_and_renders_a_dry_run_elsewhere(smoke_outputs, tmp_path):
+    render = _script("render_results")
+    out, _ = smoke_outputs
+    results_md = os.path.join(ROOT, "benchmarks", "RESULTS.md")
+    before = open(results_md).read()
+    assert render.main([str(out)]) == 2  # CPU dry runs never reach the repository's results
+    assert render.main([str(out), "--allow-non-gpu"]) == 2  # ... not even with the flag, without explicit paths
+    md = tmp_path / "RESULTS.md"
+    md.write_text(f"# head\n\n{render.BEGIN}\nold\n{render.END}\n\ntail\n")
+    assert render.main([str(out), "--allow-non-gpu", "--results-dir", str(tmp_path / "r"), "--markdown", str(md)]) == 0
+    text = md.read_text()
+    assert text.startswith("# head") and text.rstrip().endswith("tail") and "old" not in text
+    assert "NOT A GPU MEASUREMENT" in text and "#### Attention (issue 3)" in text and "#### Training step" in text
+    (merged,) = (tmp_path / "r").glob("*.json")
+    run = json.loads(merged.read_text())
+    assert run["fixture"] and set(run["benchmarks"]) == {"attention", "reassemble", "rcu", "train"}
+    statuses = {t["target"]: t["status"] for t in run["targets"]}
+    assert statuses["forward+backward >= 1.2x eager"] == "not verified"  # rcu: the reference ran
+    assert all(s == "not measured" for t, s in statuses.items() if "issue 7" in t)
+    assert open(results_md).read() == before
+
+
+# A FIXTURE shaped like a GPU run's output (made-up numbers, device named FIXTURE): it tests the target
+# arithmetic of render_results.py and is written only to a temporary folder, never to RESULTS.md.
+def _fixture_env(date="2031-01-02T03:04:05+00:00"):
+    return {"device": "NVIDIA H100 80GB HBM3 FIXTURE", "device_type": "cuda", "dtype": "bfloat16", "date": date,
+            "versions": {"torch": "9.9", "triton": "9.9", "cuda": "13.0", "cudnn": 1, "timm": "1", "transformers": "5",
+                         "python": "3.12", "dpt_fast": "0.1.0"}, "git_commit": "fixture", "triton_interpret": False}
+
+
+def _fixture_e2e(rows, date="2031-01-02T03:04:05+00:00"):
+    ok = {"verified": True, "problems": []}
+    results = []
+    for model, label, batch, variant, ms, extra in rows:
+        r = {"model": model, "size_label": label, "size": [2176, 3840] if label == "4k" else [int(label)] * 2,
+             "batch": batch, "variant": variant, "error": None if ms else "skipped: compile over budget",
+             "latency_ms": ms, "images_per_s": batch / ms * 1e3 if ms else None, **extra}
+        if variant.startswith("fused"):
+            r.setdefault("fused_path", ok)
+        results.append(r)
+    return {"benchmark": "e2e_inference", "environment": _fixture_env(date), "results": results, "complete": True,
+            "settings": {"models": ["large", "hybrid"], "sizes": ["384", "1536", "4k"], "variants": [], "tiny": False},
+            "ceilings": {"matmul_tflops": 790.0, "copy_tbps": 3.0}}
+
+
+def _targets_by_start(run):
+    return lambda start: next(x for x in run["targets"] if x["target"].startswith(start))
+
+
+def test_render_results_target_arithmetic_on_a_fixture(tmp_path):
+    render = _script("render_results")
+    rows = []
+    for model in ("large", "hybrid"):
+        for label, batch in (("384", 16), ("1536", 1)):
+            rows += [(model, label, batch, "fused", 10.0, {}), (model, label, batch, "hf-sdpa", 17.0, {}),
+                     (model, label, batch, "reference+compile", 12.0, {"compile_mode": "max-autotune"})]
+    rows.append(("large", "4k", 1, "fused", 500.0, {"mfu": 0.55}))
+    first = tmp_path / "e2e.json"
+    first.write_text(json.dumps(_fixture_e2e(rows)))
+    md = tmp_path / "R.md"
+    assert render.main([str(first), "--results-dir", str(tmp_path / "r"), "--markdown", str(md)]) == 0
+    run = json.loads((tmp_path / "r" / "nvidia-h100-80gb-hbm3-fixture-2031-01-02.json").read_text())
+    t = _targets_by_start(run)
+    hf = t("end to end >= 1.6x HF")
+    assert hf["status"] == "met" and hf["worst"] == 1.7 and hf["device_matches_target"]
+    assert t("end to end >= 1.25x torch.compile")["status"] == "not met"  # 1.2x < 1.25x
+    assert t("DPT-Large at 4K")["status"] == "met"
+    assert {x["status"] for x in run["targets"] if x["issue"] != 7} == {"not measured"}
+    # a later stage (next day, UTC) adds a slower fused row for one configuration and a compile that fell back
+    # to mode=default; the measured rows stay, the merged run is the same file
+    later = _fixture_e2e([("hybrid", "1536", 1, "fused+compile", 9.0, {"fused_path": {"verified": False, "problems": ["x"]}}),
+                          ("large", "384", 16, "reference+compile", 13.0, {"compile_mode": "default"}),
+                          ("large", "384", 16, "hf-sdpa", None, {})], date="2031-01-03T00:10:00+00:00")
+    second = tmp_path / "later.json"
+    second.write_text(json.dumps(later))
+    assert render.main([str(second), "--results-dir", str(tmp_path / "r"), "--markdown", str(md)]) == 0
+    assert [p.name for p in (tmp_path / "r").glob("*.json")] == ["nvidia-h100-80gb-hbm3-fixture-2031-01-02.json"]
+    run = json.loads((tmp_path / "r" / "nvidia-h100-80gb-hbm3-fixture-2031-01-02.json").read_text())
+    t = _targets_by_start(run)
+    assert t("end to end >= 1.6x HF")["status"] == "not verified"  # the best fused row ran the reference
+    compile_target = t("end to end >= 1.25x torch.compile")
+    assert "mode=default" in compile_target["note"] and compile_target["rows"] == 3
+    text = md.read_text()
+    assert "FIXTURE" in text and "NOT A GPU MEASUREMENT" not in text and render.BEGIN in text
+    # the tests stage's files: environment.json (tests stopped at the budget) and the junit XML
+    env = tmp_path / "tests-stage"
+    env.mkdir()
+    (env / "environment.json").write_text(json.dumps({"benchmark": "environment", **_fixture_env(),
+                                                      "ceilings": {"matmul_tflops": 790.0, "copy_tbps": 3.0},
+                                                      "gpu_tests_exit_status": 124}))
+    (env / "junit-gpu-tests.xml").write_text(
+        '<testsuites><testsuite tests="3" failures="1" errors="0" skipped="1" time="12.5">'
+        '<testcase classname="tests.test_x" name="test_ok"/><testcase classname="tests.test_x" name="test_bad">'
+        '<failure message="boom"/></testcase><testcase classname="tests.test_x" name="test_skip"><skipped/>'
+        '</testcase></testsuite></testsuites>')
+    assert render.main([str(env), "--results-dir", str(tmp_path / "r"), "--markdown", str(md)]) == 0
+    run = json.loads((tmp_path / "r" / "nvidia-h100-80gb-hbm3-fixture-2031-01-02.json").read_text())
+    assert run["gpu_tests"]["passed"] == 1 and run["gpu_tests"]["failed_tests"] == ["tests.test_x::test_bad"]
+    assert set(run["benchmarks"]) == {"environment", "e2e_inference"}
+    text = md.read_text()
+    assert "1 passed, 1 failed, 1 skipped" in text and "STOPPED at the stage's time budget" in text
+
+
+def test_gpu_suite_is_valid_bash_and_its_benchmark_arguments_parse(tmp_path):
+    suite = os.path.join(ROOT, "benchmarks", "gpu_suite.sh")
+    assert subprocess.run(["bash", "-n", suite]).returncode == 0
+    text = open(suite).read()
+    # the arguments the suite passes (each must appear in it), accepted by each script's parser
+    calls = {
+        "bench_attention": ["--out", "x.json"],
+        "bench_reassemble": ["--out", "x.json", "--compile-timeout-s", "90"],
+        "bench_rcu": ["--out", "x.json", "--compile-timeout-s", "90"],
+        "bench_train": ["--out", "x.json", "--compile-timeout-s", "120"],
+    }
+    for name, argv in calls.items():
+        assert f"benchmarks/{name}.py --out" in text, name
+        assert " ".join(argv[2:]) in text, name
+        _script(name).parse_args(argv + ["--budget-s", "100"])
+    infer = ["--models", "large,hybrid", "--sizes", "384:16,1536:1,4k:1", "--compile-mode", "max-autotune",
+             "--compile-fallback-mode", "default", "--warmup", "2", "--runs", "30", "--max-time", "3"]
+    assert all(f"{flag} {value}" in text for flag, value in zip(infer[::2], infer[1::2]))
+    import argparse
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    args = parser.parse_args(infer + ["--variants", "fused,reference,hf-sdpa,reference+compile",
+                                      "--compile-timeout-s", "100", "--out", str(tmp_path), "--budget-s", "200"])
+    assert args.budget_s == 200 and args.compile_fallback_mode == "default"
+    assert bench.parse_configs(args.sizes, None)[-1] == ("4k", (2160, 3840), 1)
+    # each stage stays within the device tool's 8 returned files: log, extension, environment, junit (tests);
+    # log + 3 JSON (kernels); log + bench JSON/MD/PNG + train JSON (e2e)
+    assert "STAGE_BUDGET_S:-420" in text and "STAGE_BUDGET_S:-480" in text and 'tee "$OUT/suite-$stage.log"' in text
