@@ -333,7 +333,9 @@ def main(argv=None):
     from dpt_fast.kernels import attention as kernels
     report["autotuned_configs"] = {  # {kernel: {(N, head dim, dtypes...): chosen config}}
         name: {str(key): str(cfg) for key, cfg in getattr(getattr(kernels, name, None), "cache", {}).items()}
-        for name in ("_attention_fwd", "_attention_bwd_dkdv", "_attention_bwd_dq")}
+        for name in ("_attention_fwd", "_attention_bwd_dkdv", "_attention_bwd_dq",
+                     "_attention_fwd_tma", "_attention_bwd_dkdv_tma", "_attention_bwd_dq_tma")}
+    report["attention_kernel_launches"] = kernels.kernel_launches()  # whether the TMA or the pointer kernels ran
     rows = report["kernel"] + report["block"]
     report["fused_path_verified"] = bool(rows) and all(r["fused_path"]["verified"] for r in rows)
     if rows and not report["fused_path_verified"]:
