@@ -8,6 +8,7 @@ import torch
 from PIL import Image
 
 import dpt_fast
+from model_helpers import TINY, randomize_
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -15,7 +16,8 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 def test_python_example_runs(tmp_path, monkeypatch):
     text = README.read_text()
     code = re.search(r"## Python\n\n```python\n(.*?)```", text, re.S).group(1)
-    model = dpt_fast.DPTDepthModel(backbone="vit_tiny_patch16_224", hooks=[2, 5, 8, 11], features=32)
+    # seeded random weights: a fresh init can end in an all-zero (ReLU) depth map, a flat PNG
+    model = randomize_(dpt_fast.DPTDepthModel(**TINY), seed=0, matrix_std=0.1)
     dpt_fast.save_model(model, tmp_path / "tiny")
     rng = np.random.default_rng(0)
     Image.fromarray(rng.integers(0, 256, (90, 120, 3), dtype=np.uint8)).save(tmp_path / "photo.jpg")
