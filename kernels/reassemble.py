@@ -36,18 +36,24 @@ whether a register-chained 3+4 for F=256 pays off.
 backward (recompute, then walk back; gradients as dpt_fast.reference.reassemble_backward)
   - recompute r (step 2, also storing the pre-GELU activation) and y (step 3) with the kernels above;
   - up4/up2: dy = unshuffle(g) Wt^T with the pixel-shuffle as a gather in the A loads, and
-    dWt = y^T unshuffle(g) with the gather in the B loads (K = M): no copy of grad_out;
+    dWt = y^T unshuffle(g) with the gather in the B loads (K = M): no copy of grad_out. dWt has few
+    output tiles (features x s*s*features: 64 tiles of 128x128 for DPT-Large stages 1-2) and K = every
+    token of the batch, so it runs split-K (see _split_k): each of split_k programs per tile reduces a
+    contiguous, BLOCK_K-aligned range of K into its own fp32 slice of a [split_k, M, N] buffer, summed
+    over the split axis in fixed order afterwards (deterministic, no atomics). The count is a fixed
+    heuristic (choose_split_k; unmeasured on a GPU); DPT_FAST_REASSEMBLE_SPLIT_K=<int> forces one (1: off);
     down2: aten convolution_backward (cuDNN);
   - project: d_pre = (dy Wp) * GELU'(pre) in one GEMM (GELU backward in the epilogue);
     d_x = d_pre W1 (or dy Wp for ignore/add) stored straight into d_tokens[:, P:] (strided store);
   - weight gradients with a token-sized reduction of plain operands (dWp, dW1) and the bias sums are
     torch (cuBLAS) calls, as is the [B, D] x [D, D] readout-token term.
 
-Autotuned on GPU (key: M, N, K and the mode flags); one fixed config under TRITON_INTERPRET=1, where
+Autotuned on GPU (key: M, N, K, split_k and the mode flags); one fixed config under TRITON_INTERPRET=1, where
 multi-config autotune cannot run. fp32 (interpreter only) uses input_precision="ieee".
 """
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -103,12 +109,13 @@ def _tune_bench(kernel_call, quantiles):
     return triton.testing.do_bench(kernel_call, warmup=5, rep=25, quantiles=quantiles)
 
 
-@triton.autotune(configs=_configs(), key=["M", "N", "K", "A_CLS", "A_PIX", "B_PIX", "C_PIX", "BIAS", "ACT",
-                                          "STORE_PRE"], do_bench=_tune_bench)
+@triton.autotune(configs=_configs(), key=["M", "N", "K", "split_k", "A_CLS", "A_PIX", "B_PIX", "C_PIX", "BIAS",
+                                          "ACT", "STORE_PRE"], do_bench=_tune_bench)
 @triton.jit
 def _reassemble_gemm(
     a_ptr, cls_ptr, b_ptr, bias_ptr, aux_ptr, c_ptr,
     M, N, K,
+    split_k, stride_c_split,                        # split-K: program_id(1) reduces the split's range of K
     rows_per_img,                                   # A/C rows (and bias_img rows) are grouped per image
     stride_a_img, stride_a_row, stride_ak,
     stride_bk, stride_bn,
@@ -128,6 +135,7 @@ def _reassemble_gemm(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     pid = tl.program_id(0)
+    pid_k = tl.program_id(1)
     num_m = tl.cdiv(M, BLOCK_M)
     num_n = tl.cdiv(N, BLOCK_N)
     group = GROUP_M * num_n
@@ -148,8 +156,13 @@ def _reassemble_gemm(
         a_rows = img_m.to(tl.int64) * stride_a_img + (offs_m % rows_per_img).to(tl.int64) * stride_a_row
     cls_rows = img_m.to(tl.int64) * stride_a_img
 
+    # this split's K range: whole BLOCK_K tiles, the last split possibly shorter (or empty: it stores zeros)
+    k_span = tl.cdiv(tl.cdiv(K, BLOCK_K), split_k) * BLOCK_K
+    k_lo = pid_k * k_span
+    k_hi = tl.minimum(K, k_lo + k_span)
+
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    for k0 in range(k_lo, k_hi, BLOCK_K):
         k = k0 + offs_k
         mask_k = k < K
         a_mask = mask_m[:, None] & mask_k[None, :]
@@ -191,6 +204,7 @@ def _reassemble_gemm(
     else:
         c_rows = img_m.to(tl.int64) * stride_c_img + (offs_m % rows_per_img).to(tl.int64) * stride_c_row
         c_offs = c_rows[:, None] + offs_n[None, :] * stride_cn
+    c_offs += pid_k.to(tl.int64) * stride_c_split  # split-K: this split's slice of the fp32 partials (else 0)
     tl.store(c_ptr + c_offs, acc.to(c_ptr.dtype.element_ty), mask=mask)
 
 
@@ -203,12 +217,57 @@ def _rows(t: torch.Tensor, rows_per_img: int) -> tuple[int, int]:
     return rows_per_img * t.stride(0), t.stride(0)
 
 
+SPLIT_K_ENV = "DPT_FAST_REASSEMBLE_SPLIT_K"
+_SPLIT_WAVES = 2                      # aim for this many waves of programs over the SMs
+_SPLIT_TILE = 128                     # ... counting output tiles as 128x128 (the autotuner may pick others)
+_SPLIT_MIN_K = 512                    # K per split at least 8 x BLOCK_K (64): the pipeline stays long
+_SPLIT_MAX_BYTES = 256 * 2**20        # fp32 partial buffer [split_k, M, N] at most 256 MiB
+_INTERPRETER_SMS = 132                # SM count assumed off-GPU (interpreter, meta tensors): an H100
+
+
+def choose_split_k(M: int, N: int, K: int, sms: int) -> int:
+    """Split-K count for an M x N x K GEMM on `sms` SMs: enough splits of the ~cdiv(M,128)*cdiv(N,128)
+    output tiles for about _SPLIT_WAVES waves of programs, but no split with under _SPLIT_MIN_K of K and
+    no partial buffer over _SPLIT_MAX_BYTES. Fixed, not autotuned: the buffer's size depends on it.
+    1 for small K or many tiles (then split-K only costs the extra reduction)."""
+    tiles = triton.cdiv(M, _SPLIT_TILE) * triton.cdiv(N, _SPLIT_TILE)
+    want = (_SPLIT_WAVES * sms) // tiles
+    return max(1, min(want, K // _SPLIT_MIN_K, _SPLIT_MAX_BYTES // (4 * M * N)))
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device: torch.device) -> int:  # once per device: no runtime call per launch
+    if _INTERPRET or device.type != "cuda":
+        return _INTERPRETER_SMS
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _split_k(M: int, N: int, K: int, device: torch.device) -> int:
+    """choose_split_k on the tensors' device, unless DPT_FAST_REASSEMBLE_SPLIT_K=<int> forces a count
+    (1 or 0 disables split-K), read at each call so that a benchmark can compare counts in one process."""
+    forced = os.environ.get(SPLIT_K_ENV, "").strip()
+    if forced:
+        try:
+            return max(1, int(forced))
+        except ValueError:
+            raise ValueError(f"{SPLIT_K_ENV}={forced!r}: expected an integer split count") from None
+    return choose_split_k(M, N, K, _sm_count(device))
+
+
 def _gemm(a, b, c, M, N, K, rows_per_img, *, b_strides=None, cls=None, bias=None, bias_period=None,
           bias_img=None, act=0, aux=None, store_pre=False, pix=None, a_pix=False, b_pix=False,
-          c_pix=False):
+          c_pix=False, split_k=1):
     """c = act(a @ b + bias). a: [M, K] or [B, rows, K] (a view; its strides are used), b: [K, N] given
     as a tensor plus (stride_k, stride_n), c: [M, N] or [B, rows, N]. pix = (np, gw, feat, s) for the
-    pixel-shuffle gathers/scatters, where the flagged operand is a channels_last map instead."""
+    pixel-shuffle gathers/scatters, where the flagged operand is a channels_last map instead.
+    split_k > 1 (plain c = a @ b into a row-major [M, N] c only): the kernel writes fp32 partial products
+    of split_k contiguous K ranges, summed here in a fixed order."""
+    out, stride_c_split = c, 0
+    if split_k > 1:
+        assert (cls is None and bias is None and bias_img is None and act == 0 and not store_pre and not c_pix
+                and c.shape == (M, N) and c.stride() == (N, 1)), "split-K: plain a @ b into a row-major c only"
+        partial = torch.empty(split_k, M, N, dtype=torch.float32, device=c.device)
+        c, stride_c_split = partial[0], M * N  # the kernel adds pid_k * M * N
     a_img, a_row = (0, 0) if a_pix else _rows(a, rows_per_img)
     c_img, c_row = (0, 0) if c_pix else _rows(c, rows_per_img)
     stride_ak = 1 if a_pix else a.stride(-1)
@@ -219,10 +278,10 @@ def _gemm(a, b, c, M, N, K, rows_per_img, *, b_strides=None, cls=None, bias=None
         bias = bias.contiguous()  # read as bias[n % bias_period]: unit stride
     bias_mode, bias_t = (1, bias) if bias is not None else ((2, bias_img) if bias_img is not None else (0, c))
     aux = c if aux is None else aux
-    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
+    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]), split_k)  # noqa: E731
     _reassemble_gemm[grid](
         a, a if cls is None else cls, b, bias_t, aux, c,
-        M, N, K, rows_per_img,
+        M, N, K, split_k, stride_c_split, rows_per_img,
         a_img, a_row, stride_ak,
         stride_bk, stride_bn,
         bias_img.stride(0) if bias_img is not None else 0, bias_period or N,
@@ -232,7 +291,9 @@ def _gemm(a, b, c, M, N, K, rows_per_img, *, b_strides=None, cls=None, bias=None
         A_CLS=cls is not None, A_PIX=a_pix, B_PIX=b_pix, C_PIX=c_pix, PIX_S=pix_s,
         BIAS=bias_mode, ACT=act, STORE_PRE=store_pre, IEEE=a.dtype == torch.float32,
     )
-    return c
+    if split_k > 1:  # sum of the splits in index order: deterministic (no atomics)
+        return torch.sum(partial, 0, out=out) if out.dtype == torch.float32 else out.copy_(partial.sum(0))
+    return out
 
 
 def _t(w: torch.Tensor) -> tuple[int, int]:
@@ -328,8 +389,9 @@ def reassemble_backward(grad_out, tokens, readout_weight, readout_bias, proj_wei
         wt = _convt_matrix(resample_weight, s)
         dy = new(m, features)
         _gemm(g, wt, dy, m, features, n, n_patch, b_strides=(wt.stride(1), wt.stride(0)), pix=pix, a_pix=True)
-        dwt = new(features, n)
-        _gemm(y.t(), g, dwt, features, n, m, features, pix=pix, b_pix=True)
+        dwt = new(features, n)  # few output tiles, K = every token: split-K
+        _gemm(y.t(), g, dwt, features, n, m, features, pix=pix, b_pix=True,
+              split_k=_split_k(features, n, m, tokens.device))
         d_resample_weight = dwt.view(features, s, s, out_features).permute(0, 3, 1, 2).contiguous()
         d_resample_bias = g.sum((0, 2, 3))
     elif resample == "down2":

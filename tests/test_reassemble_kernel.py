@@ -5,6 +5,8 @@ Two groups:
   run when tests/conftest.py turned the interpreter on (no CUDA). Every readout x resample, odd grids
   (7x13 patches), batch 1 and 3, widths that are not multiples of the block sizes, forward and every
   gradient through the public op on the fused backend, against the reference evaluated in float64.
+  The split-K weight gradient of the ConvTranspose stages at forced split counts (bitwise repeatable), and
+  the split-count heuristic as a pure function.
 - One CPU test that compiles for sm_90 (no GPU needed) every kernel variant the launchers produce,
   recorded from their forward and backward on meta tensors at the product's shapes.
 - GPU tests (marker gpu): compiled kernels, bf16 at DPT-Large/Hybrid widths, against the reference in
@@ -97,6 +99,9 @@ def _close(actual, expected, dtype, what=""):
                                msg=lambda m: f"{what}: {m}")
 
 
+_NAMES = ["tokens", "readout_weight", "readout_bias", "proj_weight", "proj_bias", "resample_weight", "resample_bias"]
+
+
 def _check(batch, grid_h, grid_w, dim, features, readout, resample, dtype, start_index=1, seed=0, device="cpu"):
     tokens, params, grad = _inputs(batch, grid_h, grid_w, dim, features, readout, resample, dtype, device,
                                    start_index, seed)
@@ -112,8 +117,7 @@ def _check(batch, grid_h, grid_w, dim, features, readout, resample, dtype, start
     assert out.dtype == dtype and out.shape == ref_out.shape
     assert out.stride() == ref_out.stride() and out.is_contiguous(memory_format=torch.channels_last)
     _close(out, ref_out, dtype, "out")
-    names = [n for n, t in zip(["tokens", "readout_weight", "readout_bias", "proj_weight", "proj_bias",
-                                "resample_weight", "resample_bias"], [tokens, *params]) if t is not None]
+    names = [n for n, t in zip(_NAMES, [tokens, *params]) if t is not None]
     assert len(grads) == len(ref_grads) == len(names)
     for name, g, r in zip(names, grads, ref_grads):
         assert g.dtype == dtype and g.shape == r.shape, name
@@ -189,6 +193,89 @@ def test_channels_last_weights(resample):
     for t, g, d, r in zip([tokens, *params], grads, direct, ref_grads):
         assert d.stride() == torch.empty_like(t).stride()
         _close(g, r, torch.float32, "grad")
+
+
+@interpreter
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("resample", ["up4", "up2"])
+@pytest.mark.parametrize("readout", READOUTS)
+def test_split_k_weight_gradient(readout, resample, dtype, monkeypatch):
+    """The ConvTranspose weight gradient dWt = y^T g (K = every token) at forced split counts through the
+    public op: 1 (the plain kernel), 3 and 4. K = 3 * 91 = 273 is 9 BLOCK_K (32) tiles, the last one partial:
+    3 splits of 3 tiles; 4 splits of 3, 3, 3 and none (an empty split stores zeros). Every gradient against
+    the float64 reference, and a second backward per split count bitwise equal to the first. One forward,
+    the backward run again from its saved inputs (it recomputes the forward's intermediates)."""
+    kernels = _kernels()
+    batch, gh, gw, dim, features = 3, 7, 13, 40, 20   # dWt: M = 20, N = 320 (up4) or 80 (up2): partial tiles
+    tokens, params, grad = _inputs(batch, gh, gw, dim, features, readout, resample, dtype, seed=21)
+    meta = (gh, gw, 1, readout, resample)
+    ref_out, ref_grads = _reference_fwd_bwd(tokens, params, grad, *meta)
+    splits_seen = []
+    plain_gemm = kernels._gemm
+
+    def spy(*args, split_k=1, **kwargs):
+        splits_seen.append((kwargs.get("b_pix", False), split_k))
+        return plain_gemm(*args, split_k=split_k, **kwargs)
+
+    monkeypatch.setattr(kernels, "_gemm", spy)
+    leaves = [t.detach().clone().requires_grad_(True) for t in [tokens, *params] if t is not None]
+    it = iter(leaves)
+    args = [next(it) if t is not None else None for t in [tokens, *params]]
+    with dpt_fast.use_backend("fused"):
+        dpt_fast.implementations_ran(reset=True)
+        out = ops.reassemble(*args, *meta)
+        _close(out, ref_out, dtype, "out")
+        for split in (1, 3, 4):
+            monkeypatch.setenv(kernels.SPLIT_K_ENV, str(split))
+            runs = []
+            for _ in range(1 if split == 1 else 2):
+                splits_seen.clear()
+                runs.append(torch.autograd.grad(out, leaves, grad, retain_graph=True))
+                # the dWt GEMM (the only one gathering B through the pixel-shuffle) and nothing else splits
+                assert sorted(set(splits_seen)) == [(False, 1), (True, split)], splits_seen
+            names = [n for n, t in zip(_NAMES, [tokens, *params]) if t is not None]
+            assert len(runs[0]) == len(ref_grads) == len(names)
+            for name, g, r in zip(names, runs[0], ref_grads):
+                assert g.dtype == dtype and g.shape == r.shape, name
+                _close(g, r, dtype, f"split {split}: d_{name}")
+            if len(runs) == 2:
+                for name, g0, g1 in zip(names, *runs):
+                    assert torch.equal(g0, g1), f"split {split}: d_{name} differs between two backward runs"
+    assert dpt_fast.implementations_ran()[BWD] == {"triton": 5}
+
+
+def test_split_k_heuristic():
+    """choose_split_k is a pure function of (M, N, K, SMs); the environment override wins."""
+    kernels = _kernels()
+    choose = kernels.choose_split_k
+    # DPT-Large stage 1 dWt at 1536^2 batch 16 (M = F = 256, N = 16 F, K = 16 * 96^2 tokens): 64 tiles
+    assert choose(256, 4096, 16 * 96 * 96, 132) == 4
+    assert choose(512, 2048, 16 * 96 * 96, 132) == 4             # stage 2 (up2, F = 512)
+    assert choose(96, 1536, 16 * 96 * 96, 132) == 22             # DPT-Base stage 1: 12 tiles
+    assert choose(256, 4096, 240 * 136, 132) == 4                # 4K, batch 1
+    assert choose(256, 4096, 2 * 576, 132) == 2                  # 384^2 batch 2: K caps it (576 per split)
+    assert choose(256, 4096, 576, 132) == 1                      # 384^2 batch 1: short K
+    assert choose(256, 4096, 511, 10**6) == 1
+    assert choose(16 * 9216, 256, 4096, 132) == 1                # many output tiles (the dy GEMM)
+    assert choose(64, 64, 10**9, 10**6) == (256 * 2**20) // (4 * 64 * 64)  # partial buffer capped at 256 MiB
+    for m in (1, 20, 96, 256, 512, 1024):
+        for n in (80, 1536, 4096, 16384):
+            for k in (1, 511, 512, 5000, 147456):
+                for sms in (1, 78, 132):
+                    s = choose(m, n, k, sms)
+                    tiles = -(-m // 128) * -(-n // 128)
+                    assert s >= 1 and (s == 1 or (k // s >= 512 and s * tiles <= 2 * sms)), (m, n, k, sms, s)
+    device = torch.device("cpu")
+    for forced, expected in (("3", 3), ("1", 1), ("0", 1), (" 16 ", 16)):
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv(kernels.SPLIT_K_ENV, forced)
+            assert kernels._split_k(256, 4096, 100, device) == expected
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(kernels.SPLIT_K_ENV, "four")
+        with pytest.raises(ValueError, match=kernels.SPLIT_K_ENV):
+            kernels._split_k(256, 4096, 100, device)
+        mp.delenv(kernels.SPLIT_K_ENV, raising=False)
+        assert kernels._split_k(256, 4096, 16 * 96 * 96, device) == 4  # off-GPU: an H100's 132 SMs assumed
 
 
 @triton.jit
@@ -295,7 +382,7 @@ assert not K._INTERPRET
 tuner = K._reassemble_gemm
 fn = tuner.fn
 variants = {}   # every distinct (signature, constexprs, attributes) a launch of the launchers produces
-stats = {"max_programs": 0, "launches": 0}
+stats = {"max_programs": 0, "launches": 0, "split_launches": 0, "max_split": 1}
 scenario = ""
 
 
@@ -323,14 +410,20 @@ class Recorder:  # stands in for the autotuned kernel: records launches instead 
     def __getitem__(self, grid):
         def launch(*args, **kwargs):
             bound = dict(zip(fn.arg_names, args), **kwargs)
+            split = bound["split_k"]
             for cfg in tuner.configs:
-                programs = grid(cfg.kwargs)
-                assert len(programs) == 1 and programs[0] < 2**31, programs
-                stats["max_programs"] = max(stats["max_programs"], programs[0])
+                programs = grid(cfg.kwargs)  # (output tiles, split_k)
+                assert len(programs) == 2 and programs[0] < 2**31 and programs[1] == split < 65536, programs
+                stats["max_programs"] = max(stats["max_programs"], programs[0] * programs[1])
             stats["launches"] += 1
+            if split > 1:  # the fp32 partial-sum variant: plain epilogue into a [split, M, N] buffer
+                stats["split_launches"] += 1
+                stats["max_split"] = max(stats["max_split"], split)
+                assert bound["c_ptr"].dtype == torch.float32 and bound["stride_c_split"] == bound["M"] * bound["N"]
+                assert not (bound["BIAS"] or bound["ACT"] or bound["STORE_PRE"] or bound["C_PIX"]), bound
             sig, consts, attrs = specialise(bound)
             key = json.dumps([sig, {k: repr(v) for k, v in consts.items()}, attrs], sort_keys=True)
-            variants.setdefault(key, (sig, consts, attrs, scenario))
+            variants.setdefault(key, (sig, consts, attrs, scenario, split > 1))
         return launch
 
 
@@ -366,7 +459,7 @@ for dtype in (torch.bfloat16, torch.float16):
 SMEM = 232448  # H100/H200: 227 KiB of shared memory per block
 configs = tuner.configs if sys.argv[1:] == ["all"] else tuner.configs[:1]
 result = {"stats": stats, "variants": len(variants), "compiled": []}
-for sig, consts, attrs, where in variants.values():
+for sig, consts, attrs, where, split in variants.values():
     fits = []
     for cfg in configs:
         c = {**consts, **cfg.kwargs}
@@ -377,7 +470,7 @@ for sig, consts, attrs, where in variants.values():
                                   options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
         ptx = compiled.asm["ptx"]
         fits.append(compiled.metadata.shared <= SMEM)
-        result["compiled"].append({"where": where, "config": str(cfg), "wgmma": "wgmma" in ptx,
+        result["compiled"].append({"where": where, "split": split, "config": str(cfg), "wgmma": "wgmma" in ptx,
                                    "cp_async": "cp.async" in ptx, "shared": compiled.metadata.shared})
     assert any(fits), f"no autotune config fits in shared memory: {where}"
 print(json.dumps(result))
@@ -388,7 +481,8 @@ def _aot_compile(*args):
     import json
     import subprocess
     import sys
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    # the launchers' own split-K counts (the heuristic assumes 132 SMs on meta tensors), not a forced one
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "DPT_FAST_REASSEMBLE_SPLIT_K")}
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     proc = subprocess.run([sys.executable, "-c", _AOT_SCRIPT, *args], capture_output=True, text=True, env=env,
                           timeout=1200)
@@ -401,12 +495,16 @@ def test_kernels_compile_for_hopper_without_a_gpu():
     """Compile, for sm_90 (ptxas included), every kernel variant the launchers produce: each distinct
     specialisation (flags, pointer dtypes, ints specialised to 1, divisibility) of every launch of the
     forward and backward, every readout x resample, DPT-Large/Base/Hybrid widths, batch 1 to 16, 384^2
-    to 4K grids, bf16 and fp16, with the first autotune config. Catches what the interpreter cannot see,
+    to 4K grids, bf16 and fp16, with the first autotune config; the split-K variant of the weight-gradient
+    GEMM included. Catches what the interpreter cannot see,
     and checks the GEMMs use wgmma with pipelined loads. By hand, `_aot_compile("all")` compiles every
     autotune config of every variant (minutes), and PYTHONPATH can point it at another Triton."""
     result = _aot_compile()
     assert result["variants"] >= 40 and result["stats"]["launches"] > 1000, result["stats"]
     assert len(result["compiled"]) == result["variants"]
+    # split-K dWt launches (ConvTranspose stages from 384^2 batch 2 up; 22 splits for DPT-Base stage 1) compiled
+    assert result["stats"]["split_launches"] > 50 and result["stats"]["max_split"] == 22, result["stats"]
+    assert sum(r["split"] for r in result["compiled"]) >= 2, [r["where"] for r in result["compiled"] if r["split"]]
     for r in result["compiled"]:
         assert r["wgmma"] and r["cp_async"] and r["shared"] <= 227 * 1024, r
 
