@@ -146,7 +146,8 @@ def test_verify_fused_flags_any_reference_call_and_missing_ops():
 
 
 def test_bench_budget_and_compile_cap_are_recorded(tmp_path):
-    # a compile capped at 0.2 s is recorded as skipped (no fallback), and a spent budget skips the rest
+    # a compile capped at 1 s (--compile-timeout-s) is recorded as skipped (no fallback), and a spent
+    # budget skips the rest
     args = ["bench", "--tiny", "--device", "cpu", "--sizes", "64", "--runs", "1", "--warmup", "0",
             "--variants", "reference,reference+compile", "--compile-timeout-s", "1", "--out", str(tmp_path / "a")]
     assert cli.main(args) == 0
@@ -321,6 +322,54 @@ def test_render_results_target_arithmetic_on_a_fixture(tmp_path):
     assert set(run["benchmarks"]) == {"environment", "e2e_inference"}
     text = md.read_text()
     assert "1 passed, 1 failed, 1 skipped" in text and "STOPPED at the stage's time budget" in text
+
+
+def test_render_results_never_calls_a_target_met_on_partial_rows(tmp_path):
+    """Rows that meet a target are not enough when others it covers were skipped, failed or never reached:
+    "incomplete". A measured row below the threshold still makes it "not met"."""
+    render = _script("render_results")
+    ok = {"verified": True, "problems": []}
+
+    def kernel_row(tokens, batch, ratio):
+        return {"tokens": tokens, "batch": batch, "vs_best_sdpa": {"fwd": ratio, "bwd": ratio, "fwd_bwd": ratio},
+                "best_sdpa": {"fwd": "flash", "bwd": "flash", "fwd_bwd": "flash"}, "fused_path": ok,
+                "tflops": {"dpt_fast": {"fwd": 400.0}}, "fraction_of_matmul_peak": {"fwd": 0.5}}
+    attention = {"benchmark": "attention", **_fixture_env(), "dtype": "bf16", "heads": 16, "head_dim": 64,
+                 "kernel": [kernel_row(577, 16, 0.95), kernel_row(2305, 28, 1.3)], "block": [], "complete": True,
+                 "notes": ["failed: kernel N=9217 B=7: RuntimeError: boom", "timm not installed: no block table"]}
+
+    def rcu_row(size, mode, ratio, compiled):
+        return {"size": size, "batch": 8, "mode": mode, "eager_ms": 1.0, "fused_ms": 1.0 / ratio,
+                "speedup_vs_eager": ratio, "fused_path": ok, "compiled_ms": compiled,
+                "speedup_vs_compiled": None if compiled is None else compiled * ratio}
+    rcu = {"benchmark": "rcu", **_fixture_env(), "complete": False, "notes": [],  # killed at its time limit
+           "results": [rcu_row(96, "fwd", 2.0, 1.5), rcu_row(192, "fwd", 2.0, None), rcu_row(96, "fwd+bwd", 1.1, None)]}
+    train = {"benchmark": "train_step", "environment": _fixture_env(), "complete": True, "size": 384,
+             "results": [{"model": "DPT-Hybrid", "variant": v, "batch": 16, "step_ms": ms, "images_per_s": 16e3 / ms,
+                          "peak_memory_gib": gib, **({"fused_path": ok} if v == "fused" else {})}
+                         for v, ms, gib in (("fused", 100.0, 10.0), ("reference", 150.0, 20.0))]}
+    rows = [(m, s, b, v, ms, {}) for m, s, b in (("large", "384", 16), ("large", "1536", 1), ("hybrid", "384", 16))
+            for v, ms in (("fused", 10.0), ("hf-sdpa", 20.0))]
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for name, doc in (("attention", attention), ("rcu", rcu), ("train", train), ("e2e", _fixture_e2e(rows))):
+        (folder / f"{name}.json").write_text(json.dumps(doc))
+    assert render.main([str(folder), "--results-dir", str(tmp_path / "r"), "--markdown", str(tmp_path / "R.md")]) == 0
+    (merged,) = (tmp_path / "r").glob("*.json")
+    t = _targets_by_start(json.loads(merged.read_text()))
+    big = t("forward >= 1.0x the best SDPA backend, N >= 2305")
+    assert big["status"] == "incomplete" and "N=9217" in big["detail"]  # the failed row is named
+    assert t("forward >= 0.9x the best SDPA backend, N = 577")["status"] == "met"  # its rows all measured
+    assert t("forward+backward >= 1.0x")["status"] == "not met"  # 0.95 measured: a gap cannot rescue it
+    assert t("attention block >= 1.1x timm's Attention, forward")["status"] == "not measured"
+    assert t("forward >= 1.5x eager (cuDNN)")["status"] == "incomplete"  # the run was cut short
+    assert t("forward >= 1.2x torch.compile")["status"] == "incomplete"  # 192^2 has no compiled baseline
+    assert t("forward+backward >= 1.2x eager")["status"] == "not met"
+    assert t("DPT-Hybrid: training step")["status"] == "met" and t("DPT-Hybrid: peak memory")["status"] == "met"
+    assert t("DPT-Large: training step")["status"] == "not measured"  # never reached: still listed
+    hf = t("end to end >= 1.6x HF")
+    assert hf["status"] == "incomplete" and hf["missing_rows"] == ["DPT-Hybrid 1536^2 b1"]
+    assert "| incomplete |" in (tmp_path / "R.md").read_text()
 
 
 def test_gpu_suite_is_valid_bash_and_its_benchmark_arguments_parse(tmp_path):
