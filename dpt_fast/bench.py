@@ -124,6 +124,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "optionally SIZE:BATCH (default 384,1024,1536,4k)")
     parser.add_argument("--batch", default=None, help="batch size for all sizes, or one per size "
                         "(default 16 up to 384x384, else 1)")
+    parser.add_argument("--skip", default=None, help="comma-separated MODEL@SIZE pairs not to run, SIZE as "
+                        "given to --sizes without its batch (e.g. hybrid@4k)")
     parser.add_argument("--train", action="store_true", help="time a training step (forward + backward) "
                         "instead of inference")
     parser.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: cuda when available)")
@@ -753,6 +755,13 @@ def run(args: argparse.Namespace) -> int:
         if unknown:
             raise ValueError(f"unknown model(s) {', '.join(unknown)}; choose from {', '.join(MODELS)}")
         configs = parse_configs(args.sizes, args.batch)
+        skip_pairs = {tuple(p.strip().split("@", 1)) for p in (getattr(args, "skip", None) or "").split(",")
+                      if p.strip()}
+        malformed = [p for p in skip_pairs if len(p) != 2 or p[0] not in MODELS
+                     or p[1] not in {c[0] for c in configs}]
+        if malformed:
+            raise ValueError(f"--skip {', '.join('@'.join(p) for p in malformed)}: each entry is MODEL@SIZE "
+                             f"with a model of --models and a size of --sizes")
         device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError("CUDA is not available on this machine")
@@ -790,7 +799,8 @@ def run(args: argparse.Namespace) -> int:
     report = {
         "benchmark": "e2e_train" if args.train else "e2e_inference",
         "environment": env,
-        "settings": {"models": models, "sizes": [c[0] for c in configs], "variants": variants,
+        "settings": {"models": models, "sizes": [c[0] for c in configs],
+                     "skipped_pairs": sorted("@".join(p) for p in skip_pairs), "variants": variants,
                      "skipped_variants": skipped, "train": args.train, "compile_mode": args.compile_mode,
                      "compile_timeout_s": compile_timeout, "compile_fallback_mode": fallback_mode,
                      "budget_s": budget, "warmup": args.warmup, "runs": args.runs, "max_time_s": args.max_time,
@@ -813,6 +823,7 @@ def run(args: argparse.Namespace) -> int:
     tasks = [(m, cfg, v) for cfg in configs for m in models for v in variants if v in ("fused", "hf-sdpa")]
     for later in ("reference+compile", "reference", "fused+compile"):
         tasks += [(m, cfg, later) for cfg in configs for m in models if later in variants]
+    tasks = [t for t in tasks if (t[0], t[1][0]) not in skip_pairs]
     flop_counts: dict = {}
     for model_name, (label, size, batch), variant in tasks:
         padded = (math.ceil(size[0] / 32) * 32, math.ceil(size[1] / 32) * 32)

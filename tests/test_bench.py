@@ -103,6 +103,19 @@ def test_parse_sizes_and_batches():
         bench.parse_size("huge")
 
 
+def test_bench_skip_pairs(tmp_path):
+    # a malformed or unknown pair is refused before anything runs
+    for bad in ("hybrid", "tiny@4k", "gigantic@64"):
+        assert cli.main(["bench", "--tiny", "--device", "cpu", "--sizes", "64", "--skip", bad,
+                         "--out", str(tmp_path)]) == 2
+    # a skipped pair is neither run nor listed as a result
+    assert cli.main(["bench", "--tiny", "--device", "cpu", "--sizes", "64,96", "--skip", "tiny@96",
+                     "--variants", "reference", "--runs", "1", "--warmup", "0", "--out", str(tmp_path)]) == 0
+    report = json.loads(next(tmp_path.glob("*.json")).read_text())
+    assert {r["size_label"] for r in report["results"]} == {"64"}
+    assert report["settings"]["skipped_pairs"] == ["tiny@96"]
+
+
 def test_bench_rejects_unknown_model(capsys):
     assert cli.main(["bench", "--models", "gigantic", "--device", "cpu"]) == 2
     assert "unknown model" in capsys.readouterr().err
@@ -387,7 +400,8 @@ def test_gpu_suite_is_valid_bash_and_its_benchmark_arguments_parse(tmp_path):
         assert f"benchmarks/{name}.py --out" in text, name
         assert " ".join(argv[2:]) in text, name
         _script(name).parse_args(argv + ["--budget-s", "100"])
-    infer = ["--models", "large,hybrid", "--sizes", "384:16,1536:1,4k:1", "--compile-mode", "max-autotune",
+    infer = ["--models", "large,hybrid", "--sizes", "384:16,1536:1,4k:1", "--skip", "hybrid@4k",
+             "--compile-mode", "max-autotune",
              "--compile-fallback-mode", "default", "--warmup", "2", "--runs", "30", "--max-time", "3"]
     assert all(f"{flag} {value}" in text for flag, value in zip(infer[::2], infer[1::2]))
     import argparse
