@@ -128,7 +128,7 @@ def main(argv=None):
 
     import dpt_fast
     from dpt_fast import ops
-    from dpt_fast.bench import measure_ceilings, median_ms, verify_fused, write_json
+    from dpt_fast.bench import finish_kernel_report, measure_ceilings, median_ms, verify_fused, write_json
 
     backends = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
                 "cudnn": SDPBackend.CUDNN_ATTENTION, "math": SDPBackend.MATH}
@@ -336,18 +336,7 @@ def main(argv=None):
         for name in ("_attention_fwd", "_attention_bwd_dkdv", "_attention_bwd_dq",
                      "_attention_fwd_tma", "_attention_bwd_dkdv_tma", "_attention_bwd_dq_tma")}
     report["attention_kernel_launches"] = kernels.kernel_launches()  # whether the TMA or the pointer kernels ran
-    rows = report["kernel"] + report["block"]
-    report["fused_path_verified"] = bool(rows) and all(r["fused_path"]["verified"] for r in rows)
-    if rows and not report["fused_path_verified"]:
-        report["notes"].append(f"WARNING: the Triton path did not serve every call: {report['implementations_ran']}")
-    report["complete"] = True
-    report["markdown"] = markdown(report)
-    save()
-    print(report["markdown"])
-    if rows and not report["fused_path_verified"]:
-        print(f"WARNING: the Triton path did not serve every call: {report['implementations_ran']}", file=sys.stderr)
-        return 1
-    return 0
+    return finish_kernel_report(report, report["kernel"] + report["block"], markdown, save, "Triton")
 
 
 def _pct(value):

@@ -167,8 +167,8 @@ def main(argv=None):
         return 2
 
     import dpt_fast
-    from dpt_fast.bench import (DeadlineExceeded, deadline, describe_error, measure_ceilings, verify_fused,
-                                recover_after_deadline, warm_up_compiler, write_json)
+    from dpt_fast.bench import (DeadlineExceeded, deadline, describe_error, finish_kernel_report, measure_ceilings,
+                                recover_after_deadline, verify_fused, warm_up_compiler, write_json)
     from dpt_fast.ops.rcu import cuda_kernel_registered
     start = time.time()
     torch.manual_seed(0)
@@ -320,16 +320,7 @@ def main(argv=None):
               flush=True)
         save()
 
-    rows = report["results"]
-    report["fused_path_verified"] = bool(rows) and all(r["fused_path"]["verified"] for r in rows)
-    report["complete"] = True
-    report["markdown"] = markdown(report)
-    save()
-    print(report["markdown"])
-    if rows and not report["fused_path_verified"]:
-        print(f"WARNING: the CUDA path did not serve every call: {report['implementations_ran']}", file=sys.stderr)
-        return 1
-    return 0
+    return finish_kernel_report(report, report["results"], markdown, save, "CUDA")
 
 
 def markdown(report):

@@ -369,6 +369,24 @@ def write_json(path, obj) -> None:
     os.replace(tmp, path)
 
 
+def finish_kernel_report(report: dict, rows: list, markdown, save, path_name: str) -> int:
+    """Close a kernel benchmark: the fused-path verdict over every row, the markdown table, the final save.
+    Returns the script's exit status: 1 when a fused row was (partly) served by the reference."""
+    report["fused_path_verified"] = bool(rows) and all(r["fused_path"]["verified"] for r in rows)
+    warning = None
+    if rows and not report["fused_path_verified"]:
+        warning = f"WARNING: the {path_name} path did not serve every call: {report['implementations_ran']}"
+        report["notes"].append(warning)
+    report["complete"] = True
+    report["markdown"] = markdown(report)
+    save()
+    print(report["markdown"])
+    if warning:
+        print(warning, file=sys.stderr)
+        return 1
+    return 0
+
+
 # --- the variants --------------------------------------------------------------------------------
 
 def _plain_attention(qkv, num_heads, scale, matmul=False):
