@@ -134,7 +134,7 @@ def run_variant(name: str, variant: str, batch: dict, initial_state, args, devic
     import contextlib
     import dpt_fast
     from dpt_fast.bench import (FUSED_OPS, DeadlineExceeded, _cleanup, deadline, describe_error, inline_plain_ops,
-                                recover_after_deadline, time_calls, verify_fused)
+                                record_deadline, time_calls, verify_fused)
     result = {"model": LABELS[name], "backbone": MODEL_KWARGS[name]["backbone"], "variant": variant, "batch": batch["image"].shape[0],
               "size": args.size, "error": None}
     if variant.endswith("+compile"):
@@ -188,14 +188,8 @@ def run_variant(name: str, variant: str, batch: dict, initial_state, args, devic
             "mfu": flops / median / 1e12 / peak if flops and peak else None,
         })
     except DeadlineExceeded:
-        recover_after_deadline()
-        spent = time.perf_counter() - started
-        if variant.endswith("+compile") and phase != "timing":
-            result["timed_out"] = "compile"
-            result["error"] = f"skipped: compile over budget ({args.compile_mode}, stopped after {spent:.0f} s)"
-        else:
-            result["timed_out"] = phase
-            result["error"] = f"skipped: time budget spent during {phase} (stopped after {spent:.0f} s)"
+        record_deadline(result, phase, started,
+                        args.compile_mode if variant.endswith("+compile") and phase != "timing" else None)
     except torch.OutOfMemoryError:
         result["error"] = "out of memory"
     except Exception as e:  # noqa: BLE001 -- one failing variant must not stop the others

@@ -369,6 +369,19 @@ def write_json(path, obj) -> None:
     os.replace(tmp, path)
 
 
+def record_deadline(result: dict, phase: str, started: float, compile_mode: str | None = None) -> None:
+    """A variant stopped by `deadline`: mark its row as skipped, saying whether compilation (compile_mode
+    given: the cap on a compiled variant's first call) or the run's time budget stopped it."""
+    recover_after_deadline()
+    spent = time.perf_counter() - started
+    if compile_mode is not None:
+        result["timed_out"] = "compile"
+        result["error"] = f"skipped: compile over budget ({compile_mode}, stopped after {spent:.0f} s)"
+    else:
+        result["timed_out"] = phase
+        result["error"] = f"skipped: time budget spent during {phase} (stopped after {spent:.0f} s)"
+
+
 def finish_kernel_report(report: dict, rows: list, markdown, save, path_name: str) -> int:
     """Close a kernel benchmark: the fused-path verdict over every row, the markdown table, the final save.
     Returns the script's exit status: 1 when a fused row was (partly) served by the reference."""
@@ -611,14 +624,8 @@ def run_variant(variant: str, model_name: str, x: torch.Tensor, args, device, dt
         if device.type == "cuda":
             result["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
     except DeadlineExceeded:
-        recover_after_deadline()
-        spent = time.perf_counter() - started
-        if compiled and phase in ("build", "first call"):
-            result["timed_out"] = "compile"
-            result["error"] = f"skipped: compile over budget ({compile_mode}, stopped after {spent:.0f} s)"
-        else:
-            result["timed_out"] = phase
-            result["error"] = f"skipped: time budget spent during {phase} (stopped after {spent:.0f} s)"
+        record_deadline(result, phase, started, compile_mode if compiled and phase in ("build", "first call")
+                        else None)
     except torch.OutOfMemoryError:
         result["error"] = "out of memory"
     except Exception as e:  # noqa: BLE001 -- one failing variant must not stop the others
