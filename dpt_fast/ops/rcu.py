@@ -3,12 +3,26 @@
 Fused path (CUDA tensors on sm_80+, float16/bfloat16, channels a multiple of 8, one image under 2^31 bytes): the
 CUTLASS kernels of the dpt_fast._C extension (csrc/), registered there for the CUDA dispatch key as
 `dpt_fast::_rcu_fused_forward` (two kernels: conv1 with the input ReLU in its mainloop and bias + ReLU in
-its epilogue; conv2 with bias + x [+ extra] in its epilogue) and `dpt_fast::_rcu_fused_conv1`.
+its epilogue; conv2 with bias + x [+ extra] in its epilogue), `dpt_fast::_rcu_fused_conv1` (conv1 alone) and
+`dpt_fast::_rcu_fused_conv2` (conv2 alone, reading a given hidden activation).
 Everything else (CPU, float32/float64, other channel counts, no extension) runs the reference.
 
-Backward: the operator schema saves only the inputs, so the hidden activation relu(conv1(relu(x)) + b1)
-is recomputed — by the fused conv1 kernel when the fused path applies — and the rest composes aten's
-convolution backward (cuDNN) with ReLU masks (aten.threshold_backward, one pass each).
+Two forward operators, one public function (`residual_conv_unit` picks):
+- inference (grad disabled, or no input requires grad): `dpt_fast::residual_conv_unit`, one
+  `_rcu_fused_forward` call; the hidden activation h = relu(conv1(relu(x)) + b1) lives in a scratch buffer.
+- training (autograd will need the backward): `dpt_fast::residual_conv_unit_train` -> (out, hidden), the
+  same two kernels as `_rcu_fused_conv1` + `_rcu_fused_conv2`, returning h as well. Autograd saves h
+  (non-differentiable) with the inputs, and the backward starts from it.
+
+Backward (`dpt_fast::residual_conv_unit_backward`, hidden optional): aten's convolution backward (cuDNN)
+for both convolutions with the ReLU masks as one aten.threshold_backward pass each. Forward + backward is
+6 convolutions (2 forward, 2 x dgrad + wgrad), as in eager. The trade: one saved activation of x's size per
+RCU that trains (eager autograd saves relu(x), conv1's output and relu(h) instead). When the backward gets
+no hidden (`residual_conv_unit`'s own autograd, e.g. a direct call of the operator), it recomputes h with
+conv1 -- 7 convolutions, no saved h.
+
+Both forwards record their calls under `dpt_fast::residual_conv_unit` in `dpt_fast.implementations_ran()`
+(the implementation that served an RCU forward); the backward under `dpt_fast::residual_conv_unit_backward`.
 """
 from __future__ import annotations
 
@@ -24,6 +38,7 @@ from ..reference import rcu as _reference_rcu
 
 _OP = "dpt_fast::residual_conv_unit"
 _OP_BACKWARD = "dpt_fast::residual_conv_unit_backward"
+_INTERNAL_OPS = ("dpt_fast::_rcu_fused_forward", "dpt_fast::_rcu_fused_conv1", "dpt_fast::_rcu_fused_conv2")
 _MAX_TENSOR_BYTES = 2**31 - 1  # the kernels address one launch's tensors with 32-bit offsets
 
 
@@ -39,13 +54,26 @@ def cuda_kernel_registered() -> bool:
                       "unit serves instead of the CUDA kernel. Rebuild: pip install --no-build-isolation -e .",
                       RuntimeWarning, stacklevel=2)
         return False
-    registered = torch._C._dispatch_has_kernel_for_dispatch_key("dpt_fast::_rcu_fused_forward", "CUDA")
+    registered = [_has_cuda_kernel(name) for name in _INTERNAL_OPS]
+    if registered[0] and not all(registered):
+        warnings.warn("dpt_fast._C is out of date (it lacks " + ", ".join(
+            n for n, r in zip(_INTERNAL_OPS, registered) if not r) + "); the reference residual conv unit "
+            "serves instead of the CUDA kernels. Rebuild: pip install --no-build-isolation -e .",
+            RuntimeWarning, stacklevel=2)
+    registered = all(registered)
     if registered:
         try:
             _register_internal_fakes()
         except RuntimeError:  # already registered (the cache was cleared)
             pass
     return registered
+
+
+def _has_cuda_kernel(name: str) -> bool:
+    try:
+        return torch._C._dispatch_has_kernel_for_dispatch_key(name, "CUDA")
+    except RuntimeError:  # no such operator
+        return False
 
 
 def _register_internal_fakes() -> None:
@@ -57,6 +85,10 @@ def _register_internal_fakes() -> None:
     @torch.library.register_fake("dpt_fast::_rcu_fused_conv1")
     def _(x, w1, b1):
         return torch.empty_like(x, memory_format=torch.channels_last)
+
+    @torch.library.register_fake("dpt_fast::_rcu_fused_conv2")
+    def _(hidden, x, w2, b2, extra):
+        return torch.empty_like(x)
 
 
 def fused_supported(x: torch.Tensor, weight1: torch.Tensor, *others: torch.Tensor | None) -> bool:
@@ -98,12 +130,37 @@ def _(x, weight1, bias1, weight2, bias2, extra):
     return torch.empty_like(x)
 
 
-def _fused_backward(grad_out, x, weight1, bias1, weight2, bias2, has_extra):
+@torch.library.custom_op("dpt_fast::residual_conv_unit_train", mutates_args=())
+def residual_conv_unit_train_op(x: torch.Tensor, weight1: torch.Tensor, bias1: torch.Tensor, weight2: torch.Tensor,
+                                bias2: torch.Tensor, extra: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out, hidden): the RCU's output and its hidden activation relu(conv1(relu(x)) + b1), kept for the
+    backward. hidden has the strides of torch.empty_like(x)."""
+    if _use_fused((x, weight1, bias1, weight2, bias2, extra)):
+        backend.record(_OP, "cuda")
+        xc = x.contiguous(memory_format=torch.channels_last)  # converted once for both kernels
+        hidden = torch.ops.dpt_fast._rcu_fused_conv1(xc, weight1, bias1)
+        out = torch.ops.dpt_fast._rcu_fused_conv2(hidden, xc, weight2, bias2, extra)
+        return with_strides_of(out, x), with_strides_of(hidden, x)
+    backend.record(_OP, "reference")
+    hidden = _reference_rcu.residual_conv_unit_hidden(x, weight1, bias1)
+    out = _reference_rcu.residual_conv_unit_from_hidden(hidden, x, weight2, bias2, extra)
+    return out, with_strides_of(hidden, x)
+
+
+@residual_conv_unit_train_op.register_fake
+def _(x, weight1, bias1, weight2, bias2, extra):
+    return torch.empty_like(x), torch.empty_like(x)
+
+
+def _fused_backward(grad_out, x, weight1, bias1, weight2, bias2, has_extra, hidden=None):
     cl = torch.channels_last
     conv_backward = _reference_rcu.conv3x3_backward
     g = grad_out.contiguous(memory_format=cl)
     xc = x.contiguous(memory_format=cl)
-    relu_hidden = torch.ops.dpt_fast._rcu_fused_conv1(xc, weight1, bias1)  # recomputed, bias + ReLU fused
+    if hidden is not None:  # saved by the training forward: relu(conv1(relu(x)) + b1)
+        relu_hidden = hidden.contiguous(memory_format=cl)
+    else:  # recomputed, bias + ReLU fused
+        relu_hidden = torch.ops.dpt_fast._rcu_fused_conv1(xc, weight1, bias1)
     d_relu_hidden, d_weight2 = conv_backward(g, relu_hidden, weight2)
     d_hidden = torch.ops.aten.threshold_backward(d_relu_hidden, relu_hidden, 0)  # relu_hidden > 0 <=> hidden > 0
     del d_relu_hidden, relu_hidden
@@ -118,18 +175,20 @@ def _fused_backward(grad_out, x, weight1, bias1, weight2, bias2, has_extra):
 @torch.library.custom_op("dpt_fast::residual_conv_unit_backward", mutates_args=())
 def residual_conv_unit_backward_op(grad_out: torch.Tensor, x: torch.Tensor, weight1: torch.Tensor,
                                    bias1: torch.Tensor, weight2: torch.Tensor, bias2: torch.Tensor,
-                                   has_extra: bool, backend_name: str) -> list[torch.Tensor]:
+                                   has_extra: bool, backend_name: str,
+                                   hidden: torch.Tensor | None = None) -> list[torch.Tensor]:
+    """hidden: relu(conv1(relu(x)) + b1) as the training forward kept it; None recomputes it."""
     if _use_fused((x, weight1, bias1, weight2, bias2, grad_out), backend_name):
         backend.record(_OP_BACKWARD, "cuda")
-        return _fused_backward(grad_out, x, weight1, bias1, weight2, bias2, has_extra)
+        return _fused_backward(grad_out, x, weight1, bias1, weight2, bias2, has_extra, hidden)
     backend.record(_OP_BACKWARD, "reference")
-    grads = reference.residual_conv_unit_backward(grad_out, x, weight1, bias1, weight2, bias2, has_extra)
+    grads = reference.residual_conv_unit_backward(grad_out, x, weight1, bias1, weight2, bias2, has_extra, hidden)
     # the strides the fake implementation promises (dx follows grad_out's layout otherwise)
     return [with_strides_of(g, p) for g, p in zip(grads[:5], (x, weight1, bias1, weight2, bias2))] + grads[5:]
 
 
 @residual_conv_unit_backward_op.register_fake
-def _(grad_out, x, weight1, bias1, weight2, bias2, has_extra, backend_name):
+def _(grad_out, x, weight1, bias1, weight2, bias2, has_extra, backend_name, hidden=None):
     d_extra = torch.empty_like(grad_out) if has_extra else grad_out.new_empty(0)
     return [torch.empty_like(x), torch.empty_like(weight1), torch.empty_like(bias1),
             torch.empty_like(weight2), torch.empty_like(bias2), d_extra]
@@ -150,6 +209,33 @@ def _backward(ctx, grad_out):
 residual_conv_unit_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+def _train_setup_context(ctx, inputs, output):
+    x, weight1, bias1, weight2, bias2, extra = inputs
+    _, hidden = output
+    ctx.save_for_backward(x, weight1, bias1, weight2, bias2, hidden)
+    ctx.mark_non_differentiable(hidden)
+    ctx.set_materialize_grads(False)  # hidden's (absent) gradient stays None, no zero tensor
+    ctx.has_extra = extra is not None
+    ctx.backend_name = backend.get_backend()
+
+
+def _train_backward(ctx, grad_out, _grad_hidden):
+    if grad_out is None:
+        return (None,) * 6
+    x, weight1, bias1, weight2, bias2, hidden = ctx.saved_tensors
+    grads = residual_conv_unit_backward_op(grad_out, x, weight1, bias1, weight2, bias2, ctx.has_extra,
+                                           ctx.backend_name, hidden)
+    return (*grads[:5], grads[5] if ctx.has_extra else None)
+
+
+residual_conv_unit_train_op.register_autograd(_train_backward, setup_context=_train_setup_context)
+_PLAIN_OP = residual_conv_unit_op
+
+
+def _needs_backward(*tensors: torch.Tensor | None) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 def residual_conv_unit(x: torch.Tensor, weight1: torch.Tensor, bias1: torch.Tensor, weight2: torch.Tensor,
                        bias2: torch.Tensor, extra: torch.Tensor | None = None) -> torch.Tensor:
     if x.dim() != 4 or weight1.shape[1] != x.shape[1]:
@@ -158,4 +244,8 @@ def residual_conv_unit(x: torch.Tensor, weight1: torch.Tensor, bias1: torch.Tens
     if extra is not None and extra.shape != x.shape:
         raise ValueError(f"residual_conv_unit: extra must have x's shape {tuple(x.shape)}, got {tuple(extra.shape)}")
     x, weight1, bias1, weight2, bias2, extra = autocast_inputs(x, weight1, bias1, weight2, bias2, extra)
+    # residual_conv_unit_op is looked up at call time: dpt_fast.bench.inline_plain_ops replaces it with the plain
+    # reference (no operator boundary at all), and then the training operator must not run either.
+    if residual_conv_unit_op is _PLAIN_OP and _needs_backward(x, weight1, bias1, weight2, bias2, extra):
+        return residual_conv_unit_train_op(x, weight1, bias1, weight2, bias2, extra)[0]
     return residual_conv_unit_op(x, weight1, bias1, weight2, bias2, extra)
