@@ -6,7 +6,8 @@ import torch.nn.functional as F
 from dpt_fast import ops, reference, use_backend
 from dpt_fast.ops.attention import attention_op
 from dpt_fast.ops.reassemble import reassemble_op
-from dpt_fast.ops.rcu import residual_conv_unit_op
+from dpt_fast.ops.rcu import residual_conv_unit_op, residual_conv_unit_train_op
+from dpt_fast.reference import rcu as reference_rcu
 
 
 def _sdpa(qkv, heads):
@@ -122,6 +123,79 @@ def test_rcu_opcheck(with_extra, channels_last):
     if channels_last:
         x = x.detach().contiguous(memory_format=torch.channels_last).requires_grad_(True)
     torch.library.opcheck(residual_conv_unit_op, (x, w1, b1, w2, b2, extra))
+
+
+@pytest.mark.parametrize("with_extra", [False, True])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_rcu_train_opcheck(with_extra, channels_last):
+    torch.manual_seed(11)
+    x, w1, b1, w2, b2 = (t.float() for t in _rcu_inputs(channels=5, h=7, w=3, channels_last=channels_last))
+    extra = torch.randn_like(x) if with_extra else None
+    leaves = [t.requires_grad_(True) for t in (x, w1, b1, w2, b2, extra) if t is not None]
+    assert len(leaves) == 5 + with_extra
+    torch.library.opcheck(residual_conv_unit_train_op, (x, w1, b1, w2, b2, extra))
+
+
+def test_rcu_backward_op_with_hidden_opcheck():
+    torch.manual_seed(12)
+    x, w1, b1, w2, b2 = (t.float() for t in _rcu_inputs(channels=5, h=7, w=3))
+    hidden = reference_rcu.residual_conv_unit_hidden(x, w1, b1)
+    grad = torch.randn_like(x)
+    torch.library.opcheck(torch.ops.dpt_fast.residual_conv_unit_backward.default,
+                          (grad, x, w1, b1, w2, b2, True, "reference", hidden))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("with_extra", [False, True])
+def test_rcu_train_op_matches_the_recomputing_op(dtype, with_extra):
+    """The training operator (hidden kept for the backward) and the inference operator (its backward
+    recomputes hidden) give the same output and the same gradients, and hidden is the reference's."""
+    torch.manual_seed(13)
+    inputs = list(_rcu_inputs(channels=6, h=7, w=5, dtype=dtype))
+    inputs.append(torch.randn_like(inputs[0]) if with_extra else None)
+    grad = torch.randn_like(inputs[0])
+
+    def leaves():
+        return [t.detach().clone().requires_grad_(True) if t is not None else None for t in inputs]
+
+    train_in, plain_in = leaves(), leaves()
+    out, hidden = residual_conv_unit_train_op(*train_in)
+    assert not hidden.requires_grad and hidden.grad_fn is None  # not differentiable
+    torch.testing.assert_close(hidden, reference_rcu.residual_conv_unit_hidden(*inputs[:3]), rtol=0, atol=0)
+    assert hidden.stride() == inputs[0].stride()
+    expected = residual_conv_unit_op(*plain_in)
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    got = torch.autograd.grad(out, [t for t in train_in if t is not None], grad)
+    want = torch.autograd.grad(expected, [t for t in plain_in if t is not None], grad)
+    assert len(got) == 5 + with_extra
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("with_extra", [False, True])
+def test_rcu_train_path_gradcheck(with_extra):
+    """ops.residual_conv_unit with inputs that require grad runs the training operator: gradcheck it
+    (first order; the backward operator has no autograd of its own)."""
+    torch.manual_seed(14)
+    x, w1, b1, w2, b2 = (t.requires_grad_(True) for t in _rcu_inputs(channels=3, h=5, w=3))
+    extra = torch.randn_like(x).requires_grad_(True) if with_extra else None
+    assert ops.residual_conv_unit(x, w1, b1, w2, b2, extra).grad_fn.name().startswith(
+        "GeneratedBackwardFor_dpt_fast_residual_conv_unit_train")
+    assert torch.autograd.gradcheck(ops.residual_conv_unit, (x, w1, b1, w2, b2, extra))
+
+
+def test_rcu_reference_backward_with_hidden_equals_recompute():
+    torch.manual_seed(15)
+    x, w1, b1, w2, b2 = _rcu_inputs(channels=7, h=9, w=5)
+    grad = torch.randn_like(x)
+    hidden = reference_rcu.residual_conv_unit_hidden(x, w1, b1)
+    recomputed = reference.residual_conv_unit_backward(grad, x, w1, b1, w2, b2, False)
+    kept = reference.residual_conv_unit_backward(grad, x, w1, b1, w2, b2, False, hidden)
+    for a, b in zip(kept, recomputed):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    # the kept hidden is used, not recomputed: a different hidden changes the weight gradients
+    other = reference.residual_conv_unit_backward(grad, x, w1, b1, w2, b2, False, hidden * 1.5)
+    assert not torch.equal(other[3], recomputed[3])
 
 
 def test_rcu_gradients_match_autograd_of_the_definition():

@@ -11,6 +11,7 @@ Three groups:
 """
 from __future__ import annotations
 
+import collections
 import importlib.util
 import os
 import shutil
@@ -26,7 +27,8 @@ from dpt_fast import ops, reference
 from dpt_fast.ops import rcu as rcu_ops
 
 FWD, BWD = "dpt_fast::residual_conv_unit", "dpt_fast::residual_conv_unit_backward"
-INTERNAL_OPS = ("dpt_fast::_rcu_fused_forward", "dpt_fast::_rcu_fused_conv1")
+INTERNAL_OPS = ("dpt_fast::_rcu_fused_forward", "dpt_fast::_rcu_fused_conv1", "dpt_fast::_rcu_fused_conv2")
+TRAIN = "dpt_fast::residual_conv_unit_train"
 
 
 def _extension_built() -> bool:
@@ -77,6 +79,8 @@ def test_import_registers_cuda_kernels_only():
         assert not torch._C._dispatch_has_kernel_for_dispatch_key(name, "CPU"), name
     assert str(torch.ops.dpt_fast._rcu_fused_forward.default._schema) == (
         "dpt_fast::_rcu_fused_forward(Tensor x, Tensor w1, Tensor b1, Tensor w2, Tensor b2, Tensor? extra) -> Tensor")
+    assert str(torch.ops.dpt_fast._rcu_fused_conv2.default._schema) == (
+        "dpt_fast::_rcu_fused_conv2(Tensor hidden, Tensor x, Tensor w2, Tensor b2, Tensor? extra) -> Tensor")
     assert rcu_ops.cuda_kernel_registered()
 
 
@@ -90,6 +94,8 @@ def test_internal_ops_fake_strides():
     assert torch.ops.dpt_fast._rcu_fused_forward(x_cl, w, b, w, b, None).stride() == x_cl.stride()
     assert torch.ops.dpt_fast._rcu_fused_forward(x, w, b, w, b, x).stride() == x.stride()
     assert torch.ops.dpt_fast._rcu_fused_conv1(x, w, b).stride() == x_cl.stride()
+    assert torch.ops.dpt_fast._rcu_fused_conv2(x_cl, x_cl, w, b, None).stride() == x_cl.stride()
+    assert torch.ops.dpt_fast._rcu_fused_conv2(x_cl, x, w, b, x).stride() == x.stride()
 
 
 @needs_extension
@@ -100,6 +106,8 @@ def test_internal_op_rejects_cpu_tensors():
     w, b = torch.randn(8, 8, 3, 3), torch.randn(8)
     with pytest.raises(NotImplementedError):
         torch.ops.dpt_fast._rcu_fused_forward(x, w, b, w, b, None)
+    with pytest.raises(NotImplementedError):
+        torch.ops.dpt_fast._rcu_fused_conv2(x, x, w, b, None)
 
 
 # --- CPU fallback --------------------------------------------------------------------------------------
@@ -152,6 +160,133 @@ def test_backward_strides_follow_the_fake_implementation():
     for g, e, t in zip(grads, expected, [x, *params, grad]):
         assert g.stride() == torch.empty_like(t).stride()
         torch.testing.assert_close(g, e, rtol=0, atol=0)
+
+
+def _op_counts(fn) -> collections.Counter:
+    """How often each operator (dispatcher op names, e.g. "aten::convolution") ran during fn()."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    return collections.Counter(e.name for e in prof.events())
+
+
+def _top_level_op_counts(fn) -> collections.Counter:
+    """Like _op_counts for the operators called directly (not those inside another operator's body), with
+    far less overhead than the profiler."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            counts[func.name()] += 1
+            return func(*args, **(kwargs or {}))
+
+    counts = collections.Counter()
+    with Count():
+        fn()
+    return counts
+
+
+def _convolutions(counts) -> int:
+    """Convolutions run: a forward convolution is one, a convolution backward (dgrad + wgrad) two."""
+    return counts["aten::convolution"] + 2 * counts["aten::convolution_backward"]
+
+
+@pytest.mark.parametrize("with_extra", [False, True])
+def test_training_keeps_hidden_and_runs_six_convolutions(with_extra):
+    """Inputs that require grad: the training operator runs, its backward gets the kept hidden activation:
+    2 + 4 convolutions (eager's count). No grad: the inference operator, 2 convolutions. The inference
+    operator's own backward (no hidden) still recomputes conv1: 7."""
+    x = _activation(2, 16, 7, 5, torch.float32, "cpu", requires_grad=True)
+    extra = _activation(2, 16, 7, 5, torch.float32, "cpu", seed=2, requires_grad=True) if with_extra else None
+    params = _params(16, torch.float32, "cpu", requires_grad=True)
+    grad = _activation(2, 16, 7, 5, torch.float32, "cpu", seed=3)
+    leaves = [x, *params] + ([extra] if with_extra else [])
+
+    outs = {}
+    dpt_fast.implementations_ran(reset=True)
+    fwd = _op_counts(lambda: outs.setdefault("train", ops.residual_conv_unit(x, *params, extra)))
+    bwd = _op_counts(lambda: outs.setdefault("grads", torch.autograd.grad(outs["train"], leaves, grad)))
+    assert fwd[TRAIN] == 1 and fwd[FWD] == 0 and _convolutions(fwd) == 2
+    assert bwd[BWD] == 1 and bwd["aten::convolution"] == 0 and _convolutions(bwd) == 4
+    assert dpt_fast.implementations_ran(reset=True) == {FWD: {"reference": 1}, BWD: {"reference": 1}}
+
+    with torch.no_grad():
+        counts = _op_counts(lambda: outs.setdefault("inference", ops.residual_conv_unit(x, *params, extra)))
+    assert counts[FWD] == 1 and counts[TRAIN] == 0 and _convolutions(counts) == 2
+    torch.testing.assert_close(outs["inference"], outs["train"], rtol=0, atol=0)
+    assert dpt_fast.implementations_ran(reset=True) == {FWD: {"reference": 1}}
+
+    def plain():  # the inference operator under autograd: its backward has no hidden
+        out = rcu_ops.residual_conv_unit_op(x, *params, extra)
+        outs["plain_grads"] = torch.autograd.grad(out, leaves, grad)
+    counts = _op_counts(plain)
+    assert counts[FWD] == 1 and counts[TRAIN] == 0 and _convolutions(counts) == 7
+    for g, p in zip(outs["grads"], outs["plain_grads"]):
+        torch.testing.assert_close(g, p, rtol=0, atol=0)
+
+
+def test_requires_grad_only_on_weights_or_extra_picks_the_training_operator():
+    x = _activation(1, 8, 5, 3, torch.float32, "cpu")
+    params = _params(8, torch.float32, "cpu")
+    extra = _activation(1, 8, 5, 3, torch.float32, "cpu", seed=2)
+    for which in range(5):
+        args = [x, *params, extra]
+        args[[1, 2, 3, 4, 5][which]] = args[[1, 2, 3, 4, 5][which]].detach().clone().requires_grad_(True)
+        counts = _op_counts(lambda: ops.residual_conv_unit(*args))
+        assert counts[TRAIN] == 1 and counts[FWD] == 0, which
+    counts = _op_counts(lambda: ops.residual_conv_unit(x, *params, extra))  # nothing requires grad
+    assert counts[FWD] == 1 and counts[TRAIN] == 0
+    with torch.inference_mode():
+        counts = _op_counts(lambda: ops.residual_conv_unit(x.requires_grad_(True), *params, extra))
+    assert counts[FWD] == 1 and counts[TRAIN] == 0
+
+
+def test_model_trains_with_the_training_operator_and_infers_with_the_plain_one():
+    from dpt_fast import DPTDepthModel
+    torch.manual_seed(0)
+    model = DPTDepthModel(backbone="vit_tiny_patch16_224", hooks=[2, 5, 8, 11], features=16, non_negative=False)
+    x = torch.randn(1, 3, 32, 48)
+    rcus = sum(type(m).__name__ == "ResidualConvUnit" for m in model.modules())
+    train = _top_level_op_counts(lambda: model.train()(x).square().mean().backward())
+    assert 0 < train[TRAIN] <= rcus and train[FWD] == 0 and train[BWD] == train[TRAIN], train
+    with torch.no_grad():
+        infer = _top_level_op_counts(lambda: model.eval()(x))
+    assert infer[FWD] == train[TRAIN] and infer[TRAIN] == 0
+
+
+def test_compiled_training_step_keeps_hidden():
+    """torch.compile (aot_eager: Dynamo + AOTAutograd through the fake implementations, fullgraph) of a fusion
+    block's RCU pair in training: same output and gradients as eager, and the compiled backward runs no
+    forward convolution (the hidden activations are saved, not recomputed)."""
+    from dpt_fast.models.blocks import ResidualConvUnit
+
+    class Pair(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.rcu1, self.rcu2 = ResidualConvUnit(8), ResidualConvUnit(8)
+
+        def forward(self, x0, skip):
+            return self.rcu2(self.rcu1(skip, extra=x0))
+
+    torch.manual_seed(3)
+    pair = Pair()
+    x0 = _activation(2, 8, 9, 7, torch.float32, "cpu", seed=4, requires_grad=True)
+    skip = _activation(2, 8, 9, 7, torch.float32, "cpu", seed=5, requires_grad=True)
+    grad = _activation(2, 8, 9, 7, torch.float32, "cpu", seed=6)
+    leaves = [x0, skip, *pair.parameters()]
+    eager = pair(x0, skip)
+    eager_grads = torch.autograd.grad(eager, leaves, grad)
+    torch._dynamo.reset()
+    compiled = torch.compile(pair, backend="aot_eager", fullgraph=True)
+    out = compiled(x0, skip)  # compiles here
+    counts = _op_counts(lambda: torch.autograd.grad(compiled(x0, skip), leaves, grad))
+    assert counts[TRAIN] == 2 and counts[FWD] == 0 and counts[BWD] == 2, counts
+    assert counts["aten::convolution"] == 4 and counts["aten::convolution_backward"] == 4, counts
+    grads = torch.autograd.grad(out, leaves, grad)
+    torch.testing.assert_close(out, eager, rtol=1e-6, atol=1e-6)
+    for g, e in zip(grads, eager_grads):
+        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-6)
+    torch._dynamo.reset()
 
 
 def test_fused_supported_is_false_on_cpu():
