@@ -4,7 +4,10 @@
 # default 420 s for tests and 480 s for the others, wall time, build included):
 #
 #   bash benchmarks/gpu_suite.sh tests     build the extension (or load a carried one), versions, GPU tests
-#                                          (incl. compute-sanitizer); copies the built extension to $OUT
+#                                          (incl. compute-sanitizer) with DPT_FAST_AUTOTUNE=quick: one
+#                                          Triton config per kernel variant, no autotune benchmarking (the
+#                                          every-config tests run each config once); copies the built
+#                                          extension to $OUT. The benchmark stages autotune in full.
 #   bash benchmarks/gpu_suite.sh kernels   attention, reassemble and RCU benchmarks (time shared adaptively)
 #   bash benchmarks/gpu_suite.sh e2e       end-to-end inference (fused, reference, HF sdpa, reference under
 #                                          torch.compile max-autotune, capped) + training-step benchmark
@@ -112,8 +115,10 @@ tests() {
   python -c "import pytest_timeout" 2>/dev/null && per_test="--timeout=240"  # one hung test must not eat the call
   budget=$(( $(left) - RESERVE ))
   if (( budget < 60 )); then echo "skipped gpu tests: only $budget s left"; return; fi
-  # SIGINT at the budget: pytest stops like on Ctrl-C and still writes its summary and the junit XML
-  timeout -s INT -k 20 "$budget" python -m pytest -q -m gpu -rs --durations=15 -p no:cacheprovider $per_test \
+  # SIGINT at the budget: pytest stops like on Ctrl-C and still writes its summary and the junit XML.
+  # DPT_FAST_AUTOTUNE=quick: every autotuned Triton kernel gets its first config only (compiled once per
+  # variant, never benchmarked); the test_gpu_every_config_* tests pin and check each config of the full lists.
+  DPT_FAST_AUTOTUNE=quick timeout -s INT -k 20 "$budget" python -m pytest -q -m gpu -rs --durations=15 -p no:cacheprovider $per_test \
     --junitxml="$OUT/junit-gpu-tests.xml" 2>&1
   local rc=$?
   (( rc == 124 || rc == 2 )) && echo "GPU tests stopped at the stage budget ($budget s) or interrupted: see the log"

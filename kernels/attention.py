@@ -30,7 +30,10 @@ Under TRITON_INTERPRET=1 the kernels run on CPU tensors through the interpreter 
 Tuning. On a GPU each kernel is autotuned over block sizes, warps and stages (chosen for Hopper),
 keyed on N (rounded up to a power of two, so that many image sizes share a tuning) and head dim; under the
 interpreter one fixed small config is used (the interpreter cannot autotune over several configs and
-ignores warps/stages).
+ignores warps/stages). DPT_FAST_AUTOTUNE=quick in the environment (read once, at import; default full;
+see dpt_fast.kernels) gives every kernel only the first config of its list (_FULL_*_CONFIGS, which stay
+whole for the tests that run each config): one compile per kernel variant, no benchmarking. Any other
+value than full or quick raises at import.
 
 TMA. On sm_90+ CUDA devices the launchers run the *_tma kernels (autotuned over the same configs as their
 pointer twins), which read q/k/v/dO and write out/dQ/dK/dV tiles through host-side tensor descriptors
@@ -75,12 +78,15 @@ try:  # host-side TMA descriptors (triton >= 3.4; the GPU image has 3.6)
 except ImportError:  # pragma: no cover - older triton: pointer kernels only
     TensorDescriptor = None
 
+from . import autotune_configs, autotune_mode
+
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 HEAD_DIMS = (64, 128)
 _LOG2E = 1.4426950408889634
 _MAX_GRID_Y = 65535  # CUDA limit on grid dimension 1 (batch * heads lives there)
 _INT32_MAX = 2**31 - 1
+_AUTOTUNE = autotune_mode()  # DPT_FAST_AUTOTUNE, once: "full" or "quick"
 
 
 # --- configs ------------------------------------------------------------------------------------
@@ -92,20 +98,24 @@ def _configs(candidates):
 
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages); chosen around the Hopper sweet spots of the Triton
-# fused-attention tutorial; configs that do not fit (shared memory) are skipped by the autotuner.
-_FWD_CONFIGS = _configs([
+# fused-attention tutorial; configs that do not fit (shared memory) are skipped by the autotuner. The first
+# of each list is the primary pick: the only one with DPT_FAST_AUTOTUNE=quick.
+_FULL_FWD_CONFIGS = _configs([
     (128, 64, 4, 3), (128, 64, 8, 3), (128, 64, 4, 4), (128, 128, 8, 3), (128, 128, 8, 2),
     (128, 32, 4, 4), (64, 64, 4, 3), (64, 128, 4, 3), (64, 32, 4, 4),
 ])
 # dK/dV: BLOCK_N keys per program, BLOCK_M queries per step.
-_DKDV_CONFIGS = _configs([
+_FULL_DKDV_CONFIGS = _configs([
     (32, 128, 4, 3), (32, 128, 8, 3), (64, 128, 8, 3), (64, 128, 4, 2), (32, 64, 4, 3),
     (64, 64, 4, 3), (16, 128, 4, 4),
 ])
 # dQ: BLOCK_M queries per program, BLOCK_N keys per step.
-_DQ_CONFIGS = _configs([
+_FULL_DQ_CONFIGS = _configs([
     (128, 32, 4, 3), (128, 64, 8, 3), (128, 64, 4, 2), (64, 64, 4, 3), (64, 32, 4, 4), (128, 128, 8, 2),
 ])
+# what the autotuner gets (the TMA twins: the same, with the block-shape pre-hook)
+_FWD_CONFIGS, _DKDV_CONFIGS, _DQ_CONFIGS = (autotune_configs(c, _AUTOTUNE) for c in
+                                            (_FULL_FWD_CONFIGS, _FULL_DKDV_CONFIGS, _FULL_DQ_CONFIGS))
 _PREPROCESS_BLOCK = 64
 
 # Rows of the TMA block of every descriptor argument of the TMA kernels (the block is [1, rows, HEAD_DIM]
@@ -514,6 +524,15 @@ def _attention_bwd_dq_tma(desc_q, desc_kv, desc_do, desc_dq, LSE, Delta, N_CTX, 
                                          full_stop, N_CTX, N_CTX, qk_scale, HEAD_DIM, BLOCK_N, True, DOT_PRECISION)
     dq = dq * scale
     desc_dq.store([off_b, start_m, q_col], dq.to(desc_dq.dtype).reshape(1, BLOCK_M, HEAD_DIM))
+
+
+# Every autotuned kernel (by name) with its whole config list, whatever DPT_FAST_AUTOTUNE says: the tests run
+# each config (the TMA twins' lists carry the block-shape pre-hook, as their autotuners' do).
+_FULL_CONFIGS = {
+    "_attention_fwd": _FULL_FWD_CONFIGS, "_attention_fwd_tma": _with_tma_hook(_FULL_FWD_CONFIGS),
+    "_attention_bwd_dkdv": _FULL_DKDV_CONFIGS, "_attention_bwd_dkdv_tma": _with_tma_hook(_FULL_DKDV_CONFIGS),
+    "_attention_bwd_dq": _FULL_DQ_CONFIGS, "_attention_bwd_dq_tma": _with_tma_hook(_FULL_DQ_CONFIGS),
+}
 
 
 # --- launchers ----------------------------------------------------------------------------------

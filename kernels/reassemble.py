@@ -49,7 +49,10 @@ backward (recompute, then walk back; gradients as dpt_fast.reference.reassemble_
     torch (cuBLAS) calls, as is the [B, D] x [D, D] readout-token term.
 
 Autotuned on GPU (key: M, N, K, split_k and the mode flags); one fixed config under TRITON_INTERPRET=1, where
-multi-config autotune cannot run. fp32 (interpreter only) uses input_precision="ieee".
+multi-config autotune cannot run. DPT_FAST_AUTOTUNE=quick in the environment (read once, at import; default
+full; see dpt_fast.kernels) gives the GEMM only the first config of _FULL_CONFIGS (which stays whole for the
+tests that run each config): one compile per variant, no benchmarking; any other value than full or quick
+raises at import. fp32 (interpreter only) uses input_precision="ieee".
 """
 from __future__ import annotations
 
@@ -60,7 +63,10 @@ import torch
 import triton
 import triton.language as tl
 
+from . import autotune_configs, autotune_mode
+
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+_AUTOTUNE = autotune_mode()  # DPT_FAST_AUTOTUNE, once: "full" or "quick"
 _SCALES = {"up4": 4, "up2": 2}
 
 
@@ -87,6 +93,12 @@ def _configs():
                           num_stages=s) for bm, bn, bk, w, s in shapes]
 
 
+# every config of the GEMM (the first is the primary pick, the only one with DPT_FAST_AUTOTUNE=quick) and
+# what the autotuner gets
+_FULL_CONFIGS = _configs()
+_CONFIGS = autotune_configs(_FULL_CONFIGS, _AUTOTUNE)
+
+
 @triton.jit
 def _reassemble_pix_offsets(tok, col, pix_np, pix_gw, pix_feat, S: tl.constexpr):
     """Element offsets in a channels_last [B, F, gh*S, gw*S] map of (token row, column (kh, kw, o)).
@@ -109,7 +121,7 @@ def _tune_bench(kernel_call, quantiles):
     return triton.testing.do_bench(kernel_call, warmup=5, rep=25, quantiles=quantiles)
 
 
-@triton.autotune(configs=_configs(), key=["M", "N", "K", "split_k", "A_CLS", "A_PIX", "B_PIX", "C_PIX", "BIAS",
+@triton.autotune(configs=_CONFIGS, key=["M", "N", "K", "split_k", "A_CLS", "A_PIX", "B_PIX", "C_PIX", "BIAS",
                                           "ACT", "STORE_PRE"], do_bench=_tune_bench)
 @triton.jit
 def _reassemble_gemm(

@@ -8,8 +8,13 @@ The groups:
   asking for them (tma=True): against the reference, inside each image's rows, misaligned inputs falling
   back to the pointer kernels.
 - One CPU test that compiles every kernel for sm_90 ahead of time (no GPU needed), in a subprocess.
+- Every autotune config: the DPT_FAST_AUTOTUNE switch (full: whole lists, quick: the first config, a bad
+  value fails at import; both kernel modules, in a subprocess without the interpreter), and the helper that
+  runs each config of the full lists pinned (pinned_config) against the reference, run here through the
+  interpreter (whose list is one config) and on the GPU for every config, pointer and TMA kernels.
 - GPU tests (marker gpu): compiled kernels, bf16/fp16, N = 577, 2305, 9217, gradients, large-magnitude
-  inputs, determinism, strided input, torch.compile(fullgraph=True), TMA vs pointer kernels on sm_90+.
+  inputs, determinism, strided input, torch.compile(fullgraph=True), TMA vs pointer kernels on sm_90+,
+  every config of every kernel (bf16, N = 577).
   Skipped without CUDA or when the kernels are interpreted.
 """
 import os
@@ -437,6 +442,167 @@ def test_kernels_compile_for_hopper_without_a_gpu():
             assert result[f"{name}/{head_dim}"]["wgmma"] and result[f"{name}/{head_dim}"]["tma"], result
 
 
+# --- every autotune config, pinned; the DPT_FAST_AUTOTUNE switch ------------------------------------
+
+_MODES_SCRIPT = r"""
+import importlib, json, os
+from triton.runtime.autotuner import Autotuner
+from dpt_fast.kernels import attention, reassemble
+assert not attention._INTERPRET and not reassemble._INTERPRET
+
+def facts(cfg):
+    return [sorted(cfg.kwargs.items()), cfg.num_warps, cfg.num_stages, cfg.pre_hook is not None]
+
+result = {}
+for mode in ("", "full", " Quick ", "quick", "fast"):
+    os.environ["DPT_FAST_AUTOTUNE"] = mode
+    try:
+        for module in (attention, reassemble):
+            importlib.reload(module)
+    except ValueError as e:
+        result[mode] = str(e)
+        continue
+    tuned = {f"{m.__name__}.{n}": k for m in (attention, reassemble) for n, k in vars(m).items()
+             if isinstance(k, Autotuner)}
+    full = {f"attention.{n}": c for n, c in attention._FULL_CONFIGS.items()}
+    full["reassemble._reassemble_gemm"] = reassemble._FULL_CONFIGS
+    full = {f"dpt_fast.kernels.{n}": c for n, c in full.items()}
+    assert sorted(tuned) == sorted(full), (sorted(tuned), sorted(full))
+    result[mode] = {n: [[facts(c) for c in k.configs], [facts(c) for c in full[n]]] for n, k in tuned.items()}
+print(json.dumps(result))
+"""
+
+
+def test_autotune_switch_quick_full_and_bad_value():
+    """DPT_FAST_AUTOTUNE, read at import of each kernel module (a subprocess without the interpreter, whose
+    config list is a single fixed one, reloading both modules per value): unset/full give every autotuned
+    kernel its whole list, quick (any case) the first config only (the TMA twins with their block-shape
+    pre-hook), another value fails the import naming the accepted values."""
+    import json
+    import subprocess
+    import sys
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "DPT_FAST_AUTOTUNE")}
+    proc = subprocess.run([sys.executable, "-c", _MODES_SCRIPT], capture_output=True, text=True, env=env,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert "DPT_FAST_AUTOTUNE='fast'" in result["fast"] and "full, quick" in result["fast"], result["fast"]
+    assert len(result[""]) == 7  # 6 attention kernels and the reassemble GEMM
+    for name, (tuned, full) in result[""].items():
+        assert len(full) >= 6 and tuned == full, name  # default: the whole lists
+        assert result["full"][name] == [full, full], name
+        assert all(cfg[3] == name.endswith("_tma") for cfg in full), name  # the TMA twins carry the pre-hook
+        for mode in (" Quick ", "quick"):
+            assert result[mode][name] == [full[:1], full], (mode, name)
+
+
+def test_autotune_mode_and_configs(monkeypatch):
+    from dpt_fast import kernels as package
+    for value, expected in ((None, "full"), ("", "full"), ("full", "full"), ("quick", "quick"), (" QUICK\n", "quick")):
+        if value is None:
+            monkeypatch.delenv(package.AUTOTUNE_ENV, raising=False)
+        else:
+            monkeypatch.setenv(package.AUTOTUNE_ENV, value)
+        assert package.autotune_mode() == expected, value
+    monkeypatch.setenv(package.AUTOTUNE_ENV, "none")
+    with pytest.raises(ValueError, match="DPT_FAST_AUTOTUNE='none': expected one of full, quick"):
+        package.autotune_mode()
+    configs = ["a", "b", "c"]
+    assert package.autotune_configs(configs, "full") == configs and package.autotune_configs(configs, "quick") == ["a"]
+    with pytest.raises(ValueError, match="full, quick"):
+        package.autotune_configs(configs, "Quick")
+    kernel = type("Tuned", (), {"configs": configs})()
+    with package.pinned_config(kernel, "b") as pinned:
+        assert pinned == "b" and kernel.configs == ["b"]
+    assert kernel.configs is configs
+
+
+def _every_config(kernels, qkv, grad, heads, scale, tma, ref, check):
+    """Each config of the full list of the forward, dK/dV and dQ kernels (TMA twins with tma=True), pinned
+    (the autotuner runs it alone, no benchmarking, whatever DPT_FAST_AUTOTUNE says), through the launchers:
+    the forward against ref = (out, lse, dqkv) of the reference, the backward (from the reference's out and
+    lse) one kernel's config at a time, the other kernel at its first config. check(part, actual, expected,
+    what) with part in out, lse, dq, dk, dv. Returns the configs the device could not run (OutOfResources:
+    the autotuner skips those too); never the first (the quick pick)."""
+    from triton.runtime.errors import OutOfResources
+    from dpt_fast.kernels import pinned_config
+    suffix = "_tma" if tma else ""
+    names = ("_attention_fwd" + suffix, "_attention_bwd_dkdv" + suffix, "_attention_bwd_dq" + suffix)
+    fwd, dkdv, dq = (getattr(kernels, n) for n in names)
+    fwd_cfgs, dkdv_cfgs, dq_cfgs = (kernels._FULL_CONFIGS[n] for n in names)
+    ref_out, ref_lse, ref_dqkv = ref
+    width = qkv.shape[-1] // 3
+    skipped = []
+
+    def run(name, cfg, call):
+        try:
+            return call()
+        except OutOfResources as e:
+            assert cfg is not kernels._FULL_CONFIGS[name][0], f"{name} {cfg}: the first config must fit: {e}"
+            skipped.append(f"{name} {cfg}: {e}")
+            return None
+
+    for cfg in fwd_cfgs:
+        kernels.kernel_launches(reset=True)
+        with pinned_config(fwd, cfg):
+            result = run(names[0], cfg, lambda: kernels.attention_forward(qkv, heads, scale, tma=tma))
+        if result is None:
+            continue
+        assert fwd.best_config is cfg, f"{names[0]}: the pinned config did not run"
+        _launched(kernels, {names[0]: 1})
+        check("out", result[0], ref_out, f"{names[0]} {cfg}")
+        check("lse", result[1], ref_lse, f"{names[0]} {cfg}")
+
+    out_in, lse_in = ref_out.to(qkv.dtype), ref_lse.to(torch.float32)
+    runs = [(cfg, dq_cfgs[0], 1) for cfg in dkdv_cfgs] + [(dkdv_cfgs[0], cfg, 2) for cfg in dq_cfgs[1:]]
+    for dkdv_cfg, dq_cfg, which in runs:
+        kernels.kernel_launches(reset=True)
+        with pinned_config(dkdv, dkdv_cfg), pinned_config(dq, dq_cfg):
+            dqkv = run(names[which], (dkdv_cfg, dq_cfg)[which - 1],
+                       lambda: kernels.attention_backward(grad, qkv, out_in, lse_in, heads, scale, tma=tma))
+        if dqkv is None:
+            continue
+        assert dkdv.best_config is dkdv_cfg and dq.best_config is dq_cfg, "the pinned configs did not run"
+        _launched(kernels, {names[1]: 1, names[2]: 1})
+        for j, part in enumerate(("dq", "dk", "dv")):
+            cfg = dq_cfg if part == "dq" else dkdv_cfg
+            if part == "dq" or which == 1:  # the kernel whose configs this run enumerates (and dq at the start)
+                check(part, dqkv[..., j * width:(j + 1) * width], ref_dqkv[..., j * width:(j + 1) * width],
+                      f"{names[2] if part == 'dq' else names[1]} {cfg}")
+    return skipped
+
+
+@interpreter
+@pytest.mark.parametrize("tma", [False, True], ids=["pointer", "tma"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_every_config_helper_under_the_interpreter(dtype, tma):
+    """The GPU test's every-config path with the interpreter's one config (its only list here): the pinning,
+    the launch counts and the checks run before any GPU does. A check that never fails would show up in the
+    corrupted-reference case (the last assertion)."""
+    kernels = _kernels()
+    heads, head_dim, tokens = 2, 64, 77
+    scale = head_dim ** -0.5
+    qkv, grad = _qkv(2, tokens, heads, head_dim, dtype, seed=31)
+    ref = _reference_fwd_bwd(qkv, grad, heads, scale)
+    checked = []
+
+    def check(part, actual, expected, what):
+        checked.append((part, what))
+        if part == "lse":
+            torch.testing.assert_close(actual.double(), expected, atol=1e-5, rtol=1e-5, msg=lambda m: f"{what}: {m}")
+        else:
+            _close(actual, expected, dtype, scale_by=1.0 if part == "out" else 2.0)
+
+    assert _every_config(kernels, qkv, grad, heads, scale, tma, ref, check) == []
+    suffix = "_tma" if tma else ""
+    assert [p for p, _ in checked] == ["out", "lse", "dq", "dk", "dv"], checked
+    assert all(what.startswith("_attention_") and (suffix == "" or "_tma " in what) for _, what in checked), checked
+    bad = (ref[0], ref[1], ref[2].clone())
+    bad[2][0, 5, 3 * heads * head_dim - 1] += 1.0  # one dV element off: the check must catch it
+    with pytest.raises(AssertionError):
+        _every_config(kernels, qkv, grad, heads, scale, tma, bad, check)
+
+
 # --- GPU: compiled kernels -----------------------------------------------------------------------
 
 def _sdpa_fwd_bwd(qkv, grad, heads, scale):
@@ -572,3 +738,42 @@ def test_gpu_tma_misaligned_slice_takes_pointer_kernels():
         dqkv = kernels.attention_backward(grad, x, out, lse, heads, head_dim ** -0.5)
         _launched(kernels, expected)
         assert _max_err(out, ref_out) < 2e-2 and _max_err(dqkv, ref_dqkv) < 5e-2 * ref_dqkv.abs().max().item()
+
+
+@gpu
+@pytest.mark.parametrize("tma", [False, True], ids=["pointer", "tma"])
+def test_gpu_every_config_matches_reference(tma):
+    """Every config of the full autotune lists (the autotuner only ever benchmarks them; with
+    DPT_FAST_AUTOTUNE=quick none but the first runs elsewhere), each pinned: forward, dK/dV and dQ kernels,
+    bf16, N = 577 (a partial last block for every block size), head dim 64 (DPT's), against the fp32
+    reference within FlashAttention's rule (2x PyTorch SDPA's own bf16 error plus a small floor). About 22
+    compiles per kernel family, no benchmarking."""
+    if tma and not _hopper():
+        pytest.skip("TMA kernels: sm_90+")
+    import warnings
+    kernels = _kernels()
+    batch, tokens, heads, head_dim = 2, 577, 4, 64
+    scale = head_dim ** -0.5
+    qkv, grad = _qkv(batch, tokens, heads, head_dim, torch.bfloat16, device="cuda", seed=41)
+    ref = _reference_fwd_bwd(qkv, grad, heads, scale, dtype=torch.float32)
+    base_out, base_dqkv = _sdpa_fwd_bwd(qkv, grad, heads, scale)
+    width = heads * head_dim
+    bounds = {"out": 2 * _max_err(base_out, ref[0]) + 1e-3 * ref[0].abs().max().item()}
+    for j, part in enumerate(("dq", "dk", "dv")):
+        r, b = ref[2][..., j * width:(j + 1) * width], base_dqkv[..., j * width:(j + 1) * width]
+        bounds[part] = 2 * _max_err(b, r) + 1e-3 * r.abs().max().item()
+    checked = []
+
+    def check(part, actual, expected, what):
+        checked.append(part)
+        assert torch.isfinite(actual).all(), what
+        if part == "lse":
+            torch.testing.assert_close(actual, expected, atol=1e-3, rtol=1e-3, msg=lambda m: f"{what}: {m}")
+        else:
+            err = _max_err(actual, expected)
+            assert err <= bounds[part], f"{what}: {part} max error {err:.3g} > {bounds[part]:.3g}"
+
+    skipped = _every_config(kernels, qkv, grad, heads, scale, tma, ref, check)
+    for line in skipped:
+        warnings.warn(f"config skipped (does not fit the device; the autotuner skips it too): {line}")
+    assert {"out", "lse", "dq", "dk", "dv"} <= set(checked), checked

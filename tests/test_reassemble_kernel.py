@@ -9,8 +9,12 @@ Two groups:
   the split-count heuristic as a pure function.
 - One CPU test that compiles for sm_90 (no GPU needed) every kernel variant the launchers produce,
   recorded from their forward and backward on meta tensors at the product's shapes.
+- Every autotune config of the GEMM, pinned (pinned_config), for a project/up4 forward (per-image readout
+  bias, GELU read, 1x1 projection, ConvTranspose with the pixel-shuffle store) and the split-K weight
+  gradient: the helper runs here through the interpreter (its one config), every config on the GPU. The
+  DPT_FAST_AUTOTUNE switch itself is tested in test_attention_kernel.py (both kernel modules).
 - GPU tests (marker gpu): compiled kernels, bf16 at DPT-Large/Hybrid widths, against the reference in
-  float64, and torch.compile(fullgraph=True). Skipped without CUDA or when interpreting.
+  float64, torch.compile(fullgraph=True), every autotune config. Skipped without CUDA or when interpreting.
 """
 import os
 
@@ -411,7 +415,7 @@ class Recorder:  # stands in for the autotuned kernel: records launches instead 
         def launch(*args, **kwargs):
             bound = dict(zip(fn.arg_names, args), **kwargs)
             split = bound["split_k"]
-            for cfg in tuner.configs:
+            for cfg in K._FULL_CONFIGS:
                 programs = grid(cfg.kwargs)  # (output tiles, split_k)
                 assert len(programs) == 2 and programs[0] < 2**31 and programs[1] == split < 65536, programs
                 stats["max_programs"] = max(stats["max_programs"], programs[0] * programs[1])
@@ -457,7 +461,7 @@ for dtype in (torch.bfloat16, torch.float16):
                 stage(batch, gh, gw, dim, features, readout, resample, dtype)
 
 SMEM = 232448  # H100/H200: 227 KiB of shared memory per block
-configs = tuner.configs if sys.argv[1:] == ["all"] else tuner.configs[:1]
+configs = K._FULL_CONFIGS if sys.argv[1:] == ["all"] else K._FULL_CONFIGS[:1]  # whatever DPT_FAST_AUTOTUNE says
 result = {"stats": stats, "variants": len(variants), "compiled": []}
 for sig, consts, attrs, where, split in variants.values():
     fits = []
@@ -507,6 +511,70 @@ def test_kernels_compile_for_hopper_without_a_gpu():
     assert sum(r["split"] for r in result["compiled"]) >= 2, [r["where"] for r in result["compiled"] if r["split"]]
     for r in result["compiled"]:
         assert r["wgmma"] and r["cp_async"] and r["shared"] <= 227 * 1024, r
+
+
+# --- every autotune config, pinned --------------------------------------------------------------
+
+def _every_config(kernels, batch, grid_h, grid_w, dim, features, dtype, device, split_k, seed):
+    """Each config of the GEMM's full list (whatever DPT_FAST_AUTOTUNE says), pinned: the autotuner runs it
+    alone, no benchmarking. Per config, a project/up4 stage forward (4 GEMM variants: per-image readout
+    bias, GELU read, 1x1 projection, ConvTranspose with the pixel-shuffle store) and the split-K ConvTranspose
+    weight gradient dWt = y^T unshuffle(g) as reassemble_backward launches it (B gathered through the pixel
+    shuffle, split_k fp32 partial slices). Returns ([(what, actual, expected float64)], skipped configs: those
+    the device cannot run, OutOfResources, which the autotuner skips too; never the first)."""
+    from triton.runtime.errors import OutOfResources
+    from dpt_fast.kernels import pinned_config
+    tuner = kernels._reassemble_gemm
+    s, meta = 4, (grid_h, grid_w, 1, "project", "up4")
+    tokens, params, _ = _inputs(batch, grid_h, grid_w, dim, features, "project", "up4", dtype, device, seed=seed)
+    ref_out = reference.reassemble(*(None if t is None else t.double() for t in (tokens, *params)), *meta)
+    m, n = batch * grid_h * grid_w, s * s * features
+    gen = torch.Generator().manual_seed(seed + 1)
+    y = torch.randn(m, features, generator=gen).to(device, dtype)
+    g = torch.randn(batch, features, grid_h * s, grid_w * s, generator=gen).to(device, dtype)
+    g = g.contiguous(memory_format=torch.channels_last)
+    # row (b, h, w), column (kh, kw, o) of the unshuffled g is g[b, o, h*s+kh, w*s+kw]
+    g_rows = g.view(batch, features, grid_h, s, grid_w, s).permute(0, 2, 4, 3, 5, 1).reshape(m, n)
+    ref_dwt = y.double().t() @ g_rows.double()
+
+    def dwt():
+        out = torch.empty(features, n, dtype=dtype, device=device)
+        return kernels._gemm(y.t(), g, out, features, n, m, features, pix=(grid_h * grid_w, grid_w, features, s),
+                             b_pix=True, split_k=split_k)
+
+    results, skipped = [], []
+    for cfg in kernels._FULL_CONFIGS:
+        for what, call, expected in (("project/up4 forward", lambda: kernels.reassemble_forward(tokens, *params, *meta),
+                                      ref_out), (f"split-K ({split_k}) dWt", dwt, ref_dwt)):
+            with pinned_config(tuner, cfg):
+                try:
+                    actual = call()
+                except OutOfResources as e:
+                    assert cfg is not kernels._FULL_CONFIGS[0], f"{what}: the first config must fit: {e}"
+                    skipped.append(f"{what} {cfg}: {e}")
+                    continue
+            assert tuner.best_config is cfg, f"{what}: the pinned config did not run"
+            results.append((f"{what} {cfg}", actual, expected))
+    return results, skipped
+
+
+@interpreter
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_every_config_helper_under_the_interpreter(dtype):
+    """The GPU test's every-config path with the interpreter's one config: pinning, the split-K call as the
+    backward makes it (K = 182 tokens: 6 BLOCK_K tiles over 4 splits, the last one empty) and the independent
+    references run before any GPU does; a perturbed result fails the check."""
+    kernels = _kernels()
+    results, skipped = _every_config(kernels, 2, 7, 13, 48, 40, dtype, "cpu", split_k=4, seed=22)
+    assert skipped == [] and len(results) == 2 * len(kernels._FULL_CONFIGS) == 2
+    for what, actual, expected in results:
+        assert actual.dtype == dtype and actual.shape == expected.shape, what
+        _close(actual, expected, dtype, what)
+    what, actual, expected = results[1]
+    bad = actual.clone()
+    bad[3, 17] += 0.1 * expected.abs().max().item()
+    with pytest.raises(AssertionError, match="split-K"):
+        _close(bad, expected, dtype, what)
 
 
 # --- GPU: compiled kernels -----------------------------------------------------------------------
@@ -572,3 +640,21 @@ def test_gpu_torch_compile_fullgraph():
     torch.testing.assert_close(comp, eager, atol=2e-2, rtol=2e-2)
     for a, b in zip(g_comp, g_eager):
         torch.testing.assert_close(a, b, atol=2e-2 * b.abs().max().item(), rtol=2e-2)
+
+
+@gpu
+def test_gpu_every_config_matches_reference():
+    """Every config of the GEMM's full autotune list (the autotuner only ever benchmarks them; with
+    DPT_FAST_AUTOTUNE=quick none but the first runs elsewhere), each pinned: a DPT-Large stage 1 forward
+    (project/up4, D = 1024, F = 256, batch 2, odd 7x13 grid) and its split-K weight-gradient GEMM (4 splits,
+    the last one empty for every BLOCK_K), bf16, against float64 references. 5 variants x 8 configs compiled,
+    no benchmarking."""
+    import warnings
+    kernels = _kernels()
+    results, skipped = _every_config(kernels, 2, 7, 13, 1024, 256, torch.bfloat16, "cuda", split_k=4, seed=23)
+    for line in skipped:
+        warnings.warn(f"config skipped (does not fit the device; the autotuner skips it too): {line}")
+    assert results
+    for what, actual, expected in results:
+        assert torch.isfinite(actual).all(), what
+        _close(actual, expected, torch.bfloat16, what)
