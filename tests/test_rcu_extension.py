@@ -5,8 +5,11 @@ Three groups:
   (and only CUDA kernels); when the toolchain is present and DPT_FAST_BUILD_CUDA is not 0, the
   extension must have been built (that is how CI proves the build). Skipped with a reason otherwise.
 - CPU fallback: the fused backend on CPU tensors runs the reference, forward and backward, and says so.
+- training operator (CPU): inputs that require grad run `dpt_fast::residual_conv_unit_train`, whose saved
+  hidden activation spares the backward's conv1 (6 convolutions, not 7); model and torch.compile dispatch.
 - GPU (marker gpu): the kernels against the reference evaluated in float64, bf16 and fp16, odd sizes,
-  batch 1 and 5, 64 and 256 channels, with and without the extra addend, forward and every gradient;
+  batch 1 and 5, 64 and 256 channels, with and without the extra addend, forward and every gradient
+  (inference and training operators; the training backward calls no conv1);
   layouts, fallbacks, a batch split above 2^31 bytes, opcheck, and a compute-sanitizer memcheck run.
 """
 from __future__ import annotations
@@ -25,6 +28,7 @@ import torch
 import dpt_fast
 from dpt_fast import ops, reference
 from dpt_fast.ops import rcu as rcu_ops
+from dpt_fast.reference import rcu as reference_rcu
 
 FWD, BWD = "dpt_fast::residual_conv_unit", "dpt_fast::residual_conv_unit_backward"
 INTERNAL_OPS = ("dpt_fast::_rcu_fused_forward", "dpt_fast::_rcu_fused_conv1", "dpt_fast::_rcu_fused_conv2")
@@ -374,6 +378,103 @@ def test_gradients_match_reference(dtype, batch, channels, height, width, with_e
 
 
 @gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("batch", [1, 5])
+@pytest.mark.parametrize("channels", [64, 256])
+@pytest.mark.parametrize("with_extra", [False, True])
+def test_training_operator_matches_reference(dtype, batch, channels, with_extra):
+    """The training path (inputs require grad: residual_conv_unit_train, hidden kept) on 37x53 maps: output,
+    hidden and every gradient against float64, as close as the same-dtype reference. float32: the
+    reference serves (no fused kernel) and must say so."""
+    x, params, extra = _case(batch, channels, 37, 53, dtype, with_extra, requires_grad=True)
+    grad = _activation(batch, channels, 37, 53, dtype, "cuda", seed=3)
+    impl = "reference" if dtype == torch.float32 else "cuda"
+    dpt_fast.implementations_ran(reset=True)
+    counts = _top_level_op_counts(lambda: _run(x, params, extra, grad, "fused"))
+    assert counts[TRAIN] == 1 and counts[FWD] == 0 and counts[BWD] == 1
+    assert dpt_fast.implementations_ran(reset=True) == {FWD: {impl: 1}, BWD: {impl: 1}}
+    out, grads = _run(x, params, extra, grad, "fused")
+    ref_out, ref_grads = _run(x, params, extra, grad, "reference")
+    truth_out, truth_grads = _run(*_float64(x, params, extra, True), grad.double(), "reference")
+    floor = _FLOOR.get(dtype, 1e-3)  # float32 on the GPU: TF32 convolutions as configured
+    assert out.dtype == dtype and out.stride() == x.stride() and torch.isfinite(out).all()
+    assert _rel_l2(out, truth_out) <= max(2 * _rel_l2(ref_out, truth_out), floor)
+    names = ["dx", "dw1", "db1", "dw2", "db2", "dextra"]
+    for name, g, r, t, leaf in zip(names, grads, ref_grads, truth_grads, [x, *params, extra]):
+        assert g.dtype == leaf.dtype and g.shape == leaf.shape and g.stride() == torch.empty_like(leaf).stride(), name
+        err, ref_err = _rel_l2(g, t), _rel_l2(r, t)
+        assert err <= max(2 * ref_err, 2 * floor), (name, err, ref_err)
+    with dpt_fast.use_backend("fused"), torch.no_grad():
+        _, hidden = rcu_ops.residual_conv_unit_train_op(x, *params, extra)
+    truth_hidden = reference_rcu.residual_conv_unit_hidden(x.double(), params[0].double(), params[1].double())
+    assert hidden.dtype == dtype and hidden.stride() == x.stride()
+    assert _rel_l2(hidden, truth_hidden) <= max(
+        2 * _rel_l2(reference_rcu.residual_conv_unit_hidden(x, params[0], params[1]), truth_hidden), floor)
+
+
+@gpu
+def test_fused_backward_uses_the_kept_hidden_activation():
+    """Training forward = _rcu_fused_conv1 + _rcu_fused_conv2; its backward runs no conv1 (the kept hidden
+    serves) and two convolution backwards. The inference operator's own backward still recomputes it
+    with one _rcu_fused_conv1. No grad: one _rcu_fused_forward."""
+    x, params, extra = _case(2, 64, 19, 23, torch.bfloat16, True, requires_grad=True)
+    grad = _activation(2, 64, 19, 23, torch.bfloat16, "cuda", seed=3)
+    leaves = [x, *params, extra]
+    kept = {}
+    with dpt_fast.use_backend("fused"):
+        fwd = _op_counts(lambda: kept.setdefault("out", ops.residual_conv_unit(x, *params, extra)))
+        bwd = _op_counts(lambda: kept.setdefault("grads", torch.autograd.grad(kept["out"], leaves, grad)))
+        torch.cuda.synchronize()
+        assert fwd["dpt_fast::_rcu_fused_conv1"] == 1 and fwd["dpt_fast::_rcu_fused_conv2"] == 1, fwd
+        assert fwd["dpt_fast::_rcu_fused_forward"] == 0 and fwd["aten::convolution"] == 0, fwd
+        assert bwd[BWD] == 1 and bwd["dpt_fast::_rcu_fused_conv1"] == 0 and bwd["aten::convolution"] == 0, bwd
+        assert bwd["aten::convolution_backward"] == 2, bwd
+
+        def plain():
+            out = rcu_ops.residual_conv_unit_op(x, *params, extra)
+            kept["plain_out"] = out
+            kept["plain_grads"] = torch.autograd.grad(out, leaves, grad)
+        counts = _op_counts(plain)
+        assert counts["dpt_fast::_rcu_fused_forward"] == 1 and counts["dpt_fast::_rcu_fused_conv1"] == 1, counts
+        with torch.no_grad():
+            counts = _op_counts(lambda: ops.residual_conv_unit(x, *params, extra))
+        assert counts["dpt_fast::_rcu_fused_forward"] == 1 and counts["dpt_fast::_rcu_fused_conv1"] == 0, counts
+    # the same kernels, so the same numbers (up to cuDNN's choice of algorithm between the two backwards)
+    torch.testing.assert_close(kept["out"], kept["plain_out"], rtol=0, atol=0)
+    for g, p in zip(kept["grads"], kept["plain_grads"]):
+        assert _rel_l2(g, p) < 1e-2
+
+
+@gpu
+def test_fused_conv2_matches_reference():
+    for channels_last, with_extra in ((True, True), (False, False), (False, True)):
+        x, params, extra = _case(3, 64, 13, 29, torch.bfloat16, with_extra, channels_last=channels_last)
+        hidden = reference_rcu.residual_conv_unit_hidden(x, params[0], params[1])
+        out = torch.ops.dpt_fast._rcu_fused_conv2(hidden, x, params[2], params[3], extra)
+        assert out.stride() == x.stride()
+        ref = reference_rcu.residual_conv_unit_from_hidden(hidden.double(), x.double(), params[2].double(),
+                                                           params[3].double(), None if extra is None else extra.double())
+        assert _rel_l2(out, ref) < 1e-2
+        torch.testing.assert_close(out.double(), ref, atol=5e-2, rtol=5e-2)
+    with pytest.raises(RuntimeError, match="hidden must have x's dtype"):
+        torch.ops.dpt_fast._rcu_fused_conv2(hidden.half(), x, params[2], params[3], None)
+
+
+@gpu
+def test_training_input_not_channels_last():
+    x, params, extra = _case(2, 64, 19, 23, torch.bfloat16, True, channels_last=False, requires_grad=True)
+    grad = _activation(2, 64, 19, 23, torch.bfloat16, "cuda", seed=3, channels_last=False)
+    dpt_fast.implementations_ran(reset=True)
+    out, grads = _run(x, params, extra, grad, "fused")
+    assert dpt_fast.implementations_ran(reset=True) == {FWD: {"cuda": 1}, BWD: {"cuda": 1}}
+    ref, ref_grads = _run(x, params, extra, grad, "reference")
+    assert out.stride() == x.stride() and grads[0].stride() == x.stride()
+    torch.testing.assert_close(out, ref, atol=5e-2, rtol=5e-2)
+    for g, r in zip(grads, ref_grads):
+        assert _rel_l2(g, r) < 5e-2
+
+
+@gpu
 def test_input_not_channels_last_is_converted_once():
     x, params, extra = _case(2, 64, 19, 23, torch.bfloat16, True, channels_last=False)
     assert x.is_contiguous() and not x.is_contiguous(memory_format=torch.channels_last)
@@ -516,6 +617,7 @@ def test_opcheck_cuda():
     dpt_fast.implementations_ran(reset=True)
     with dpt_fast.use_backend("fused"), torch.backends.cudnn.flags(enabled=True, benchmark=False, deterministic=True):
         torch.library.opcheck(rcu_ops.residual_conv_unit_op, (x, *params, extra))
+        torch.library.opcheck(rcu_ops.residual_conv_unit_train_op, (x, *params, extra))
     ran = dpt_fast.implementations_ran(reset=True)
     assert set(ran[FWD]) == {"cuda"} and set(ran[BWD]) == {"cuda"}, ran
 
@@ -541,8 +643,10 @@ _SANITIZED_CASE = textwrap.dedent("""
             e = torch.randn_like(x) if extra else None
             out = torch.ops.dpt_fast._rcu_fused_forward(x, *ws, e)
             hidden = torch.ops.dpt_fast._rcu_fused_conv1(x, ws[0], ws[1])
+            out2 = torch.ops.dpt_fast._rcu_fused_conv2(hidden, x, ws[2], ws[3], e)
             torch.cuda.synchronize()
             assert torch.isfinite(out).all() and torch.isfinite(hidden).all()
+            assert torch.equal(out, out2)  # the same two kernels, split in two calls
     print("sanitized case ok")
 """)
 
