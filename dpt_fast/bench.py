@@ -184,6 +184,8 @@ def gpu_benchmark_blocker() -> str | None:
         return "needs a CUDA GPU (none is available here); nothing was measured"
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         return "TRITON_INTERPRET=1 would time the Triton interpreter; unset it"
+    if os.environ.get("DPT_FAST_AUTOTUNE", "").strip().lower() == "quick":
+        return "DPT_FAST_AUTOTUNE=quick would time untuned kernels (first config only); unset it"
     return None
 
 
@@ -208,6 +210,10 @@ def environment(device: torch.device, dtype: torch.dtype) -> dict:
         "git_commit": _git_commit(),
         "host": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads()},
         "triton_interpret": os.environ.get("TRITON_INTERPRET", "0") == "1",
+        "autotune": os.environ.get("DPT_FAST_AUTOTUNE", "").strip().lower() or "full",
+        # the env switches that change which kernels run (kernels/attention.py, kernels/reassemble.py)
+        "kernel_switches": {k: os.environ[k] for k in ("DPT_FAST_ATTENTION_TMA", "DPT_FAST_REASSEMBLE_SPLIT_K")
+                            if k in os.environ},
     }
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)

@@ -414,3 +414,17 @@ def test_gpu_suite_is_valid_bash_and_its_benchmark_arguments_parse(tmp_path):
     # each stage stays within the device tool's 8 returned files: log, extension, environment, junit (tests);
     # log + 3 JSON (kernels); log + bench JSON/MD/PNG + train JSON (e2e)
     assert "STAGE_BUDGET_S:-420" in text and "STAGE_BUDGET_S:-480" in text and 'tee "$OUT/suite-$stage.log"' in text
+
+
+def test_gpu_benchmark_blocker_refuses_interpreter_and_quick_autotune(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # the checks after the GPU one
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setenv("DPT_FAST_AUTOTUNE", "quick")
+    assert "DPT_FAST_AUTOTUNE=quick" in bench.gpu_benchmark_blocker()
+    monkeypatch.setenv("DPT_FAST_AUTOTUNE", "full")
+    assert bench.gpu_benchmark_blocker() is None
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert "TRITON_INTERPRET" in bench.gpu_benchmark_blocker()
+    monkeypatch.undo()
+    env = bench.environment(torch.device("cpu"), torch.float32)
+    assert env["autotune"] == "full"
