@@ -4,6 +4,14 @@
 
 The registered operator also returns the log-sum-exp (float32; float64 for float64 input) [B, H, N] that the backward needs;
 `attention()` below hides it. Fused path: the Triton kernels in dpt_fast.kernels.attention.
+
+Registration: `torch.library.custom_op` (forward and backward ops with fake impls), not `triton_op` +
+`wrap_triton`. torch.compile treats a custom op as one opaque node: it traces through the model without a
+graph break (tests/test_compile.py checks fullgraph), and the op keeps what `wrap_triton` cannot trace:
+autotuned configs with a pre-hook (the TMA kernels set their descriptors' block shapes there; torch's
+triton_kernel_wrap rejects "pre_hook ... in triton.Autotune or triton.Config"), host-side TMA descriptors,
+the per-thread backend choice with its reference fallback, and the record of what ran. What is lost:
+Inductor cannot fuse into or around the kernels, which are already fused.
 """
 from __future__ import annotations
 
