@@ -607,7 +607,16 @@ def test_batch_split_above_2gb():
     assert _rel_l2(out, ref) < 1e-2
     for n in (0, 2, 3, 4):  # both sides of the split
         torch.testing.assert_close(out[n], ref[n], atol=6e-2, rtol=5e-2)
-    del x, extra, out, ref
+    del ref
+    # the training forward's two operators (conv1 into a full-batch hidden, conv2 reading it) go through the
+    # same batch loop with their own per-chunk offsets into hidden: the same kernels, so the same numbers
+    with torch.no_grad():
+        hidden = torch.ops.dpt_fast._rcu_fused_conv1(x, params[0], params[1])
+        out2 = torch.ops.dpt_fast._rcu_fused_conv2(hidden, x, params[2], params[3], extra)
+    torch.cuda.synchronize()
+    assert hidden.is_contiguous(memory_format=torch.channels_last) and out2.stride() == x.stride()
+    assert torch.equal(out2, out), [torch.equal(out2[n], out[n]) for n in range(x.shape[0])]
+    del x, extra, out, hidden, out2
     torch.cuda.empty_cache()
 
 
