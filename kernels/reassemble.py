@@ -260,9 +260,12 @@ def _split_k(M: int, N: int, K: int, device: torch.device) -> int:
     forced = os.environ.get(SPLIT_K_ENV, "").strip()
     if forced:
         try:
-            return max(1, int(forced))
+            count = max(1, int(forced))
         except ValueError:
             raise ValueError(f"{SPLIT_K_ENV}={forced!r}: expected an integer split count") from None
+        if count > 65535:  # the split is grid dimension 1, limited to 65535 by CUDA
+            raise ValueError(f"{SPLIT_K_ENV}={count}: at most 65535 splits")
+        return count
     return choose_split_k(M, N, K, _sm_count(device))
 
 

@@ -275,9 +275,10 @@ def test_split_k_heuristic():
             mp.setenv(kernels.SPLIT_K_ENV, forced)
             assert kernels._split_k(256, 4096, 100, device) == expected
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv(kernels.SPLIT_K_ENV, "four")
-        with pytest.raises(ValueError, match=kernels.SPLIT_K_ENV):
-            kernels._split_k(256, 4096, 100, device)
+        for bad in ("four", "70000"):  # not a number; over CUDA's grid limit
+            mp.setenv(kernels.SPLIT_K_ENV, bad)
+            with pytest.raises(ValueError, match=kernels.SPLIT_K_ENV):
+                kernels._split_k(256, 4096, 100, device)
         mp.delenv(kernels.SPLIT_K_ENV, raising=False)
         assert kernels._split_k(256, 4096, 16 * 96 * 96, device) == 4  # off-GPU: an H100's 132 SMs assumed
 
