@@ -133,8 +133,8 @@ def run_variant(name: str, variant: str, batch: dict, initial_state, args, devic
                 flops=None, peak=None) -> dict:
     import contextlib
     import dpt_fast
-    from dpt_fast.bench import (FUSED_OPS, DeadlineExceeded, _cleanup, deadline, describe_error, inline_plain_ops,
-                                record_deadline, time_calls, verify_fused)
+    from dpt_fast.bench import (FUSED_OPS, DeadlineExceeded, _cleanup, deadline, inline_plain_ops,
+                                record_deadline, record_failure, time_calls, verify_fused)
     result = {"model": LABELS[name], "backbone": MODEL_KWARGS[name]["backbone"], "variant": variant, "batch": batch["image"].shape[0],
               "size": args.size, "error": None}
     if variant.endswith("+compile"):
@@ -190,10 +190,8 @@ def run_variant(name: str, variant: str, batch: dict, initial_state, args, devic
     except DeadlineExceeded:
         record_deadline(result, phase, started,
                         args.compile_mode if variant.endswith("+compile") and phase != "timing" else None)
-    except torch.OutOfMemoryError:
-        result["error"] = "out of memory"
     except Exception as e:  # noqa: BLE001 -- one failing variant must not stop the others
-        result["error"] = describe_error(e)
+        record_failure(result, e)
     finally:
         stack.close()
         del step, model

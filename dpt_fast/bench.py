@@ -375,6 +375,11 @@ def write_json(path, obj) -> None:
     os.replace(tmp, path)
 
 
+def record_failure(result: dict, error: Exception) -> None:
+    """A variant that raised: its row says why (out of memory, or the error's first line)."""
+    result["error"] = "out of memory" if isinstance(error, torch.OutOfMemoryError) else describe_error(error)
+
+
 def record_deadline(result: dict, phase: str, started: float, compile_mode: str | None = None) -> None:
     """A variant stopped by `deadline`: mark its row as skipped, saying whether compilation (compile_mode
     given: the cap on a compiled variant's first call) or the run's time budget stopped it."""
@@ -632,10 +637,8 @@ def run_variant(variant: str, model_name: str, x: torch.Tensor, args, device, dt
     except DeadlineExceeded:
         record_deadline(result, phase, started, compile_mode if compiled and phase in ("build", "first call")
                         else None)
-    except torch.OutOfMemoryError:
-        result["error"] = "out of memory"
     except Exception as e:  # noqa: BLE001 -- one failing variant must not stop the others
-        result["error"] = describe_error(e)
+        record_failure(result, e)
     finally:
         stack.close()
         del model
