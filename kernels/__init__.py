@@ -43,3 +43,11 @@ def pinned_config(kernel, config):
         yield config
     finally:
         kernel.configs = saved
+
+
+def on_device(t):
+    """Context for launching on t's CUDA device: Triton launches on the *current* device and stream, so a
+    tensor on cuda:1 while cuda:0 is current would otherwise be run on the wrong GPU. No-op for CPU
+    tensors (the interpreter)."""
+    import torch  # here, so that importing this package stays free of torch
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()

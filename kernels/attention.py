@@ -78,7 +78,7 @@ try:  # host-side TMA descriptors (triton >= 3.4; the GPU image has 3.6)
 except ImportError:  # pragma: no cover - older triton: pointer kernels only
     TensorDescriptor = None
 
-from . import autotune_configs, autotune_mode
+from . import autotune_configs, autotune_mode, on_device
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -644,21 +644,6 @@ def kernel_launches(reset: bool = False) -> dict[str, int]:
     return counts
 
 
-class _on_device:
-    """Launch on the tensor's CUDA device (Triton launches on the current device)."""
-
-    def __init__(self, t: torch.Tensor):
-        self._ctx = torch.cuda.device(t.device) if t.is_cuda else None
-
-    def __enter__(self):
-        if self._ctx is not None:
-            self._ctx.__enter__()
-
-    def __exit__(self, *exc):
-        if self._ctx is not None:
-            return self._ctx.__exit__(*exc)
-        return False
-
 
 def attention_forward(qkv: torch.Tensor, num_heads: int, scale: float, *, tma: bool | None = None):
     """out [B, N, H*D] in qkv.dtype, lse [B, H, N] float32 (natural log).
@@ -684,7 +669,7 @@ def _forward_into(qkv, out, lse, num_heads, scale, tma):
     precision = _dot_precision(qkv.dtype)
     kernel = _attention_fwd_tma if use_tma(qkv, out, tma=tma) else _attention_fwd
     _count(kernel)
-    with _on_device(qkv):
+    with on_device(qkv):
         for lo, hi in _batch_chunks(batch, num_heads):
             q_c, o_c, l_c = qkv[lo:hi], out[lo:hi], lse[lo:hi]
             grid = lambda meta, n=(hi - lo) * num_heads: (triton.cdiv(tokens, meta["BLOCK_M"]), n)  # noqa: E731
@@ -724,7 +709,7 @@ def _backward_into(grad_out, qkv, out, lse, dqkv, num_heads, scale, tma):
         (_attention_bwd_dkdv, _attention_bwd_dq)
     _count(dkdv_kernel)
     _count(dq_kernel)
-    with _on_device(qkv):
+    with on_device(qkv):
         for lo, hi in _batch_chunks(batch, num_heads):
             q_c, do_c, o_c, l_c, d_c, dq_c = qkv[lo:hi], grad_out[lo:hi], out[lo:hi], lse[lo:hi], delta[lo:hi], \
                 dqkv[lo:hi]

@@ -4,11 +4,10 @@ See dpt_fast.reference.reassemble for the definition. Fused path: dpt_fast.kerne
 """
 from __future__ import annotations
 
-import contextlib
-
 import torch
 
 from .. import backend, reference
+from ..kernels import on_device
 from .common import autocast_inputs, with_strides_of
 from ..reference.reassemble import READOUTS, RESAMPLES
 
@@ -18,12 +17,6 @@ _OP = "dpt_fast::reassemble"
 def _kernels():
     from ..kernels import reassemble as kernels  # lazily: TRITON_INTERPRET is read at import
     return kernels
-
-
-def _on_device(t: torch.Tensor):
-    """Triton launches on the *current* CUDA device and stream: make the current device the tensors' own
-    (a model on cuda:1 while cuda:0 is current would otherwise run the kernels on the wrong GPU)."""
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
 def _use_fused(tokens: torch.Tensor, readout: str, resample: str, params=(),
@@ -56,7 +49,7 @@ def reassemble_op(tokens: torch.Tensor, readout_weight: torch.Tensor | None, rea
             grid_h, grid_w, start_index, readout, resample)
     if _use_fused(tokens, readout, resample, args[1:7]):
         backend.record(_OP, "triton")
-        with _on_device(tokens):
+        with on_device(tokens):
             return _kernels().reassemble_forward(*args)
     backend.record(_OP, "reference")
     return reference.reassemble(*args)
@@ -80,7 +73,7 @@ def reassemble_backward_op(grad_out: torch.Tensor, tokens: torch.Tensor, readout
     params = [tokens, readout_weight, readout_bias, proj_weight, proj_bias, resample_weight, resample_bias]
     if _use_fused(tokens, readout, resample, params[1:] + [grad_out], backend_name):
         backend.record("dpt_fast::reassemble_backward", "triton")
-        with _on_device(tokens):
+        with on_device(tokens):
             grads = _kernels().reassemble_backward(*args)
     else:
         backend.record("dpt_fast::reassemble_backward", "reference")
