@@ -101,7 +101,7 @@ def _dpt(name, encoder, dim, depth, heads, taps, widths, hybrid=False, files=())
 
 
 # Depth Anything encoders: DINOv2 ViTs, patch 14, head dim 64, LayerScale, no register tokens.
-_DINOV2 = {  # size -> (timm name, embed_dim, depth, heads, fusion width, Reassemble widths)
+DINOV2_ENCODERS = {  # size -> (timm name, embed_dim, depth, heads, fusion width, Reassemble widths)
     "small": ("vit_small_patch14_dinov2", 384, 12, 6, 64, (48, 96, 192, 384)),
     "base": ("vit_base_patch14_dinov2", 768, 12, 12, 128, (96, 192, 384, 768)),
     "large": ("vit_large_patch14_dinov2", 1024, 24, 16, 256, (256, 512, 1024, 1024)),
@@ -114,7 +114,7 @@ METRIC_DATASETS = {"hypersim": 20.0, "vkitti": 80.0}  # max_depth in metres
 
 
 def _depth_anything(name, version, size, head="relative", max_depth=None, files=(), public=True):
-    timm_name, dim, depth, heads, features, widths = _DINOV2[size]
+    timm_name, dim, depth, heads, features, widths = DINOV2_ENCODERS[size]
     taps = _V2_TAPS[size] if version == 2 else tuple(range(depth - 4, depth))
     return ArchitectureSpec(name, "depth_anything", timm_name, dim, depth, heads, 14, 14, taps, widths, features,
                             "ignore", True, "bicubic_offset", "to_next", head, DEPTH_ANYTHING_PREPROCESSING,

@@ -450,7 +450,11 @@ def load_model(path, device=None, dtype=None, **model_kwargs) -> nn.Module:
     """A DPT model in eval mode from an original-release .pt, a Hugging Face DPT directory or a
     dpt_fast directory (see the module docstring). `device`/`dtype`: where and in which dtype to put
     it (default: CPU; float32, except dpt_fast's format, which keeps the saved dtypes).
-    `model_kwargs` override constructor arguments inferred from or recorded in the checkpoint."""
+    `model_kwargs` override constructor arguments inferred from or recorded in the checkpoint.
+    Depth Anything release files and transformers folders are read by dpt_fast.depth_anything_weights."""
+    from . import depth_anything_weights
+    if depth_anything_weights.recognizes(path):
+        return depth_anything_weights.load(path, device=device, dtype=dtype, **model_kwargs)
     fmt, root, config, state, fill = _read(path, model_kwargs)
     model = _build(config, on_meta=not fill["fill_prefixes"])
     state = _fit(model, state, fmt=fmt, source=root, config=config, **fill)

@@ -1,8 +1,10 @@
 """DPT models: the encoder (backbone.py), decoder blocks (blocks.py), heads (heads.py), models (dpt.py)."""
 from .backbone import RELEASED_BACKBONES, DPTAttention, DPTBackbone
+from .depth_anything import DepthAnythingModel
 from .dpt import DPT, DPTDepthModel, DPTSegmentationModel
 
-MODEL_CLASSES = {"DPTDepthModel": DPTDepthModel, "DPTSegmentationModel": DPTSegmentationModel}
+MODEL_CLASSES = {"DPTDepthModel": DPTDepthModel, "DPTSegmentationModel": DPTSegmentationModel,
+                 "DepthAnythingModel": DepthAnythingModel}
 
 
 def build_model(config: dict):
@@ -14,5 +16,5 @@ def build_model(config: dict):
     return MODEL_CLASSES[name](**config)
 
 
-__all__ = ["DPT", "DPTDepthModel", "DPTSegmentationModel", "DPTBackbone", "DPTAttention",
+__all__ = ["DPT", "DPTDepthModel", "DPTSegmentationModel", "DepthAnythingModel", "DPTBackbone", "DPTAttention",
            "RELEASED_BACKBONES", "MODEL_CLASSES", "build_model"]

@@ -96,8 +96,13 @@ class FeatureFusionBlock(nn.Module):
         self.resConfUnit2 = ResidualConvUnit(features, use_bn)
         self.out_conv = nn.Conv2d(features, features, kernel_size=1)
 
-    def forward(self, x: torch.Tensor, skip: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, skip: torch.Tensor | None = None, size=None) -> torch.Tensor:
+        """`size` (height, width): upsample to exactly that instead of x2 (Depth Anything's fusion
+        blocks go to the next map's size, which is not twice this one's after a stride-2 conv)."""
         out = x if skip is None else self.resConfUnit1(skip, extra=x)
         out = self.resConfUnit2(out)
-        out = F.interpolate(out, scale_factor=2, mode="bilinear", align_corners=True)
+        if size is None:
+            out = F.interpolate(out, scale_factor=2, mode="bilinear", align_corners=True)
+        else:
+            out = F.interpolate(out, size=tuple(size), mode="bilinear", align_corners=True)
         return self.out_conv(out)
