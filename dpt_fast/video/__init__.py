@@ -2,11 +2,15 @@
 a temporal-consistency metric on synthetic camera moves, and streaming inference.
 
 Submodules: `io` (PyAV decode/encode, frame folders), `align` (TemporalAligner), `consistency`
-(temporal_consistency), `synthetic` (moving-camera sequences with exact depth), `stream` (DepthStream).
+(temporal_consistency, evaluate_synthetic), `synthetic` (moving-camera sequences with exact depth).
 """
+from .align import TemporalAligner, align_sequence, fit_scale_shift
+from .consistency import evaluate_synthetic, temporal_consistency
 from .io import (DepthVideoWriter, Frame, FrameFolder, VideoFile, VideoReadError, VideoWriter, dequantize_depth,
                  is_video_name, natural_key, open_sequence, quantize_depth, read_depth16_video)
+from .synthetic import MOTIONS, camera_sequence
 
 __all__ = ["DepthVideoWriter", "Frame", "FrameFolder", "VideoFile", "VideoReadError", "VideoWriter",
            "dequantize_depth", "is_video_name", "natural_key", "open_sequence", "quantize_depth",
-           "read_depth16_video"]
+           "read_depth16_video", "TemporalAligner", "align_sequence", "fit_scale_shift", "evaluate_synthetic",
+           "temporal_consistency", "MOTIONS", "camera_sequence"]
