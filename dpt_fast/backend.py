@@ -1,8 +1,16 @@
-"""Which implementation the dpt_fast operators run: the plain-PyTorch reference or the fused kernels.
+"""Which implementation the dpt_fast operators run (the backend), per thread:
+
+- "fused": the registered operators, running the fused kernels where they apply and the reference elsewhere;
+- "reference": the registered operators, always running the plain-PyTorch reference;
+- "inline": no registered operator at all: the public op functions compute the reference math directly
+  as ordinary PyTorch, so torch.compile, torch.export, ONNX exporters and FLOP counters see plain aten ops.
+  Its attention form is "matmul" (explicit softmax, the reference's math) or "sdpa"
+  (F.scaled_dot_product_attention), chosen with `use_backend("inline", inline_attention=...)`.
 
 The choice is per thread (a context manager in one thread never changes another thread's model),
-and every operator call records which implementation actually ran, so a benchmark can prove that
-the fused path was not silently replaced by the reference.
+and every call of a registered operator records which implementation actually ran, so a benchmark can
+prove that the fused path was not silently replaced by the reference (inline calls record nothing: they
+are not operator calls).
 """
 from __future__ import annotations
 
@@ -11,7 +19,8 @@ import contextlib
 import os
 import threading
 
-BACKENDS = ("reference", "fused")
+BACKENDS = ("reference", "fused", "inline")
+INLINE_ATTENTION = ("matmul", "sdpa")
 
 _default_backend = "fused"
 _local = threading.local()
@@ -19,6 +28,11 @@ _local = threading.local()
 
 def get_backend() -> str:
     return getattr(_local, "backend", _default_backend)
+
+
+def inline_attention() -> str:
+    """The attention form of the "inline" backend in the calling thread: "matmul" or "sdpa"."""
+    return getattr(_local, "inline_attention", "matmul")
 
 
 def set_backend(name: str) -> None:
@@ -33,22 +47,26 @@ def set_backend(name: str) -> None:
 class use_backend(contextlib.ContextDecorator):
     """Choose the backend of the calling thread: `with dpt_fast.use_backend("reference"): ...`, or
     `dpt_fast.use_backend("fused")` as a plain setter. Other threads are not affected (use
-    `set_backend` to change the default of every thread)."""
+    `set_backend` to change the default of every thread). `inline_attention` ("matmul" or "sdpa")
+    picks the attention form of the "inline" backend."""
 
-    def __init__(self, name: str):
+    def __init__(self, name: str, inline_attention: str = "matmul"):
         if name not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
-        self._previous = getattr(_local, "backend", None)
-        _local.backend = name
+        if inline_attention not in INLINE_ATTENTION:
+            raise ValueError(f"inline_attention must be one of {INLINE_ATTENTION}, got {inline_attention!r}")
+        self._previous = getattr(_local, "backend", None), getattr(_local, "inline_attention", None)
+        _local.backend, _local.inline_attention = name, inline_attention
 
     def __enter__(self):
         return self
 
     def __exit__(self, *exc):
-        if self._previous is None:
-            del _local.backend
-        else:
-            _local.backend = self._previous
+        for attr, previous in zip(("backend", "inline_attention"), self._previous):
+            if previous is None:
+                delattr(_local, attr)
+            else:
+                setattr(_local, attr, previous)
         return False
 
 

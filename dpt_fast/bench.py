@@ -48,14 +48,11 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
-MODELS = {
-    "large": {"backbone": "vitl16_384"},
-    "hybrid": {"backbone": "vitb_rn50_384"},
-    "base": {"backbone": "vitb16_384"},
-    "tiny": {"backbone": "vit_tiny_patch16_224", "hooks": [2, 5, 8, 11], "features": 32},
-}
+from .cli_args import BENCH_MODELS as MODELS
+from .cli_args import BENCH_TINY_DEFAULTS as TINY_DEFAULTS
+from .cli_args import BENCH_VARIANTS as VARIANTS
+from .cli_args import add_bench_arguments as add_arguments  # noqa: F401 -- `dpt-fast bench`'s options
 
 # transformers DPTConfig arguments of the same architectures (released models' configs).
 HF_CONFIGS = {
@@ -73,11 +70,9 @@ HF_CONFIGS = {
 }
 HF_COMMON = dict(image_size=384, patch_size=16, readout_type="project", fusion_hidden_size=256, layer_norm_eps=1e-6)
 
-VARIANTS = ("fused", "reference", "reference+compile", "fused+compile", "hf-sdpa")
 COMPILE_VARIANTS = ("reference+compile", "fused+compile")
 BASELINES = ("reference", "reference+compile", "hf-sdpa")
 NAMED_SIZES = {"4k": (2160, 3840), "uhd": (2160, 3840), "1080p": (1080, 1920), "720p": (720, 1280)}
-TINY_DEFAULTS = {"models": "tiny", "sizes": "64,96", "batch": "2", "warmup": 1, "runs": 3}
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
@@ -115,41 +110,6 @@ def parse_configs(sizes_text: str, batch_text: str | None) -> list[tuple[str, tu
             raise ValueError(f"--batch has {len(given)} values for {len(sizes)} sizes")
         batches = [b if b is not None else g for b, g in zip(batches, given)]
     return [(label, size, batch or default_batch(size)) for label, size, batch in zip(labels, sizes, batches)]
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--models", default=None, help=f"comma-separated, from {','.join(MODELS)} "
-                        "(default large,hybrid; tiny with --tiny)")
-    parser.add_argument("--sizes", default=None, help="comma-separated: N (square), HxW, 4k, 1080p; "
-                        "optionally SIZE:BATCH (default 384,1024,1536,4k)")
-    parser.add_argument("--batch", default=None, help="batch size for all sizes, or one per size "
-                        "(default 16 up to 384x384, else 1)")
-    parser.add_argument("--skip", default=None, help="comma-separated MODEL@SIZE pairs not to run, SIZE as "
-                        "given to --sizes without its batch (e.g. hybrid@4k)")
-    parser.add_argument("--train", action="store_true", help="time a training step (forward + backward) "
-                        "instead of inference")
-    parser.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: cuda when available)")
-    parser.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="default bf16 on CUDA, fp32 on CPU")
-    parser.add_argument("--out", default="benchmarks/results", help="folder for the JSON, table and plot")
-    parser.add_argument("--tiny", action="store_true", help="small settings that run on a CPU in seconds: "
-                        f"model tiny, sizes {TINY_DEFAULTS['sizes']}, batch {TINY_DEFAULTS['batch']}")
-    parser.add_argument("--variants", default=None, help=f"comma-separated, from {','.join(VARIANTS)} "
-                        "(default: all; the compile variants only on CUDA unless named here)")
-    parser.add_argument("--compile-mode", default="max-autotune", help="torch.compile mode of the compile "
-                        "variants (default max-autotune)")
-    parser.add_argument("--warmup", type=int, default=None, help="untimed calls before timing (default 3)")
-    parser.add_argument("--runs", type=int, default=None, help="timed calls at most (default 50)")
-    parser.add_argument("--max-time", type=float, default=10.0, help="stop timing a variant after this many "
-                        "seconds (at least 3 runs)")
-    parser.add_argument("--budget-s", type=float, default=None, help="time budget of the whole run: variants "
-                        "that would start later are recorded as skipped, a running one is stopped at it "
-                        "(default: none). Order: fused and hf-sdpa of every configuration, then "
-                        "reference+compile, reference, fused+compile")
-    parser.add_argument("--compile-timeout-s", type=float, default=None, help="cap on a compiled variant's "
-                        "first call (compilation and autotuning); over it the variant is recorded as skipped "
-                        "(default: none)")
-    parser.add_argument("--compile-fallback-mode", default=None, help="torch.compile mode to retry with when "
-                        "--compile-mode runs over --compile-timeout-s (e.g. default); the row names the mode used")
 
 
 # --- environment ---------------------------------------------------------------------------------
@@ -257,16 +217,24 @@ def measure_copy_bandwidth(device: torch.device) -> float | None:
 
 
 def measure_ceilings(device: torch.device, dtype: torch.dtype = torch.bfloat16) -> dict:
-    """The two measured ceilings every benchmark states its fractions against (DESIGN.md section 7):
+    """The two measured ceilings every benchmark states its fractions against (ARCHITECTURE.md, section 5):
     dense matmul TFLOP/s of `dtype` (8192^3 on GPU) and device-to-device copy TB/s (read + write)."""
     matmul = measure_matmul_peak(device, dtype)
     copy = measure_copy_bandwidth(device)
     return {"matmul_tflops": None if matmul is None else float(f"{matmul:.4g}"),
             "copy_tbps": None if copy is None else float(f"{copy:.4g}"),
             "dtype": str(dtype).replace("torch.", ""),
-            "method": ("median of CUDA-event timings after warm-up, random normal data: torch.matmul "
+            "method": (f"{timing_method(device)}, random normal data: torch.matmul "
                        f"{8192 if device.type == 'cuda' else 512}^3 (2*n^3 FLOPs); copy_ of "
                        f"{'1 GiB' if device.type == 'cuda' else '16 MiB'} counting bytes read + written")}
+
+
+def timing_method(device: torch.device) -> str:
+    """How time_calls measured on `device`, for the reports (the JSON and the table say it)."""
+    if device.type == "cuda":
+        return "median of CUDA-event timings after warm-up"
+    return (f"median of time.perf_counter wall-clock timings after warm-up, {torch.get_num_threads()} "
+            "intra-op thread(s); cpu_ms: the process's CPU time per call (time.process_time)")
 
 
 def median_ms(fn, device: torch.device | str = "cuda", warmup_ms: float = 25, rep_ms: float = 100) -> float:
@@ -413,42 +381,12 @@ def finish_kernel_report(report: dict, rows: list, markdown, save, path_name: st
 
 # --- the variants --------------------------------------------------------------------------------
 
-def _plain_attention(qkv, num_heads, scale, matmul=False):
-    batch, tokens, width = qkv.shape
-    q, k, v = qkv.view(batch, tokens, 3, num_heads, width // (3 * num_heads)).permute(2, 0, 3, 1, 4).unbind(0)
-    if matmul:
-        out = torch.softmax((q @ k.transpose(-1, -2)) * scale, dim=-1) @ v
-    else:
-        out = F.scaled_dot_product_attention(q, k, v, scale=scale)
-    return out.transpose(1, 2).reshape(batch, tokens, width // 3), None
-
-
-@contextlib.contextmanager
 def inline_plain_ops(attention: str = "sdpa"):
-    """Route the three dpt_fast operators to plain PyTorch (no custom op boundary), so torch.compile and
-    FlopCounterMode see every aten op inside them. attention: "sdpa" or "matmul" (explicit softmax)."""
-    import importlib
-    from . import reference
-    attention_mod = importlib.import_module("dpt_fast.ops.attention")
-    reassemble_mod = importlib.import_module("dpt_fast.ops.reassemble")
-    rcu_mod = importlib.import_module("dpt_fast.ops.rcu")
-    patches = [
-        (attention_mod, "attention_op",
-         lambda qkv, num_heads, scale: _plain_attention(qkv, num_heads, scale, matmul=attention == "matmul")),
-        (reassemble_mod, "reassemble_op", reference.reassemble),
-        (rcu_mod, "residual_conv_unit_op", reference.residual_conv_unit),
-    ]
-    saved = []
-    try:
-        for module, name, fn in patches:
-            if not hasattr(module, name):
-                raise RuntimeError(f"dpt_fast.bench: {module.__name__}.{name} is gone; update inline_plain_ops")
-            saved.append((module, name, getattr(module, name)))
-            setattr(module, name, fn)
-        yield
-    finally:
-        for module, name, fn in saved:
-            setattr(module, name, fn)
+    """The three dpt_fast operators as plain PyTorch (no custom op boundary), so torch.compile and
+    FlopCounterMode see every aten op inside them: the op layer's "inline" backend, as a context manager.
+    attention: "sdpa" or "matmul" (explicit softmax)."""
+    from .backend import use_backend
+    return use_backend("inline", inline_attention=attention)
 
 
 def build_dpt(name: str, device, dtype, train: bool):
@@ -513,8 +451,11 @@ def _step(model, x, train: bool, hf: bool, compiled: bool = False):
     return call
 
 
-def time_calls(fn, device: torch.device, warmup: int, runs: int, max_time: float, min_runs: int = 3) -> list[float]:
-    """Seconds per call: warm-up excluded; CUDA events on GPU, perf_counter on CPU."""
+def time_calls(fn, device: torch.device, warmup: int, runs: int, max_time: float, min_runs: int = 3,
+               cpu_times: list | None = None) -> list[float]:
+    """Seconds per call: warm-up excluded; CUDA events on GPU, perf_counter on CPU. On CPU, `cpu_times`
+    (a list, when given) receives each call's process CPU time: unlike the wall clock it does not count
+    the time other processes held the cores."""
     for _ in range(warmup):
         fn()
     _sync(device)
@@ -529,15 +470,18 @@ def time_calls(fn, device: torch.device, warmup: int, runs: int, max_time: float
             end.synchronize()
             times.append(start.elapsed_time(end) / 1e3)
         else:
-            t0 = time.perf_counter()
+            c0, t0 = time.process_time(), time.perf_counter()
             fn()
             times.append(time.perf_counter() - t0)
+            if cpu_times is not None:
+                cpu_times.append(time.process_time() - c0)
         if len(times) >= min_runs and time.perf_counter() - started > max_time:
             break
     return times
 
 
-def _cleanup(device: torch.device) -> None:
+def release_memory(device: torch.device) -> None:
+    """After a variant: drop torch.compile's caches and the variant's tensors, return cached GPU memory."""
     try:
         torch._dynamo.reset()
     except Exception:  # noqa: BLE001
@@ -547,14 +491,12 @@ def _cleanup(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
+def _short_op(op: str) -> str:
+    return op.replace("dpt_fast::", "").replace("residual_conv_unit", "rcu")
+
+
 def _summarise_impls(impls: dict) -> str:
-    if not impls:
-        return ""
-    parts = []
-    for op, counts in sorted(impls.items()):
-        short = op.replace("dpt_fast::", "").replace("residual_conv_unit", "rcu")
-        parts.append(f"{short}:{'+'.join(sorted(counts))}")
-    return ", ".join(parts)
+    return ", ".join(f"{_short_op(op)}:{'+'.join(sorted(counts))}" for op, counts in sorted(impls.items()))
 
 
 def run_variant(variant: str, model_name: str, x: torch.Tensor, args, device, dtype, flops, peak,
@@ -592,6 +534,7 @@ def run_variant(variant: str, model_name: str, x: torch.Tensor, args, device, dt
                 attn = getattr(model.config, "_attn_implementation", None)
                 result["implementations"] = {"transformers": {f"DPTForDepthEstimation(attn_implementation={attn})": 1}}
             else:
+                torch.manual_seed(0)  # every dpt-fast variant of a configuration computes with the same weights
                 model = build_dpt(model_name, device, dtype, args.train)
             if variant == "reference+compile":
                 stack.enter_context(inline_plain_ops(attention="sdpa"))
@@ -620,12 +563,14 @@ def run_variant(variant: str, model_name: str, x: torch.Tensor, args, device, dt
             result["output_shape"] = list(out.shape)
             result["output_finite"] = bool(torch.isfinite(out.float()).all())
             del out
-            times = time_calls(call, device, args.warmup, args.runs, args.max_time)
+            cpu_times: list[float] = []
+            times = time_calls(call, device, args.warmup, args.runs, args.max_time, cpu_times=cpu_times)
         latency = statistics.median(times)
         batch, height, width = x.shape[0], x.shape[-2], x.shape[-1]
         result.update({
             "latency_ms": latency * 1e3,
             "latency_ms_min": min(times) * 1e3,
+            "latency_ms_max": max(times) * 1e3,
             "runs": len(times),
             "images_per_s": batch / latency,
             "megapixels_per_s": batch * height * width / latency / 1e6,
@@ -634,6 +579,8 @@ def run_variant(variant: str, model_name: str, x: torch.Tensor, args, device, dt
         })
         if device.type == "cuda":
             result["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+        if cpu_times:
+            result["cpu_ms"] = statistics.median(cpu_times) * 1e3
     except DeadlineExceeded:
         record_deadline(result, phase, started, compile_mode if compiled and phase in ("build", "first call")
                         else None)
@@ -642,7 +589,7 @@ def run_variant(variant: str, model_name: str, x: torch.Tensor, args, device, dt
     finally:
         stack.close()
         del model
-        _cleanup(device)
+        release_memory(device)
     result["wall_s"] = round(time.perf_counter() - started, 1)
     return result
 
@@ -681,9 +628,43 @@ def ordered_results(report: dict) -> list[dict]:
     return sorted(report["results"], key=key)
 
 
+def fell_back(r: dict) -> list[str]:
+    """The operators (short names) that the reference served in a fused row; [] when the row ran fused."""
+    if not r.get("fused_path") or r["fused_path"]["verified"]:
+        return []
+    served = [_short_op(op) for op, impls in sorted(r.get("implementations", {}).items()) if impls.get("reference")]
+    missing = [p.split(" was never called")[0] for p in r["fused_path"]["problems"] if p.endswith("was never called")]
+    return served + [f"{_short_op(op)} never called" for op in missing if _short_op(op) not in served]
+
+
+def variant_label(r: dict) -> str:
+    """The variant as the table and the plot name it: its compile mode, and whether its fused path fell back."""
+    label = r["variant"] + (f" ({r['compile_mode']})" if r.get("compile_mode") else "")
+    ops = fell_back(r)
+    if ops:
+        label += f" (fell back to reference: {', '.join(dict.fromkeys(o.replace('_backward', '') for o in ops))})"
+    return label
+
+
+def cpu_note(report: dict) -> list[str]:
+    """What a CPU run's numbers mean (the table's header and the JSON's notes say it)."""
+    timing = report.get("timing", {})
+    load = timing.get("load_average") or {}
+    lines = ["CPU run: dpt-fast's fused kernels need a CUDA GPU, so a fused row here runs the reference "
+             "operators (marked 'fell back'); the numbers show that the code path works and what this CPU does "
+             f"with {timing.get('threads', '?')} intra-op thread(s), not the speed of the fused kernels."]
+    if load:
+        lines.append(f"Load average {load.get('start')} at the start, {load.get('end')} at the end, on "
+                     f"{report['environment']['host']['cpus']} cores: while other processes hold the cores, "
+                     "wall-clock latencies stretch (compare 'CPU ms', the process's CPU time per call).")
+    return lines
+
+
 def markdown_table(report: dict) -> str:
     env = report["environment"]
     v = env["versions"]
+    cpu = env["device_type"] == "cpu"
+    method = (report.get("timing") or {}).get("method", "median of timed runs after warm-up")
     lines = [
         f"# dpt-fast bench ({'training step' if report['settings']['train'] else 'inference'})",
         "",
@@ -693,29 +674,40 @@ def markdown_table(report: dict) -> str:
         f"- measured dense matmul peak ({env['dtype']}): {_fmt(report.get('matmul_peak_tflops'), '.3g')} TFLOP/s; "
         f"copy {_fmt((report.get('ceilings') or {}).get('copy_tbps'), '.3g')} TB/s; "
         "MFU = achieved model TFLOP/s / that peak",
-        f"- latency: median of timed runs after warm-up; random weights and inputs; compile mode "
-        f"{report['settings']['compile_mode']}",
-        "",
-        "| model | size | batch | variant | latency ms | img/s | MP/s | TFLOP/s | MFU | peak GiB | "
-        "× reference | × ref+compile | × HF | operators ran |",
-        "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        f"- latency: {method}; random weights and inputs; compile mode {report['settings']['compile_mode']}",
     ]
+    if cpu:
+        lines += [f"- {line}" for line in cpu_note(report)]
+    lines += [
+        "",
+        "| model | size | batch | variant | latency ms | " + ("CPU ms | " if cpu else "") + "img/s | MP/s | "
+        "TFLOP/s | MFU | peak GiB | × reference | × ref+compile | × HF | operators ran |",
+        "|---|---|---:|---|---:|" + ("---:|" if cpu else "") + "---:|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    any_fell_back = False
     for r in ordered_results(report):
         size = f"{r['size'][0]}x{r['size'][1]}"
         if r.get("error"):
-            lines.append(f"| {r['model']} | {size} | {r['batch']} | {r['variant']} | {r['error']} "
-                         "| | | | | | | | | |")
+            lines.append(f"| {r['model']} | {size} | {r['batch']} | {variant_label(r)} | {r['error']} "
+                         + ("| " if cpu else "") + "| | | | | | | | | |")
             continue
         s = r.get("speedup", {})
-        variant = r["variant"] + (f" ({r['compile_mode']})" if r.get("compile_mode") else "")
-        if r.get("fused_path") and not r["fused_path"]["verified"]:
-            variant += " **(reference ran)**"
+        mark = "*" if fell_back(r) else ""  # ratios of a fallen-back row compare reference operators
+        any_fell_back = any_fell_back or bool(mark)
+
+        def ratio(base):
+            return _fmt(s.get(base), ".2f") + (mark if s.get(base) is not None else "")
         lines.append(
-            f"| {r['model']} | {size} | {r['batch']} | {variant} | {r['latency_ms']:.2f} | "
-            f"{r['images_per_s']:.2f} | {r['megapixels_per_s']:.1f} | {_fmt(r.get('tflops'), '.3g')} | "
+            f"| {r['model']} | {size} | {r['batch']} | {variant_label(r)} | {r['latency_ms']:.2f} | "
+            + (f"{_fmt(r.get('cpu_ms'), '.2f')} | " if cpu else "")
+            + f"{r['images_per_s']:.3g} | {r['megapixels_per_s']:.3g} | {_fmt(r.get('tflops'), '.3g')} | "
             f"{_fmt(r.get('mfu'), '.0%')} | {_fmt(r.get('peak_memory_gib'), '.2f')} | "
-            f"{_fmt(s.get('reference'), '.2f')} | {_fmt(s.get('reference+compile'), '.2f')} | "
-            f"{_fmt(s.get('hf-sdpa'), '.2f')} | {_summarise_impls(r.get('implementations', {}))} |")
+            f"{ratio('reference')} | {ratio('reference+compile')} | {ratio('hf-sdpa')} | "
+            f"{_summarise_impls(r.get('implementations', {}))} |")
+    if any_fell_back:
+        lines += ["", "\\* a fused row that fell back to the reference: its ratios compare dpt-fast's reference "
+                  "operators, not the fused kernels (against `reference`, the same computation timed twice: "
+                  "the run's noise)."]
     unverified = [r for r in report["results"] if r.get("fused_path") and not r["fused_path"]["verified"]]
     if unverified:
         lines += ["", "Fused rows where the reference served some operator calls (not a measurement of the "
@@ -735,6 +727,10 @@ def plot(report: dict, path: Path) -> bool:
     results = [r for r in report["results"] if r.get("latency_ms")]
     configs = list(dict.fromkeys((r["model"], r["size_label"], r["batch"]) for r in report["results"]))
     variants = list(dict.fromkeys(r["variant"] for r in report["results"]))
+    legend = {}  # a variant whose fused path fell back anywhere says so in the legend
+    for variant in variants:
+        ops = sorted({o.replace("_backward", "") for r in results if r["variant"] == variant for o in fell_back(r)})
+        legend[variant] = variant + (f" (fell back to reference: {', '.join(ops)})" if ops else "")
     fig, axes = plt.subplots(1, 2, figsize=(max(8, 1.6 * len(configs) + 4), 4.5))
     width = 0.8 / max(1, len(variants))
     for panel, (key, label) in zip(axes, (("images_per_s", "images / s"), ("tflops", "achieved TFLOP/s"))):
@@ -745,17 +741,21 @@ def plot(report: dict, path: Path) -> bool:
                          and r["variant"] == variant]
                 values.append(match[0].get(key) or 0.0 if match else 0.0)
             xs = [i + (j - (len(variants) - 1) / 2) * width for i in range(len(configs))]
-            panel.bar(xs, values, width, label=variant)
+            panel.bar(xs, values, width, label=legend[variant], hatch="//" if legend[variant] != variant else None)
         panel.set_xticks(range(len(configs)))
         panel.set_xticklabels([f"{m}\n{s} b{b}" for m, s, b in configs], fontsize=8)
         panel.set_ylabel(label)
         if key == "images_per_s" and any(r.get(key) for r in results):
             panel.set_yscale("log")
         panel.grid(axis="y", alpha=0.3)
-    axes[0].legend(fontsize=8)
+    axes[0].legend(fontsize=7)
     env = report["environment"]
-    fig.suptitle(f"dpt-fast bench: {env['device']}, {env['dtype']}, "
-                 f"{'training' if report['settings']['train'] else 'inference'}", fontsize=10)
+    title = (f"dpt-fast bench: {env['device']}, {env['dtype']}, "
+             f"{'training' if report['settings']['train'] else 'inference'}")
+    if env["device_type"] == "cpu":
+        title += (f"\nCPU run, {(report.get('timing') or {}).get('threads', '?')} thread(s): the fused kernels need "
+                  "a CUDA GPU (hatched: fell back to the reference)")
+    fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -779,9 +779,6 @@ def run(args: argparse.Namespace) -> int:
     args.sizes = args.sizes or "384,1024,1536,4k"
     args.warmup = 3 if args.warmup is None else args.warmup
     args.runs = 50 if args.runs is None else args.runs
-    budget = getattr(args, "budget_s", None)
-    compile_timeout = getattr(args, "compile_timeout_s", None)
-    fallback_mode = getattr(args, "compile_fallback_mode", None)
     started = time.perf_counter()
     try:
         models = [m.strip() for m in args.models.split(",") if m.strip()]
@@ -811,12 +808,36 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as e:
         print(f"dpt-fast bench: {e}", file=sys.stderr)
         return 2
+    if getattr(args, "threads", None) is not None and args.threads < 1:
+        print("dpt-fast bench: --threads must be at least 1", file=sys.stderr)
+        return 2
     if "hf-sdpa" in variants and _version("transformers") is None:
         print("dpt-fast bench: transformers is not installed: skipping hf-sdpa", file=sys.stderr)
         variants.remove("hf-sdpa")
     dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    threads_before = torch.get_num_threads()
+    if device.type == "cpu":  # see --threads: one thread keeps timings comparable on a shared machine
+        torch.set_num_threads(max(1, getattr(args, "threads", None) or 1))
+    try:
+        return _measure(args, models, configs, skip_pairs, variants, device, dtype, started)
+    finally:
+        torch.set_num_threads(threads_before)
 
+
+def _load_average() -> float | None:
+    try:
+        return round(os.getloadavg()[0], 2)
+    except (AttributeError, OSError):  # not on every platform
+        return None
+
+
+def _measure(args, models, configs, skip_pairs, variants, device, dtype, started) -> int:
+    """Every (model, size, variant) task of a validated command line: the JSON, table and plot."""
+    budget = getattr(args, "budget_s", None)
+    compile_timeout = getattr(args, "compile_timeout_s", None)
+    fallback_mode = getattr(args, "compile_fallback_mode", None)
     torch.manual_seed(0)
+    load_start = _load_average()
     env = environment(device, dtype)
     ceilings = measure_ceilings(device, dtype)
     peak = ceilings["matmul_tflops"]
@@ -839,14 +860,22 @@ def run(args: argparse.Namespace) -> int:
                      "compile_timeout_s": compile_timeout, "compile_fallback_mode": fallback_mode,
                      "budget_s": budget, "warmup": args.warmup, "runs": args.runs, "max_time_s": args.max_time,
                      "tiny": args.tiny},
+        "timing": {"method": timing_method(device), "threads": torch.get_num_threads(),
+                   "interop_threads": torch.get_num_interop_threads(),
+                   "load_average": {"start": load_start, "end": None} if load_start is not None else None},
         "ceilings": ceilings,
         "matmul_peak_tflops": peak,
         "results": results,
+        "notes": [],
         "complete": False,
     }
 
     def save() -> None:  # after every row: a run cut short keeps what it measured
         add_ratios(results)
+        if report["timing"]["load_average"]:
+            report["timing"]["load_average"]["end"] = _load_average()
+        if device.type == "cpu":
+            report["notes"] = cpu_note(report)
         report["elapsed_s"] = round(time.perf_counter() - started, 1)
         write_json(json_path, report)
         md_path.write_text(markdown_table(report))

@@ -3,7 +3,8 @@
     attention(qkv [B, N, 3*H*D], num_heads, scale) -> out [B, N, H*D]
 
 The registered operator also returns the log-sum-exp (float32; float64 for float64 input) [B, H, N] that the backward needs;
-`attention()` below hides it. Fused path: the Triton kernels in dpt_fast.kernels.attention.
+`attention()` below hides it. Fused path: the Triton kernels in dpt_fast.kernels.attention. Under the
+"inline" backend `attention()` computes reference.attention_plain instead (no operator call).
 
 Registration: `torch.library.custom_op` (forward and backward ops with fake impls), not `triton_op` +
 `wrap_triton`. torch.compile treats a custom op as one opaque node: it traces through the model without a
@@ -15,9 +16,12 @@ Inductor cannot fuse into or around the kernels, which are already fused.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .. import backend, reference
+from .dispatch import fused_chosen, inlined, serve
 
 _OP = "dpt_fast::attention"
 
@@ -28,18 +32,23 @@ def _kernels():
 
 
 def _use_fused(qkv: torch.Tensor, num_heads: int, backend_name: str | None = None) -> bool:
-    if (backend_name or backend.get_backend()) != "fused" or not (qkv.is_cuda or backend.triton_interpreting()):
+    if not fused_chosen(backend_name) or not (qkv.is_cuda or backend.triton_interpreting()):
         return False
     return _kernels().supports(qkv, num_heads)
 
 
+def _fused_forward(qkv, num_heads, scale):
+    return _kernels().attention_forward(qkv, num_heads, scale)
+
+
+def _fused_backward(grad_out, qkv, out, lse, num_heads, scale):
+    return _kernels().attention_backward(grad_out, qkv, out, lse, num_heads, scale)
+
+
 @torch.library.custom_op("dpt_fast::attention", mutates_args=())
 def attention_op(qkv: torch.Tensor, num_heads: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    if _use_fused(qkv, num_heads):
-        backend.record(_OP, "triton")
-        return _kernels().attention_forward(qkv, num_heads, scale)
-    backend.record(_OP, "reference")
-    return reference.attention(qkv, num_heads, scale)
+    check_attention_args(qkv, num_heads, scale)
+    return serve(_OP, _use_fused(qkv, num_heads), _fused_forward, reference.attention, qkv, num_heads, scale)
 
 
 @attention_op.register_fake
@@ -53,11 +62,8 @@ def _(qkv, num_heads, scale):
 @torch.library.custom_op("dpt_fast::attention_backward", mutates_args=())
 def attention_backward_op(grad_out: torch.Tensor, qkv: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
                           num_heads: int, scale: float, backend_name: str) -> torch.Tensor:
-    if _use_fused(qkv, num_heads, backend_name):
-        backend.record("dpt_fast::attention_backward", "triton")
-        return _kernels().attention_backward(grad_out, qkv, out, lse, num_heads, scale)
-    backend.record("dpt_fast::attention_backward", "reference")
-    return reference.attention_backward(grad_out, qkv, out, lse, num_heads, scale)
+    return serve("dpt_fast::attention_backward", _use_fused(qkv, num_heads, backend_name), _fused_backward,
+                 reference.attention_backward, grad_out, qkv, out, lse, num_heads, scale)
 
 
 @attention_backward_op.register_fake
@@ -83,19 +89,30 @@ def _backward(ctx, grad_out, grad_lse):
 attention_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-def check_attention_input(qkv: torch.Tensor, num_heads: int) -> None:
-    if num_heads < 1:
-        raise ValueError(f"dpt_fast.attention needs num_heads >= 1, got {num_heads}")
-    if qkv.dim() != 3 or qkv.shape[-1] % (3 * num_heads) != 0:
-        raise ValueError(f"dpt_fast.attention expects qkv of shape [B, N, 3*H*D] with H={num_heads}, "
-                         f"got {tuple(qkv.shape)}")
+def check_attention_args(qkv: torch.Tensor, num_heads: int, scale: float | None = None) -> None:
+    """Every check of an attention call, shared by all implementations and run before any of them:
+    a ValueError that says what was expected."""
+    if not isinstance(num_heads, int) or num_heads < 1:
+        raise ValueError(f"dpt_fast.attention needs num_heads >= 1, got {num_heads!r}")
+    if not isinstance(qkv, torch.Tensor) or qkv.dim() != 3 or qkv.shape[-1] % (3 * num_heads) != 0:
+        shape = tuple(qkv.shape) if isinstance(qkv, torch.Tensor) else type(qkv).__name__
+        raise ValueError(f"dpt_fast.attention expects qkv of shape [B, N, 3*H*D] with H={num_heads}, got {shape}")
+    if qkv.shape[-1] == 0:
+        raise ValueError(f"dpt_fast.attention needs a head dim >= 1, got qkv of shape {tuple(qkv.shape)}")
     if not qkv.is_floating_point():
         raise ValueError(f"dpt_fast.attention expects a floating-point qkv, got {qkv.dtype}")
+    if scale is not None and not (isinstance(scale, (int, float)) and math.isfinite(scale)):
+        raise ValueError(f"dpt_fast.attention needs a finite scale, got {scale!r}")
+
+
+check_attention_input = check_attention_args  # the earlier name
 
 
 def attention(qkv: torch.Tensor, num_heads: int, scale: float | None = None) -> torch.Tensor:
     """Self-attention on the packed qkv projection output; returns [B, N, H*D]."""
-    check_attention_input(qkv, num_heads)
+    check_attention_args(qkv, num_heads, scale)
     if scale is None:
         scale = (qkv.shape[-1] // (3 * num_heads)) ** -0.5
+    if inlined():
+        return reference.attention_plain(qkv, num_heads, float(scale), backend.inline_attention())
     return attention_op(qkv, num_heads, float(scale))[0]

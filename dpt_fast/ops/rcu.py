@@ -7,7 +7,8 @@ its epilogue; conv2 with bias + x [+ extra] in its epilogue), `dpt_fast::_rcu_fu
 `dpt_fast::_rcu_fused_conv2` (conv2 alone, reading a given hidden activation).
 Everything else (CPU, float32/float64, other channel counts, no extension) runs the reference.
 
-Two forward operators, one public function (`residual_conv_unit` picks):
+Two forward operators, one public function (`residual_conv_unit` picks; under the "inline" backend it calls
+neither and computes reference.residual_conv_unit_plain; every call is first checked by `check_rcu_args`):
 - inference (grad disabled, or no input requires grad): `dpt_fast::residual_conv_unit`, one
   `_rcu_fused_forward` call; the hidden activation h = relu(conv1(relu(x)) + b1) lives in a scratch buffer.
 - training (autograd will need the backward): `dpt_fast::residual_conv_unit_train` -> (out, hidden), the
@@ -34,6 +35,7 @@ import torch
 
 from .. import backend, reference
 from .common import autocast_inputs, with_strides_of
+from .dispatch import fused_chosen, inlined, serve
 from ..reference import rcu as _reference_rcu
 
 _OP = "dpt_fast::residual_conv_unit"
@@ -112,17 +114,19 @@ def fused_supported(x: torch.Tensor, weight1: torch.Tensor, *others: torch.Tenso
 
 def _use_fused(tensors, backend_name: str | None = None) -> bool:
     """tensors: (x, weight1, bias1, weight2, bias2[, extra or grad_out])."""
-    return (backend_name or backend.get_backend()) == "fused" and fused_supported(*tensors)
+    return fused_chosen(backend_name) and fused_supported(*tensors)
+
+
+def _fused_forward(x, weight1, bias1, weight2, bias2, extra):
+    return torch.ops.dpt_fast._rcu_fused_forward(x, weight1, bias1, weight2, bias2, extra)
 
 
 @torch.library.custom_op("dpt_fast::residual_conv_unit", mutates_args=())
 def residual_conv_unit_op(x: torch.Tensor, weight1: torch.Tensor, bias1: torch.Tensor, weight2: torch.Tensor,
                           bias2: torch.Tensor, extra: torch.Tensor | None) -> torch.Tensor:
-    if _use_fused((x, weight1, bias1, weight2, bias2, extra)):
-        backend.record(_OP, "cuda")
-        return torch.ops.dpt_fast._rcu_fused_forward(x, weight1, bias1, weight2, bias2, extra)
-    backend.record(_OP, "reference")
-    return reference.residual_conv_unit(x, weight1, bias1, weight2, bias2, extra)
+    args = (x, weight1, bias1, weight2, bias2, extra)
+    check_rcu_args(*args)
+    return serve(_OP, _use_fused(args), _fused_forward, reference.residual_conv_unit, *args, fused_name="cuda")
 
 
 @residual_conv_unit_op.register_fake
@@ -135,13 +139,19 @@ def residual_conv_unit_train_op(x: torch.Tensor, weight1: torch.Tensor, bias1: t
                                 bias2: torch.Tensor, extra: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """(out, hidden): the RCU's output and its hidden activation relu(conv1(relu(x)) + b1), kept for the
     backward. hidden has the strides of torch.empty_like(x)."""
-    if _use_fused((x, weight1, bias1, weight2, bias2, extra)):
-        backend.record(_OP, "cuda")
-        xc = x.contiguous(memory_format=torch.channels_last)  # converted once for both kernels
-        hidden = torch.ops.dpt_fast._rcu_fused_conv1(xc, weight1, bias1)
-        out = torch.ops.dpt_fast._rcu_fused_conv2(hidden, xc, weight2, bias2, extra)
-        return with_strides_of(out, x), with_strides_of(hidden, x)
-    backend.record(_OP, "reference")
+    args = (x, weight1, bias1, weight2, bias2, extra)
+    check_rcu_args(*args)
+    return serve(_OP, _use_fused(args), _fused_train_forward, _reference_train_forward, *args, fused_name="cuda")
+
+
+def _fused_train_forward(x, weight1, bias1, weight2, bias2, extra):
+    xc = x.contiguous(memory_format=torch.channels_last)  # converted once for both kernels
+    hidden = torch.ops.dpt_fast._rcu_fused_conv1(xc, weight1, bias1)
+    out = torch.ops.dpt_fast._rcu_fused_conv2(hidden, xc, weight2, bias2, extra)
+    return with_strides_of(out, x), with_strides_of(hidden, x)
+
+
+def _reference_train_forward(x, weight1, bias1, weight2, bias2, extra):
     hidden = _reference_rcu.residual_conv_unit_hidden(x, weight1, bias1)
     out = _reference_rcu.residual_conv_unit_from_hidden(hidden, x, weight2, bias2, extra)
     return out, with_strides_of(hidden, x)
@@ -178,10 +188,12 @@ def residual_conv_unit_backward_op(grad_out: torch.Tensor, x: torch.Tensor, weig
                                    has_extra: bool, backend_name: str,
                                    hidden: torch.Tensor | None = None) -> list[torch.Tensor]:
     """hidden: relu(conv1(relu(x)) + b1) as the training forward kept it; None recomputes it."""
-    if _use_fused((x, weight1, bias1, weight2, bias2, grad_out), backend_name):
-        backend.record(_OP_BACKWARD, "cuda")
-        return _fused_backward(grad_out, x, weight1, bias1, weight2, bias2, has_extra, hidden)
-    backend.record(_OP_BACKWARD, "reference")
+    return serve(_OP_BACKWARD, _use_fused((x, weight1, bias1, weight2, bias2, grad_out), backend_name),
+                 _fused_backward, _reference_backward, grad_out, x, weight1, bias1, weight2, bias2, has_extra, hidden,
+                 fused_name="cuda")
+
+
+def _reference_backward(grad_out, x, weight1, bias1, weight2, bias2, has_extra, hidden):
     grads = reference.residual_conv_unit_backward(grad_out, x, weight1, bias1, weight2, bias2, has_extra, hidden)
     # the strides the fake implementation promises (dx follows grad_out's layout otherwise)
     return [with_strides_of(g, p) for g, p in zip(grads[:5], (x, weight1, bias1, weight2, bias2))] + grads[5:]
@@ -229,23 +241,41 @@ def _train_backward(ctx, grad_out, _grad_hidden):
 
 
 residual_conv_unit_train_op.register_autograd(_train_backward, setup_context=_train_setup_context)
-_PLAIN_OP = residual_conv_unit_op
 
 
 def _needs_backward(*tensors: torch.Tensor | None) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
+def check_rcu_args(x, weight1, bias1, weight2, bias2, extra=None) -> None:
+    """Every check of a residual conv unit call, shared by all implementations and run before any of
+    them: x [B, C, H, W], both 3x3 weights [C, C, 3, 3], both biases [C], extra x's shape. A ValueError
+    that says what was expected."""
+    if not isinstance(x, torch.Tensor) or x.dim() != 4:
+        shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+        raise ValueError(f"residual_conv_unit expects x [B, C, H, W], got {shape}")
+    if not x.is_floating_point():
+        raise ValueError(f"residual_conv_unit expects a floating-point x, got {x.dtype}")
+    channels = x.shape[1]
+    for name, t, shape in (("weight1", weight1, (channels, channels, 3, 3)), ("bias1", bias1, (channels,)),
+                           ("weight2", weight2, (channels, channels, 3, 3)), ("bias2", bias2, (channels,))):
+        if not isinstance(t, torch.Tensor) or tuple(t.shape) != shape:
+            got = list(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+            raise ValueError(f"residual_conv_unit: {name} must have shape {list(shape)} for x with C={channels} "
+                             f"channels, got {got}")
+    if extra is not None and (not isinstance(extra, torch.Tensor) or extra.shape != x.shape):
+        got = tuple(extra.shape) if isinstance(extra, torch.Tensor) else type(extra).__name__
+        raise ValueError(f"residual_conv_unit: extra must have x's shape {tuple(x.shape)}, got {got}")
+
+
 def residual_conv_unit(x: torch.Tensor, weight1: torch.Tensor, bias1: torch.Tensor, weight2: torch.Tensor,
                        bias2: torch.Tensor, extra: torch.Tensor | None = None) -> torch.Tensor:
-    if x.dim() != 4 or weight1.shape[1] != x.shape[1]:
-        raise ValueError(f"residual_conv_unit expects x [B, C, H, W] matching weight1 [C, C, 3, 3]; "
-                         f"got x {tuple(x.shape)} and weight1 {tuple(weight1.shape)}")
-    if extra is not None and extra.shape != x.shape:
-        raise ValueError(f"residual_conv_unit: extra must have x's shape {tuple(x.shape)}, got {tuple(extra.shape)}")
+    """x + conv2(relu(conv1(relu(x)) + b1)) + b2 [+ extra]: validates the arguments, then calls the inference
+    or the training operator (or, under the "inline" backend, computes the same math as plain PyTorch)."""
+    check_rcu_args(x, weight1, bias1, weight2, bias2, extra)
     x, weight1, bias1, weight2, bias2, extra = autocast_inputs(x, weight1, bias1, weight2, bias2, extra)
-    # residual_conv_unit_op is looked up at call time: dpt_fast.bench.inline_plain_ops replaces it with the plain
-    # reference (no operator boundary at all), and then the training operator must not run either.
-    if residual_conv_unit_op is _PLAIN_OP and _needs_backward(x, weight1, bias1, weight2, bias2, extra):
+    if inlined():
+        return reference.residual_conv_unit_plain(x, weight1, bias1, weight2, bias2, extra)
+    if _needs_backward(x, weight1, bias1, weight2, bias2, extra):
         return residual_conv_unit_train_op(x, weight1, bias1, weight2, bias2, extra)[0]
     return residual_conv_unit_op(x, weight1, bias1, weight2, bias2, extra)

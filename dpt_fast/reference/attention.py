@@ -9,6 +9,7 @@ O(block * N) instead of O(N^2) (a 4K frame has 32401 tokens).
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 # Queries per block: bounds the [B, H, block, N] score tensor.
 _SCORE_ELEMENTS = 1 << 26
@@ -46,6 +47,25 @@ def attention(qkv: torch.Tensor, num_heads: int, scale: float):
         out[:, :, lo:hi] = probs @ v
     out = out.transpose(1, 2).reshape(batch, tokens, width // 3).to(qkv.dtype)
     return out, lse
+
+
+def attention_plain(qkv: torch.Tensor, num_heads: int, scale: float, form: str = "matmul") -> torch.Tensor:
+    """`attention`'s output as straight-line PyTorch, for tracing tools (the "inline" backend).
+
+    No query blocks (their count would be a Python int taken from the token count), no log-sum-exp.
+    form "matmul": softmax(q k^T * scale) v in the accumulation dtype, the reference's math;
+    "sdpa": F.scaled_dot_product_attention in qkv's dtype (what torch.compile fuses best).
+    """
+    batch, tokens, width = qkv.shape
+    head_dim = width // (3 * num_heads)
+    q, k, v = qkv.unflatten(-1, (3, num_heads, head_dim)).permute(2, 0, 3, 1, 4).unbind(0)  # each [B, H, N, D]
+    if form == "sdpa":
+        out = F.scaled_dot_product_attention(q, k, v, scale=scale)
+    else:
+        acc = accumulation_dtype(qkv.dtype)
+        q, k, v = q.to(acc), k.to(acc), v.to(acc)
+        out = torch.softmax((q @ k.transpose(-1, -2)) * scale, dim=-1) @ v
+    return out.transpose(1, 2).flatten(2).to(qkv.dtype)
 
 
 def attention_backward(grad_out: torch.Tensor, qkv: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,

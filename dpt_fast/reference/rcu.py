@@ -18,6 +18,14 @@ def residual_conv_unit(x: torch.Tensor, weight1: torch.Tensor, bias1: torch.Tens
     return residual_conv_unit_from_hidden(residual_conv_unit_hidden(x, weight1, bias1), x, weight2, bias2, extra)
 
 
+def residual_conv_unit_plain(x: torch.Tensor, weight1: torch.Tensor, bias1: torch.Tensor,
+                             weight2: torch.Tensor, bias2: torch.Tensor,
+                             extra: torch.Tensor | None = None) -> torch.Tensor:
+    """`residual_conv_unit`'s math without the copy into x's memory format (the "inline" backend's form)."""
+    result = F.conv2d(residual_conv_unit_hidden(x, weight1, bias1), weight2, bias2, padding=1) + x
+    return result if extra is None else extra + result
+
+
 def residual_conv_unit_hidden(x: torch.Tensor, weight1: torch.Tensor, bias1: torch.Tensor) -> torch.Tensor:
     """The hidden activation relu(conv1(relu(x)) + b1) that conv2 reads (what training keeps for the backward)."""
     return torch.relu(F.conv2d(torch.relu(x), weight1, bias1, padding=1))

@@ -51,13 +51,22 @@ def reassemble(tokens: torch.Tensor, readout_weight: torch.Tensor | None, readou
                proj_weight: torch.Tensor, proj_bias: torch.Tensor,
                resample_weight: torch.Tensor | None, resample_bias: torch.Tensor | None,
                grid_h: int, grid_w: int, start_index: int, readout: str, resample: str) -> torch.Tensor:
-    batch, _, dim = tokens.shape
-    x = _read(tokens, start_index, readout, readout_weight, readout_bias)
-    x = x.transpose(1, 2).reshape(batch, dim, grid_h, grid_w)
-    x = F.conv2d(x, proj_weight, proj_bias)
-    x = _resample(x, resample, resample_weight, resample_bias)
+    x = reassemble_plain(tokens, readout_weight, readout_bias, proj_weight, proj_bias, resample_weight,
+                         resample_bias, grid_h, grid_w, start_index, readout, resample)
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
     return out.copy_(x)
+
+
+def reassemble_plain(tokens: torch.Tensor, readout_weight: torch.Tensor | None, readout_bias: torch.Tensor | None,
+                     proj_weight: torch.Tensor, proj_bias: torch.Tensor,
+                     resample_weight: torch.Tensor | None, resample_bias: torch.Tensor | None,
+                     grid_h: int, grid_w: int, start_index: int, readout: str, resample: str) -> torch.Tensor:
+    """`reassemble`'s math without its promise of a channels_last result (the "inline" backend's form:
+    the layout copy would only be an extra node for tracing tools)."""
+    x = _read(tokens, start_index, readout, readout_weight, readout_bias)
+    x = x.transpose(1, 2).unflatten(-1, (grid_h, grid_w))  # [B, D, grid_h, grid_w]
+    x = F.conv2d(x, proj_weight, proj_bias)
+    return _resample(x, resample, resample_weight, resample_bias)
 
 
 def _conv_backward(grad, inputs, weight, stride, padding, transposed):
