@@ -2,25 +2,32 @@
 
 Every writer is atomic: the bytes go to a hidden temporary file in the destination folder, which is
 then renamed over the destination with `os.replace`, so an interrupted run never leaves a half file
-under a final name (only, at worst, a `.<name>.<pid>-<random>.tmp` file).
+under a final name (only, at worst, a `.<name>.<pid>-<random>.tmp` file, which
+`stale_temporaries` finds once that process is gone).
 """
 from __future__ import annotations
 
 import io
 import os
 import re
+import stat
 import sys
 import uuid
+import warnings
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pnm", ".gif")
 
-# Camera panoramas and scans are legitimately larger than PIL's decompression-bomb guard (89 Mpx);
-# keep a guard, at 1 gigapixel.
+# Camera panoramas and scans are legitimately larger than Pillow's decompression-bomb guard (89 Mpx);
+# keep a guard, at 2**30 pixels (about 1.07 gigapixels), checked from the header before decoding.
 MAX_IMAGE_PIXELS = 1 << 30
+
+
+class ImageReadError(ValueError):
+    """An input that cannot be read as an image; the message says why, in words."""
 
 
 def is_image_name(path) -> bool:
@@ -29,14 +36,56 @@ def is_image_name(path) -> bool:
 
 # --- reading -------------------------------------------------------------------------------------
 
-def read_image(path) -> np.ndarray:
+def open_regular_file(path):
+    """`path` opened for binary reading, or ImageReadError if it is not a regular file.
+
+    Opened with O_NONBLOCK, so that a FIFO, socket or device named like an image never blocks the
+    caller; the type is checked on the open descriptor (no race with a rename in between)."""
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
+    try:
+        fd = os.open(path, flags)
+    except OSError as e:
+        raise ImageReadError(f"cannot open: {e.strerror or e}") from None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise ImageReadError("not a regular file (a FIFO, socket or device): skipped unread")
+        if hasattr(os, "set_blocking"):
+            os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _open_checked(file, max_pixels: int | None) -> Image.Image:
+    """Image.open (which reads only the header) plus the pixel-count guard, before any decoding."""
+    if max_pixels is not None and (Image.MAX_IMAGE_PIXELS is None or Image.MAX_IMAGE_PIXELS < max_pixels):
+        Image.MAX_IMAGE_PIXELS = max_pixels  # Pillow refuses only above twice this; our check is exact
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(file)
+    except UnidentifiedImageError:
+        raise ImageReadError("not an image file (or a format Pillow cannot read)") from None
+    except Image.DecompressionBombError as e:
+        raise ImageReadError(f"too large to decode ({e})") from None
+    width, height = img.size
+    if max_pixels is not None and width * height > max_pixels:
+        img.close()
+        raise ImageReadError(f"{width}x{height} = {width * height} pixels is over the limit of {max_pixels} "
+                             "pixels (checked before decoding; raise it with --max-pixels)")
+    return img
+
+
+def read_image(path, max_pixels: int | None = MAX_IMAGE_PIXELS) -> np.ndarray:
     """An image file -> uint8 RGB array [H, W, 3], EXIF orientation applied (as cv2.imread does).
 
     16-bit greyscale/RGB files are scaled to 8 bits; alpha is dropped; palette, greyscale and CMYK
-    images are converted. Raises OSError/ValueError (with the reason) for unreadable files.
+    images are converted. Only regular files are read. Images of more than `max_pixels` pixels
+    (None: no limit) are refused from their header, before decoding. Raises ImageReadError (a
+    ValueError) or OSError, with the reason, for unreadable files.
     """
-    Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
-    with Image.open(path) as img:
+    with open_regular_file(path) as file, _open_checked(file, max_pixels) as img:
         img = ImageOps.exif_transpose(img)
         if img.mode.startswith("I;16") or img.mode == "I":
             arr = np.asarray(img).astype(np.float32)
@@ -51,20 +100,29 @@ def read_image(path) -> np.ndarray:
             img = img.convert("RGB")
         arr = np.array(img, dtype=np.uint8)  # a writable copy (np.asarray would be read-only)
     if arr.ndim != 3 or arr.shape[2] != 3 or arr.shape[0] == 0 or arr.shape[1] == 0:
-        raise ValueError(f"decoded to an unexpected shape {arr.shape}")
+        raise ImageReadError(f"decoded to an unexpected shape {arr.shape}")
     return np.ascontiguousarray(arr)
 
 
 # --- atomic writes -------------------------------------------------------------------------------
 
-def atomic_write_bytes(path, data: bytes) -> None:
-    """Write `data` to `path` atomically (temporary file in the same folder, fsync-free, os.replace)."""
+_TEMPORARY = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)-[0-9a-f]{8}\.tmp$")
+
+
+def atomic_write_bytes(path, data: bytes, before_replace=None) -> None:
+    """Write `data` to `path` atomically (temporary file in the same folder, fsync-free, os.replace).
+
+    `before_replace(tmp_path)`, if given, runs once the bytes are in the temporary file and before
+    it takes the final name (os.replace keeps the file's inode, size and modification time, so the
+    temporary file's os.stat is the final file's); raising there leaves `path` untouched."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp"
     try:
         with open(tmp, "wb") as f:
             f.write(data)
+        if before_replace is not None:
+            before_replace(tmp)
         os.replace(tmp, path)
     except BaseException:
         try:
@@ -72,6 +130,30 @@ def atomic_write_bytes(path, data: bytes) -> None:
         except FileNotFoundError:
             pass
         raise
+
+
+def stale_temporaries(folder) -> list[Path]:
+    """This module's temporary files under `folder` (recursively, links not followed) whose writing
+    process no longer runs on this machine: leftovers of a killed run, safe to delete."""
+    found = []
+    for root, dirs, files in os.walk(folder):
+        for name in files:
+            match = _TEMPORARY.match(name)
+            if match and not _process_alive(int(match.group("pid"))):
+                found.append(Path(root) / name)
+    return sorted(found)
+
+
+def _process_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True  # someone else's live process (or a PID we cannot ask about): leave its file
+    return True
 
 
 def _pil_bytes(img: Image.Image, **params) -> bytes:
@@ -82,13 +164,16 @@ def _pil_bytes(img: Image.Image, **params) -> bytes:
 
 # --- writers -------------------------------------------------------------------------------------
 
-def write_png16(path, values: np.ndarray, compress_level: int = 1) -> None:
+def png16_bytes(values: np.ndarray, compress_level: int = 1) -> bytes:
     """uint16 [H, W] -> 16-bit greyscale PNG (the original's depth PNG)."""
     values = np.asarray(values)
     if values.ndim != 2:
         raise ValueError(f"expected a 2-D array, got shape {values.shape}")
-    img = Image.fromarray(np.ascontiguousarray(values.astype(np.uint16)))
-    atomic_write_bytes(path, _pil_bytes(img, compress_level=compress_level))
+    return _pil_bytes(Image.fromarray(np.ascontiguousarray(values.astype(np.uint16))), compress_level=compress_level)
+
+
+def write_png16(path, values: np.ndarray, compress_level: int = 1) -> None:
+    atomic_write_bytes(path, png16_bytes(values, compress_level))
 
 
 def read_png16(path) -> np.ndarray:
@@ -131,18 +216,26 @@ def read_pfm(path) -> np.ndarray:
     return np.ascontiguousarray(np.flipud(data.reshape(shape))).astype(np.float32)
 
 
-def write_npy(path, values: np.ndarray) -> None:
+def npy_bytes(values: np.ndarray) -> bytes:
     buf = io.BytesIO()
     np.save(buf, np.asarray(values))
-    atomic_write_bytes(path, buf.getvalue())
+    return buf.getvalue()
 
 
-def write_rgb(path, rgb: np.ndarray, compress_level: int = 1) -> None:
+def write_npy(path, values: np.ndarray) -> None:
+    atomic_write_bytes(path, npy_bytes(values))
+
+
+def rgb_bytes(rgb: np.ndarray, compress_level: int = 1) -> bytes:
     """uint8 [H, W, 3] -> 8-bit RGB PNG."""
     rgb = np.ascontiguousarray(rgb, dtype=np.uint8)
     if rgb.ndim != 3 or rgb.shape[2] != 3:
         raise ValueError(f"expected [H, W, 3], got shape {rgb.shape}")
-    atomic_write_bytes(path, _pil_bytes(Image.fromarray(rgb), compress_level=compress_level))
+    return _pil_bytes(Image.fromarray(rgb), compress_level=compress_level)
+
+
+def write_rgb(path, rgb: np.ndarray, compress_level: int = 1) -> None:
+    atomic_write_bytes(path, rgb_bytes(rgb, compress_level))
 
 
 # --- colour --------------------------------------------------------------------------------------
@@ -200,20 +293,64 @@ def label_palette(num_colors: int = 256) -> np.ndarray:
     return palette
 
 
-def write_palette_png(path, labels: np.ndarray, compress_level: int = 1) -> None:
-    """Integer labels [H, W] in [0, 255] -> palette ("P") PNG whose pixel values are the labels."""
+# ADE20K's colours as the original release draws its segmentation pictures: entry 0 (black) is
+# "unlabelled", entries 1..150 the classes (the original writes class index + 1).
+ADE20K_PALETTE = np.array([
+    (0, 0, 0), (120, 120, 120), (180, 120, 120), (6, 230, 230), (80, 50, 50), (4, 200, 3), (120, 120, 80), (140, 140, 140),
+    (204, 5, 255), (230, 230, 230), (4, 250, 7), (224, 5, 255), (235, 255, 7), (150, 5, 61), (120, 120, 70), (8, 255, 51),
+    (255, 6, 82), (143, 255, 140), (204, 255, 4), (255, 51, 7), (204, 70, 3), (0, 102, 200), (61, 230, 250), (255, 6, 51),
+    (11, 102, 255), (255, 7, 71), (255, 9, 224), (9, 7, 230), (220, 220, 220), (255, 9, 92), (112, 9, 255), (8, 255, 214),
+    (7, 255, 224), (255, 184, 6), (10, 255, 71), (255, 41, 10), (7, 255, 255), (224, 255, 8), (102, 8, 255), (255, 61, 6),
+    (255, 194, 7), (255, 122, 8), (0, 255, 20), (255, 8, 41), (255, 5, 153), (6, 51, 255), (235, 12, 255), (160, 150, 20),
+    (0, 163, 255), (140, 140, 140), (250, 10, 15), (20, 255, 0), (31, 255, 0), (255, 31, 0), (255, 224, 0), (153, 255, 0),
+    (0, 0, 255), (255, 71, 0), (0, 235, 255), (0, 173, 255), (31, 0, 255), (11, 200, 200), (255, 82, 0), (0, 255, 245),
+    (0, 61, 255), (0, 255, 112), (0, 255, 133), (255, 0, 0), (255, 163, 0), (255, 102, 0), (194, 255, 0), (0, 143, 255),
+    (51, 255, 0), (0, 82, 255), (0, 255, 41), (0, 255, 173), (10, 0, 255), (173, 255, 0), (0, 255, 153), (255, 92, 0),
+    (255, 0, 255), (255, 0, 245), (255, 0, 102), (255, 173, 0), (255, 0, 20), (255, 184, 184), (0, 31, 255), (0, 255, 61),
+    (0, 71, 255), (255, 0, 204), (0, 255, 194), (0, 255, 82), (0, 10, 255), (0, 112, 255), (51, 0, 255), (0, 194, 255),
+    (0, 122, 255), (0, 255, 163), (255, 153, 0), (0, 255, 10), (255, 112, 0), (143, 255, 0), (82, 0, 255), (163, 255, 0),
+    (255, 235, 0), (8, 184, 170), (133, 0, 255), (0, 255, 92), (184, 0, 255), (255, 0, 31), (0, 184, 255), (0, 214, 255),
+    (255, 0, 112), (92, 255, 0), (0, 224, 255), (112, 224, 255), (70, 184, 160), (163, 0, 255), (153, 0, 255), (71, 255, 0),
+    (255, 0, 163), (255, 204, 0), (255, 0, 143), (0, 255, 235), (133, 255, 0), (255, 0, 235), (245, 0, 255), (255, 0, 122),
+    (255, 245, 0), (10, 190, 212), (214, 255, 0), (0, 204, 255), (20, 0, 255), (255, 255, 0), (0, 153, 255), (0, 41, 255),
+    (0, 255, 204), (41, 0, 255), (41, 255, 0), (173, 0, 255), (0, 245, 255), (71, 0, 255), (122, 0, 255), (0, 255, 184),
+    (0, 92, 255), (184, 255, 0), (0, 133, 255), (255, 214, 0), (25, 194, 194), (102, 255, 0), (92, 0, 255),
+], dtype=np.uint8)
+
+
+def segmentation_palette(num_colors: int = 256) -> np.ndarray:
+    """[num_colors, 3] uint8: ADE20K's 151 colours (as the original), then the VOC-style palette."""
+    palette = label_palette(max(num_colors, len(ADE20K_PALETTE)))
+    palette[:len(ADE20K_PALETTE)] = ADE20K_PALETTE
+    return palette[:num_colors]
+
+
+def _label_image(labels: np.ndarray) -> Image.Image:
     labels = np.asarray(labels)
     if labels.ndim != 2:
         raise ValueError(f"expected a 2-D label array, got shape {labels.shape}")
     if labels.size and (labels.min() < 0 or labels.max() > 255):
         raise ValueError("palette PNG holds labels 0..255; use the npy format for more classes")
     img = Image.frombytes("P", (labels.shape[1], labels.shape[0]), np.ascontiguousarray(labels, np.uint8).tobytes())
-    img.putpalette(label_palette(256).reshape(-1).tolist())
-    atomic_write_bytes(path, _pil_bytes(img, compress_level=compress_level))
+    img.putpalette(segmentation_palette(256).reshape(-1).tolist())
+    return img
+
+
+def palette_png_bytes(labels: np.ndarray, compress_level: int = 1) -> bytes:
+    """Integer labels [H, W] in [0, 255] -> palette ("P") PNG whose pixel values are the labels,
+    coloured with `segmentation_palette`."""
+    return _pil_bytes(_label_image(labels), compress_level=compress_level)
+
+
+def write_palette_png(path, labels: np.ndarray, compress_level: int = 1) -> None:
+    atomic_write_bytes(path, palette_png_bytes(labels, compress_level))
 
 
 def overlay_labels(image: np.ndarray, labels: np.ndarray, alpha: float = 0.5) -> np.ndarray:
-    """The original's segmentation picture: the label colours blended over the image."""
-    colors = label_palette(256)[np.asarray(labels).astype(np.int64) % 256]
-    out = (1 - alpha) * np.asarray(image, np.float32) + alpha * colors.astype(np.float32)
-    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+    """The original's segmentation picture: the labels in ADE20K's colours blended with the image,
+    (1 - alpha) * image + alpha * colour, by Pillow's Image.blend as the original does it.
+    Labels above 255 wrap around the palette."""
+    labels = np.asarray(labels).astype(np.int64) % 256
+    colours = _label_image(labels).convert("RGB")
+    photo = Image.fromarray(np.ascontiguousarray(image, dtype=np.uint8))
+    return np.asarray(Image.blend(photo, colours, alpha))

@@ -67,12 +67,26 @@ def preprocess(images: torch.Tensor, size: int | tuple[int, int] | None = DEPTH_
 
 
 def resize_prediction(prediction: torch.Tensor, size: tuple[int, int], mode: str = "bicubic") -> torch.Tensor:
-    """Back to the input's (height, width): [B, H, W] depth (bicubic, as the original) or
-    [B, C, H, W] logits (use mode="bilinear", as the original's segmentation script)."""
+    """Back to the input's (height, width): [B, H, W] depth or [B, C, H, W] logits, bicubic with
+    align_corners=False as the original's depth and segmentation scripts both resize."""
     squeeze = prediction.dim() == 3
     x = prediction.unsqueeze(1) if squeeze else prediction
     x = F.interpolate(x.float(), size=tuple(size), mode=mode, align_corners=False)
     return x.squeeze(1) if squeeze else x
+
+
+# The original numbers its output labels from 1 (ADE20K's ids, where 0 is "unlabelled"): class c -> c + 1.
+LABEL_OFFSET = 1
+
+
+def segmentation_labels(logits: torch.Tensor, size: tuple[int, int] | None = None,
+                        offset: int = LABEL_OFFSET) -> torch.Tensor:
+    """Logits [B, C, H', W'] -> int64 labels [B, H, W] as the original's segmentation script: the
+    logits (not probabilities) resized bicubically to `size` (None: kept), argmax over classes, plus
+    `offset` (1: ADE20K's ids, as the original; 0: the model's class indices)."""
+    if size is not None and tuple(size) != tuple(logits.shape[-2:]):
+        logits = resize_prediction(logits, size)
+    return logits.argmax(1) + offset
 
 
 def normalize_depth(depth: torch.Tensor, bits: int = 16) -> torch.Tensor:
@@ -84,3 +98,56 @@ def normalize_depth(depth: torch.Tensor, bits: int = 16) -> torch.Tensor:
     scaled = torch.where(span > torch.finfo(torch.float32).eps, max_val * (flat - low) / span.clamp_min(1e-30),
                          torch.zeros_like(flat))
     return scaled.floor().view_as(depth)  # the original truncates (astype("uint16"))
+
+
+# ------------------------------------------------------------------------------ Depth Anything
+
+from .specs import DEPTH_ANYTHING_PREPROCESSING, IMAGENET_MEAN, IMAGENET_STD  # noqa: E402 (the facts table)
+
+DEPTH_ANYTHING_SIZE = DEPTH_ANYTHING_PREPROCESSING.size
+
+
+def _lower_bound_multiple(x: float, minimum: int, multiple: int) -> int:
+    """Nearest multiple of `multiple` (ties to even), rounded up instead when that falls below `minimum`."""
+    y = round(x / multiple) * multiple
+    return y if y >= minimum else math.ceil(x / multiple) * multiple
+
+
+def depth_anything_target_size(height: int, width: int, size: int = DEPTH_ANYTHING_SIZE, multiple: int = 14,
+                               rule: str = "lower_bound") -> tuple[int, int]:
+    """The (height, width) Depth Anything's preprocessing resizes an image to.
+
+    "lower_bound" (the original release): keep the aspect ratio with the larger of the two scales, so the
+    shorter side reaches `size`; each side rounded to the nearest multiple, never below `size`.
+    "minimal" (transformers' DPTImageProcessor): the scale closest to 1, each side rounded to the nearest
+    multiple."""
+    if height <= 0 or width <= 0:
+        raise ValueError(f"image size must be positive, got {height}x{width}")
+    if rule == "minimal":
+        return target_size(height, width, size, multiple, keep_aspect_ratio=True)
+    if rule != "lower_bound":
+        raise ValueError(f"rule must be 'lower_bound' or 'minimal', got {rule!r}")
+    scale = max(size / height, size / width)
+    return (_lower_bound_multiple(scale * height, size, multiple),
+            _lower_bound_multiple(scale * width, size, multiple))
+
+
+def depth_anything_preprocess(images: torch.Tensor, size: int | tuple[int, int] | None = DEPTH_ANYTHING_SIZE,
+                              multiple: int = 14, rule: str = "lower_bound") -> torch.Tensor:
+    """RGB images (uint8 [0, 255] or float [0, 1], [3, H, W] or [B, 3, H, W]) -> Depth Anything's input:
+    resized (bicubic) by `depth_anything_target_size`, normalised with ImageNet's mean and std.
+    `size` None keeps the native resolution rounded to the multiple; a (height, width) pair resizes to it.
+    Resize the prediction back with `resize_prediction(..., mode="bilinear")` (the original's choice)."""
+    x = to_float_image(images)
+    height, width = x.shape[-2:]
+    if size is None:
+        out_size = (_to_multiple(height, multiple), _to_multiple(width, multiple))
+    elif isinstance(size, int):
+        out_size = depth_anything_target_size(height, width, size, multiple, rule)
+    else:
+        out_size = tuple(size)
+    if out_size != (height, width):
+        x = F.interpolate(x, size=out_size, mode="bicubic", align_corners=False)
+    mean = torch.tensor(IMAGENET_MEAN, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    return (x - mean) / std

@@ -1,0 +1,1040 @@
+"""Batch inference: run a DPT model over image files and folders, write its predictions to a folder.
+
+    import dpt_fast
+    from dpt_fast.inference import predict_images
+
+    model = dpt_fast.load_model("dpt_hybrid-midas-501f0c75.pt").cuda()
+    summary = predict_images(model, ["photos/"], "depth/", formats=("png16", "npy"))
+    print(summary.written, summary.failures)
+
+`dpt-fast predict` is a command-line layer over this module. The pieces, usable alone:
+
+- `collect_inputs` / `plan_jobs`: inputs -> jobs (an input file and its output paths);
+- `Predictor`: decoded images -> predictions at each image's resolution (batching by processed size,
+  halving a batch on out-of-memory, overlapping tiles for images too large for memory);
+- `Writer`: background threads that encode and write the outputs atomically;
+- `OutputManifest`: the record of which outputs this tool wrote, and with which model and settings.
+
+Pipeline: DataLoader workers decode images (Pillow) -> the main thread groups them by processed size
+into batches, copies the uint8 pixels to the device and preprocesses there (dpt_fast.transforms) ->
+model -> back to each input's resolution on the device -> asynchronous copy to the host -> writer
+threads encode and write.
+
+Guarantees: an unreadable input is named and skipped; outputs are written atomically; an existing
+file in the output folder that this tool did not write is never replaced (its input is reported as a
+conflict); an output is "done" only if the manifest records it as written from the same model and
+settings, otherwise it is recomputed; a stop request (`stop` event) ends the run after the images in
+flight, with everything computed written.
+"""
+from __future__ import annotations
+
+import contextlib
+import glob
+import hashlib
+import itertools
+import json
+import math
+import os
+import queue
+import stat
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from . import image_io
+from .transforms import (DEPTH_SIZE, LABEL_OFFSET, normalize_depth, preprocess, resize_prediction,
+                         segmentation_labels, target_size)
+
+__all__ = ["predict_images", "Summary", "Predictor", "Writer", "OutputManifest", "Job", "collect_inputs",
+           "plan_jobs", "check_outputs", "shard", "model_digest", "file_fingerprint", "Reporter", "UsageError", "DEPTH_FORMATS",
+           "SEGMENTATION_FORMATS", "FORMAT_SUFFIX"]
+
+SIZE_MULTIPLE = 32
+FALLBACK_TILE = 1024  # tile size used when a single image does not fit in memory and no tile was given
+MANIFEST_NAME = ".dpt-fast-manifest.jsonl"
+
+DEPTH_FORMATS = ("png16", "pfm", "npy", "color")
+SEGMENTATION_FORMATS = ("png", "npy", "color")
+FORMAT_SUFFIX = {"png16": ".png", "png": ".png", "pfm": ".pfm", "npy": ".npy", "color": "-color.png"}
+
+
+class UsageError(Exception):
+    """A problem with what was asked (inputs, output folder, options): reported in one line."""
+
+
+class OutputConflict(Exception):
+    """An output path holds a file this tool did not write."""
+
+
+# --- messages and progress -----------------------------------------------------------------------
+
+class Reporter:
+    """Where a run's messages and progress go: one line per message on stderr, through the progress
+    bar when one is shown (so that lines and bar do not mix)."""
+
+    def __init__(self, prefix: str = "dpt_fast.inference: ", progress: bool = False, desc: str = "predict"):
+        self.prefix = prefix
+        self.show_progress = progress
+        self.desc = desc
+        self._bar = None
+        self._lock = threading.Lock()
+        self._images = self._pixels = 0
+        self._started = time.perf_counter()
+
+    def log(self, message: str) -> None:
+        with self._lock:
+            text = f"{self.prefix}{message}"
+            if self._bar is not None and not self._bar.disable:
+                self._bar.write(text, file=sys.stderr)
+            else:
+                print(text, file=sys.stderr, flush=True)
+
+    @contextlib.contextmanager
+    def progress(self, total: int):
+        from tqdm import tqdm
+        self._bar = tqdm(total=total, unit="img", disable=not self.show_progress, dynamic_ncols=True,
+                         desc=self.desc, mininterval=0.5)
+        self._images = self._pixels = 0
+        self._started = time.perf_counter()
+        try:
+            yield self
+        finally:
+            self._bar.close()
+            self._bar = None
+
+    def advance(self, images=(), skipped: int = 0) -> None:
+        """Count finished images (uint8 [H, W, 3] tensors) and failed ones (`skipped`)."""
+        if self._bar is None:
+            return
+        self._images += len(images)
+        self._pixels += sum(im.shape[0] * im.shape[1] for im in images)
+        elapsed = max(time.perf_counter() - self._started, 1e-9)
+        self._bar.set_postfix_str(f"{self._images / elapsed:.2f} img/s, {self._pixels / 1e6 / elapsed:.1f} MP/s",
+                                  refresh=False)
+        self._bar.update(len(images) + skipped)
+
+
+# --- inputs --------------------------------------------------------------------------------------
+
+@dataclass
+class Job:
+    src: Path
+    rel: str                                     # output name relative to OUT, without extension (posix)
+    outputs: dict = field(default_factory=dict)  # format -> Path
+
+
+def _glob_base(pattern: str) -> Path:
+    """The leading folders of a glob pattern that contain no wildcard."""
+    parts = Path(pattern).parts
+    base = []
+    for part in parts[:-1]:
+        if glob.has_magic(part):
+            break
+        base.append(part)
+    return Path(*base) if base else Path(".")
+
+
+def _is_regular(path) -> bool:
+    try:
+        return stat.S_ISREG(os.stat(path).st_mode)
+    except OSError:
+        return False
+
+
+def _walk(folder: Path, exclude: Path | None, skipped: list | None = None, visited: set | None = None):
+    """Image files under `folder`, recursively, sorted; hidden entries and the output folder are left
+    out. Links to folders are followed, but every real folder is entered once (a link loop ends);
+    only regular files are yielded (a FIFO or device named like an image is listed in `skipped`)."""
+    visited = set() if visited is None else visited
+    try:
+        info = os.stat(folder)
+    except OSError as e:
+        if skipped is not None:
+            skipped.append((str(folder), f"cannot enter: {e.strerror or e}"))
+        return
+    if (info.st_dev, info.st_ino) in visited:
+        return
+    visited.add((info.st_dev, info.st_ino))
+    try:
+        entries = sorted(os.scandir(folder), key=lambda e: e.name)
+    except OSError as e:
+        if skipped is not None:
+            skipped.append((str(folder), f"cannot list: {e.strerror or e}"))
+        return
+    subfolders = []
+    for entry in entries:
+        if entry.name.startswith("."):
+            continue
+        path = Path(folder) / entry.name
+        try:
+            is_dir = entry.is_dir()  # follows links
+        except OSError:
+            is_dir = False
+        if is_dir:
+            if exclude is None or path.resolve() != exclude:
+                subfolders.append(path)
+        elif image_io.is_image_name(entry.name):
+            if _is_regular(path):
+                yield path
+            elif skipped is not None:
+                skipped.append((str(path), "not a regular file (a FIFO, socket, device or broken link)"))
+    for sub in subfolders:
+        yield from _walk(sub, exclude, skipped, visited)
+
+
+def collect_inputs(inputs, exclude=None, skipped: list | None = None
+                   ) -> tuple[list[tuple[Path, str]], list[tuple[str, str]]]:
+    """INPUT arguments -> ([(file, relative name with extension)], [(argument, problem)]).
+
+    A folder contributes its image files recursively, named relative to the folder; a file is named by
+    its file name; a glob's matches are named relative to the pattern's leading non-wildcard folders.
+    The same file given twice is kept once. Problems: a missing input, a named file that is not a
+    regular file, a folder or pattern without images. Files met in folders but left out (not regular
+    files) are appended to `skipped` as (path, reason).
+    """
+    exclude = Path(exclude).resolve() if exclude is not None else None
+    found: dict[Path, tuple[Path, str]] = {}
+    problems = []
+
+    def add(path: Path, rel: Path):
+        key = path.resolve()
+        if key not in found:
+            found[key] = (path, rel.as_posix())
+        return 1
+
+    for arg in inputs:
+        arg = os.fspath(arg)
+        path = Path(arg).expanduser()
+        if path.is_dir():
+            if not sum(add(f, f.relative_to(path)) for f in _walk(path, exclude, skipped)):
+                problems.append((arg, "the folder holds no image files (" + ", ".join(image_io.IMAGE_EXTENSIONS) + ")"))
+        elif os.path.lexists(path) and not glob.has_magic(arg):
+            if _is_regular(path):
+                add(path, Path(path.name))
+            else:
+                problems.append((arg, "not a regular file (a FIFO, socket, device or broken link)"))
+        elif glob.has_magic(arg):
+            base = _glob_base(os.path.expanduser(arg))
+            n_images = 0
+            for m in map(Path, sorted(glob.glob(os.path.expanduser(arg), recursive=True))):
+                if m.is_dir():
+                    n_images += sum(add(f, f.relative_to(base)) for f in _walk(m, exclude, skipped))
+                elif image_io.is_image_name(m) and not m.name.startswith("."):
+                    if exclude is not None and exclude in m.resolve().parents:
+                        continue
+                    if _is_regular(m):
+                        n_images += add(m, m.relative_to(base) if base != Path(".") else m)
+                    elif skipped is not None:
+                        skipped.append((str(m), "not a regular file"))
+            if not n_images:
+                problems.append((arg, "the pattern matches no image"))
+        else:
+            problems.append((arg, "no such file or directory"))
+    return list(found.values()), problems
+
+
+# --- output names --------------------------------------------------------------------------------
+
+def _qualified(src, name: str, depth: int) -> str:
+    """`name` prefixed with the `depth` folders above the part of `src` that `name` already names
+    (a/x.jpg and b/x.jpg, both named x from the input folders a and b, become a/x and b/x)."""
+    parts = Path(os.path.abspath(src)).parts[1:]  # without the root
+    above = parts[:max(0, len(parts) - len(Path(name).parts))]
+    return "/".join([*above[len(above) - depth:], name]) if depth <= len(above) else ""
+
+
+def plan_jobs(items, out_dir, formats) -> list[Job]:
+    """Output names: the input's relative name without its extension (subfolders kept). Inputs that
+    share a stem in one folder (coffee.jpg and coffee.png) keep their whole file name instead
+    (coffee.jpg.png and coffee.png.png for 16-bit PNGs; coffee.jpg-color.png for colour pictures);
+    inputs of one relative name from several input folders (`predict a b` with a/x.jpg and b/x.jpg)
+    are prefixed with their folders' names (a/x.png, b/x.png). Names are compared case-insensitively,
+    so that no two inputs share an output file on any file system."""
+    out_dir = Path(out_dir)
+    stems: dict[str, set] = {}
+    for _, rel in items:
+        stems.setdefault(os.path.splitext(rel)[0].casefold(), set()).add(rel.casefold())
+    names = []
+    for _, rel in items:
+        stem = os.path.splitext(rel)[0]
+        names.append(rel if len(stems[stem.casefold()]) > 1 else stem)
+
+    def outputs(name):
+        return {fmt: out_dir / (name + FORMAT_SUFFIX[fmt]) for fmt in formats}
+
+    def claimed(name):
+        return {str(p).casefold() for p in outputs(name).values()}
+
+    # Names that still collide (one relative name from two folders; "x-color.jpg" against x.jpg's colour
+    # output) are qualified by parent folders, else numbered; deterministic in the items, as sharding needs.
+    counts: dict[str, int] = {}
+    for name in names:
+        for path in claimed(name):
+            counts[path] = counts.get(path, 0) + 1
+    taken: set[str] = set()
+    for i in sorted(range(len(items)), key=lambda i: (names[i], str(items[i][0]))):
+        if any(counts[p] > 1 for p in claimed(names[i])):
+            src, name = items[i][0], names[i]
+            depths = range(1, len(Path(os.path.abspath(src)).parts))
+            candidates = itertools.chain((_qualified(src, name, d) for d in depths),
+                                         (f"{name}~{n}" for n in itertools.count(2)))
+            names[i] = next(c for c in candidates if c and not claimed(c) & taken
+                            and not any(p in counts for p in claimed(c)))
+            taken |= claimed(names[i])
+    jobs = [Job(src, name, outputs(name)) for (src, _), name in zip(items, names)]
+    jobs.sort(key=lambda j: (j.rel, str(j.src)))
+    return jobs
+
+
+def check_outputs(jobs: list[Job], inputs, out_dir) -> None:
+    """Refuse an output folder that is an input folder (a re-run would read the outputs as inputs)
+    or whose outputs would overwrite an input image (`predict photos/a.png -o photos`)."""
+    out = Path(out_dir).expanduser().resolve()
+    for arg in inputs:
+        path = Path(os.fspath(arg)).expanduser()
+        if path.is_dir() and path.resolve() == out:
+            raise UsageError(f"-o {out_dir} is the input folder {os.fspath(arg)}: the next run would read the "
+                             "outputs as inputs; choose another output folder (a subfolder of the input is fine)")
+    sources = {s for s in (Path(job.src).resolve() for job in jobs) if out in s.parents}
+    for job in jobs if sources else ():  # only inputs inside the output folder can be overwritten
+        for path in job.outputs.values():
+            if path.resolve() in sources:
+                raise UsageError(f"the output {path} would overwrite an input image of that name: choose "
+                                 "another output folder with -o")
+
+
+def shard(jobs: list, rank: int, world: int) -> list:
+    """The rank's share of the sorted job list: job i goes to rank i % world."""
+    return [job for i, job in enumerate(jobs) if i % world == rank]
+
+
+# --- which outputs this tool wrote ---------------------------------------------------------------
+
+def _identity(info: os.stat_result) -> list[int]:
+    return [info.st_size, info.st_mtime_ns, info.st_ino]
+
+
+def _file_sha256(path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+class OutputManifest:
+    """OUT/.dpt-fast-manifest.jsonl: one JSON line per output written, appended just before the
+    output takes its final name: {"output": name in OUT, "file": [size, mtime_ns, inode], "sha256":
+    the bytes' digest, "settings": {model, size, task, dtype, format, ...}}.
+
+    A file in OUT is this tool's if a record matches it: its size, modification time and inode, or
+    (a file touched or copied since) its size and SHA-256; a file put there by someone else under the
+    same name matches neither. It is done if that record's settings are the ones asked for now. Lines
+    are appended with O_APPEND in one write each, so several processes (torchrun ranks) and threads
+    may record at once; a line cut short by a kill is ignored on reading."""
+
+    def __init__(self, out_dir):
+        self.out_dir = Path(out_dir)
+        self.path = self.out_dir / MANIFEST_NAME
+        self._lock = threading.Lock()
+        self.records: dict[str, list[dict]] = {}
+        try:
+            text = self.path.read_text(encoding="utf-8", errors="replace")
+        except (FileNotFoundError, NotADirectoryError):
+            text = ""
+        for line in text.splitlines():
+            try:
+                record = json.loads(line)
+                name, identity = record["output"], record["file"]
+            except (ValueError, KeyError, TypeError):
+                continue  # a line cut short by a kill, or not ours
+            if isinstance(name, str) and isinstance(identity, list) and len(identity) == 3:
+                self.records.setdefault(name, []).append(record)
+
+    def _name(self, path) -> str:
+        return Path(os.path.relpath(path, self.out_dir)).as_posix()
+
+    def record_for(self, path) -> dict | None:
+        """The record of the file now at `path` if this tool wrote it, else None (also when absent)."""
+        try:
+            info = os.lstat(path)
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        records = self.records.get(self._name(path), [])
+        if not stat.S_ISREG(info.st_mode) or not records:
+            return None
+        identity = _identity(info)
+        for record in reversed(records):
+            if record["file"] == identity:
+                return record
+        same_size = [r for r in reversed(records) if r["file"][0] == info.st_size and r.get("sha256")]
+        if same_size:
+            digest = _file_sha256(path)
+            for record in same_size:
+                if record["sha256"] == digest:
+                    return record
+        return None
+
+    def add(self, path, written: os.stat_result, settings: dict, sha256: str | None = None) -> None:
+        record = {"output": self._name(path), "file": _identity(written), "sha256": sha256, "settings": settings}
+        line = (json.dumps(record, sort_keys=True) + "\n").encode("utf-8")
+        with self._lock:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
+            try:
+                os.write(fd, line)
+            finally:
+                os.close(fd)
+            self.records.setdefault(record["output"], []).append(record)
+
+    def compact(self) -> None:
+        """Rewrite the manifest (atomically) with only the records of files still in place; for a
+        single process, when no other is appending."""
+        keep = []
+        for name in sorted(self.records):
+            record = self.record_for(self.out_dir / name)
+            if record is not None:
+                keep.append(json.dumps(record, sort_keys=True) + "\n")
+        if keep or self.path.exists():
+            image_io.atomic_write_bytes(self.path, "".join(keep).encode("utf-8"))
+
+
+@dataclass
+class Plan:
+    todo: list           # jobs to compute
+    done: list           # jobs whose outputs are all this tool's, from the same settings
+    conflicts: list      # (job, why): an output path holds a file this tool did not write
+
+
+def plan_work(jobs: list[Job], manifest: OutputManifest, settings: dict, overwrite: bool = False) -> Plan:
+    """Sort jobs into done, to do, and conflicts (never written over)."""
+    plan = Plan([], [], [])
+    for job in jobs:
+        foreign = [p for p in job.outputs.values() if os.path.lexists(p) and manifest.record_for(p) is None]
+        if foreign:
+            plan.conflicts.append((job, f"{foreign[0]} exists and was not written by dpt-fast: left as it is and "
+                                        "this input skipped (move that file, or choose another -o)"))
+            continue
+        finished = all((r := manifest.record_for(p)) is not None and r.get("settings") == dict(settings, format=fmt)
+                       for fmt, p in job.outputs.items())
+        (plan.done if finished and not overwrite else plan.todo).append(job)
+    return plan
+
+
+def model_digest(model: torch.nn.Module) -> str:
+    """A short SHA-256 over the model's configuration and state dict (names, dtypes, shapes, bytes):
+    the model's identity in the manifest when no file fingerprint is given."""
+    h = hashlib.sha256(json.dumps(getattr(model, "config", {}) or {}, sort_keys=True, default=str).encode())
+    for name, tensor in model.state_dict().items():
+        t = tensor.detach().to("cpu").contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return "sha256:" + h.hexdigest()[:32]
+
+
+# --- decoding (DataLoader workers) ---------------------------------------------------------------
+
+class ImageFiles(torch.utils.data.Dataset):
+    """Decodes one file per item: (index, uint8 [H, W, 3] tensor or None, error message or "")."""
+
+    def __init__(self, paths, max_pixels: int | None = image_io.MAX_IMAGE_PIXELS):
+        self.paths = [str(p) for p in paths]
+        self.max_pixels = max_pixels
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, index):
+        try:
+            return index, torch.from_numpy(image_io.read_image(self.paths[index], self.max_pixels)), ""
+        except image_io.ImageReadError as e:
+            return index, None, str(e)
+        except MemoryError:
+            return index, None, "out of memory while decoding"
+        except Exception as e:  # noqa: BLE001 -- any failure to decode is reported per file
+            return index, None, f"{type(e).__name__}: {e}"
+
+
+def _items(batch):
+    return batch
+
+
+# --- inference -----------------------------------------------------------------------------------
+
+class _OutOfMemory(Exception):
+    pass
+
+
+_ALLOCATION_FAILURES = ("out of memory", "not enough memory", "can't allocate memory", "cannot allocate memory",
+                        "defaultcpuallocator")
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """An allocation failure on any device: MemoryError, CUDA's OutOfMemoryError, or a RuntimeError
+    from an allocator ("not enough memory", "DefaultCPUAllocator: can't allocate memory")."""
+    if isinstance(error, (MemoryError, torch.OutOfMemoryError, _OutOfMemory)):
+        return True
+    return isinstance(error, RuntimeError) and any(s in str(error).lower() for s in _ALLOCATION_FAILURES)
+
+
+def _tile_starts(n: int, tile: int, overlap: int) -> list[int]:
+    if tile >= n:
+        return [0]
+    stride = max(1, tile - overlap)
+    starts = list(range(0, n - tile, stride)) + [n - tile]
+    return sorted(set(starts))
+
+
+def _ramp(n: int, overlap: int, device) -> torch.Tensor:
+    i = torch.arange(n, device=device, dtype=torch.float32)
+    if overlap <= 0:
+        return torch.ones(n, device=device)
+    return torch.minimum(torch.ones_like(i), torch.minimum((i + 1) / (overlap + 1), (n - i) / (overlap + 1)))
+
+
+class Predictor:
+    """Runs a DPT model on lists of decoded images; returns predictions at each image's resolution.
+
+    size: an int (the original's "minimal" resize to multiples of 32 around that size) or None
+    (native resolution: the model pads to multiples of 32 itself and crops back).
+    tile: None, or the tile side in processed pixels above which an image is run in overlapping
+    tiles blended with linear ramps (depth tiles are first aligned, scale and shift by least squares,
+    to a whole-image prediction at tile resolution, since DPT's depth is relative).
+    Segmentation predictions are labels: class index + `label_offset` (1, as the original).
+    """
+
+    def __init__(self, model, device, size=DEPTH_SIZE, tile=None, tile_overlap=0.25, segmentation=False,
+                 compiled=None, batch_size=1, dtype=None, label_offset: int = LABEL_OFFSET, log=None):
+        self.model = model
+        self.run_model = compiled if compiled is not None else model
+        self.device = torch.device(device)
+        self.size = size
+        self.tile = self._round_tile(tile) if tile else None
+        self.tile_overlap = tile_overlap
+        self.segmentation = segmentation
+        self.batch_size = max(1, int(batch_size))
+        self.dtype = dtype
+        self.label_offset = label_offset
+        self.batch_limit: dict[tuple, int] = {}  # processed size -> largest batch known to fit
+        self.notes: list[str] = []
+        self.log = log or (lambda message: None)
+
+    @staticmethod
+    def _round_tile(tile: int) -> int:
+        return max(SIZE_MULTIPLE * 2, int(tile) // SIZE_MULTIPLE * SIZE_MULTIPLE)
+
+    def processed_size(self, height: int, width: int) -> tuple[int, int]:
+        """The size the network sees (at native size, the image's own: the model pads it)."""
+        if self.size is None:
+            return (height, width)
+        return target_size(height, width, self.size, SIZE_MULTIPLE)
+
+    def batch_for(self, key) -> int:
+        return min(self.batch_size, self.batch_limit.get(key, self.batch_size))
+
+    def needs_tiles(self, key, tile=None) -> bool:
+        tile = tile or self.tile
+        return tile is not None and max(key) > tile
+
+    def prepare(self, image: torch.Tensor, key) -> torch.Tensor:
+        """uint8 [H, W, 3] (host) -> normalised float [1, 3, *key] on the device."""
+        x = image.to(self.device, non_blocking=True).permute(2, 0, 1)
+        x = preprocess(x, size=tuple(key))
+        if self.dtype is not None and self.dtype != x.dtype:
+            x = x.to(self.dtype)
+        return x
+
+    def forward_split(self, x: torch.Tensor, key=None) -> list[torch.Tensor]:
+        """Model outputs for a batch, one [1, ...] tensor per image; when memory runs out, halves the
+        batch and retries (remembering the size that fit); raises _OutOfMemory at batch 1."""
+        try:
+            out = self.run_model(x)
+            return [out[i:i + 1] for i in range(out.shape[0])]
+        except Exception as e:  # noqa: BLE001 -- only allocation failures are handled
+            if not is_out_of_memory(e):
+                raise
+            reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        # outside the except block: the traceback no longer pins the failed batch's tensors
+        if x.is_cuda:
+            torch.cuda.empty_cache()
+        batch = x.shape[0]
+        if batch == 1:
+            raise _OutOfMemory(f"out of memory at {x.shape[-2]}x{x.shape[-1]} ({reason[:120]})")
+        half = batch // 2
+        if key is not None:
+            self.batch_limit[key] = min(self.batch_limit.get(key, batch), half)
+        note = f"out of memory with a batch of {batch} at {x.shape[-2]}x{x.shape[-1]}: retrying with {half}"
+        self.notes.append(note)
+        self.log(note)
+        return self.forward_split(x[:half], key) + self.forward_split(x[half:], key)
+
+    def finish(self, out: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        """A model output [1, ...] at processed size -> the prediction at (height, width): float32
+        depth [H, W], or int64 labels [H, W] for segmentation (the original's post-processing)."""
+        if self.segmentation:
+            return segmentation_labels(out.float(), (height, width), self.label_offset)[0]
+        if tuple(out.shape[-2:]) == (height, width):
+            return out[0].float()
+        return resize_prediction(out.float(), (height, width))[0]
+
+    def predict_batch(self, images: list[torch.Tensor], key) -> list[torch.Tensor]:
+        """Same processed size `key` for every image; returns predictions (on the device)."""
+        try:
+            x = torch.cat([self.prepare(im, key) for im in images])
+        except Exception as e:  # noqa: BLE001
+            if not is_out_of_memory(e):
+                raise
+            x = None
+        if x is None:
+            raise _OutOfMemory(f"out of memory preparing {len(images)} image(s) at {key[0]}x{key[1]}")
+        outs = self.forward_split(x, key)
+        del x
+        return [self.finish(out, im.shape[0], im.shape[1]) for out, im in zip(outs, images)]
+
+    def predict_tiled(self, image: torch.Tensor, key, tile: int) -> torch.Tensor:
+        tile = self._round_tile(tile)
+        x = self.prepare(image, key)
+        ph, pw = key
+        th, tw = min(tile, ph), min(tile, pw)
+        overlap = int(round(tile * self.tile_overlap))
+        ys, xs = _tile_starts(ph, th, overlap), _tile_starts(pw, tw, overlap)
+        window = _ramp(th, overlap, self.device)[:, None] * _ramp(tw, overlap, self.device)[None, :]
+        acc_device = self.device if not self.segmentation else torch.device("cpu")
+        weight = torch.zeros(ph, pw, device=acc_device)
+        acc = None
+        reference = self._global_depth(x, tile) if not self.segmentation else None
+        boxes = [(y, x0) for y in ys for x0 in xs]
+        for start in range(0, len(boxes), self.batch_size):
+            chunk = boxes[start:start + self.batch_size]
+            batch = torch.cat([x[:, :, y:y + th, x0:x0 + tw] for y, x0 in chunk])
+            outs = self.forward_split(batch)
+            del batch
+            for (y, x0), out in zip(chunk, outs):
+                # segmentation: logits are blended, as the original resizes logits (not probabilities)
+                value = out[0].float() if self.segmentation else self._align(out[0].float(),
+                                                                              reference[y:y + th, x0:x0 + tw])
+                if acc is None:
+                    acc = torch.zeros((value.shape[0], ph, pw) if value.dim() == 3 else (ph, pw), device=acc_device)
+                acc[..., y:y + th, x0:x0 + tw] += (value * window).to(acc_device)
+                weight[y:y + th, x0:x0 + tw] += window.to(acc_device)
+        blended = (acc / weight).to(self.device)[None]
+        return self.finish(blended, image.shape[0], image.shape[1])
+
+    def _global_depth(self, x: torch.Tensor, tile: int) -> torch.Tensor:
+        """The whole image at tile resolution, upsampled to x's size: the frame tiles are aligned to."""
+        ph, pw = x.shape[-2:]
+        if max(ph, pw) <= tile:  # the image fits in one tile: its own prediction is the frame
+            return self.forward_split(x)[0].float()[0]
+        scale = tile / max(ph, pw)
+        gh = max(SIZE_MULTIPLE, int(round(ph * scale / SIZE_MULTIPLE)) * SIZE_MULTIPLE)
+        gw = max(SIZE_MULTIPLE, int(round(pw * scale / SIZE_MULTIPLE)) * SIZE_MULTIPLE)
+        small = F.interpolate(x.float(), size=(gh, gw), mode="bilinear", align_corners=False, antialias=True)
+        out = self.forward_split(small.to(x.dtype))[0].float()
+        return F.interpolate(out[:, None], size=(ph, pw), mode="bilinear", align_corners=False)[0, 0]
+
+    @staticmethod
+    def _align(pred: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+        """scale * pred + shift closest (least squares) to ref; scale kept non-negative."""
+        pm, rm = pred.mean(), ref.mean()
+        dp = pred - pm
+        scale = ((dp * (ref - rm)).mean() / (dp * dp).mean().clamp_min(1e-12)).clamp_min(0)
+        return scale * dp + rm
+
+
+# --- writing -------------------------------------------------------------------------------------
+
+def encode_outputs(job: Job, prediction: torch.Tensor, image: torch.Tensor | None = None) -> dict:
+    """format -> file bytes for one prediction (float depth [H, W] or int labels [H, W])."""
+    encoded = {}
+    if prediction.is_floating_point():
+        values = prediction.float().numpy()
+        for fmt in job.outputs:
+            if fmt in ("png16", "png"):
+                encoded[fmt] = image_io.png16_bytes(normalize_depth(torch.from_numpy(values)[None])[0].numpy())
+            elif fmt == "pfm":
+                encoded[fmt] = image_io.pfm_bytes(values)
+            elif fmt == "npy":
+                encoded[fmt] = image_io.npy_bytes(values)
+            elif fmt == "color":
+                encoded[fmt] = image_io.rgb_bytes(image_io.colorize(values))
+    else:
+        labels = prediction.numpy()
+        for fmt in job.outputs:
+            if fmt == "png":
+                encoded[fmt] = image_io.palette_png_bytes(labels)
+            elif fmt == "npy":
+                encoded[fmt] = image_io.npy_bytes(labels.astype(np.uint8 if labels.max(initial=0) < 256 else np.int32))
+            elif fmt == "color":
+                if image is None:
+                    raise ValueError("the colour picture needs the input image")
+                encoded[fmt] = image_io.rgb_bytes(image_io.overlay_labels(image.numpy(), labels))
+    return encoded
+
+
+def write_outputs(job: Job, prediction: torch.Tensor, image: torch.Tensor | None = None,
+                  manifest: OutputManifest | None = None, settings: dict | None = None) -> None:
+    """Write every requested format of one prediction atomically. With a manifest, each file is
+    recorded (with `settings` and its format) before it takes its final name, and a file at that
+    name which this tool did not write is never replaced (OutputConflict)."""
+    for fmt, data in encode_outputs(job, prediction, image).items():
+        path = job.outputs[fmt]
+        if manifest is None:
+            image_io.atomic_write_bytes(path, data)
+            continue
+
+        def claim(tmp, path=path, fmt=fmt, data=data):
+            if os.path.lexists(path) and manifest.record_for(path) is None:
+                raise OutputConflict(f"{path} appeared meanwhile and was not written by dpt-fast: left as it is")
+            manifest.add(path, os.stat(tmp), dict(settings or {}, format=fmt), hashlib.sha256(data).hexdigest())
+        image_io.atomic_write_bytes(path, data, before_replace=claim)
+
+
+def _is_constant(prediction: torch.Tensor) -> bool:
+    flat = prediction.reshape(-1)
+    return flat.numel() > 1 and bool((flat == flat[0]).all())
+
+
+class Writer:
+    """Background threads that wait for a prediction's host copy and write its files atomically."""
+
+    def __init__(self, threads: int = 2, maxsize: int = 16, num_classes: int | None = None,
+                 manifest: OutputManifest | None = None, settings: dict | None = None, log=None):
+        self.queue: queue.Queue = queue.Queue(maxsize=maxsize)
+        self.failures: list[tuple[str, str]] = []
+        self.conflicts: list[tuple[str, str]] = []
+        self.constant: list[str] = []   # inputs whose prediction is one value everywhere
+        self.written = 0
+        self.num_classes = num_classes
+        self.manifest, self.settings = manifest, settings
+        self.log = log or (lambda message: None)
+        self._lock = threading.Lock()
+        self._abort = threading.Event()
+        self.threads = [threading.Thread(target=self._loop, daemon=True, name=f"dpt-fast-writer-{i}")
+                        for i in range(max(1, threads))]
+        for t in self.threads:
+            t.start()
+
+    def submit(self, job: Job, prediction: torch.Tensor, event=None, image: torch.Tensor | None = None):
+        self.queue.put((job, prediction, event, image))
+
+    def close(self, abort: bool = False):
+        """Write what is queued (or, with abort, drop it) and stop the threads."""
+        if abort:
+            self._abort.set()
+        for _ in self.threads:
+            self.queue.put(None)
+        for t in self.threads:
+            t.join()
+
+    def _loop(self):
+        while True:
+            item = self.queue.get()
+            if item is None:
+                return
+            if self._abort.is_set():
+                continue
+            job, prediction, event, image = item
+            try:
+                if event is not None:
+                    event.synchronize()
+                if _is_constant(prediction):
+                    with self._lock:
+                        self.constant.append(str(job.src))
+                write_outputs(job, prediction, image, self.manifest, self.settings)
+                with self._lock:
+                    self.written += 1
+            except OutputConflict as e:
+                with self._lock:
+                    self.conflicts.append((str(job.src), str(e)))
+                self.log(f"conflict: {job.src}: {e}")
+            except Exception as e:  # noqa: BLE001 -- reported per file
+                with self._lock:
+                    self.failures.append((str(job.src), f"writing failed: {type(e).__name__}: {e}"))
+                self.log(f"failed: {job.src}: writing failed: {type(e).__name__}: {e}")
+
+
+# --- a run ---------------------------------------------------------------------------------------
+
+@dataclass
+class Summary:
+    """What a run did. `remaining`: inputs neither written nor failed (a stopped run)."""
+    written: int = 0
+    skipped: int = 0                                    # already done, from the same model and settings
+    failures: list = field(default_factory=list)        # (input, why)
+    conflicts: list = field(default_factory=list)       # (input, why): an output name held a foreign file
+    constant: list = field(default_factory=list)        # inputs whose prediction is one value everywhere
+    remaining: int = 0
+    stopped: bool = False
+    elapsed: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return not self.failures and not self.conflicts and not self.stopped
+
+
+class _Batches:
+    """Groups decoded images by processed size, runs full batches, and sends predictions to the writer;
+    falls back to tiles (then to skipping the image) when memory runs out."""
+
+    def __init__(self, predictor: Predictor, writer: Writer, reporter: Reporter, summary: Summary):
+        self.predictor, self.writer, self.reporter, self.summary = predictor, writer, reporter, summary
+        self.buckets: dict[tuple, list] = {}
+        self.fallback_tiles: dict[tuple, int] = {}  # processed size -> tile, once one image of it ran out of memory
+        self.max_pending = 4 * predictor.batch_size
+
+    def pending(self) -> int:
+        return sum(len(v) for v in self.buckets.values())
+
+    def add(self, job: Job, image: torch.Tensor) -> None:
+        key = self.predictor.processed_size(image.shape[0], image.shape[1])
+        self.buckets.setdefault(key, []).append((job, image))
+        if len(self.buckets[key]) >= self.predictor.batch_for(key):
+            self.run(key, self.buckets.pop(key))
+        elif self.pending() > self.max_pending:
+            fullest = max(self.buckets, key=lambda k: len(self.buckets[k]))
+            self.run(fullest, self.buckets.pop(fullest))
+
+    def drain(self) -> None:
+        for key in sorted(self.buckets):
+            self.run(key, self.buckets.pop(key))
+
+    def fail(self, job: Job, why: str) -> None:
+        self.summary.failures.append((str(job.src), why))
+        self.reporter.log(f"failed: {job.src}: {why}")
+
+    def emit(self, job: Job, prediction: torch.Tensor, image: torch.Tensor) -> None:
+        keep_image = image if self.predictor.segmentation else None
+        if prediction.device.type == "cuda":
+            host = prediction.to("cpu", non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+            self.writer.submit(job, host, event, keep_image)
+        else:
+            self.writer.submit(job, prediction, None, keep_image)
+
+    def run_tiled(self, job: Job, image: torch.Tensor, key, tile: int) -> None:
+        try:
+            prediction = self.predictor.predict_tiled(image, key, tile)
+        except Exception as e:  # noqa: BLE001 -- allocation failures skip this image only
+            if not is_out_of_memory(e):
+                raise
+            prediction, why = None, str(e).splitlines()[0] if str(e) else "out of memory"
+        if prediction is None:
+            self.fail(job, f"{why} even in {tile}x{tile} tiles: skipped (try a smaller --tile)")
+            self.reporter.advance(skipped=1)
+        else:
+            self.emit(job, prediction, image)
+            self.reporter.advance([image])
+
+    def run(self, key, entries: list) -> None:
+        tile = self.predictor.tile if self.predictor.needs_tiles(key) else self.fallback_tiles.get(key)
+        if tile:
+            for job, image in entries:
+                self.run_tiled(job, image, key, tile)
+            return
+        start = 0
+        while start < len(entries):
+            chunk = entries[start:start + self.predictor.batch_for(key)]
+            start += len(chunk)
+            try:
+                predictions = self.predictor.predict_batch([im for _, im in chunk], key)
+            except Exception as e:  # noqa: BLE001 -- allocation failures go to tiles
+                if not is_out_of_memory(e):
+                    raise
+                predictions, why = None, str(e).splitlines()[0] if str(e) else "out of memory"
+            if predictions is None:
+                tile = self.predictor._round_tile(min(FALLBACK_TILE, max(key) // 2))
+                self.fallback_tiles[key] = tile
+                self.reporter.log(f"{chunk[0][0].src}: {why}: falling back to {tile}x{tile} tiles "
+                                  "(set --tile to choose)")
+                for job, image in chunk:  # the whole chunk: not one image of it has been written
+                    self.run_tiled(job, image, key, tile)
+                continue
+            for (job, image), prediction in zip(chunk, predictions):
+                self.emit(job, prediction, image)
+            self.reporter.advance([im for _, im in chunk])
+
+
+@contextlib.contextmanager
+def _cudnn_autotune(device: torch.device, enabled: bool):
+    """cuDNN's algorithm search for this run only (it pays off when every batch has the same shape)."""
+    if device.type != "cuda":
+        yield
+        return
+    before = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = enabled
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = before
+
+
+def clean_stale_temporaries(out_dir, reporter: Reporter | None = None) -> int:
+    """Delete this tool's temporary files left in `out_dir` by killed runs; returns how many."""
+    removed = 0
+    if Path(out_dir).is_dir():
+        for path in image_io.stale_temporaries(out_dir):
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+                removed += 1
+    if removed and reporter is not None:
+        reporter.log(f"removed {removed} temporary file(s) left by an interrupted run in {out_dir}")
+    return removed
+
+
+def run_jobs(predictor: Predictor, jobs: list[Job], *, writer: Writer, reporter: Reporter,
+             num_workers: int = 0, max_pixels: int | None = image_io.MAX_IMAGE_PIXELS,
+             stop: threading.Event | None = None, summary: Summary | None = None) -> Summary:
+    """Decode, predict and write `jobs` (the writer is closed at the end: what was computed is written
+    even when `stop` is set or the run is interrupted)."""
+    summary = summary if summary is not None else Summary()
+    loader = torch.utils.data.DataLoader(
+        ImageFiles([j.src for j in jobs], max_pixels), batch_size=None, shuffle=False, num_workers=num_workers,
+        collate_fn=_items, pin_memory=predictor.device.type == "cuda", prefetch_factor=4 if num_workers else None)
+    batches = _Batches(predictor, writer, reporter, summary)
+    finished = False
+    try:
+        with torch.inference_mode():
+            for index, image, error in loader:
+                if stop is not None and stop.is_set():
+                    break
+                if image is None:
+                    batches.fail(jobs[index], f"cannot read the image: {error}")
+                    reporter.advance(skipped=1)
+                    continue
+                batches.add(jobs[index], image)
+            else:
+                batches.drain()
+        finished = True
+    finally:
+        writer.close(abort=not finished)  # a second interrupt: drop what is queued, keep the files whole
+        summary.written += writer.written
+        summary.failures.extend(writer.failures)
+        summary.conflicts.extend(writer.conflicts)
+        summary.constant.extend(writer.constant)
+    return summary
+
+
+def settings_record(model_id: str, size, segmentation: bool, dtype=None, tile=None, tile_overlap=0.25,
+                    label_offset: int = LABEL_OFFSET) -> dict:
+    """What the manifest records about how an output was made (with its format, added per file)."""
+    record = {"model": model_id, "size": "native" if size is None else int(size),
+              "task": "segmentation" if segmentation else "depth",
+              "dtype": str(dtype).replace("torch.", "") if dtype is not None else "float32"}
+    if tile:
+        record.update(tile=int(tile), tile_overlap=float(tile_overlap))
+    if segmentation:
+        record["label_offset"] = int(label_offset)
+    return record
+
+
+def _is_segmentation(model) -> bool:
+    return hasattr(model, "num_classes") or "Segmentation" in type(model).__name__
+
+
+def predict_images(model, inputs, out_dir, *, size=None, formats=None, device=None, dtype=None,
+                   batch_size: int = 1, tile=None, tile_overlap: float = 0.25, overwrite: bool = False,
+                   num_workers: int = 0, writers: int = 2, compiled=None, model_id: str | None = None,
+                   label_offset: int = LABEL_OFFSET, max_pixels: int | None = image_io.MAX_IMAGE_PIXELS,
+                   reporter: Reporter | None = None, stop: threading.Event | None = None,
+                   rank: int = 0, world: int = 1) -> Summary:
+    """Run `model` (a DPTDepthModel or DPTSegmentationModel, in eval mode) over image files, folders
+    (recursive) and globs in `inputs`, writing its predictions under `out_dir` (names mirror the inputs,
+    see `plan_jobs`).
+
+    size: the original's processing size (default 384 for depth, 480 for segmentation) or "native".
+    formats: depth "png16" (default), "pfm", "npy", "color"; segmentation "png" (default), "npy", "color".
+    device/dtype: where and in which dtype the input goes (default: the model's).
+    model_id: the model's identity recorded with each output (default: `model_digest(model)`);
+    outputs recorded from another model or other settings are recomputed, and files in `out_dir` this
+    function did not write are never replaced (their inputs are listed in `Summary.conflicts`).
+    max_pixels: images with more pixels are refused from their header (None: no limit).
+    stop: set it (e.g. from a signal handler) to end after the images in flight.
+    rank/world: this process's share of the inputs (input i goes to rank i % world).
+    Raises UsageError for inputs that do not exist or hold no images, and for bad options.
+    """
+    from .transforms import SEGMENTATION_SIZE
+    reporter = reporter or Reporter()
+    segmentation = _is_segmentation(model)
+    param = next(model.parameters())
+    device = torch.device(device) if device is not None else param.device
+    if size is None:
+        size = SEGMENTATION_SIZE if segmentation else DEPTH_SIZE
+    elif size == "native":
+        size = None
+    formats = tuple(formats or (("png",) if segmentation else ("png16",)))
+    allowed = SEGMENTATION_FORMATS if segmentation else DEPTH_FORMATS
+    if any(f not in allowed for f in formats):
+        raise UsageError(f"formats {','.join(formats)}: choose from {','.join(allowed)}")
+    out_dir = Path(out_dir).expanduser()
+    items, problems = collect_inputs(inputs, exclude=out_dir, skipped=(skipped := []))
+    if problems:
+        raise UsageError("; ".join(f"{arg}: {why}" for arg, why in problems))
+    for path, why in skipped if rank == 0 else ():
+        reporter.log(f"skipped: {path}: {why}")
+    planned = plan_jobs(items, out_dir, formats)
+    check_outputs(planned, inputs, out_dir)
+    settings = settings_record(model_id or model_digest(model), size, segmentation, dtype or param.dtype, tile,
+                               tile_overlap, label_offset)
+    return run_planned(model, shard(planned, rank, world), out_dir, settings=settings, device=device, dtype=dtype,
+                       size=size, segmentation=segmentation, batch_size=batch_size, tile=tile,
+                       tile_overlap=tile_overlap, overwrite=overwrite, num_workers=num_workers, writers=writers,
+                       compiled=compiled, label_offset=label_offset, max_pixels=max_pixels, reporter=reporter,
+                       stop=stop, compact=world == 1)
+
+
+def run_planned(model, jobs: list[Job], out_dir, *, settings: dict, device, dtype, size, segmentation: bool,
+                batch_size: int, tile, tile_overlap: float, overwrite: bool, num_workers: int, writers: int,
+                compiled, label_offset: int, max_pixels, reporter: Reporter, stop, compact: bool) -> Summary:
+    """The run after planning: clean leftovers, sort jobs into done / to do / conflicts, predict and write."""
+    started = time.perf_counter()
+    clean_stale_temporaries(out_dir, reporter)
+    manifest = OutputManifest(out_dir)
+    plan = plan_work(jobs, manifest, settings, overwrite)
+    summary = Summary(skipped=len(plan.done))
+    for job, why in plan.conflicts:
+        summary.conflicts.append((str(job.src), why))
+        reporter.log(f"conflict: {job.src}: {why}")
+    if plan.done:
+        reporter.log(f"{len(plan.done)} input(s) already have all outputs from this model and these settings: "
+                     "skipped (--overwrite recomputes them)")
+    predictor = Predictor(model, device, size=size, tile=tile, tile_overlap=tile_overlap, segmentation=segmentation,
+                          compiled=compiled, batch_size=batch_size, dtype=dtype, label_offset=label_offset,
+                          log=reporter.log)
+    writer = Writer(threads=writers, maxsize=max(8, 2 * batch_size), num_classes=getattr(model, "num_classes", None),
+                    manifest=manifest, settings=settings, log=reporter.log)
+    summary.remaining = len(plan.todo)
+    try:
+        with _cudnn_autotune(predictor.device, size is not None), reporter.progress(len(plan.todo)):
+            run_jobs(predictor, plan.todo, writer=writer, reporter=reporter, num_workers=num_workers,
+                     max_pixels=max_pixels, stop=stop, summary=summary)
+    except BaseException:
+        summary.stopped = True
+        raise
+    finally:
+        summary.elapsed = time.perf_counter() - started
+        summary.stopped = summary.stopped or (stop is not None and stop.is_set())
+        summary.remaining = max(0, len(plan.todo) - summary.written - len(summary.failures)
+                                - (len(summary.conflicts) - len(plan.conflicts)))
+        if compact and not summary.stopped:
+            with contextlib.suppress(OSError):
+                manifest.compact()
+    return summary
+
+
+def file_fingerprint(path) -> str:
+    """A model file's or folder's identity for the manifest: SHA-256 over the resolved path, size and
+    modification time of the file (of a folder: of each file directly in it). Cheap: nothing is read."""
+    path = Path(path).expanduser().resolve()
+    files = sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else [path]
+    h = hashlib.sha256()
+    for f in files:
+        info = f.stat()
+        h.update(f"{f}\0{info.st_size}\0{info.st_mtime_ns}\n".encode())
+    return f"{path.name}@sha256:{h.hexdigest()[:24]}"
