@@ -15,7 +15,16 @@ is downloaded):
                      init from a DPTConfig matching the model (when transformers is installed)
 
 Latency is the median of timed runs (CUDA events on GPU, perf_counter on CPU) after warm-up; the first
-call's time (compilation included) is reported separately. FLOPs are counted once per configuration with
+call's time (compilation included) is reported separately. Every dpt-fast variant of a configuration runs
+with the same weights (seeded), so a fused variant that fell back to the reference computes exactly what
+the reference variant does, and is labelled "fused (fell back to reference: ...)" in the table and plot.
+
+On a CPU (a check that the code path works: the fused kernels need a CUDA GPU) the run uses --threads
+intra-op threads (default 1: a parallel region waits for its slowest thread, so on a machine whose cores
+other processes share, more threads stretch every call by a varying factor), times the eager variants of
+a configuration in turns (time_interleaved: A B C, C B A, ...) so that a change of the machine's load
+reaches all of them alike, and reports each call's process CPU time (cpu_ms) next to the wall clock, with
+the load average at the start and the end of the run. FLOPs are counted once per configuration with
 torch.utils.flop_counter on the meta device (attention counted as its two matmuls). The achieved
 fraction of a dense matmul peak of the same dtype, measured in the same process (with the copy
 bandwidth: measure_ceilings), is reported as MFU. Results go to --out as JSON (rewritten after every
@@ -33,6 +42,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime as _dt
+import functools
 import gc
 import json
 import math
@@ -499,75 +509,27 @@ def _summarise_impls(impls: dict) -> str:
     return ", ".join(f"{_short_op(op)}:{'+'.join(sorted(counts))}" for op, counts in sorted(impls.items()))
 
 
-def run_variant(variant: str, model_name: str, x: torch.Tensor, args, device, dtype, flops, peak,
-                time_limit_s: float | None = None, compile_mode: str | None = None,
-                first_call_limit_s: float | None = None) -> dict:
-    """One variant on one configuration. time_limit_s caps the whole variant, first_call_limit_s the
-    model's building and first call (where compilation and autotuning happen); over either the row's
-    error says "skipped: ..." and `timed_out` is set ("compile" when a compiled variant's first call
-    had not finished)."""
-    from . import implementations_ran, use_backend
-    result = {"variant": variant, "error": None}
-    hf = variant.startswith("hf")
-    backend = "reference" if variant.startswith("reference") else "fused"
-    compiled = variant.endswith("+compile")
-    if compiled:
-        compile_mode = compile_mode or args.compile_mode
-        result["compile_mode"] = compile_mode
-    stack = contextlib.ExitStack()
-    model = None
-    phase = "build"
-    started = time.perf_counter()
+@contextlib.contextmanager
+def _variant_mode(backend_name: str, inline: bool):
+    """The operator mode a variant runs in, entered around each of its calls (variants may interleave)."""
+    from .backend import use_backend
+    with use_backend(backend_name), (inline_plain_ops(attention="sdpa") if inline else contextlib.nullcontext()):
+        yield
 
-    def left():
-        return None if time_limit_s is None else time_limit_s - (time.perf_counter() - started)
 
-    first_limit = min((t for t in (left(), first_call_limit_s) if t is not None), default=None)
-    try:
-        with deadline(first_limit, f"{variant} (build and first call)"):
-            stack.enter_context(use_backend(backend))
-            if hf:
-                if x.shape[-2] != x.shape[-1]:
-                    raise RuntimeError("transformers' DPT (ViT backbone) reshapes tokens to a square grid: "
-                                       "non-square inputs are not supported")
-                model = build_hf(model_name, device, dtype, args.train, image_size=x.shape[-1])
-                attn = getattr(model.config, "_attn_implementation", None)
-                result["implementations"] = {"transformers": {f"DPTForDepthEstimation(attn_implementation={attn})": 1}}
-            else:
-                torch.manual_seed(0)  # every dpt-fast variant of a configuration computes with the same weights
-                model = build_dpt(model_name, device, dtype, args.train)
-            if variant == "reference+compile":
-                stack.enter_context(inline_plain_ops(attention="sdpa"))
-            run_model = model
-            if compiled:
-                run_model = torch.compile(model, mode=compile_mode)
-            call = _step(run_model, x, args.train, hf, compiled=compiled)
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(device)
-            implementations_ran(reset=True)
-            phase = "first call"
-            t0 = time.perf_counter()
-            out = call()
-            _sync(device)
-            result["first_call_s"] = time.perf_counter() - t0
-        phase = "timing"
-        with deadline(left(), f"{variant} (timing)"):
-            if not hf:
-                ran = implementations_ran(reset=True)
-                if variant == "reference+compile":
-                    ran = {"inlined": {"plain PyTorch (attention via F.scaled_dot_product_attention)": 1}}
-                result["implementations"] = ran
-                if backend == "fused":
-                    required = FUSED_OPS + (tuple(op + "_backward" for op in FUSED_OPS) if args.train else ())
-                    result["fused_path"] = verify_fused(ran, required)
-            result["output_shape"] = list(out.shape)
-            result["output_finite"] = bool(torch.isfinite(out.float()).all())
-            del out
-            cpu_times: list[float] = []
-            times = time_calls(call, device, args.warmup, args.runs, args.max_time, cpu_times=cpu_times)
+class PreparedVariant:
+    """A variant built and past its first call: `call()` runs one timed step in the variant's mode;
+    `result` is its row (with `error` set when building or the first call failed: `call` is then None)."""
+
+    def __init__(self, result: dict, started: float):
+        self.result, self.started = result, started
+        self.call = self.model = None
+
+    def finish(self, times: list[float], cpu_times: list[float], x: torch.Tensor, device, flops, peak) -> None:
+        """Fill the row from the timed calls' seconds (wall clock, and process CPU time on CPU)."""
         latency = statistics.median(times)
         batch, height, width = x.shape[0], x.shape[-2], x.shape[-1]
-        result.update({
+        self.result.update({
             "latency_ms": latency * 1e3,
             "latency_ms_min": min(times) * 1e3,
             "latency_ms_max": max(times) * 1e3,
@@ -578,20 +540,156 @@ def run_variant(variant: str, model_name: str, x: torch.Tensor, args, device, dt
             "mfu": flops / latency / 1e12 / peak if flops and peak else None,
         })
         if device.type == "cuda":
-            result["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+            self.result["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
         if cpu_times:
-            result["cpu_ms"] = statistics.median(cpu_times) * 1e3
+            self.result["cpu_ms"] = statistics.median(cpu_times) * 1e3
+
+    def close(self, device) -> None:
+        self.call = self.model = None
+        release_memory(device)
+        self.result["wall_s"] = round(time.perf_counter() - self.started, 1)
+
+
+def prepare_variant(variant: str, model_name: str, x: torch.Tensor, args, device, dtype,
+                    time_limit_s: float | None = None, compile_mode: str | None = None,
+                    first_call_limit_s: float | None = None) -> PreparedVariant:
+    """Build one variant and run its first call (where compilation and autotuning happen), recording which
+    implementation of each operator served it, under min(time_limit_s, first_call_limit_s)."""
+    from . import implementations_ran
+    result = {"variant": variant, "error": None}
+    prepared = PreparedVariant(result, time.perf_counter())
+    hf = variant.startswith("hf")
+    backend_name = "reference" if variant.startswith("reference") else "fused"
+    compiled = variant.endswith("+compile")
+    if compiled:
+        compile_mode = compile_mode or args.compile_mode
+        result["compile_mode"] = compile_mode
+    mode = functools.partial(_variant_mode, backend_name, variant == "reference+compile")
+    phase = "build"
+    first_limit = min((t for t in (time_limit_s, first_call_limit_s) if t is not None), default=None)
+    try:
+        with deadline(first_limit, f"{variant} (build and first call)"), mode():
+            if hf:
+                if x.shape[-2] != x.shape[-1]:
+                    raise RuntimeError("transformers' DPT (ViT backbone) reshapes tokens to a square grid: "
+                                       "non-square inputs are not supported")
+                model = build_hf(model_name, device, dtype, args.train, image_size=x.shape[-1])
+                attn = getattr(model.config, "_attn_implementation", None)
+                result["implementations"] = {"transformers": {f"DPTForDepthEstimation(attn_implementation={attn})": 1}}
+            else:
+                torch.manual_seed(0)  # every dpt-fast variant of a configuration computes with the same weights
+                model = build_dpt(model_name, device, dtype, args.train)
+            prepared.model = model
+            step = _step(torch.compile(model, mode=compile_mode) if compiled else model, x, args.train, hf,
+                         compiled=compiled)
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            implementations_ran(reset=True)
+            phase = "first call"
+            t0 = time.perf_counter()
+            out = step()
+            _sync(device)
+            result["first_call_s"] = time.perf_counter() - t0
+        if not hf:
+            ran = implementations_ran(reset=True)
+            if variant == "reference+compile":
+                ran = {"inlined": {"plain PyTorch (attention via F.scaled_dot_product_attention)": 1}}
+            result["implementations"] = ran
+            if backend_name == "fused":
+                required = FUSED_OPS + (tuple(op + "_backward" for op in FUSED_OPS) if args.train else ())
+                result["fused_path"] = verify_fused(ran, required)
+        result["output_shape"] = list(out.shape)
+        result["output_finite"] = bool(torch.isfinite(out.float()).all())
+        del out
+
+        def call():
+            with mode():
+                return step()
+        prepared.call = call
     except DeadlineExceeded:
-        record_deadline(result, phase, started, compile_mode if compiled and phase in ("build", "first call")
-                        else None)
+        record_deadline(result, phase, prepared.started, compile_mode if compiled else None)
     except Exception as e:  # noqa: BLE001 -- one failing variant must not stop the others
         record_failure(result, e)
+    return prepared
+
+
+def run_variant(variant: str, model_name: str, x: torch.Tensor, args, device, dtype, flops, peak,
+                time_limit_s: float | None = None, compile_mode: str | None = None,
+                first_call_limit_s: float | None = None) -> dict:
+    """One variant on one configuration, built, timed and released. time_limit_s caps the whole variant,
+    first_call_limit_s the model's building and first call (where compilation and autotuning happen);
+    over either the row's error says "skipped: ..." and `timed_out` is set ("compile" when a compiled
+    variant's first call had not finished)."""
+    prepared = prepare_variant(variant, model_name, x, args, device, dtype, time_limit_s, compile_mode,
+                               first_call_limit_s)
+    try:
+        if prepared.call is not None:
+            left = None if time_limit_s is None else time_limit_s - (time.perf_counter() - prepared.started)
+            cpu_times: list[float] = []
+            with deadline(left, f"{variant} (timing)"):
+                times = time_calls(prepared.call, device, args.warmup, args.runs, args.max_time, cpu_times=cpu_times)
+            prepared.finish(times, cpu_times, x, device, flops, peak)
+    except DeadlineExceeded:
+        record_deadline(prepared.result, "timing", prepared.started)
+    except Exception as e:  # noqa: BLE001
+        record_failure(prepared.result, e)
     finally:
-        stack.close()
-        del model
-        release_memory(device)
-    result["wall_s"] = round(time.perf_counter() - started, 1)
-    return result
+        prepared.close(device)
+    return prepared.result
+
+
+def time_interleaved(calls: list, device, warmup: int, runs: int, max_time: float, min_runs: int = 3):
+    """Time several callables in turns (A B C, C B A, A B C, ...) rather than one after the other, so that a
+    change of the machine's load during the run (other processes on a shared CPU) reaches all of them alike.
+    Returns per callable (wall seconds, process CPU seconds) of each timed call."""
+    for _ in range(warmup):
+        for fn in calls:
+            fn()
+    _sync(device)
+    walls: list[list[float]] = [[] for _ in calls]
+    cpus: list[list[float]] = [[] for _ in calls]
+    started = time.perf_counter()
+    for round_ in range(max(runs, min_runs)):
+        order = range(len(calls)) if round_ % 2 == 0 else reversed(range(len(calls)))
+        for i in order:
+            c0, t0 = time.process_time(), time.perf_counter()
+            calls[i]()
+            _sync(device)
+            walls[i].append(time.perf_counter() - t0)
+            cpus[i].append(time.process_time() - c0)
+        if round_ + 1 >= min_runs and time.perf_counter() - started > max_time * len(calls):
+            break
+    return list(zip(walls, cpus))
+
+
+def _run_interleaved(variants: list[str], model_name: str, x: torch.Tensor, args, device, dtype, flops, peak,
+                     time_left) -> list[dict]:
+    """Eager variants of one configuration, each built and past its first call, then timed in turns
+    (time_interleaved) within the time budget that time_left() reports."""
+    prepared = []
+    try:
+        for variant in variants:
+            if time_left() is not None and time_left() <= 1:
+                prepared.append(PreparedVariant({"variant": variant, "error": "skipped: time budget spent"},
+                                                time.perf_counter()))
+                continue
+            prepared.append(prepare_variant(variant, model_name, x, args, device, dtype, time_limit_s=time_left()))
+        live = [p for p in prepared if p.call is not None]
+        try:
+            with deadline(time_left(), "timing"):
+                measured = time_interleaved([p.call for p in live], device, args.warmup, args.runs, args.max_time)
+            for p, (walls, cpus) in zip(live, measured):
+                p.finish(walls, cpus if device.type == "cpu" else [], x, device, flops, peak)
+        except DeadlineExceeded:
+            for p in live:
+                record_deadline(p.result, "timing", p.started)
+        except Exception as e:  # noqa: BLE001 -- recorded on every row of the group
+            for p in live:
+                record_failure(p.result, e)
+    finally:
+        for p in prepared:
+            p.close(device)
+    return [p.result for p in prepared]
 
 
 def add_ratios(results: list[dict]) -> None:
@@ -731,7 +829,7 @@ def plot(report: dict, path: Path) -> bool:
     for variant in variants:
         ops = sorted({o.replace("_backward", "") for r in results if r["variant"] == variant for o in fell_back(r)})
         legend[variant] = variant + (f" (fell back to reference: {', '.join(ops)})" if ops else "")
-    fig, axes = plt.subplots(1, 2, figsize=(max(8, 1.6 * len(configs) + 4), 4.5))
+    fig, axes = plt.subplots(1, 2, figsize=(max(8, 1.6 * len(configs) + 4), 5))
     width = 0.8 / max(1, len(variants))
     for panel, (key, label) in zip(axes, (("images_per_s", "images / s"), ("tflops", "achieved TFLOP/s"))):
         for j, variant in enumerate(variants):
@@ -745,10 +843,12 @@ def plot(report: dict, path: Path) -> bool:
         panel.set_xticks(range(len(configs)))
         panel.set_xticklabels([f"{m}\n{s} b{b}" for m, s, b in configs], fontsize=8)
         panel.set_ylabel(label)
-        if key == "images_per_s" and any(r.get(key) for r in results):
+        positive = [r[key] for r in results if r.get(key)]
+        if positive and max(positive) > 10 * min(positive):  # log only for spans that need it: it magnifies small gaps
             panel.set_yscale("log")
         panel.grid(axis="y", alpha=0.3)
-    axes[0].legend(fontsize=7)
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=min(3, max(1, len(labels))), fontsize=7)
     env = report["environment"]
     title = (f"dpt-fast bench: {env['device']}, {env['dtype']}, "
              f"{'training' if report['settings']['train'] else 'inference'}")
@@ -756,7 +856,7 @@ def plot(report: dict, path: Path) -> bool:
         title += (f"\nCPU run, {(report.get('timing') or {}).get('threads', '?')} thread(s): the fused kernels need "
                   "a CUDA GPU (hatched: fell back to the reference)")
     fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.04 + 0.04 * math.ceil(len(variants) / 3), 1, 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return True
@@ -887,19 +987,39 @@ def _measure(args, models, configs, skip_pairs, variants, device, dtype, started
     for later in ("reference+compile", "reference", "fused+compile"):
         tasks += [(m, cfg, later) for cfg in configs for m in models if later in variants]
     tasks = [t for t in tasks if (t[0], t[1][0]) not in skip_pairs]
+    # On a CPU the eager variants of a configuration are timed in turns (time_interleaved): a shared machine's
+    # load changes over a run, and timing them one after the other would hand that change to whichever ran
+    # later. On a GPU each variant runs alone, in the order above (the budget's priorities).
+    groups: dict = {}
+    for t in tasks:
+        interleave = device.type == "cpu" and t[2] not in COMPILE_VARIANTS
+        groups.setdefault((t[0], t[1], "eager") if interleave else t, []).append(t)
     flop_counts: dict = {}
-    for model_name, (label, size, batch), variant in tasks:
+
+    def emit(r: dict, meta: dict, flops) -> None:
+        r.update(meta)
+        r["flops"] = flops
+        results.append(r)
+        save()
+        status = r["error"] or (f"{r['latency_ms']:.2f} ms, {r['images_per_s']:.3g} img/s, "
+                                f"{_fmt(r.get('tflops'), '.3g')} TFLOP/s")
+        print(f"  {r['model']:7s} {r['size'][0]}x{r['size'][1]} b{r['batch']} {r['variant']:18s} {status}",
+              file=sys.stderr)
+
+    def time_left():
+        return None if budget is None else budget - (time.perf_counter() - started)
+
+    for group in groups.values():
+        model_name, (label, size, batch), _ = group[0]
         padded = (math.ceil(size[0] / 32) * 32, math.ceil(size[1] / 32) * 32)
         meta = {"model": model_name, "backbone": MODELS[model_name]["backbone"], "size_label": label,
                 "size": list(padded), "requested_size": list(size), "batch": batch}
-        remaining = None if budget is None else budget - (time.perf_counter() - started)
-        if remaining is not None and remaining <= 1:
-            r = {"variant": variant, "error": f"skipped: time budget (--budget-s {budget:.0f}) spent", **meta}
-            if variant in COMPILE_VARIANTS:
-                r["compile_mode"] = args.compile_mode
-            results.append(r)
-            save()
-            print(f"  {model_name:7s} {padded[0]}x{padded[1]} b{batch} {variant:18s} {r['error']}", file=sys.stderr)
+        if time_left() is not None and time_left() <= 1:
+            for _, _, variant in group:
+                r = {"variant": variant, "error": f"skipped: time budget (--budget-s {budget:.0f}) spent"}
+                if variant in COMPILE_VARIANTS:
+                    r["compile_mode"] = args.compile_mode
+                emit(r, meta, None)
             continue
         key = (model_name, padded, batch)
         if key not in flop_counts:
@@ -909,29 +1029,30 @@ def _measure(args, models, configs, skip_pairs, variants, device, dtype, started
                 print(f"dpt-fast bench: FLOP count failed for {model_name} {label}: {e}", file=sys.stderr)
                 flop_counts[key] = None
         flops = flop_counts[key]
-        if variant in COMPILE_VARIANTS:
-            warm_up_compiler(device)
         generator = torch.Generator(device="cpu").manual_seed(0)
         x = torch.randn(batch, 3, *padded, generator=generator).to(device=device, dtype=dtype)
+        if len(group) > 1:
+            for r in _run_interleaved([v for _, _, v in group], model_name, x, args, device, dtype, flops, peak,
+                                      time_left):
+                emit(r, meta, flops)
+            del x
+            continue
+        variant = group[0][2]
         is_compiled = variant in COMPILE_VARIANTS
-        r = run_variant(variant, model_name, x, args, device, dtype, flops, peak, time_limit_s=remaining,
+        if is_compiled:
+            warm_up_compiler(device)
+        r = run_variant(variant, model_name, x, args, device, dtype, flops, peak, time_limit_s=time_left(),
                         compile_mode=args.compile_mode if is_compiled else None,
                         first_call_limit_s=compile_timeout if is_compiled else None)
         if r.get("timed_out") == "compile" and fallback_mode and fallback_mode != args.compile_mode:
-            remaining = None if budget is None else budget - (time.perf_counter() - started)
+            remaining = time_left()
             if remaining is None or remaining > 10:
                 first = r
                 r = run_variant(variant, model_name, x, args, device, dtype, flops, peak, time_limit_s=remaining,
                                 compile_mode=fallback_mode)
                 r["primary_compile"] = {"mode": args.compile_mode, "error": first["error"], "wall_s": first["wall_s"]}
-        r.update(meta)
-        r["flops"] = flops
-        results.append(r)
         del x
-        save()
-        status = r["error"] or (f"{r['latency_ms']:.2f} ms, {r['images_per_s']:.2f} img/s, "
-                                f"{_fmt(r.get('tflops'), '.3g')} TFLOP/s")
-        print(f"  {model_name:7s} {padded[0]}x{padded[1]} b{batch} {variant:18s} {status}", file=sys.stderr)
+        emit(r, meta, flops)
     report["complete"] = True
     save()
     table = markdown_table(report)

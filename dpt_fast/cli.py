@@ -10,23 +10,21 @@ from __future__ import annotations
 import argparse
 import sys
 
-COMMANDS = {
-    "predict": "depth or segmentation maps for files, folders and globs (multi-GPU with torchrun)",
-    "bench": "end-to-end benchmark: dpt-fast against the reference, torch.compile and Hugging Face DPT",
-    "train": "train or fine-tune a DPT model (see dpt-fast train --help)",
-}
+from .cli_args import COMMANDS
 
 
 def _parser() -> argparse.ArgumentParser:
-    from . import __version__
+    """The command line, built without importing PyTorch (`--help` and `--version` answer at once)."""
+    from . import __version__, cli_args
     parser = argparse.ArgumentParser(
         prog="dpt-fast", description="Dense Prediction Transformer with fused kernels.",
         epilog="Run 'dpt-fast COMMAND --help' for a command's options.")
     parser.add_argument("--version", action="version", version=f"dpt-fast {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    from . import bench, predict
+    from . import predict
     predict.add_arguments(sub.add_parser("predict", help=COMMANDS["predict"], description=predict.__doc__.split("\n\n")[0]))
-    bench.add_arguments(sub.add_parser("bench", help=COMMANDS["bench"], description=bench.__doc__.split("\n\n")[0]))
+    cli_args.add_bench_arguments(sub.add_parser("bench", help=COMMANDS["bench"],
+                                                description=cli_args.BENCH_DESCRIPTION))
     sub.add_parser("train", help=COMMANDS["train"], add_help=False)
     return parser
 
