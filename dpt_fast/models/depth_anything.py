@@ -45,7 +45,9 @@ def resize_position_grid(grid: torch.Tensor, grid_h: int, grid_w: int, rule: str
     """
     side = grid.shape[-1]
     grid = grid.float()
-    if rule == "bicubic_offset":
+    if rule == "bicubic_offset" and torch.compiler.is_exporting():  # symbolic grid: the same resize as matrices
+        out = _bicubic_matrix(grid_h, side, grid) @ grid @ _bicubic_matrix(grid_w, side, grid).T
+    elif rule == "bicubic_offset":
         scale = ((grid_h + POS_EMBED_OFFSET) / side, (grid_w + POS_EMBED_OFFSET) / side)
         out = F.interpolate(grid, scale_factor=scale, mode="bicubic", antialias=False)
     elif rule == "bicubic_size":
@@ -55,6 +57,26 @@ def resize_position_grid(grid: torch.Tensor, grid_h: int, grid_w: int, rule: str
     if tuple(out.shape[-2:]) != (grid_h, grid_w):  # cannot happen for grids the model runs; guard the rule
         raise RuntimeError(f"position grid resized to {tuple(out.shape[-2:])}, expected {(grid_h, grid_w)}")
     return out
+
+
+def _bicubic_matrix(size, side: int, like: torch.Tensor) -> torch.Tensor:
+    """[size, side]: the "bicubic_offset" resize along one axis as a matrix, computed from `size` as a
+    tensor value. F.interpolate with a scale factor would turn a symbolic size into a Python float and
+    fix it to the traced value; this is what torch.export and ONNX keep symbolic. Same sampling as
+    F.interpolate(mode="bicubic", align_corners=False, scale_factor=(size + 0.1) / side): source
+    coordinate (i + 0.5) / scale - 0.5, cubic convolution with a = -0.75, borders clamped."""
+    dst = torch.arange(size, device=like.device, dtype=torch.float64)
+    inverse_scale = (side / (torch.scalar_tensor(size, dtype=torch.float64, device=like.device) + POS_EMBED_OFFSET))
+    src = inverse_scale.float() * (dst.float() + 0.5) - 0.5
+    floor = src.floor()
+    t = (src - floor)[:, None]
+    a = -0.75
+    near = lambda x: ((a + 2) * x - (a + 3)) * x * x + 1  # noqa: E731  |x| <= 1
+    far = lambda x: ((a * x - 5 * a) * x + 8 * a) * x - 4 * a  # noqa: E731  1 < |x| < 2
+    weights = torch.cat((far(t + 1), near(t), near(1 - t), far(2 - t)), dim=1)  # taps floor-1 .. floor+2
+    taps = (floor.long()[:, None] + torch.arange(-1, 3, device=like.device)).clamp(0, side - 1)
+    columns = torch.arange(side, device=like.device)
+    return ((taps[:, :, None] == columns).to(weights.dtype) * weights[:, :, None]).sum(1).to(like.dtype)
 
 
 class DepthAnythingScratch(nn.Module):
@@ -197,10 +219,15 @@ class DepthAnythingModel(nn.Module):
         (unchanged when the grid is the trained square one)."""
         pos = self.pretrained.pos_embed
         side = round((pos.shape[1] - 1) ** 0.5)
-        if (grid_h, grid_w) == (side, side):
+        exporting = torch.compiler.is_exporting()
+        if not exporting and (grid_h, grid_w) == (side, side):
             return pos
         grid = pos[:, 1:].reshape(1, side, side, -1).permute(0, 3, 1, 2)
-        grid = resize_position_grid(grid, grid_h, grid_w, self.pos_embed_rule)
+        resized = resize_position_grid(grid, grid_h, grid_w, self.pos_embed_rule)
+        if exporting:  # symbolic grid: keep both cases in the graph, chosen by value (nearest = identity there)
+            trained = (torch.scalar_tensor(grid_h) == side) & (torch.scalar_tensor(grid_w) == side)
+            resized = torch.where(trained, F.interpolate(grid.float(), size=(grid_h, grid_w), mode="nearest"), resized)
+        grid = resized
         grid = grid.permute(0, 2, 3, 1).reshape(1, grid_h * grid_w, -1).to(pos.dtype)
         return torch.cat((pos[:, :1], grid), dim=1)
 
