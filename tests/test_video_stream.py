@@ -89,3 +89,12 @@ def test_model_predictor_with_a_tiny_dpt():
         assert r.depth.shape == (37, 53) and r.depth.dtype == torch.float32 and torch.isfinite(r.depth).all()
     assert not model.training
     assert threading.active_count() < 50
+
+
+def test_measure_latency_reports_compute_and_camera_latency():
+    from dpt_fast.video.stream import measure_latency
+    stream = DepthStream(slow_predict(0.01), temporal_align=True)
+    report = measure_latency(stream, height=16, width=24, frames=8, warmup=1, camera_fps=200)
+    assert report["compute_median_ms"] >= 10 and report["latency_median_ms"] >= 10
+    assert report["processed"] + report["dropped"] == 8 and report["processed"] >= 1
+    assert stream.drop_late  # the stream's own settings are used and kept

@@ -42,7 +42,7 @@ def _least_squares(x: torch.Tensor, y: torch.Tensor) -> tuple[float, float] | No
 
 
 def fit_scale_shift(source: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None, *,
-                    trim: float = 0.2, threshold: float = 3.0, iterations: int = 6, max_points: int = 1 << 16,
+                    trim: float = 0.2, threshold: float = 3.0, iterations: int = 6, max_points: int = 1 << 14,
                     min_points: int = 16) -> tuple[float, float] | None:
     """(scale, shift) fitting scale * source + shift to target by trimmed least squares, or None.
 
@@ -104,7 +104,7 @@ class TemporalAligner:
     """
 
     def __init__(self, space: str = "disparity", trim: float = 0.2, threshold: float = 3.0, iterations: int = 6,
-                 momentum: float = 0.0, max_points: int = 1 << 16):
+                 momentum: float = 0.0, max_points: int = 1 << 14):
         if space not in ("disparity", "depth"):
             raise ValueError(f"space must be 'disparity' or 'depth', got {space!r}")
         if not 0.0 <= momentum < 1.0:

@@ -28,7 +28,7 @@ import torch
 from ..transforms import preprocess, resize_prediction
 from .align import TemporalAligner
 
-__all__ = ["DepthStream", "StreamResult", "model_predictor"]
+__all__ = ["DepthStream", "StreamResult", "model_predictor", "measure_latency"]
 
 _END = object()
 
@@ -162,3 +162,36 @@ class DepthStream:
             with cond:
                 state["stop"] = True
                 cond.notify_all()
+
+
+def measure_latency(stream: DepthStream, height: int = 240, width: int = 320, frames: int = 20, warmup: int = 3,
+                    camera_fps: float = 30.0, seed: int = 0) -> dict[str, float]:
+    """Time `stream` on random frames: the compute time of one frame, then a simulated camera that
+    delivers `frames` frames at `camera_fps` through the stream as configured (its queue and dropping).
+
+    Returns {"compute_median_ms": one frame's prediction (+ alignment) alone, "latency_median_ms",
+    "latency_p90_ms", "latency_max_ms": arrival to result under the camera, "processed", "dropped"}.
+    """
+    rng = np.random.default_rng(seed)
+    images = [torch.from_numpy(rng.integers(0, 256, (3, height, width), dtype=np.uint8)) for _ in range(frames)]
+    for image in images[:warmup]:
+        stream.process(image)
+    compute = []
+    for image in images:
+        start = time.perf_counter()
+        stream.process(image)
+        compute.append(time.perf_counter() - start)
+    stream.reset()
+
+    def camera():
+        start = time.perf_counter()
+        for i, image in enumerate(images):
+            time.sleep(max(0.0, start + i / camera_fps - time.perf_counter()))
+            yield image
+
+    dropped_before = stream.dropped
+    latencies = [result.latency for result in stream(camera())]
+    ms = np.array(latencies) * 1e3
+    return {"compute_median_ms": float(np.median(compute) * 1e3), "latency_median_ms": float(np.median(ms)),
+            "latency_p90_ms": float(np.percentile(ms, 90)), "latency_max_ms": float(ms.max()),
+            "processed": len(latencies), "dropped": stream.dropped - dropped_before}
