@@ -212,8 +212,12 @@ class StopRequest(threading.Event):
 EXIT_FOR_SIGNAL = {signal.SIGINT: 130, signal.SIGTERM: 143}
 
 
+def _say(message: str) -> None:
+    print(f"dpt-fast predict: {message}", file=sys.stderr, flush=True)
+
+
 @contextlib.contextmanager
-def _stop_on_signals(log):
+def _stop_on_signals():
     stop = StopRequest()
     if threading.current_thread() is not threading.main_thread():
         yield stop  # signal handlers can only be installed from the main thread
@@ -224,7 +228,7 @@ def _stop_on_signals(log):
             raise KeyboardInterrupt
         stop.signum = signum
         stop.set()
-        log(f"{signal.Signals(signum).name}: stopping after the images in progress (again to stop at once)")
+        _say(f"{signal.Signals(signum).name}: stopping after the images in progress (send it again to stop at once)")
 
     previous = {s: signal.signal(s, handle) for s in EXIT_FOR_SIGNAL}
     try:
@@ -239,8 +243,12 @@ def _stop_on_signals(log):
 def run(args: argparse.Namespace) -> int:
     """The command; returns the exit status (see the module docstring)."""
     from . import use_backend
-    with use_backend(args.backend):  # restored afterwards: run() may be called in a longer-lived process
-        return _run(args)
+    with use_backend(args.backend), _stop_on_signals() as stop:  # both restored afterwards
+        try:
+            return _run(args, stop)
+        except KeyboardInterrupt:  # a second signal (or one before the handlers were in place)
+            _say("stopped at once; the files written are whole. Run the same command again to continue.")
+            return EXIT_FOR_SIGNAL.get(stop.signum, 130)
 
 
 def _check_options(args) -> None:
@@ -296,7 +304,7 @@ def _report(summary, log, rank: int, world: int) -> None:
             f"{names}; an untrained or broken model?")
 
 
-def _run(args: argparse.Namespace) -> int:
+def _run(args: argparse.Namespace, stop: StopRequest) -> int:
     if not args.model:
         print("dpt-fast predict: --model is missing.\n\n" + WEIGHTS_HELP, file=sys.stderr, end="")
         return 2
@@ -345,26 +353,19 @@ def _run(args: argparse.Namespace) -> int:
                                          args.tile, args.tile_overlap, args.label_offset)
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)) or 1)
     workers = args.num_workers if args.num_workers is not None else _default_workers(device, local_world)
-    interrupted = None
-    with _stop_on_signals(log) as stop:
-        try:
-            summary = inference.run_planned(
-                model, inference.shard(planned, rank, world), out_dir, settings=settings, device=device, dtype=dtype,
-                size=size, segmentation=segmentation, batch_size=batch_size, tile=args.tile,
-                tile_overlap=args.tile_overlap, overwrite=args.overwrite, num_workers=workers, writers=args.writers,
-                compiled=compiled, label_offset=args.label_offset,
-                max_pixels=args.max_pixels or MAX_IMAGE_PIXELS, reporter=reporter, stop=stop, compact=world == 1)
-        except KeyboardInterrupt:  # a second signal: stopped at once
-            interrupted = stop.signum or signal.SIGINT
-            summary = None
-    if summary is None or summary.stopped:
-        signum = interrupted or stop.signum or signal.SIGINT
-        if summary is None:
-            log("stopped at once; files already written are whole. Run the same command again to continue.")
-        else:
-            log(f"stopped: {summary.written} written, {summary.remaining} left, {len(summary.failures)} failed in "
-                f"{summary.elapsed:.1f} s -> {out_dir}; run the same command again to continue")
-        return EXIT_FOR_SIGNAL.get(signum, 130)
+    if stop.is_set():
+        log("stopped before any image was processed")
+        return EXIT_FOR_SIGNAL.get(stop.signum, 130)
+    summary = inference.run_planned(
+        model, inference.shard(planned, rank, world), out_dir, settings=settings, device=device, dtype=dtype,
+        size=size, segmentation=segmentation, batch_size=batch_size, tile=args.tile,
+        tile_overlap=args.tile_overlap, overwrite=args.overwrite, num_workers=workers, writers=args.writers,
+        compiled=compiled, label_offset=args.label_offset,
+        max_pixels=args.max_pixels or MAX_IMAGE_PIXELS, reporter=reporter, stop=stop, compact=world == 1)
+    if summary.stopped:
+        log(f"stopped: {summary.written} written, {summary.remaining} left, {len(summary.failures)} failed in "
+            f"{summary.elapsed:.1f} s -> {out_dir}; run the same command again to continue")
+        return EXIT_FOR_SIGNAL.get(stop.signum, 130)
     return _finish(summary, log, rank, world, grouped, out_dir)
 
 
@@ -406,3 +407,7 @@ def main(argv=None) -> int:
     except UsageError as e:
         print(f"dpt-fast predict: {e}", file=sys.stderr)
         return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
