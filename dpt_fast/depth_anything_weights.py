@@ -182,6 +182,9 @@ def infer_config(state: dict, filename: str | None = None, overrides: dict | Non
             if vit_kwargs is None:
                 # DINOv2 heads are 64 wide at every size
                 vit_kwargs = {"embed_dim": dim, "depth": depth, "num_heads": max(1, dim // 64)}
+                hidden = state.get("pretrained.blocks.0.mlp.fc1.weight")
+                if hidden is not None and hidden.shape[0] != 4 * dim:
+                    vit_kwargs["mlp_ratio"] = hidden.shape[0] / dim
             if "taps" not in overrides:
                 raise CheckpointError(
                     f"{source}: a DINOv2 encoder with width {dim} and {depth} blocks is none of the released "
@@ -349,6 +352,7 @@ def hf_config_to_model_config(cfg: dict, where: str = CONFIG_NAME) -> dict:
 
 _HF_BLOCK = (  # transformers' Dinov2Layer names -> the original's block names (q/k/v handled apart)
     ("norm1.", "norm1."), ("norm2.", "norm2."), ("attention.output.dense.", "attn.proj."),
+    ("attention.o_proj.", "attn.proj."),
     ("layer_scale1.lambda1", "ls1.gamma"), ("layer_scale2.lambda1", "ls2.gamma"),
     ("mlp.fc1.", "mlp.fc1."), ("mlp.fc2.", "mlp.fc2."),
     ("mlp.weights_in.", "mlp.w12."), ("mlp.weights_out.", "mlp.w3."), ("mlp.down_proj.", "mlp.w3."),
@@ -400,10 +404,11 @@ def hf_state_dict_to_original(state: dict) -> tuple[dict, list[str]]:
     out, unknown, parts = {}, [], {}
     for key, value in state.items():
         m = re.fullmatch(r"backbone\.encoder\.layer\.(\d+)\.(attention\.attention\.(query|key|value)|"
-                         r"mlp\.(gate_proj|up_proj))\.(weight|bias)", key)
-        if m:
-            packed = "attn.qkv" if m[3] else "mlp.w12"
-            parts.setdefault((m[1], packed, m[5]), {})[m[3] or m[4]] = value
+                         r"attention\.(q|k|v)_proj|mlp\.(gate_proj|up_proj))\.(weight|bias)", key)
+        if m:  # saved files name q/k/v query/key/value; transformers 5 modules name them q/k/v_proj
+            piece = m[3] or {"q": "query", "k": "key", "v": "value"}.get(m[4]) or m[5]
+            packed = "mlp.w12" if m[5] else "attn.qkv"
+            parts.setdefault((m[1], packed, m[6]), {})[piece] = value
             continue
         new = _rename(key)
         if new is None:

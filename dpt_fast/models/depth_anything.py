@@ -196,8 +196,9 @@ class DepthAnythingModel(nn.Module):
             raise ValueError(f"{spec.encoder}: expected one class token with its own position embedding "
                              "(DINOv2 without register tokens)")
         depth = len(vit.blocks)
-        if max(taps) >= depth or min(taps) < 0:
-            raise ValueError(f"taps {list(taps)} must be block indices below the encoder's {depth} blocks")
+        if max(taps) >= depth or min(taps) < 0 or list(taps) != sorted(set(taps)):
+            raise ValueError(f"taps {list(taps)} must be four increasing block indices below the encoder's "
+                             f"{depth} blocks")
         # The original DINOv2 keeps a (training-only) mask token; a buffer keeps its key in the state dict.
         self.pretrained.register_buffer("mask_token", torch.zeros(1, vit.embed_dim))
         self.patch_size = vit.patch_embed.patch_size[0]
