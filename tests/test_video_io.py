@@ -165,3 +165,16 @@ def test_quantize_per_frame_and_fixed_range():
     depth = torch.tensor([[1.0, 2.0], [3.0, float("nan")]])
     np.testing.assert_array_equal(quantize_depth(depth), [[0, 32768], [65535, 0]])
     np.testing.assert_array_equal(quantize_depth(depth, (0.0, 2.0)), [[32768, 65535], [65535, 0]])
+
+
+def test_first_frame_range_is_fixed_and_recorded(tmp_path):
+    depths = [torch.full((4, 6), 1.0), torch.full((4, 6), 3.0), torch.linspace(0, 10, 24).reshape(4, 6)]
+    depths[0][0, 0] = 2.0
+    with DepthVideoWriter(10, depth16_path=tmp_path / "d.mkv", value_range="first", margin=0.5) as writer:
+        for depth in depths:
+            writer.write(depth)
+    codes, value_range = read_depth16_video(tmp_path / "d.mkv")
+    assert value_range == (0.5, 2.5)
+    codes = list(codes)
+    np.testing.assert_array_equal(codes[1], quantize_depth(depths[1], (0.5, 2.5)))  # 3.0 clips to the top
+    assert codes[1].max() == 65535 and codes[2].min() == 0

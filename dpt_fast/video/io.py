@@ -365,29 +365,44 @@ class DepthVideoWriter:
 
     color_path (.mp4): each frame coloured with `cmap`. depth16_path (.mkv): FFV1 gray16le codes.
     `value_range` (low, high) fixes the mapping for every frame (recorded in the 16-bit video's
-    `DPT_FAST_RANGE` tag, so `dequantize_depth` recovers the values); None normalises each frame by its
-    own min and max, which keeps per-frame detail but discards the scale between frames (only do that
-    for viewing). Use the temporally aligned depth, or a model that is consistent over time, for a
+    `DPT_FAST_RANGE` tag, so `dequantize_depth` recovers the values); "first" fixes it from the first
+    frame's min and max, each widened by `margin` times their span (for streams whose range is not
+    known in advance; later values outside it clip); None normalises each frame by its own min and
+    max, which keeps per-frame detail but discards the scale between frames (only do that for viewing). Use the temporally aligned depth, or a model that is consistent over time, for a
     fixed range to be meaningful.
     """
 
     def __init__(self, fps, color_path=None, depth16_path=None, value_range=None, cmap: str = "inferno",
-                 crf: int = 18):
+                 crf: int = 18, margin: float = 0.25):
         if color_path is None and depth16_path is None:
             raise ValueError("give color_path and/or depth16_path")
-        self.value_range, self.cmap = value_range, cmap
+        if not (value_range is None or value_range == "first" or len(value_range) == 2):
+            raise ValueError(f"value_range must be None, 'first' or (low, high), got {value_range!r}")
+        self.value_range, self.cmap, self.margin = value_range, cmap, margin
         self.writers = []
         try:
             if color_path is not None:
                 self.writers.append(("color", VideoWriter(color_path, fps, "rgb", crf=crf)))
             if depth16_path is not None:
-                tags = {RANGE_TAG: f"{value_range[0]!r} {value_range[1]!r}"} if value_range else {}
-                self.writers.append(("depth16", VideoWriter(depth16_path, fps, "gray16", metadata=tags)))
+                self.writers.append(("depth16", VideoWriter(depth16_path, fps, "gray16")))
         except BaseException:
             self.abort()
             raise
 
+    def _fix_range(self, depth) -> None:
+        values = depth.detach().float().cpu().numpy() if isinstance(depth, torch.Tensor) else np.asarray(depth, np.float32)
+        finite = values[np.isfinite(values)]
+        low, high = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
+        span = (high - low) or 1.0
+        self.value_range = (low - self.margin * span, high + self.margin * span)
+
     def write(self, depth) -> None:
+        if isinstance(self.value_range, str):  # "first": fixed from the first frame, widened by the margin
+            self._fix_range(depth)
+        if self.value_range is not None:
+            for kind, writer in self.writers:
+                if kind == "depth16" and writer.frames_written == 0:
+                    writer.metadata[RANGE_TAG] = f"{self.value_range[0]!r} {self.value_range[1]!r}"
         codes = quantize_depth(depth, self.value_range)
         for kind, writer in self.writers:
             if kind == "depth16":
