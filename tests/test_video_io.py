@@ -178,3 +178,24 @@ def test_first_frame_range_is_fixed_and_recorded(tmp_path):
     codes = list(codes)
     np.testing.assert_array_equal(codes[1], quantize_depth(depths[1], (0.5, 2.5)))  # 3.0 clips to the top
     assert codes[1].max() == 65535 and codes[2].min() == 0
+
+
+def test_readme_video_example_runs(tmp_path, monkeypatch):
+    import re
+    from pathlib import Path
+
+    import dpt_fast
+    from model_helpers import TINY, randomize_
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    code = re.search(r"## Video\n.*?```python\n(.*?)```", text, re.S).group(1)
+    dpt_fast.save_model(randomize_(dpt_fast.DPTDepthModel(**TINY), seed=0, matrix_std=0.1), tmp_path / "tiny")
+    write_source_video(tmp_path / "clip.mp4", smooth_frames(3, 40, 56), fps=12)
+    code = (code.replace('"dpt_hybrid-midas-501f0c75.pt"', repr(str(tmp_path / "tiny"))).replace(".cuda()", "")
+                .replace("size=384", "size=64").replace("autocast_dtype=torch.bfloat16", "autocast_dtype=None"))
+    monkeypatch.chdir(tmp_path)
+    with dpt_fast.use_backend("reference"):
+        exec(compile(code, "README video example", "exec"), {})
+    codes, value_range = read_depth16_video(tmp_path / "clip-depth.mkv")
+    codes = list(codes)
+    assert len(codes) == 3 and codes[0].shape == (40, 56) and value_range is not None
+    assert VideoFile(tmp_path / "clip-depth.mp4").size == (40, 56)
