@@ -41,7 +41,7 @@ from torch import nn
 FORMATS = ("onnx", "pt2")
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16}
 DEFAULT_OPSET = 18
-# max |exported - eager| / max(1, max |eager|) accepted by the check, per dtype
+# max |exported - eager| / max |eager| accepted by the check, per dtype
 TOLERANCE = {torch.float32: 1e-4, torch.float16: 2e-2}
 _MAX_SIDE = 8192  # largest height/width the symbolic dimensions admit
 _MAX_BATCH = 1024
@@ -62,7 +62,8 @@ class CheckRow:
 
     @property
     def relative_error(self) -> float:
-        return self.max_abs_error / max(1.0, self.max_abs_eager)
+        """The largest difference relative to the largest eager output."""
+        return self.max_abs_error / max(self.max_abs_eager, 1e-30)
 
     @property
     def ok(self) -> bool:
@@ -195,10 +196,10 @@ def export_program(model: nn.Module, dtype: torch.dtype = torch.float32, batch: 
         try:
             return torch.export.export(wrapper, (example,), dynamic_shapes=_dynamic_shapes(model), strict=False)
         except Exception as exc:  # name the part that failed, keep the tracer's message
-            raise ExportError(f"torch.export failed in {_failing_part(exc, model)}: {_first_line(exc)}") from exc
+            raise ExportError(f"torch.export failed in {_failing_part(exc, model)}: {first_line(exc)}") from exc
 
 
-def _first_line(exc: BaseException) -> str:
+def first_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return text[0] if text else type(exc).__name__
 
@@ -234,7 +235,7 @@ def onnx_program(program, model: nn.Module, opset: int = DEFAULT_OPSET):
     except ExportError:
         raise
     except Exception as exc:
-        raise ExportError(f"ONNX conversion failed: {_first_line(exc)}") from exc
+        raise ExportError(f"ONNX conversion failed: {first_line(exc)}") from exc
 
 
 def custom_domain_nodes(onnx_model) -> list[str]:
@@ -306,7 +307,7 @@ def export(model: nn.Module, path, format: str | None = None, dtype: torch.dtype
             try:
                 torch._inductor.aoti_compile_and_package(program, package_path=str(target))
             except Exception as exc:
-                raise ExportError(f"AOTInductor compilation failed: {_first_line(exc)}") from exc
+                raise ExportError(f"AOTInductor compilation failed: {first_line(exc)}") from exc
         else:
             torch.export.save(program, str(target))
     result.files = moved
@@ -356,7 +357,7 @@ def check_artifact(path, model: nn.Module, fmt: str, dtype: torch.dtype = torch.
                 got = run(x).float()
         except Exception as exc:
             raise ExportError(f"the exported model failed at batch {batch}, {height}x{width}: "
-                              f"{_first_line(exc)}") from exc
+                              f"{first_line(exc)}") from exc
         if got.shape != expected.shape:
             raise ExportError(f"the exported model returned {tuple(got.shape)} for batch {batch}, "
                               f"{height}x{width}; eager returns {tuple(expected.shape)}")
@@ -373,51 +374,3 @@ def aoti_runs_without_dpt_fast(package, shape=(1, 3, 64, 64), dtype: str = "floa
               f"out = m(torch.randn({tuple(shape)!r}, dtype=torch.{dtype}))\n"
               "print(tuple(out.shape), bool(torch.isfinite(out).all()))\n")
     return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
-
-
-# --- command line --------------------------------------------------------------------------------
-
-EXIT_CHECK_FAILED = 1
-EXIT_USAGE = 2
-
-
-def add_arguments(parser) -> None:
-    parser.add_argument("model", metavar="MODEL", help="checkpoint: anything dpt_fast.load_model reads (an "
-                        "original release .pt/.pth, a Hugging Face folder, a dpt_fast folder)")
-    parser.add_argument("-o", "--out", required=True, metavar="FILE", help="output file (.onnx or .pt2)")
-    parser.add_argument("--format", choices=FORMATS, default=None,
-                        help="onnx or pt2 (torch.export program); default from the suffix of FILE, else onnx")
-    parser.add_argument("--dtype", choices=("float32", "float16"), default="float32",
-                        help="weights and input/output dtype of the exported model (default float32)")
-    parser.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset (>= {DEFAULT_OPSET})")
-    parser.add_argument("--aoti", action="store_true",
-                        help="with --format pt2: an AOTInductor package (compiled; loads without dpt_fast)")
-    parser.add_argument("--check", action="store_true",
-                        help="run the exported model at sizes other than the traced one and compare with eager "
-                             f"PyTorch; exit {EXIT_CHECK_FAILED} when over the dtype's tolerance")
-
-
-def run(args) -> int:
-    """`dpt-fast export`: exit 0 done, 1 the check failed, 2 bad arguments or an export that cannot be done."""
-    from .weights import load_model
-    prog = "dpt-fast export"
-    try:
-        model = load_model(args.model)
-    except (OSError, ValueError, RuntimeError, KeyError) as exc:
-        print(f"{prog}: cannot load {args.model}: {_first_line(exc)}", file=sys.stderr)
-        return EXIT_USAGE
-    try:
-        result = export(model, args.out, format=args.format, dtype=DTYPES[args.dtype], opset=args.opset,
-                        aoti=args.aoti, check=args.check, progress=True)
-    except ExportError as exc:
-        print(f"{prog}: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    except KeyboardInterrupt:
-        print(f"{prog}: interrupted (a file is only ever replaced whole)", file=sys.stderr)
-        return 130
-    print(f"{result.path}: {result.format}, {str(result.dtype)[6:]}, input image [B, 3, H, W] with H, W multiples "
-          f"of {result.input_multiple}, output {result.output_name}")
-    if args.check and not result.check_passed:
-        print(f"{prog}: the exported model differs from eager PyTorch beyond the tolerance", file=sys.stderr)
-        return EXIT_CHECK_FAILED
-    return 0

@@ -3,7 +3,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dpt_fast import ops, reference, use_backend
+from dpt_fast import get_backend, implementations_ran, ops, reference, use_backend
 from dpt_fast.ops.attention import attention_op
 from dpt_fast.ops.reassemble import reassemble_op
 from dpt_fast.ops.rcu import residual_conv_unit_op, residual_conv_unit_train_op
@@ -276,3 +276,66 @@ def test_operators_run_in_the_autocast_dtype_and_train_float32_weights():
 def test_attention_rejects_bad_shapes_clearly(shape, heads, match):
     with pytest.raises(ValueError, match=match):
         ops.attention(torch.randn(shape), heads)
+
+
+# --- the "inline" backend: the reference math as plain PyTorch, no operator call -------------------
+
+def _reassemble_args(readout="project", resample="up2", grid=(3, 5), dim=16, features=8, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    rnd = lambda *s: torch.randn(*s, generator=gen, dtype=torch.float64)  # noqa: E731
+    tokens = rnd(2, 1 + grid[0] * grid[1], dim)
+    rw, rb = (rnd(dim, 2 * dim), rnd(dim)) if readout == "project" else (None, None)
+    if resample in ("up4", "up2"):
+        k = 4 if resample == "up4" else 2
+        sw, sb = rnd(features, features, k, k), rnd(features)
+    elif resample == "down2":
+        sw, sb = rnd(features, features, 3, 3), rnd(features)
+    else:
+        sw = sb = None
+    return (tokens, rw, rb, rnd(features, dim, 1, 1), rnd(features), sw, sb, *grid, 1, readout, resample)
+
+
+@pytest.mark.parametrize("attention_form", ["matmul", "sdpa"])
+def test_inline_backend_is_the_reference_without_any_operator_call(attention_form):
+    gen = torch.Generator().manual_seed(1)
+    qkv = torch.randn(2, 9, 3 * 2 * 8, generator=gen, dtype=torch.float64)
+    rcu = [torch.randn(s, generator=gen, dtype=torch.float64) for s in ((2, 4, 5, 6), (4, 4, 3, 3), (4,), (4, 4, 3, 3), (4,))]
+    extra = torch.randn(2, 4, 5, 6, generator=gen, dtype=torch.float64)
+    with use_backend("reference"):
+        expected = (ops.attention(qkv, 2), ops.reassemble(*_reassemble_args()), ops.residual_conv_unit(*rcu, extra))
+    implementations_ran(reset=True)
+    with use_backend("inline", inline_attention=attention_form):
+        got = (ops.attention(qkv, 2), ops.reassemble(*_reassemble_args()), ops.residual_conv_unit(*rcu, extra))
+        assert get_backend() == "inline"
+    assert implementations_ran() == {}  # not one registered operator ran
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e)
+    assert get_backend() == "fused"
+
+
+def test_inline_backend_traces_to_plain_aten_ops_and_trains():
+    """torch.export of the public ops under "inline" holds no dpt_fast operator, and autograd runs through
+    the plain form (no training operator)."""
+    rcu = [torch.randn(s, dtype=torch.float64) for s in ((1, 4, 5, 6), (4, 4, 3, 3), (4,), (4, 4, 3, 3), (4,))]
+
+    class Ops(torch.nn.Module):
+        def forward(self, qkv, x):
+            return ops.attention(qkv, 2).sum() + ops.residual_conv_unit(x, *rcu[1:]).sum()
+
+    qkv = torch.randn(2, 9, 48, dtype=torch.float64)
+    with use_backend("inline"):
+        program = torch.export.export(Ops(), (qkv, rcu[0]))
+        targets = {str(n.target) for n in program.graph.nodes if n.op == "call_function"}
+        assert not any("dpt_fast" in t for t in targets), targets
+        x = rcu[0].clone().requires_grad_()
+        implementations_ran(reset=True)
+        ops.residual_conv_unit(x, *rcu[1:]).sum().backward()
+        assert implementations_ran() == {} and x.grad is not None
+
+
+def test_backend_rejects_unknown_names():
+    with pytest.raises(ValueError, match="backend must be one of"):
+        use_backend("plain")
+    with pytest.raises(ValueError, match="inline_attention must be one of"):
+        use_backend("inline", inline_attention="flash")
+    assert get_backend() == "fused"
