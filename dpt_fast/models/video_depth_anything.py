@@ -1,0 +1,239 @@
+"""Video Depth Anything (Chen et al., 2025): Depth Anything V2 with temporal attention in its decoder.
+
+The encoder and the DPT decoder are Depth Anything V2's (`DepthAnythingModel`, relative head); the
+decoder is named `head` (not `depth_head`) as in the release, and holds four temporal modules
+(`head.motion_modules.0..3`) applied, over the frames of a window, to the Reassemble maps of stages 3
+and 4 and to the outputs of fusion blocks 4 and 3. Key names follow the release's checkpoints
+(`video_depth_anything_vits.pth`, `_vitb`, `_vitl`), so they load with strict=True.
+
+One temporal module (the release's AnimateDiff-style motion module; facts of its architecture):
+GroupNorm(32 groups, eps 1e-6) -> per-pixel Linear `proj_in` -> one transformer block -> Linear
+`proj_out` -> + the input. The block: two attention blocks, each LayerNorm -> sinusoidal position
+encoding over time (`pos_encoder.pe`, a saved buffer of `num_frames` positions) -> 8-head
+self-attention across the frames at each pixel (q/k/v without bias, `to_out.0` with bias) -> + its
+input; then LayerNorm -> GEGLU feed-forward (4x, exact GELU on the gate half) -> + its input.
+The attention runs through `dpt_fast::attention` (packed q/k/v, one sequence per pixel).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import ops
+from .depth_anything import DepthAnythingModel
+
+__all__ = ["VideoDepthAnythingModel", "TemporalModule", "VDA_ENCODERS", "window_predictor"]
+
+# The release's encoder codes -> Depth Anything V2 architectures (same fusion widths and Reassemble widths).
+VDA_ENCODERS = {"vits": "da2-small", "vitb": "da2-base", "vitl": "da2-large"}
+NUM_FRAMES = 32  # the release's window length; also the length of its position encodings
+
+
+class _PositionalEncoding(nn.Module):
+    """`pos_encoder`: sin on even channels, cos on odd ones, 10000^(-2i/d) frequencies, added to the input."""
+
+    def __init__(self, dim: int, max_len: int):
+        super().__init__()
+        position = torch.arange(max_len).unsqueeze(1)
+        frequency = torch.exp(torch.arange(0, dim, 2) * (-math.log(10000.0) / dim))
+        pe = torch.zeros(1, max_len, dim)
+        pe[0, :, 0::2] = torch.sin(position * frequency)
+        pe[0, :, 1::2] = torch.cos(position * frequency)
+        self.register_buffer("pe", pe)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[1] > self.pe.shape[1]:
+            raise ValueError(f"{x.shape[1]} frames, but the temporal position encoding has {self.pe.shape[1]}")
+        return x + self.pe[:, :x.shape[1]].to(x.dtype)
+
+
+class _TemporalAttention(nn.Module):
+    def __init__(self, dim: int, heads: int, max_len: int):
+        super().__init__()
+        self.heads = heads
+        self.to_q = nn.Linear(dim, dim, bias=False)
+        self.to_k = nn.Linear(dim, dim, bias=False)
+        self.to_v = nn.Linear(dim, dim, bias=False)
+        self.to_out = nn.ModuleList([nn.Linear(dim, dim), nn.Dropout(0.0)])
+        self.pos_encoder = _PositionalEncoding(dim, max_len)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [sequences, frames, dim] -> the same shape (attention across frames)."""
+        x = self.pos_encoder(x)
+        weight = torch.cat((self.to_q.weight, self.to_k.weight, self.to_v.weight))
+        out = ops.attention(F.linear(x, weight), self.heads)
+        return self.to_out[1](self.to_out[0](out))
+
+
+class _GEGLU(nn.Module):
+    def __init__(self, dim: int, inner: int):
+        super().__init__()
+        self.proj = nn.Linear(dim, 2 * inner)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        value, gate = self.proj(x).chunk(2, dim=-1)
+        return value * F.gelu(gate)
+
+
+class _FeedForward(nn.Module):
+    def __init__(self, dim: int, mult: int = 4):
+        super().__init__()
+        self.net = nn.ModuleList([_GEGLU(dim, dim * mult), nn.Dropout(0.0), nn.Linear(dim * mult, dim)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.net:
+            x = layer(x)
+        return x
+
+
+class _TemporalBlock(nn.Module):
+    def __init__(self, dim: int, heads: int, max_len: int, attention_blocks: int = 2):
+        super().__init__()
+        self.attention_blocks = nn.ModuleList(_TemporalAttention(dim, heads, max_len) for _ in range(attention_blocks))
+        self.norms = nn.ModuleList(nn.LayerNorm(dim) for _ in range(attention_blocks))
+        self.ff = _FeedForward(dim)
+        self.ff_norm = nn.LayerNorm(dim)
+
+    def forward(self, x: torch.Tensor, frames: int) -> torch.Tensor:
+        """x [batch * frames, pixels, dim] -> the same shape."""
+        bf, pixels, dim = x.shape
+        for attention, norm in zip(self.attention_blocks, self.norms):
+            seq = norm(x).unflatten(0, (bf // frames, frames)).transpose(1, 2).flatten(0, 1)  # [b*pixels, f, c]
+            out = attention(seq).unflatten(0, (bf // frames, pixels)).transpose(1, 2).flatten(0, 1)
+            x = out + x
+        return self.ff(self.ff_norm(x)) + x
+
+
+class _TemporalTransformer(nn.Module):
+    def __init__(self, channels: int, heads: int, max_len: int, groups: int = 32):
+        super().__init__()
+        self.norm = nn.GroupNorm(groups, channels, eps=1e-6, affine=True)
+        self.proj_in = nn.Linear(channels, channels)
+        self.transformer_blocks = nn.ModuleList([_TemporalBlock(channels, heads, max_len)])
+        self.proj_out = nn.Linear(channels, channels)
+
+
+class TemporalModule(nn.Module):
+    """`head.motion_modules.N`: maps [batch * frames, C, h, w] -> the same, mixing each pixel across frames."""
+
+    def __init__(self, channels: int, heads: int = 8, max_len: int = NUM_FRAMES):
+        super().__init__()
+        if channels % 32 or channels % heads:
+            raise ValueError(f"a temporal module needs channels divisible by 32 (GroupNorm) and by {heads} heads, "
+                             f"got {channels}")
+        self.temporal_transformer = _TemporalTransformer(channels, heads, max_len)
+        nn.init.zeros_(self.temporal_transformer.proj_out.weight)  # starts as the identity, as released
+        nn.init.zeros_(self.temporal_transformer.proj_out.bias)
+
+    def forward(self, x: torch.Tensor, frames: int) -> torch.Tensor:
+        t = self.temporal_transformer
+        bf, channels, height, width = x.shape
+        if bf % frames:
+            raise ValueError(f"{bf} maps are not a whole number of {frames}-frame clips")
+        hidden = t.norm(x).permute(0, 2, 3, 1).reshape(bf, height * width, channels)
+        hidden = t.proj_in(hidden)
+        for block in t.transformer_blocks:
+            hidden = block(hidden, frames)
+        hidden = t.proj_out(hidden).reshape(bf, height, width, channels).permute(0, 3, 1, 2)
+        return hidden + x
+
+
+class VideoDepthAnythingModel(DepthAnythingModel):
+    """Video Depth Anything (relative): clips [B, T, 3, H, W] (ImageNet-normalised frames, T <= 32)
+    -> relative disparity [B, T, H, W].
+
+    `encoder` is the release's code ("vits", "vitb", "vitl"); `taps`, `features`, `out_channels` and
+    `vit_kwargs` override the architecture's facts (tiny test models). H and W that are not multiples
+    of 14 are resized to the nearest multiples and the prediction back, as DepthAnythingModel does.
+    Whole videos go through `dpt_fast.video.windows.windowed_video_depth` with `window_predictor`.
+    """
+
+    def __init__(self, encoder: str = "vits", taps=None, features: int | None = None, out_channels=None,
+                 vit_kwargs: dict | None = None, num_frames: int = NUM_FRAMES, heads: int = 8,
+                 channels_last: bool = True):
+        if encoder not in VDA_ENCODERS:
+            raise ValueError(f"encoder must be one of {', '.join(VDA_ENCODERS)}, got {encoder!r}")
+        arch = VDA_ENCODERS[encoder]
+        super().__init__(arch, taps=taps, features=features, out_channels=out_channels, vit_kwargs=vit_kwargs,
+                         metric=False, channels_last=channels_last)
+        self.head = self._modules.pop("depth_head")  # the release names the decoder `head`
+        widths = self.config["out_channels"]
+        features = self.config["features"]
+        self.head.motion_modules = nn.ModuleList([
+            TemporalModule(widths[2], heads, num_frames), TemporalModule(widths[3], heads, num_frames),
+            TemporalModule(features, heads, num_frames), TemporalModule(features, heads, num_frames)])
+        self.num_frames = num_frames
+        self.config.update(model_class="VideoDepthAnythingModel", encoder=encoder, num_frames=num_frames, heads=heads)
+
+    @property
+    def depth_head(self):
+        return self.head
+
+    def forward_raw(self, clips: torch.Tensor) -> torch.Tensor:
+        """[B, T, 3, H, W] with H, W multiples of 14 -> [B, T, H, W] (the release's forward)."""
+        batch, frames = clips.shape[:2]
+        taps, grid_h, grid_w = self.encode(clips.flatten(0, 1))
+        head = self.head
+        maps = head.reassemble(taps, grid_h, grid_w)
+        if self.channels_last:
+            maps = [m.contiguous(memory_format=torch.channels_last) for m in maps]
+        motion = head.motion_modules
+        maps[2] = motion[0](maps[2], frames)
+        maps[3] = motion[1](maps[3], frames)
+        s = head.scratch
+        rn = [getattr(s, f"layer{i + 1}_rn")(x) for i, x in enumerate(maps)]
+        path = motion[2](s.refinenet4(rn[3], size=rn[2].shape[2:]), frames)
+        path = motion[3](s.refinenet3(path, rn[2], size=rn[1].shape[2:]), frames)
+        path = s.refinenet2(path, rn[1], size=rn[0].shape[2:])
+        path = s.refinenet1(path, rn[0])
+        out = s.output_conv1(path)
+        out = F.interpolate(out, size=(grid_h * self.patch_size, grid_w * self.patch_size), mode="bilinear",
+                            align_corners=True)
+        with torch.autocast(out.device.type, enabled=False):  # the release runs the last convolutions in fp32
+            out = s.output_conv2(out.float())
+        # the release then resizes to the input size (the identity here: the sizes are equal) and ReLUs
+        return F.relu(out).squeeze(1).unflatten(0, (batch, frames))
+
+    def forward(self, clips: torch.Tensor) -> torch.Tensor:
+        if not isinstance(clips, torch.Tensor) or clips.dim() != 5 or clips.shape[2] != 3:
+            shape = tuple(clips.shape) if isinstance(clips, torch.Tensor) else type(clips).__name__
+            raise ValueError(f"expected clips [B, T, 3, H, W], got {shape}")
+        if clips.shape[1] > self.num_frames:
+            raise ValueError(f"a clip holds at most {self.num_frames} frames, got {clips.shape[1]}")
+        self.check_input(clips[:, 0])
+        param = self.pretrained.cls_token
+        if clips.dtype != param.dtype and not torch.is_autocast_enabled(clips.device.type):
+            clips = clips.to(param.dtype)
+        height, width = clips.shape[-2:]
+        p = self.patch_size
+        run_h, run_w = max(p, round(height / p) * p), max(p, round(width / p) * p)
+        if (run_h, run_w) == (height, width):
+            return self.forward_raw(clips)
+        batch, frames = clips.shape[:2]
+        x = F.interpolate(clips.flatten(0, 1), size=(run_h, run_w), mode="bilinear", align_corners=False)
+        out = self.forward_raw(x.unflatten(0, (batch, frames)))
+        out = F.interpolate(out.flatten(0, 1).unsqueeze(1), size=(height, width), mode="bilinear", align_corners=False)
+        return out.squeeze(1).unflatten(0, (batch, frames))
+
+
+def window_predictor(model: VideoDepthAnythingModel, preprocess, device=None, autocast_dtype=None):
+    """A window function for `dpt_fast.video.windows.windowed_video_depth`: a list of frames ->
+    [T, H, W] depth at the frames' size (bilinear, align_corners=True, as the release).
+
+    preprocess: frame -> normalised [3, h, w] tensor (e.g. Depth Anything's preprocessing at 518).
+    """
+    model.eval()
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+
+    def predict(frames: list) -> torch.Tensor:
+        clip = torch.stack([preprocess(f) for f in frames]).to(device).unsqueeze(0)
+        with torch.inference_mode(), torch.autocast(device.type, autocast_dtype or torch.float32,
+                                                    enabled=autocast_dtype is not None):
+            depth = model(clip)[0].float()
+        first = frames[0]
+        size = tuple((first.image if hasattr(first, "image") else first).shape[-2:])
+        return F.interpolate(depth.unsqueeze(1), size=size, mode="bilinear", align_corners=True).squeeze(1).cpu()
+    return predict
