@@ -43,6 +43,9 @@ import re
 
 import torch
 
+from .config_validation import (MAX_CLASSES, MAX_DEPTH, MAX_HEADS, MAX_IMAGE_SIZE, MAX_MLP_RATIO, MAX_WIDTH,
+                                ConfigError, boolean, int_list, integer, number, one_of, optional)
+
 __all__ = ["HFConversionError", "HF_VIT_TABLE", "is_hf_dpt_config", "hf_model_class",
            "hf_config_to_model_config", "hf_state_dict_to_original", "hf_key_to_original",
            "HF_FILLED_KEYS"]
@@ -87,17 +90,66 @@ def is_hf_dpt_config(cfg: dict) -> bool:
     return isinstance(cfg, dict) and cfg.get("model_type") == "dpt"
 
 
-def _pair(value, name):
-    if isinstance(value, (list, tuple)):
-        if len(value) != 2 or value[0] != value[1]:
-            raise HFConversionError(f"{name}={list(value)}: only square sizes are supported")
-        return int(value[0])
-    return int(value)
+def _check(cond: bool, message: str) -> None:
+    if not cond:
+        raise HFConversionError(message)
+
+
+class _Fields:
+    """Typed reads of a config.json's fields: each value is checked (type, range) before it is used,
+    so a null, a string or a zero where a size belongs gives an HFConversionError naming the field."""
+
+    def __init__(self, cfg: dict, prefix: str = ""):
+        self.cfg, self.prefix = cfg, prefix
+
+    def _get(self, name, default, validator):
+        value = self.cfg.get(name, default)
+        try:
+            return validator(self.prefix + name, value)
+        except ConfigError as e:
+            raise HFConversionError(str(e)) from None
+
+    def int(self, name, default, lo, hi):
+        return self._get(name, default, integer(lo, hi))
+
+    def bool(self, name, default):
+        return self._get(name, default, boolean)
+
+    def optional_bool(self, name):
+        return self._get(name, None, optional(boolean))
+
+    def number(self, name, default, lo, hi, lo_open=False):
+        return self._get(name, default, number(lo, hi, lo_open=lo_open))
+
+    def square(self, name, default, lo, hi):
+        """An int, or a list of two equal ints (HF allows [h, w]; dpt_fast needs square)."""
+        value = self._get(name, default, one_of(integer(lo, hi), int_list(2, integer(lo, hi)),
+                                                 what=f"an integer or a pair of integers in [{lo}, {hi}]"))
+        if isinstance(value, list):
+            _check(value[0] == value[1], f"{self.prefix}{name}={value}: only square sizes are supported")
+            return value[0]
+        return value
+
+    def ints(self, name, default, length, lo, hi, distinct=False):
+        return self._get(name, default, int_list(length, integer(lo, hi), distinct=distinct))
+
+    def list(self, name, default):
+        value = self.cfg.get(name, default)
+        _check(isinstance(value, (list, tuple)), f"{self.prefix}{name} must be a list, got {value!r}")
+        return list(value)
+
+    def object(self, name):
+        value = self.cfg.get(name)
+        _check(value is None or isinstance(value, dict), f"{self.prefix}{name} must be an object or null, "
+                                                         f"got {type(value).__name__}")
+        return value
 
 
 def hf_model_class(cfg: dict, state_dict_keys=None) -> str:
     """"DPTDepthModel" or "DPTSegmentationModel" from config['architectures'] (or the keys)."""
     archs = cfg.get("architectures") or []
+    _check(isinstance(archs, list) and all(isinstance(a, str) for a in archs),
+           f"architectures must be a list of class names, got {archs!r}")
     if "DPTForDepthEstimation" in archs:
         return "DPTDepthModel"
     if "DPTForSemanticSegmentation" in archs:
@@ -115,50 +167,56 @@ def hf_model_class(cfg: dict, state_dict_keys=None) -> str:
                             "'architectures' and the keys have no recognisable head")
 
 
-def _check(cond: bool, message: str) -> None:
-    if not cond:
-        raise HFConversionError(message)
-
-
 def hf_config_to_model_config(cfg: dict, model_class: str | None = None) -> dict:
-    """A transformers DPTConfig (as the dict in config.json) -> dpt_fast model config (for build_model)."""
-    _check(is_hf_dpt_config(cfg), f"not a Hugging Face DPT config (model_type={cfg.get('model_type')!r})")
+    """A transformers DPTConfig (as the dict in config.json) -> dpt_fast model config (for build_model).
+
+    Every field used is type- and range-checked first (upper bounds from `dpt_fast.config_validation`),
+    so a malformed config gives an HFConversionError naming the field, never a TypeError or an attempt
+    to build a model of absurd size."""
+    _check(isinstance(cfg, dict) and is_hf_dpt_config(cfg),
+           f"not a Hugging Face DPT config (model_type={cfg.get('model_type') if isinstance(cfg, dict) else cfg!r})")
     model_class = model_class or hf_model_class(cfg)
     get = cfg.get
-    hybrid = bool(get("is_hybrid", False))
-    backbone_cfg = get("backbone_config")
+    f = _Fields(cfg)
+    hybrid = f.bool("is_hybrid", False)
+    backbone_cfg = f.object("backbone_config")
     if not hybrid and (backbone_cfg is not None or get("backbone") is not None):
         kind = backbone_cfg.get("model_type") if isinstance(backbone_cfg, dict) else get("backbone")
         raise HFConversionError(f"DPT with a {kind!r} backbone (backbone_config; the DINOv2/BEiT/Swin DPT "
                                 "variants) is not supported: dpt_fast loads DPT's ViT and ViT-hybrid")
     act = get("hidden_act", "gelu")
     _check(act == "gelu", f"hidden_act={act!r}: the original DPT (and timm's ViT) use exact GELU ('gelu')")
-    _check(get("qkv_bias", True) is not False, "qkv_bias=False: the released ViTs have a qkv bias")
-    _check(int(get("num_channels", 3)) == 3, f"num_channels={get('num_channels')}: DPT takes RGB (3)")
-    _check(get("head_in_index", -1) in (-1, 3), f"head_in_index={get('head_in_index')}: DPT's heads read the "
-                                                "last fused map (-1)")
-    _check(not get("add_projection", False),
+    _check(f.bool("qkv_bias", True), "qkv_bias=False: the released ViTs have a qkv bias")
+    _check(f.int("num_channels", 3, 1, 4) == 3, f"num_channels={get('num_channels')}: DPT takes RGB (3)")
+    _check(f.int("head_in_index", -1, -4, 3) in (-1, 3), f"head_in_index={get('head_in_index')}: DPT's heads "
+                                                          "read the last fused map (-1)")
+    _check(not f.bool("add_projection", False),
            "add_projection=True (an extra 3x3 conv + ReLU before the depth head) is not part of the "
            "original DPT and not supported by dpt_fast")
     readout = get("readout_type", "project")
-    _check(readout in ("ignore", "add", "project"), f"readout_type={readout!r}")
-    factors = [float(f) for f in get("reassemble_factors", (4, 2, 1, 0.5))]
-    use_bn = bool(get("use_batch_norm_in_fusion_residual", False))
-    bias = get("use_bias_in_fusion_residual")
-    _check(bias is None or bool(bias) == (not use_bn),
+    _check(readout in ("ignore", "add", "project"), f"readout_type={readout!r}: must be 'ignore', 'add' or 'project'")
+    factors = [float(x) for x in f._get("reassemble_factors", [4, 2, 1, 0.5],
+                                        int_list(4, number(0.0, 64.0, lo_open=True), what="numbers"))]
+    use_bn = f.bool("use_batch_norm_in_fusion_residual", False)
+    bias = f.optional_bool("use_bias_in_fusion_residual")
+    _check(bias is None or bias == (not use_bn),
            f"use_bias_in_fusion_residual={bias} with use_batch_norm_in_fusion_residual={use_bn}: the original "
            "RCU has conv bias exactly when it has no batch norm")
-    indices = [int(i) for i in get("backbone_out_indices") or ()]
-    _check(len(indices) == 4 and len(set(indices)) == 4,
-           f"backbone_out_indices={indices}: DPT needs four distinct block indices")
-    neck = get("neck_hidden_sizes", (96, 192, 384, 768))
-    _check(len(neck) == 4, f"neck_hidden_sizes={list(neck)}: DPT has four Reassemble stages")
-    fusion = int(get("fusion_hidden_size", 256))
-    dims = (int(get("hidden_size", 768)), int(get("num_hidden_layers", 12)), int(get("num_attention_heads", 12)),
-            int(get("intermediate_size", 3072)), _pair(get("patch_size", 16), "patch_size"),
-            _pair(get("image_size", 384), "image_size"))
+    indices = f.ints("backbone_out_indices", None, 4, 0, MAX_DEPTH - 1, distinct=True)
+    neck = f.ints("neck_hidden_sizes", [96, 192, 384, 768], 4, 1, MAX_WIDTH)
+    fusion = f.int("fusion_hidden_size", 256, 1, MAX_WIDTH)
+    hidden = f.int("hidden_size", 768, 1, MAX_WIDTH)
+    heads = f.int("num_attention_heads", 12, 1, MAX_HEADS)
+    _check(hidden % heads == 0, f"hidden_size={hidden} is not a multiple of num_attention_heads={heads}")
+    dims = (hidden, f.int("num_hidden_layers", 12, 1, MAX_DEPTH), heads,
+            f.int("intermediate_size", 3072, 1, int(MAX_WIDTH * MAX_MLP_RATIO)),
+            f.square("patch_size", 16, 1, 64), f.square("image_size", 384, 16, MAX_IMAGE_SIZE))
+    _check(dims[3] <= MAX_MLP_RATIO * hidden, f"intermediate_size={dims[3]} is over {MAX_MLP_RATIO:g} x "
+                                              f"hidden_size={hidden}")
     names = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "patch_size",
              "image_size")
+    layer_norm_eps = 1e-12 if get("layer_norm_eps") is None else f.number("layer_norm_eps", None, 0.0, 1.0,
+                                                                            lo_open=True)
 
     vit_kwargs = None
     if hybrid:
@@ -168,10 +226,11 @@ def hf_config_to_model_config(cfg: dict, model_class: str | None = None) -> dict
         _check(readout == "project", f"readout_type={readout!r}: DPT-hybrid uses 'project'")
         _check(factors[2:] == [1.0, 0.5], f"reassemble_factors={factors}: the hybrid's ViT stages resample "
                                            "by 1 and 0.5")
-        _check(list(get("neck_ignore_stages", [0, 1])) == [0, 1],
+        _check(f.list("neck_ignore_stages", [0, 1]) == [0, 1],
                f"neck_ignore_stages={get('neck_ignore_stages')}: the hybrid takes stages 1-2 from the ResNet")
         featmap = get("backbone_featmap_shape") or [1, 1024, 24, 24]
-        _check(int(featmap[1]) == 1024, f"backbone_featmap_shape={featmap}: ResNet-50 stage 3 has 1024 channels")
+        _check(isinstance(featmap, list) and len(featmap) == 4 and featmap[1] == 1024,
+               f"backbone_featmap_shape={featmap}: ResNet-50 stage 3 has 1024 channels")
         bit = dict(backbone_cfg or {})
         _check(bit.get("model_type", "bit") == "bit", f"hybrid backbone_config model_type="
                                                       f"{bit.get('model_type')!r}: only BiT is supported")
@@ -180,15 +239,16 @@ def hf_config_to_model_config(cfg: dict, model_class: str | None = None) -> dict
                 have = list(bit[key]) if isinstance(bit[key], (list, tuple)) else bit[key]
                 _check(have == want, f"backbone_config.{key}={have!r}: DPT-hybrid's ResNet-50 has {want!r}")
         if "hidden_sizes" in bit:
-            _check(list(bit["hidden_sizes"])[:3] == [256, 512, 1024],
-                   f"backbone_config.hidden_sizes={bit['hidden_sizes']}: ResNet-50 stages are 256, 512, 1024")
-        padding = str(bit.get("global_padding", "same")).lower()
-        _check(padding == "same", f"backbone_config.global_padding={bit.get('global_padding')!r}: "
-                                  "timm's vit_base_r50_s16_384 uses TF 'SAME' padding")
+            sizes = bit["hidden_sizes"]
+            _check(isinstance(sizes, list) and sizes[:3] == [256, 512, 1024],
+                   f"backbone_config.hidden_sizes={sizes}: ResNet-50 stages are 256, 512, 1024")
+        padding = bit.get("global_padding", "same")
+        _check(isinstance(padding, str) and padding.lower() == "same",
+               f"backbone_config.global_padding={padding!r}: timm's vit_base_r50_s16_384 uses TF 'SAME' padding")
         _check(bit.get("embedding_dynamic_padding", True) is True,
                "backbone_config.embedding_dynamic_padding=False: timm's stem max-pool pads 'SAME'")
         outs = bit.get("out_features")
-        _check(outs is None or list(outs) == ["stage1", "stage2", "stage3"],
+        _check(outs is None or outs == ["stage1", "stage2", "stage3"],
                f"backbone_config.out_features={outs}: DPT-hybrid reads stage1, stage2, stage3")
         backbone = "vitb_rn50_384"
         hooks = [0, 1] + sorted(indices[2:])
@@ -200,7 +260,6 @@ def hf_config_to_model_config(cfg: dict, model_class: str | None = None) -> dict
         if backbone is None:  # any other size: timm's VisionTransformer with HF's dimensions
             hidden, layers, heads, inter, patch, image = dims
             _check(patch == 16, f"patch_size={patch}: DPT's stages sit at 1/4 .. 1/32 of the input (patch 16)")
-            _check(hidden % heads == 0, f"hidden_size={hidden} is not a multiple of num_attention_heads={heads}")
             backbone = "vit_base_patch16_384"
             vit_kwargs = dict(embed_dim=hidden, depth=layers, num_heads=heads, mlp_ratio=inter / hidden,
                               img_size=image)
@@ -208,17 +267,21 @@ def hf_config_to_model_config(cfg: dict, model_class: str | None = None) -> dict
         _check(hooks[-1] < dims[1], f"backbone_out_indices={indices} reach past {dims[1]} layers")
 
     config = {"model_class": model_class, "backbone": backbone, "readout": readout,
-              "features": [int(n) for n in neck], "fusion_features": fusion, "use_bn": use_bn, "hooks": hooks,
-              "layer_norm_eps": float(get("layer_norm_eps") or 1e-12)}
+              "features": neck, "fusion_features": fusion, "use_bn": use_bn, "hooks": hooks,
+              "layer_norm_eps": float(layer_norm_eps)}
     if vit_kwargs:
         config["vit_kwargs"] = vit_kwargs
     if model_class == "DPTDepthModel":
         # HF's depth head always ends with a ReLU; it never inverts.
         config.update(non_negative=True, scale=1.0, shift=0.0, invert=False)
     else:
-        id2label = get("id2label")
-        num = len(id2label) if id2label else get("num_labels", 2)
-        config["num_classes"] = int(num)
+        id2label = f.object("id2label")
+        if id2label:
+            _check(len(id2label) <= MAX_CLASSES, f"id2label has {len(id2label)} labels; at most {MAX_CLASSES}")
+            num = len(id2label)
+        else:
+            num = f.int("num_labels", 2, 1, MAX_CLASSES)
+        config["num_classes"] = num
     return config
 
 

@@ -24,6 +24,14 @@ Formats, told apart by the path:
 
 Any keyword given to `load_model` beyond device/dtype is a constructor argument that overrides what
 was inferred or recorded (e.g. `backbone=`, `hooks=`, `scale=`).
+
+Files from strangers: nothing in them is executed. Pickles are read with `weights_only=True`; every
+model config read from a file (dpt_fast's config.json, a training checkpoint's recorded config, a
+Hugging Face config.json after conversion) passes `dpt_fast.config_validation`'s allow-list before
+anything is built; the model is first built on the meta device and checked against the file's
+tensors (keys, shapes, total size), so memory is allocated only for a model the weights fit; every
+file read from a model folder -- shards named by an index included -- must lie inside that folder
+(or, for huggingface_hub's cache, in the same repository's blobs folder) and be a regular file.
 """
 from __future__ import annotations
 
@@ -31,6 +39,7 @@ import json
 import os
 import pickle
 import re
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -38,6 +47,7 @@ import torch
 from torch import nn
 
 from . import hf_convert
+from .config_validation import ConfigError, validate_model_config
 from .hf_convert import HFConversionError
 from .models import RELEASED_BACKBONES
 
@@ -208,23 +218,68 @@ def read_state_dict(path) -> dict:
     return unwrap_state_dict(_torch_load(path), path)
 
 
+def _allowed_roots(root: Path) -> list[Path]:
+    """Where the files of the model folder `root` may really lie: in it, and for a snapshot of
+    huggingface_hub's cache (<repo>/snapshots/<revision>/, whose files are links to ../../blobs/<hash>)
+    in that repository's blobs folder."""
+    real = root.resolve()
+    roots = [real]
+    if real.parent.name == "snapshots":
+        roots.append(real.parent.parent / "blobs")
+    return roots
+
+
+def _confined(root: Path, path: Path, source) -> Path:
+    """`path`, once checked to be a regular file that really lies inside the model folder `root`
+    (links followed), else a CheckpointError: a folder from a stranger may not make the loader read
+    other files of this machine, nor block on a FIFO or a device."""
+    real = path.resolve()
+    if not any(real.is_relative_to(allowed) for allowed in _allowed_roots(root)):
+        raise CheckpointError(f"{source}: {path.name} leads outside the model folder (to {real}); every file "
+                              f"of a model folder must lie inside it: copy the file into {root}")
+    if not real.is_file():
+        raise CheckpointError(f"{source}: {path.name} is missing or not a regular file")
+    return path
+
+
+def _shard_path(root: Path, name, index_path: Path) -> Path:
+    """The file a sharded index names: a plain relative name inside the folder (no '..', no absolute
+    path, no drive, no backslash), confined like every other file of the folder."""
+    if not isinstance(name, str) or not name or "\\" in name or "\0" in name:
+        raise CheckpointError(f"{index_path}: shard name {name!r} is not a file name")
+    parts = name.split("/")
+    if name.startswith("/") or ":" in parts[0] or any(part in ("", ".", "..") for part in parts):
+        raise CheckpointError(f"{index_path} names the shard {name!r}, which is not a plain path inside the "
+                              f"model folder {root}: shards must be files inside it")
+    path = root.joinpath(*parts)
+    if not path.exists() and not path.is_symlink():
+        raise CheckpointError(f"{index_path} names the shard {name}, which is missing")
+    return _confined(root, path, index_path)
+
+
 def _read_hf_state_dict(root: Path) -> dict:
     """The raw (HF-keyed) state dict of a Hugging Face model directory, sharded or not."""
     for index_name, loader in (("model.safetensors.index.json", _load_safetensors),
                                ("pytorch_model.bin.index.json", _torch_load)):
         index_path = root / index_name
-        if index_path.is_file():
-            weight_map = _read_json(index_path).get("weight_map") or {}
+        if index_path.is_file() or index_path.is_symlink():
+            weight_map = _read_json(_confined(root, index_path, root)).get("weight_map")
+            if not isinstance(weight_map, dict) or not weight_map:
+                raise CheckpointError(f"{index_path}: \"weight_map\" must be an object mapping tensor names "
+                                      "to shard files")
+            shards = {_shard_path(root, name, index_path) for name in weight_map.values()}
             state = {}
-            for shard in sorted(set(weight_map.values())):
-                if not (root / shard).is_file():
-                    raise CheckpointError(f"{index_path} names the shard {shard}, which is missing")
-                state.update(unwrap_state_dict(loader(root / shard), root / shard))
+            for shard in sorted(shards):
+                part = unwrap_state_dict(loader(shard), shard)
+                twice = next((key for key in part if key in state), None)
+                if twice is not None:
+                    raise CheckpointError(f"{index_path}: the tensor {twice} is in more than one shard")
+                state.update(part)
             return state
-    if (root / "model.safetensors").is_file():
-        return unwrap_state_dict(_load_safetensors(root / "model.safetensors"), root / "model.safetensors")
-    if (root / "pytorch_model.bin").is_file():
-        return unwrap_state_dict(_torch_load(root / "pytorch_model.bin"), root / "pytorch_model.bin")
+    for name, loader in (("model.safetensors", _load_safetensors), ("pytorch_model.bin", _torch_load)):
+        path = root / name
+        if path.exists() or path.is_symlink():
+            return unwrap_state_dict(loader(_confined(root, path, root)), path)
     raise CheckpointError(f"{root}: a Hugging Face DPT config but no weights (model.safetensors, "
                           "pytorch_model.bin or a sharded index)")
 
@@ -338,9 +393,16 @@ def describe_config(config: dict) -> str:
     return f"{config.get('model_class', '?')}({args})"
 
 
+def _validated(config, source) -> dict:
+    """A model config read from a file, through the allow-list of dpt_fast.config_validation."""
+    try:
+        return validate_model_config(config)
+    except ConfigError as e:
+        raise CheckpointError(f"{source}: refused model config: {e}") from None
+
+
 def _build(config: dict, on_meta: bool = True) -> nn.Module:
-    """The model of `config`, on the meta device when possible (no init cost: every tensor is then
-    loaded), else on the CPU with its own init."""
+    """The model of `config`: on the meta device (no memory, no init) or on the CPU with its own init."""
     from .models import build_model
     config = dict(config)
     if "path" in config:
@@ -348,13 +410,32 @@ def _build(config: dict, on_meta: bool = True) -> nn.Module:
     try:
         if on_meta:
             with torch.device("meta"):
-                model = build_model(config)
-            persistent = set(model.state_dict())
-            if all(name in persistent for name, _ in model.named_buffers()):
-                return model
+                return build_model(config)
         return build_model(config)
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"cannot build {describe_config(config)}: {e}") from None
+
+
+def _build_fitted(config: dict, state: dict, *, fmt: str, source, fill: dict) -> tuple[nn.Module, dict]:
+    """(model, state dict to load) -- the model is built on the meta device first and the file's
+    tensors checked against it (keys, shapes, sizes), so a config that does not describe the weights,
+    however large the model it asks for, is refused before any memory is allocated. Only then, if some
+    values must come from the model's own init (non-persistent buffers, `fill_prefixes`), is it
+    built again on the CPU."""
+    model = _build(config, on_meta=True)
+    fitted = _fit(model, state, fmt=fmt, source=source, config=config, **fill)
+    persistent = set(model.state_dict())
+    if fill["fill_prefixes"] or not all(name in persistent for name, _ in model.named_buffers()):
+        model = _build(config, on_meta=False)
+        fitted = _fit(model, state, fmt=fmt, source=source, config=config, **fill)
+    return model, fitted
+
+
+def _numel_text(count: int) -> str:
+    for unit, size in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if count >= size:
+            return f"{count / size:.3g}{unit}"
+    return str(count)
 
 
 def _fit(model: nn.Module, state_dict: dict, *, fmt: str, source, config: dict,
@@ -382,8 +463,11 @@ def _fit(model: nn.Module, state_dict: dict, *, fmt: str, source, config: dict,
         if mismatched:
             shown = "; ".join(f"{k}: file {list(a)} vs model {list(b)}" for k, a, b in mismatched[:5])
             parts.append(f"{len(mismatched)} shape mismatch(es) ({shown})")
+        model_size = sum(t.numel() for t in own.values())
+        file_size = sum(t.numel() for t in state_dict.values())
         raise CheckpointError(f"{source}: the {FORMAT_LABELS.get(fmt, fmt)} checkpoint does not fit the model "
-                              f"{describe_config(config)}: " + "; ".join(parts))
+                              f"{describe_config(config)} (the model has {_numel_text(model_size)} values, the "
+                              f"file {_numel_text(file_size)}): " + "; ".join(parts))
     return state
 
 
@@ -400,18 +484,19 @@ def _read(path, overrides: dict, infer: bool = True) -> tuple[str, Path, dict | 
         config = meta.get("config")
         if not isinstance(config, dict) or "model_class" not in config:
             raise CheckpointError(f"{root / CONFIG_NAME}: no model config (\"config\" with \"model_class\")")
+        config = {**_validated(config, root / CONFIG_NAME), **overrides}
         weights = root / WEIGHTS_NAME
-        if not weights.is_file():
+        if not weights.exists() and not weights.is_symlink():
             raise CheckpointError(f"{root}: {WEIGHTS_NAME} is missing")
-        state = _load_safetensors(weights)
-        config = {**config, **overrides}
+        state = _load_safetensors(_confined(root, weights, root))
     elif fmt == "huggingface":
         try:
             # Check the config before reading weights; the keys decide the head only without 'architectures'.
             raw = None if meta.get("architectures") or not infer else _read_hf_state_dict(root)
             if infer:
                 model_class = hf_convert.hf_model_class(meta, None if raw is None else raw.keys())
-                config = {**hf_convert.hf_config_to_model_config(meta, model_class), **overrides}
+                config = {**_validated(hf_convert.hf_config_to_model_config(meta, model_class),
+                                       root / CONFIG_NAME), **overrides}
             else:
                 config = None
             raw = _read_hf_state_dict(root) if raw is None else raw
@@ -430,7 +515,7 @@ def _read(path, overrides: dict, infer: bool = True) -> tuple[str, Path, dict | 
         if not infer:
             config = None
         elif recorded is not None:  # dpt_fast.train's checkpoint.pt records the model's config
-            config = {**recorded, **overrides}
+            config = {**_validated(recorded, root), **overrides}
         else:
             config = infer_original_config(state, filename=root.name, overrides=overrides, source=root)
     return fmt, root, config, state, fill
@@ -456,8 +541,7 @@ def load_model(path, device=None, dtype=None, **model_kwargs) -> nn.Module:
     if depth_anything_weights.recognizes(path):
         return depth_anything_weights.load(path, device=device, dtype=dtype, **model_kwargs)
     fmt, root, config, state, fill = _read(path, model_kwargs)
-    model = _build(config, on_meta=not fill["fill_prefixes"])
-    state = _fit(model, state, fmt=fmt, source=root, config=config, **fill)
+    model, state = _build_fitted(config, state, fmt=fmt, source=root, fill=fill)
     on_meta = any(t.is_meta for t in model.state_dict().values())
     if fmt == FORMAT and on_meta:
         model.load_state_dict(state, strict=True, assign=True)  # the file's tensors, dtypes as saved
@@ -485,10 +569,69 @@ def load_state_dict_into(model: nn.Module, path) -> None:
 
 # ------------------------------------------------------------------------------------------ saving
 
+_TEMP_MARK = ".tmp-"  # temporary files: .<final name>.tmp-<pid>-<random>
+
+
+def _umask() -> int:
+    """The process's umask, read without changing it where Linux tells it."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, ValueError):
+        return True
+    return True
+
+
+def _remove_stale_temporaries(directory: Path) -> None:
+    """Delete temporary files that an earlier save_model into `directory` left when its process was
+    killed (their writer is no longer running), and the fixed-name ones of older dpt_fast versions."""
+    for final in (WEIGHTS_NAME, CONFIG_NAME):
+        (directory / f"{final}.tmp").unlink(missing_ok=True)
+        for path in directory.glob(f".{final}{_TEMP_MARK}*"):
+            pid = path.name[len(f".{final}{_TEMP_MARK}"):].split("-", 1)[0]
+            if pid.isdigit() and not _pid_alive(int(pid)) and path.is_file():
+                path.unlink(missing_ok=True)
+
+
+def _write_atomic(path: Path, write) -> None:
+    """Create `path` via `write(temporary path)`: written beside it, flushed to disk, given the mode
+    any new file gets (0666 less the umask), then renamed over `path`. On any failure or interrupt the
+    temporary file is removed and `path` is left as it was."""
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}{_TEMP_MARK}{os.getpid()}-")
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 def save_model(model: nn.Module, directory) -> Path:
     """Write `model` as dpt_fast's format: directory/config.json (model.config + format marker and
     version) and directory/model.safetensors (the state dict, dtypes as they are). Returns the
-    directory. `load_model(directory)` rebuilds the model bit-exactly."""
+    directory. `load_model(directory)` rebuilds the model bit-exactly.
+
+    Each file is replaced atomically (an interrupted save leaves the previous files or none, and no
+    temporary file); both get the permissions of any new file (0666 less the umask)."""
     from safetensors.torch import save_file
     import dpt_fast
 
@@ -504,6 +647,7 @@ def save_model(model: nn.Module, directory) -> Path:
         raise ValueError(f"model.config is not JSON-serialisable: {e}") from None
     directory = Path(os.fspath(directory)).expanduser()
     directory.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temporaries(directory)
     tensors, seen = {}, set()
     for key, value in model.state_dict().items():
         value = value.detach().to("cpu").contiguous()
@@ -513,10 +657,7 @@ def save_model(model: nn.Module, directory) -> Path:
         seen.add(ptr)
         tensors[key] = value
     # Weights first, config last: a directory is only recognised once it is complete.
-    tmp = directory / (WEIGHTS_NAME + ".tmp")
-    save_file(tensors, str(tmp), metadata={"format": "pt", "dpt_fast_format_version": str(FORMAT_VERSION)})
-    os.replace(tmp, directory / WEIGHTS_NAME)
-    tmp = directory / (CONFIG_NAME + ".tmp")
-    tmp.write_text(config_text + "\n", encoding="utf-8")
-    os.replace(tmp, directory / CONFIG_NAME)
+    metadata = {"format": "pt", "dpt_fast_format_version": str(FORMAT_VERSION)}
+    _write_atomic(directory / WEIGHTS_NAME, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+    _write_atomic(directory / CONFIG_NAME, lambda tmp: tmp.write_text(config_text + "\n", encoding="utf-8"))
     return directory

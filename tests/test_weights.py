@@ -13,6 +13,8 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
+import stat
 
 import pytest
 import timm
@@ -353,3 +355,60 @@ def test_mismatched_state_dict_message(tmp_path):
     assert "1 unexpected key(s) (first: scratch.refinenet9.out_conv.weight)" in msg
     assert "scratch.refinenet2.out_conv.bias: file [31] vs model [32]" in msg
     assert info.value.__cause__ is None  # no chained state_dict traceback
+
+
+# --------------------------------------------------------------------------- save_model's files
+
+SMALL = dict(backbone="vit_base_patch16_384", hooks=[0, 1, 2, 3], features=16,
+             vit_kwargs=dict(embed_dim=32, depth=4, num_heads=2, img_size=64))
+
+
+def _failing_save_file(error):
+    """safetensors' save_file that writes part of the file, then fails (a full disk, a Ctrl-C)."""
+    def save_file(tensors, filename, metadata=None):
+        with open(filename, "wb") as f:
+            f.write(b"\0" * 4096)
+        raise error
+    return save_file
+
+
+@pytest.mark.parametrize("error", [OSError(28, "No space left on device"), KeyboardInterrupt()])
+def test_failed_save_leaves_no_temporary_and_keeps_the_previous_model(tmp_path, monkeypatch, error):
+    import safetensors.torch
+    torch.manual_seed(0)
+    directory = save_model(DPTDepthModel(**SMALL), tmp_path / "saved")
+    before = {p.name: p.read_bytes() for p in directory.iterdir()}
+    monkeypatch.setattr(safetensors.torch, "save_file", _failing_save_file(error))
+    with pytest.raises(type(error)):
+        save_model(DPTDepthModel(**SMALL), directory)
+    assert {p.name: p.read_bytes() for p in directory.iterdir()} == before
+    with pytest.raises(type(error)):
+        save_model(DPTDepthModel(**SMALL), tmp_path / "fresh")
+    assert list((tmp_path / "fresh").iterdir()) == []
+
+
+def test_save_removes_temporaries_of_killed_saves(tmp_path):
+    import subprocess
+    import sys
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True).stdout.strip()
+    directory = tmp_path / "saved"
+    directory.mkdir()
+    stale = [directory / f".model.safetensors.tmp-{dead}-x1", directory / f".config.json.tmp-{dead}-x2",
+             directory / "model.safetensors.tmp"]  # the last: the fixed name older versions used
+    live = directory / f".model.safetensors.tmp-{os.getppid()}-x3"  # a save still running elsewhere
+    for path in stale + [live]:
+        path.write_bytes(b"\0" * 100)
+    save_model(DPTDepthModel(**SMALL), directory)
+    assert sorted(p.name for p in directory.iterdir()) == sorted(["config.json", "model.safetensors", live.name])
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077, 0o002])
+def test_saved_files_get_the_mode_of_any_new_file(tmp_path, umask):
+    old = os.umask(umask)
+    try:
+        directory = save_model(DPTDepthModel(**SMALL), tmp_path / "saved")
+    finally:
+        os.umask(old)
+    for name in ("config.json", "model.safetensors"):
+        assert stat.S_IMODE((directory / name).stat().st_mode) == 0o666 & ~umask, name

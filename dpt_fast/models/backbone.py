@@ -10,17 +10,36 @@ global state), so models and threads never share them.
 from __future__ import annotations
 
 import functools
+import re
 from dataclasses import dataclass
 
 import timm
-import torch
-import torch.nn.functional as F
-from timm.layers import Attention
-from torch import nn
-from torch.utils.checkpoint import checkpoint
 
-from .. import ops
-from .blocks import Reassemble
+# The oldest timm this code works with: VisionTransformer's `attn_layer` argument and Attention's
+# `gate` / `is_causal` are used below. Keep pyproject.toml's `timm>=` bound equal to it.
+TIMM_MIN_VERSION = "1.0.28"
+
+
+def check_timm_version(version: str) -> None:
+    """Raise an ImportError naming the required version when `version` is older than TIMM_MIN_VERSION."""
+    def parts(text):
+        return tuple(int(n) for n in re.findall(r"\d+", text.split("+")[0])[:3])
+    if parts(version) < parts(TIMM_MIN_VERSION):
+        raise ImportError(f"dpt_fast needs timm>={TIMM_MIN_VERSION}, but timm {version} is installed: "
+                          f"pip install -U \"timm>={TIMM_MIN_VERSION}\"")
+
+
+check_timm_version(getattr(timm, "__version__", "0"))
+
+import torch  # noqa: E402 (after the version check: older timm fails on the imports below)
+import torch.nn.functional as F  # noqa: E402
+from timm.layers import Attention  # noqa: E402
+from torch import nn  # noqa: E402
+from torch.utils.checkpoint import checkpoint  # noqa: E402
+
+from .. import ops  # noqa: E402
+from ..config_validation import validate_vit_kwargs  # noqa: E402
+from .blocks import Reassemble  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -61,6 +80,25 @@ class DPTAttention(Attention):
         return self.proj_drop(self.proj(self.norm(x)))
 
 
+# timm modules whose models are the VisionTransformer that DPTBackbone drives.
+_VIT_MODULES = ("vision_transformer", "vision_transformer_hybrid")
+
+
+@functools.lru_cache(maxsize=1)
+def _timm_vit_names() -> frozenset:
+    return frozenset(timm.list_models(module=list(_VIT_MODULES)))
+
+
+def check_backbone_name(backbone: str) -> None:
+    """Raise a ValueError unless `backbone` is a released DPT backbone or a timm Vision Transformer
+    registered under exactly this name (no `hf-hub:` reference or pretrained tag: timm would fetch it)."""
+    if backbone in RELEASED_BACKBONES:
+        return
+    if not isinstance(backbone, str) or backbone not in _timm_vit_names():
+        raise ValueError(f"unknown backbone {backbone!r}: use {sorted(RELEASED_BACKBONES)} or the name of a timm "
+                         f"Vision Transformer (timm.list_models(module={list(_VIT_MODULES)}))")
+
+
 def resolve_backbone(backbone: str, hooks=None) -> BackboneSpec:
     """A released DPT backbone name, or any timm ViT name together with four `hooks`."""
     if backbone in RELEASED_BACKBONES:
@@ -71,9 +109,7 @@ def resolve_backbone(backbone: str, hooks=None) -> BackboneSpec:
     if hooks is None:
         raise ValueError(f"backbone {backbone!r} is not one of the released {sorted(RELEASED_BACKBONES)}: "
                          "pass hooks=[four block indices] to use it")
-    if backbone not in timm.list_models():
-        raise ValueError(f"unknown backbone {backbone!r}: use {sorted(RELEASED_BACKBONES)} or a timm ViT name "
-                         "(timm.list_models('vit_*'))")
+    check_backbone_name(backbone)
     return BackboneSpec(backbone, tuple(hooks), (0, 0, 0, 0), hybrid="_r50_" in backbone or "_r26_" in backbone)
 
 
@@ -85,8 +121,9 @@ class DPTBackbone(nn.Module):
         super().__init__()
         if len(spec.hooks) != 4:
             raise ValueError(f"hooks must be four block indices, got {list(spec.hooks)}")
-        # vit_kwargs go to timm's VisionTransformer (embed_dim, depth, num_heads, img_size, ...)
-        timm_kwargs = {**(vit_kwargs or {}), "pretrained": False, "attn_layer": DPTAttention}
+        # vit_kwargs go to timm's VisionTransformer: only the architecture arguments of the allow-list
+        # (never checkpoint_path, pretrained_cfg, ... which make timm read files).
+        timm_kwargs = {**validate_vit_kwargs(vit_kwargs), "pretrained": False, "attn_layer": DPTAttention}
         if layer_norm_eps is not None:
             timm_kwargs["norm_layer"] = functools.partial(nn.LayerNorm, eps=layer_norm_eps)
         self.model = timm.create_model(spec.timm_name, **timm_kwargs)
