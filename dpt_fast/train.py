@@ -27,15 +27,22 @@ model/ (dpt_fast.save_model's format: `dpt_fast.load_model(OUT/model)`, `dpt-fas
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
 import random
+import re
 import signal
 import sys
 import threading
 import time
 from pathlib import Path
+
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None
 
 import numpy as np
 import torch
@@ -79,16 +86,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """The `dpt-fast train` flags. Defaults given as None are resolved per task (TASK_DEFAULTS)."""
     data = parser.add_argument_group("data")
     data.add_argument("--data", action="append", metavar="SRC",
-                      help="'synthetic' (or 'synthetic:N' samples) or a dataset folder (layout: dpt_fast.data); "
-                           "repeat to mix datasets (each drawn with equal probability)")
-    data.add_argument("--task", choices=("depth", "segmentation"), default="depth")
+                      help="required for a new run: 'synthetic' (or 'synthetic:N' samples) or a dataset folder "
+                           "(layout: dpt_fast.data); repeat to mix datasets (each drawn with equal probability)")
+    data.add_argument("--task", choices=("depth", "segmentation"), default="depth", help="what to train")
     data.add_argument("--size", type=int, help="square crop side (default 384 depth, 480 segmentation)")
     data.add_argument("--scale-range", type=_floats, metavar="LO,HI",
                       help="random rescaling of the longer side (default 1,1 depth; 0.5,2 segmentation)")
     data.add_argument("--no-flip", dest="flip", action="store_false", help="disable random horizontal flips")
     data.add_argument("--num-classes", type=int, help="segmentation classes (default: the init model's, or 8 "
                                                       "for synthetic data)")
-    data.add_argument("--ignore-index", type=int, default=IGNORE_INDEX)
+    data.add_argument("--ignore-index", type=int, default=IGNORE_INDEX,
+                      help="segmentation label value that the loss skips")
     data.add_argument("--num-workers", type=int, help="data loader processes per training process "
                                                      "(default: 4, at most the CPU count)")
 
@@ -96,27 +104,30 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     model.add_argument("--backbone", default="vitb_rn50_384",
                        help="vitb_rn50_384 (DPT-Hybrid), vitl16_384 (DPT-Large), vitb16_384, or any timm ViT "
                             "name together with --hooks")
-    model.add_argument("--hooks", type=_ints, metavar="I,J,K,L", help="four block indices to tap")
+    model.add_argument("--hooks", type=_ints, metavar="I,J,K,L",
+                       help="four block indices to tap (default: the named backbone's)")
     model.add_argument("--features", type=_features, default=256, metavar="N|A,B,C,D",
                        help="fusion width (int), or the four Reassemble widths")
     model.add_argument("--fusion-features", type=int, metavar="N",
                        help="fusion width when --features lists the Reassemble widths (default 256)")
-    model.add_argument("--readout", choices=("ignore", "add", "project"), default="project")
+    model.add_argument("--readout", choices=("ignore", "add", "project"), default="project",
+                       help="how the class token enters the Reassemble stages")
     model.add_argument("--init", metavar="PATH",
                        help="checkpoint to fine-tune from (original .pt, Hugging Face folder, dpt_fast folder or "
                             "a training checkpoint), loaded with dpt_fast.weights.load_model")
 
     optim = parser.add_argument_group("optimisation")
-    optim.add_argument("--steps", type=int, default=1000)
+    optim.add_argument("--steps", type=int, default=1000,
+                       help="total optimiser steps of the run (with --resume: a larger value extends it)")
     optim.add_argument("--batch-size", type=int, default=16, help="global batch, split over the processes")
     optim.add_argument("--lr", type=float, help="decoder learning rate (default 1e-4 depth, 2e-3 segmentation)")
     optim.add_argument("--backbone-lr", type=float, help="backbone learning rate (default lr/10)")
-    optim.add_argument("--optimizer", choices=("adam", "sgd"), help="default adam (depth), sgd (segmentation)")
+    optim.add_argument("--optimizer", choices=("adam", "sgd"), help="optimiser (default adam depth, sgd segmentation)")
     optim.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
-    optim.add_argument("--weight-decay", type=float, help="default 0 (depth), 1e-4 (segmentation)")
+    optim.add_argument("--weight-decay", type=float, help="weight decay (default 0 depth, 1e-4 segmentation)")
     optim.add_argument("--schedule", choices=("constant", "poly"),
                        help="learning-rate schedule (default constant depth, poly segmentation)")
-    optim.add_argument("--poly-power", type=float, default=0.9)
+    optim.add_argument("--poly-power", type=float, default=0.9, help="exponent of the poly schedule")
     optim.add_argument("--warmup-steps", type=int, default=0, help="linear warm-up steps")
     optim.add_argument("--clip-grad", type=float, default=0.0, help="clip the gradient norm (0: off)")
     optim.add_argument("--depth-loss", choices=DEPTH_LOSSES, default="ssitrim",
@@ -129,15 +140,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     run = parser.add_argument_group("run")
     run.add_argument("--out", default="runs/dpt", help="output folder")
     run.add_argument("--resume", nargs="?", const="auto", metavar="CKPT",
-                     help="continue from OUT/checkpoint.pt (or CKPT) exactly where it stopped")
+                     help="continue from OUT/checkpoint.pt (or CKPT) exactly where it stopped, with the recorded "
+                          "settings (only --steps and the options of how it runs may change)")
     run.add_argument("--save-every", type=int, default=1000, help="checkpoint every N steps (0: only at the end)")
     run.add_argument("--log-every", type=int, default=10, help="metrics.jsonl line every N steps")
-    run.add_argument("--seed", type=int, default=0)
+    run.add_argument("--seed", type=int, default=0, help="seed of the initial weights and the data stream")
     run.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N (torchrun: cuda:LOCAL_RANK)")
     run.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
                      help="bf16 autocast (auto: bf16 on CUDA, fp32 on CPU)")
     run.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
-                     help="channels_last memory format for convolutions")
+                     help="channels_last memory format for convolutions (default: on)")
     run.add_argument("--grad-checkpointing", action="store_true",
                      help="activation checkpointing of the transformer blocks (less memory, more compute)")
     run.add_argument("--backend", choices=backend.BACKENDS, default="fused", help="dpt_fast operator backend")
@@ -147,22 +159,46 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return parser
 
 
+class UsageError(ValueError):
+    """A run that cannot start as asked: bad or contradicting options, an output folder in use or holding
+    another run, data or --init that cannot be read. `dpt-fast train` prints the message on one line and
+    exits with status 2."""
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    """Appends "(default: X)" only where the help text does not state the default itself, and not for
+    on/off switches or defaults resolved later (None: per task, from the backbone, the environment)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if ("default" in text or not action.option_strings or action.default is None
+                or action.default is argparse.SUPPRESS or isinstance(action.default, bool)):
+            return text
+        return text + " (default: %(default)s)"
+
+
 def _parser() -> argparse.ArgumentParser:
-    return add_arguments(argparse.ArgumentParser(prog="dpt-fast train", description=__doc__.split("\n\n")[0],
-                                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter))
+    return add_arguments(argparse.ArgumentParser(
+        prog="dpt-fast train", description=__doc__.split("\n\n")[0], formatter_class=_HelpFormatter,
+        epilog="exit status: 0 done, 1 failed (e.g. a non-finite loss), 2 usage error (options, output "
+               "folder, data), 130 interrupted (checkpoint saved; continue with --resume)"))
+
+
+def _defaults() -> dict:
+    return vars(_parser().parse_args([]))
 
 
 def _resolve(args) -> argparse.Namespace:
     """Fill task-dependent defaults; `args` is a Namespace or a dict of flag values (underscored)."""
     if isinstance(args, argparse.Namespace):
         args = vars(args)
-    defaults = vars(_parser().parse_args([]))
+    defaults = _defaults()
     unknown = set(args) - set(defaults)
     if unknown:
-        raise TypeError(f"unknown training options: {sorted(unknown)}")
+        raise UsageError(f"unknown training options: {sorted(unknown)}")
     ns = argparse.Namespace(**{**defaults, **args})
     if not ns.data:
-        raise ValueError("no training data: pass --data synthetic or --data FOLDER (repeatable)")
+        raise UsageError("no training data: pass --data synthetic or --data FOLDER (repeatable)")
     if isinstance(ns.data, str):
         ns.data = [ns.data]
     task = TASK_DEFAULTS[ns.task]
@@ -178,8 +214,37 @@ def _resolve(args) -> argparse.Namespace:
     if isinstance(ns.features, str):
         ns.features = _features(ns.features)
     if ns.steps < 0 or ns.batch_size < 1:
-        raise ValueError("--steps must be >= 0 and --batch-size >= 1")
+        raise UsageError("--steps must be >= 0 and --batch-size >= 1")
+    if ns.log_every < 1 or ns.save_every < 0:
+        raise UsageError("--log-every must be >= 1 and --save-every >= 0")
     return ns
+
+
+# Options that a resumed run may set anew: how far it goes, and how it runs (not what it computes).
+# Everything else is taken from the recorded run, and a contradicting value is refused.
+RESUME_MAY_CHANGE = frozenset({"steps", "out", "resume", "save_every", "log_every", "num_workers", "device",
+                               "backend", "compile", "progress", "channels_last", "grad_checkpointing"})
+
+
+def _canonical(value) -> str:
+    return json.dumps(value, sort_keys=True, default=str)
+
+
+def _resume_settings(recorded: dict, given: dict) -> argparse.Namespace:
+    """The recorded run's settings with the options `given` for the resumed one; refuses (UsageError)
+    given options that contradict the recorded ones, except RESUME_MAY_CHANGE."""
+    try:
+        base = _resolve(recorded)
+    except UsageError as error:
+        raise UsageError(f"the recorded settings cannot be used ({error})") from None
+    merged = _resolve({**vars(base), **given})
+    conflicts = [f"--{key.replace('_', '-')} {_canonical(getattr(merged, key))} (recorded: "
+                 f"{_canonical(getattr(base, key))})" for key in sorted(given)
+                 if key not in RESUME_MAY_CHANGE and _canonical(getattr(merged, key)) != _canonical(getattr(base, key))]
+    if conflicts:
+        raise UsageError(f"--resume continues the recorded run, but {'; '.join(conflicts)} differ: drop "
+                         f"{'them' if len(conflicts) > 1 else 'it'} or start a new run in another --out")
+    return merged
 
 
 # --- distributed set-up ------------------------------------------------------------------------------
@@ -271,10 +336,13 @@ def _build_model(args, checkpoint) -> nn.Module:
         model.load_state_dict(checkpoint["model"])
         return model
     if args.init:
-        model = _load_init(args.init)
+        try:
+            model = _load_init(args.init)
+        except (OSError, ValueError) as error:
+            raise UsageError(f"--init {args.init}: {error}") from error
         wanted = DPTDepthModel if args.task == "depth" else DPTSegmentationModel
         if not isinstance(model, wanted):
-            raise ValueError(f"--init {args.init} holds a {type(model).__name__}, but --task {args.task} "
+            raise UsageError(f"--init {args.init} holds a {type(model).__name__}, but --task {args.task} "
                              f"needs a {wanted.__name__}")
         return model
     common = dict(backbone=args.backbone, hooks=args.hooks, features=args.features, readout=args.readout,
@@ -383,15 +451,90 @@ def _set_rng_state(state: dict, device) -> None:
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
-def save_atomic(obj, path: Path) -> None:
-    """torch.save to a temporary file in the same folder, flushed to disk, then os.replace."""
+# the temporary files of _write_atomic in an output folder: ".NAME.tmp-PID"
+_TEMPORARY = re.compile(r"^\.(checkpoint\.pt|metrics\.jsonl|args\.json)\.tmp-\d+$")
+# and those of dpt_fast.save_model in OUT/model
+_MODEL_TEMPORARY = re.compile(r"^\.?(model\.safetensors|config\.json)\.tmp(-\d+)?$")
+
+
+def _write_atomic(path: Path, write) -> None:
+    """write(file) into a temporary file in the same folder, flushed to disk, then os.replace: `path`
+    holds the old or the new content, never a part. A failed or interrupted write (a full disk,
+    a second Ctrl-C) removes its temporary file rather than leaving it to fill the disk."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def save_atomic(obj, path: Path) -> None:
+    """torch.save to a temporary file in the same folder, flushed to disk, then os.replace."""
+    _write_atomic(path, lambda f: torch.save(obj, f))
+
+
+def _remove_stale_temporaries(out: Path) -> list[str]:
+    """Delete what interrupted saves of an earlier run left in `out` (and out/model). Called only
+    while holding the folder's lock, so no other training process is writing them."""
+    removed = []
+    for folder, pattern in ((out, _TEMPORARY), (out / "model", _MODEL_TEMPORARY)):
+        if not folder.is_dir():
+            continue
+        for entry in folder.iterdir():
+            if pattern.match(entry.name) and entry.is_file() and not entry.is_symlink():
+                entry.unlink(missing_ok=True)
+                removed.append(str(entry))
+    return removed
+
+
+class _FolderLock:
+    """An exclusive lock on a training output folder (fcntl.flock on OUT/.dpt-fast-train.lock), so that
+    two runs never write the same checkpoint. The kernel drops the lock when its process ends, however it
+    ends: a lock file left by a dead process blocks nothing. The file is removed on release; a process
+    that locked it just before (the removed file) notices and retries on the new one."""
+
+    NAME = ".dpt-fast-train.lock"
+
+    def __init__(self, folder: Path):
+        self.path = Path(folder) / self.NAME
+        self.fd = None
+
+    def __enter__(self):
+        if fcntl is None:  # no flock (Windows): unlocked
+            return self
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                owner = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+                os.close(fd)
+                raise UsageError(f"{self.path.parent} is in use by another dpt-fast train (process {owner}): wait "
+                                 f"for it to finish, or choose another --out") from None
+            try:
+                current = os.stat(self.path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                current = False
+            if current:
+                break
+            os.close(fd)
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self.fd = fd
+        return self
+
+    def __exit__(self, *exc):
+        if self.fd is not None:
+            self.path.unlink(missing_ok=True)  # still locked: see the inode check in __enter__
+            os.close(self.fd)
+            self.fd = None
+        return False
 
 
 def _trim_metrics(path: Path, step: int) -> None:
@@ -407,9 +550,7 @@ def _trim_metrics(path: Path, step: int) -> None:
             continue
         if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= step:
             kept.append(line)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text("".join(line + "\n" for line in kept))
-    os.replace(tmp, path)
+    _write_atomic(path, lambda f: f.write("".join(line + "\n" for line in kept).encode()))
 
 
 class _StopRequest:
@@ -476,38 +617,101 @@ def _keys(args) -> tuple[str, ...]:
 
 
 def train(args=None, **overrides) -> dict:
-    """Train as `dpt-fast train` does. `args`: an argparse.Namespace from add_arguments, or a dict
-    of options (the flags' names with underscores); keyword overrides win. Returns {"step", "loss",
+    """Train as `dpt-fast train` does. `args`: a dict of options (the flags' names with underscores), or an
+    argparse.Namespace from add_arguments (there, values equal to the parser's defaults count as not
+    given); keyword overrides win. With `resume`, options not given are the recorded run's, and given
+    ones that contradict it are refused (UsageError), except RESUME_MAY_CHANGE. Returns {"step", "loss",
     "out", "checkpoint", "model"} (loss: the last logged value; model: the trained, unwrapped model)."""
-    args = _resolve({**(vars(args) if isinstance(args, argparse.Namespace) else (args or {})), **overrides})
-    env = _Dist(args.device)
-    device = env.device
-    out = Path(args.out)
-    checkpoint_path = out / "checkpoint.pt"
+    given = _given(args, overrides)
+    out = Path(given.get("out") or _defaults()["out"])
+    main_process = int(os.environ.get("RANK", "0")) == 0
+    if main_process:
+        out.mkdir(parents=True, exist_ok=True)
+    # every check of what OUT holds happens under its lock: two runs cannot both pass them
+    with _FolderLock(out) if main_process else contextlib.nullcontext():
+        if main_process:
+            for path in _remove_stale_temporaries(out):
+                print(f"removed {path}, left by an interrupted save", file=sys.stderr)
+        checkpoint, args = _settings(given, out, main_process)
+        env = _Dist(args.device)
+        try:
+            with backend.use_backend(args.backend):  # this thread only; backwards follow their forward's choice
+                return _train(args, env, env.device, out, checkpoint)
+        finally:
+            env.close()
+
+
+def _given(args, overrides) -> dict:
+    """The options a caller set: a dict's entries, or a Namespace's values that differ from the defaults
+    (None means not given)."""
+    if isinstance(args, argparse.Namespace):
+        defaults = _defaults()
+        args = {k: v for k, v in vars(args).items() if k not in defaults or v != defaults[k]}
+    return {k: v for k, v in {**(args or {}), **overrides}.items() if v is not None}
+
+
+def _load_checkpoint(path: Path) -> dict:
     try:
-        with backend.use_backend(args.backend):  # this thread only; backwards follow their forward's choice
-            return _train(args, env, device, out, checkpoint_path)
-    finally:
-        env.close()
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # weights-only unpickling, truncated file, ...: all mean "not usable"
+        first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise UsageError(f"--resume {path}: not a readable checkpoint ({first_line})") from error
+    if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
+        raise UsageError(f"{path} is not a dpt_fast training checkpoint (use --init to fine-tune from it)")
+    if not isinstance(checkpoint.get("args"), dict):
+        raise UsageError(f"{path} does not record its run's settings: it cannot be resumed (use --init)")
+    return checkpoint
 
 
-def _train(args, env: _Dist, device, out: Path, checkpoint_path: Path) -> dict:
+def _settings(given: dict, out: Path, main_process: bool) -> tuple[dict | None, argparse.Namespace]:
+    """The checkpoint to continue from (or None) and the run's settings, refusing what would overwrite
+    another run or contradict the recorded one."""
+    checkpoint_path = out / "checkpoint.pt"
+    say = (lambda text: print(text, file=sys.stderr)) if main_process else (lambda text: None)
+    resume = given.get("resume")
+    if not resume:
+        if checkpoint_path.exists():  # starting afresh would overwrite that run's checkpoint at the first save
+            raise UsageError(f"{checkpoint_path} exists: pass --resume to continue that run, or choose another "
+                             f"--out (--init {checkpoint_path} fine-tunes from it in a new folder)")
+        args = _resolve(given)
+        if (out / "args.json").exists() or (out / "metrics.jsonl").exists():
+            say(f"{out} holds a run that stopped before its first checkpoint: starting over (its args.json "
+                f"and metrics.jsonl are replaced)")
+        return None, args
+    path = checkpoint_path if resume == "auto" else Path(resume)
+    if path.exists():
+        checkpoint = _load_checkpoint(path)
+        args = _resume_settings(checkpoint["args"], given)
+        if args.steps < checkpoint["step"]:
+            raise UsageError(f"--steps {args.steps} is before the checkpoint's step {checkpoint['step']}: pass "
+                             f"--steps {checkpoint['step']} or more")
+        return checkpoint, args
+    if resume != "auto":
+        raise UsageError(f"--resume {path}: no such checkpoint")
+    recorded = out / "args.json"
+    if recorded.exists():  # killed before its first save: its settings are all there is to continue
+        try:
+            settings = json.loads(recorded.read_text())
+        except (OSError, ValueError) as error:
+            raise UsageError(f"{recorded} cannot be read ({error}): start a new run without --resume") from error
+        if not isinstance(settings, dict):
+            raise UsageError(f"{recorded} does not hold a run's settings: start a new run without --resume")
+        args = _resume_settings(settings, given)
+        say(f"no {checkpoint_path}: the run recorded in {recorded} stopped before its first save; "
+            f"starting it again from step 0 with its settings")
+        return None, args
+    try:
+        args = _resolve(given)
+    except UsageError as error:
+        raise UsageError(f"--resume: {out} holds no checkpoint.pt or args.json to continue ({error})") from None
+    say(f"no {checkpoint_path}: nothing to resume, starting a new run")
+    return None, args
+
+
+def _train(args, env: _Dist, device, out: Path, checkpoint: dict | None) -> dict:
     if env.main:
         out.mkdir(parents=True, exist_ok=True)
     env.barrier()
-
-    checkpoint = None
-    if args.resume:
-        path = checkpoint_path if args.resume == "auto" else Path(args.resume)
-        if path.exists():
-            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-            if checkpoint.get("format") != CHECKPOINT_FORMAT:
-                raise ValueError(f"{path} is not a dpt_fast training checkpoint (use --init to fine-tune from it)")
-        elif args.resume != "auto":
-            raise FileNotFoundError(f"--resume {path}: no such checkpoint")
-    elif checkpoint_path.exists():  # starting afresh would overwrite that run's checkpoint at the first save
-        raise FileExistsError(f"{checkpoint_path} exists: pass --resume to continue that run, or choose another "
-                              f"--out (--init {checkpoint_path} fine-tunes from it in a new folder)")
 
     # the same initial weights on every rank (DDP also broadcasts them from rank 0)
     random.seed(args.seed)
@@ -517,11 +721,14 @@ def _train(args, env: _Dist, device, out: Path, checkpoint_path: Path) -> dict:
         if all(str(d).split(":")[0] == "synthetic" for d in args.data):
             args.num_classes = SYNTHETIC_CLASSES
         else:
-            raise ValueError("--num-classes is needed to build a segmentation model for folder datasets")
+            raise UsageError("--num-classes is needed to build a segmentation model for folder datasets")
     model = _build_model(args, checkpoint)
     num_classes = getattr(model, "num_classes", None) or SYNTHETIC_CLASSES
-    datasets = build_datasets(args.data, args.task, synthetic_resolution=math.ceil(args.size * 1.25),
-                              num_classes=num_classes, seed=args.seed)
+    try:
+        datasets = build_datasets(args.data, args.task, synthetic_resolution=math.ceil(args.size * 1.25),
+                                  num_classes=num_classes, seed=args.seed)
+    except (OSError, ValueError) as error:
+        raise UsageError(f"--data: {error}") from error
     stream = TrainStream(datasets, args.size, seed=args.seed, keys=_keys(args), scale_range=args.scale_range,
                          flip=args.flip, ignore_index=args.ignore_index)
 
@@ -559,8 +766,9 @@ def _train(args, env: _Dist, device, out: Path, checkpoint_path: Path) -> dict:
     if args.compile:
         net = torch.compile(net)
 
-    step, samples = 0, 0
+    step, samples, log = 0, 0, {}
     if checkpoint is not None:
+        log = checkpoint.get("log") or {}  # the logging window the checkpoint fell into
         optimizer.load_state_dict(checkpoint["optimizer"])
         scheduler.load_state_dict(checkpoint["scheduler"])
         step, samples = checkpoint["step"], checkpoint["samples"]
@@ -573,9 +781,9 @@ def _train(args, env: _Dist, device, out: Path, checkpoint_path: Path) -> dict:
         torch.manual_seed(args.seed + env.rank)  # dropout differs between ranks
 
     if env.main:
-        (out / "args.json").write_text(json.dumps(vars(args), indent=2, default=str) + "\n")
-        if checkpoint is not None:
-            _trim_metrics(out / "metrics.jsonl", step)
+        settings = json.dumps(vars(args), indent=2, default=str) + "\n"
+        _write_atomic(out / "args.json", lambda f: f.write(settings.encode()))
+        _trim_metrics(out / "metrics.jsonl", step)  # lines after the checkpoint (or of a run without one)
         n_params = sum(p.numel() for p in model.parameters())
         print(f"dpt-fast train: {type(model).__name__} {model.config.get('backbone')} ({n_params / 1e6:.1f}M params), "
               f"{' + '.join(map(repr, datasets))}, {env.world} process(es) on {device}, "
@@ -584,11 +792,15 @@ def _train(args, env: _Dist, device, out: Path, checkpoint_path: Path) -> dict:
 
     def save():
         rng = env.gather(_rng_state(device))  # every rank's, so that dropout resumes exactly too
+        # what the next metrics line needs: the losses since the last one (averaged over the ranks, whose
+        # mean the line shows), so that a resumed run logs what an uninterrupted one does
+        window = {"loss_sum": env.mean(loss_sum).detach().cpu().clone(), "steps": logged_steps,
+                  "elapsed_s": elapsed_before + time.perf_counter() - start}
         if env.main:
             save_atomic({"format": CHECKPOINT_FORMAT, "model": model.state_dict(), "config": model.config,
                          "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                          "step": step, "samples": samples, "global_batch": args.batch_size, "rng": rng,
-                         "world": env.world, "args": vars(args)}, out / "checkpoint.pt")
+                         "world": env.world, "args": vars(args), "log": window}, out / "checkpoint.pt")
         env.barrier()
 
     local_batch = args.batch_size // env.world
@@ -613,8 +825,9 @@ def _train(args, env: _Dist, device, out: Path, checkpoint_path: Path) -> dict:
     metrics_file = open(out / "metrics.jsonl", "a") if env.main else None
 
     net.train()
-    loss_sum = torch.zeros((), device=device)
-    logged_steps, last_loss = 0, float("nan")
+    loss_sum = log["loss_sum"].to(device) if "loss_sum" in log else torch.zeros((), device=device)
+    logged_steps, timed_steps, last_loss = int(log.get("steps", 0)), 0, float("nan")
+    elapsed_before = float(log.get("elapsed_s", 0.0))
     tick, start = time.perf_counter(), time.perf_counter()
     data = iter(loader) if step < args.steps else None
     try:
@@ -636,20 +849,21 @@ def _train(args, env: _Dist, device, out: Path, checkpoint_path: Path) -> dict:
                 step, samples = step + 1, samples + args.batch_size
                 loss_sum += loss.detach()
                 logged_steps += 1
+                timed_steps += 1
                 if bar is not None:
                     bar.update(1)
                 if step % args.log_every == 0 or step == args.steps:
                     mean_loss = float(env.mean(loss_sum) / logged_steps)
                     now = time.perf_counter()
                     record = {"step": step, "loss": mean_loss, "lr": lrs[1], "backbone_lr": lrs[0],
-                              "images_per_s": logged_steps * args.batch_size / max(now - tick, 1e-9),
-                              "elapsed_s": now - start}
+                              "images_per_s": timed_steps * args.batch_size / max(now - tick, 1e-9),
+                              "elapsed_s": elapsed_before + now - start}
                     if metrics_file is not None:
                         metrics_file.write(json.dumps(record) + "\n")
                         metrics_file.flush()
                     if bar is not None:
                         bar.set_postfix(loss=f"{mean_loss:.4f}", img_s=f"{record['images_per_s']:.1f}")
-                    last_loss, loss_sum, logged_steps, tick = mean_loss, torch.zeros((), device=device), 0, now
+                    last_loss, loss_sum, logged_steps, timed_steps, tick = mean_loss, torch.zeros((), device=device), 0, 0, now
                     if not math.isfinite(mean_loss):
                         raise FloatingPointError(f"loss is {mean_loss} at step {step}; last checkpoint kept")
                 if env.any(stop.requested):  # every rank stops after the same step
@@ -659,9 +873,16 @@ def _train(args, env: _Dist, device, out: Path, checkpoint_path: Path) -> dict:
                     raise KeyboardInterrupt
                 if args.save_every and step % args.save_every == 0 and step < args.steps:
                     save()
-        save()
-        if env.main:
-            save_model(model, out / "model")
+            # still under the stop handler: a Ctrl-C or SIGTERM now waits for the checkpoint and model/
+            save()
+            if env.main:
+                try:
+                    save_model(model, out / "model")
+                except BaseException:
+                    _remove_stale_temporaries(out)
+                    raise
+            if stop.requested and env.main:
+                print("\nstop requested during the final save: the run is complete", file=sys.stderr)
     finally:
         if bar is not None:
             bar.close()
@@ -671,15 +892,22 @@ def _train(args, env: _Dist, device, out: Path, checkpoint_path: Path) -> dict:
     return {"step": step, "loss": last_loss, "out": str(out), "checkpoint": str(out / "checkpoint.pt"), "model": model}
 
 
+def _given_flags(parser: argparse.ArgumentParser, argv) -> dict:
+    """The options on the command line (not the defaults), so that --resume can tell them apart."""
+    unset = argparse.Namespace(**{a.dest: None for a in parser._actions if a.dest != "help"})
+    return {k: v for k, v in vars(parser.parse_args(argv, unset)).items() if v is not None}
+
+
 def main(argv=None) -> int:
-    parser = _parser()
-    args = parser.parse_args(argv)
+    """`dpt-fast train`; exit status 0 done, 1 failed, 2 usage error, 130 interrupted."""
     try:
-        args = _resolve(args)
-    except (ValueError, TypeError) as error:
-        parser.error(str(error))
-    try:
-        result = train(args)
+        result = train(_given_flags(_parser(), argv))
+    except UsageError as error:
+        print(f"dpt-fast train: error: {error}", file=sys.stderr)
+        return 2
+    except FloatingPointError as error:
+        print(f"dpt-fast train: {error}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
     if int(os.environ.get("RANK", "0")) == 0:

@@ -134,10 +134,16 @@ def test_two_process_ddp_matches_single_process_gradients(tmp_path):
     ddp = _state(tmp_path / "ddp")["model"]
 
     compared = 0
+    largest = max((p0 - single[n]).abs().max().item() for n, p0 in initial.items() if p0.is_floating_point())
     for name, p0 in initial.items():
         if not p0.is_floating_point():
             continue
         grad_single, grad_ddp = p0 - single[name], p0 - ddp[name]
+        if name == "scratch.output_conv.4.bias":
+            # the scale-and-shift-invariant loss does not see the output's offset: this gradient is 0 but for
+            # the rounding of a sum that cancels, which differs with the summation order
+            assert max(grad_single.abs().max().item(), grad_ddp.abs().max().item()) < 1e-3 * largest
+            continue
         scale = grad_single.abs().max().item()
         # float32 sums over thousands of pixels in another order: relative 1e-4 of the largest entry
         torch.testing.assert_close(grad_ddp, grad_single, rtol=1e-3, atol=1e-4 * max(scale, 1e-3), msg=name)
@@ -154,7 +160,7 @@ def test_two_process_ddp_matches_single_process_gradients(tmp_path):
 def test_a_fresh_run_never_overwrites_an_earlier_runs_checkpoint(tmp_path):
     trainer.train(TINY, steps=1, batch_size=2, out=str(tmp_path))
     before = (tmp_path / "checkpoint.pt").read_bytes()
-    with pytest.raises(FileExistsError, match="--resume"):
+    with pytest.raises(trainer.UsageError, match="--resume"):
         trainer.train(TINY, steps=2, batch_size=2, out=str(tmp_path))
     assert (tmp_path / "checkpoint.pt").read_bytes() == before
     assert trainer.train(TINY, steps=2, batch_size=2, out=str(tmp_path), resume="auto")["step"] == 2
@@ -215,9 +221,9 @@ def test_command_line(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         trainer.main(["--help"])
     assert exit_info.value.code == 0 and "--grad-checkpointing" in capsys.readouterr().out
-    with pytest.raises(SystemExit) as exit_info:
-        trainer.main(["--steps", "1"])  # no --data
-    assert exit_info.value.code == 2 and "--data" in capsys.readouterr().err
+    assert trainer.main(["--steps", "1", "--out", str(tmp_path / "nodata")]) == 2  # no --data: one line
+    err = capsys.readouterr().err
+    assert "--data" in err and err.count("\n") == 1 and "Traceback" not in err
     assert trainer.main(["--data", "synthetic:8", "--backbone", "vit_tiny_patch16_224", "--hooks", "0,1,2,3",
                          "--features", "16,24,32,48", "--fusion-features", "32", "--size", "32", "--batch-size", "2",
                          "--steps", "1", "--num-workers", "1",
