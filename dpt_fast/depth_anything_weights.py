@@ -52,8 +52,10 @@ def _has_original_keys(keys) -> bool:
 def _peek_file(path: Path):
     """The state dict of a checkpoint file if it reads safely and cheaply (memory-mapped), else None."""
     try:
-        if path.suffix == ".safetensors":
-            return _load_safetensors(path)
+        if path.suffix == ".safetensors":  # the key names alone, no tensor read
+            from safetensors import safe_open
+            with safe_open(str(path), framework="pt") as f:
+                return {key: torch.empty(0) for key in f.keys()}
         obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception:  # not ours to judge: the DPT reader gives the error for unreadable files
         return None
@@ -325,7 +327,12 @@ def hf_config_to_model_config(cfg: dict, where: str = CONFIG_NAME) -> dict:
     max_depth = 1.0 if cfg.get("max_depth") is None else top.number("max_depth", None)
 
     size = next((s for s, (_, d, n, *_rest) in specs.DINOV2_ENCODERS.items() if (d, n) == (dim, depth)), None)
-    arch = specs.depth_anything(2, size).name if size is not None else "da2-small"
+    taps = [s - 1 for s in stages]
+    arch = "da2-small"  # for other sizes: any Depth Anything entry, the encoder is in vit_kwargs
+    if size is not None:  # V1 and V2 differ in their taps only
+        arch = specs.depth_anything(2, size).name
+        if size != "giant" and taps == list(specs.depth_anything(1, size).taps):
+            arch = specs.depth_anything(1, size).name
     vit_kwargs = {}
     if size is None:
         vit_kwargs.update(embed_dim=dim, depth=depth, num_heads=heads)
@@ -341,7 +348,7 @@ def hf_config_to_model_config(cfg: dict, where: str = CONFIG_NAME) -> dict:
         vit_kwargs["img_size"] = image_size
     if patch != 14:
         vit_kwargs["patch_size"] = patch
-    config = {"model_class": "DepthAnythingModel", "arch": arch, "taps": [s - 1 for s in stages],
+    config = {"model_class": "DepthAnythingModel", "arch": arch, "taps": taps,
               "features": features, "out_channels": widths, "use_clstoken": False, "metric": kind == "metric",
               "max_depth": max_depth, "head_hidden": head_hidden, "pos_embed_rule": "bicubic_size",
               "layer_norm_eps": eps}

@@ -406,3 +406,25 @@ def test_readme_depth_anything_example_runs(tmp_path, monkeypatch):
     exec(compile(code, "README example", "exec"), {})
     disparity = np.load(tmp_path / "photo-disparity.npy")
     assert disparity.shape == (60, 80) and np.isfinite(disparity).all() and disparity.std() > 0
+
+
+@pytest.mark.slow
+def test_real_size_small_matches_transformers(tmp_path):
+    """ViT-S at 518 x 518 (the trained grid) and 518 x 686 (a resized one): transformers' Depth Anything
+    V2 small configuration, random weights."""
+    version = 2
+    from transformers import DepthAnythingConfig, DepthAnythingForDepthEstimation, Dinov2Config
+    backbone = Dinov2Config(hidden_size=384, num_attention_heads=6, image_size=518, patch_size=14,
+                            out_indices=[9, 10, 11, 12] if version == 1 else [3, 6, 9, 12],
+                            reshape_hidden_states=False)
+    torch.manual_seed(0)
+    hf = DepthAnythingForDepthEstimation(DepthAnythingConfig(backbone_config=backbone)).eval()
+    hf.save_pretrained(tmp_path)
+    model = dpt_fast.load_model(tmp_path)
+    assert model.config["arch"] == f"da{version}-small"
+    for size in ((518, 518), (518, 686)):
+        x = torch.randn(1, 3, *size)
+        expected = hf_predict(hf, x)
+        assert expected.std() > 0
+        with torch.no_grad():
+            assert rel(model(x), expected) < 1e-4
