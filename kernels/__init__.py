@@ -32,17 +32,59 @@ def autotune_configs(configs, mode: str) -> list:
     return list(configs) if mode == "full" else list(configs[:1])
 
 
-@contextlib.contextmanager
-def pinned_config(kernel, config):
-    """Test hook: inside the block the @triton.autotune'd `kernel` runs `config` alone (the autotuner runs a
-    single config without tuning or benchmarking, its pre_hook included), whatever its config list and
-    DPT_FAST_AUTOTUNE say. Not thread-safe: for tests that enumerate configs."""
-    saved = kernel.configs
-    kernel.configs = [config]
-    try:
-        yield config
-    finally:
-        kernel.configs = saved
+def _capturing() -> bool:
+    """Whether the current CUDA stream is being captured into a CUDA graph (torch.cuda.graph, or
+    torch.compile's cudagraph modes)."""
+    import torch  # here, so that importing this package stays free of torch
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
+def tuning_key(kernel, args: tuple, kwargs: dict) -> tuple:
+    """The key under which the @triton.autotune'd `kernel` stores its tuning for a launch with these arguments:
+    the values of its key arguments, then the dtype of every argument that has one (as triton's Autotuner
+    forms it)."""
+    named = {**dict(zip(kernel.arg_names, args)), **kwargs}
+    named = {k: v for k, v in named.items() if k in kernel.arg_names}
+    key = [named[k] for k in kernel.keys if k in named]
+    key += [str(v.dtype) for v in named.values() if hasattr(v, "dtype")]
+    return tuple(key)
+
+
+def pinned_during_capture(capturing: bool, n_configs: int, tuned: bool) -> bool:
+    """Whether a launch with several candidate configs runs the first one directly instead of through the
+    autotuner: only inside CUDA-graph capture, for a key with no tuning yet (benchmarking the configs would
+    synchronise and time kernels inside the capture). A key tuned before the capture (a warm-up run) keeps
+    its tuned config."""
+    return capturing and n_configs > 1 and not tuned
+
+
+def candidate_configs(kernel, args: tuple, kwargs: dict) -> list:
+    """The configs the autotuned `kernel` would choose from for this launch (its early_config_prune applied,
+    e.g. the attention kernels' per-head-dim lists)."""
+    prune = getattr(kernel, "early_config_prune", None)
+    if prune is None or len(kernel.configs) == 1:
+        return list(kernel.configs)
+    return prune(kernel.configs, dict(zip(kernel.arg_names, args)), **kwargs) or list(kernel.configs)
+
+
+def launch(kernel, grid, *args, **kwargs):
+    """kernel[grid](*args, **kwargs) for an @triton.autotune'd kernel, with two exceptions that run a config
+    directly (its pre-hook included; it becomes kernel.best_config, nothing enters the tuning cache):
+    - a single candidate config (DPT_FAST_AUTOTUNE=quick): no benchmarking on any triton version (3.6's
+      autotuner times even a lone config);
+    - inside CUDA-graph capture, a key not tuned yet: the first candidate, so that nothing is timed inside
+      the capture; a later launch outside capture still tunes that key. Run once outside capture first (a
+      warm-up) to capture the tuned config."""
+    candidates = candidate_configs(kernel, args, kwargs)
+    capturing = len(candidates) > 1 and _capturing()
+    tuned = capturing and tuning_key(kernel, args, kwargs) in kernel.cache
+    if len(candidates) == 1 or pinned_during_capture(capturing, len(candidates), tuned):
+        config = candidates[0]
+        if config.pre_hook is not None:
+            config.pre_hook({**dict(zip(kernel.arg_names, args)), **kwargs, **config.all_kwargs()})
+        kernel.best_config = config
+        return kernel.fn[grid](*args, **kwargs, **config.all_kwargs())
+    return kernel[grid](*args, **kwargs)
 
 
 def on_device(t):

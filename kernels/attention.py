@@ -27,13 +27,14 @@ fused path does not take float32 (a tf32 kernel would change the numbers silentl
 Under TRITON_INTERPRET=1 the kernels run on CPU tensors through the interpreter for float32 and float16
 (with exact IEEE float32 dots); bfloat16 is excluded there because the interpreter's bf16 tl.dot is wrong.
 
-Tuning. On a GPU each kernel is autotuned over block sizes, warps and stages (chosen for Hopper),
-keyed on N (rounded up to a power of two, so that many image sizes share a tuning) and head dim; under the
-interpreter one fixed small config is used (the interpreter cannot autotune over several configs and
-ignores warps/stages). DPT_FAST_AUTOTUNE=quick in the environment (read once, at import; default full;
-see dpt_fast.kernels) gives every kernel only the first config of its list (_FULL_*_CONFIGS, which stay
-whole for the tests that run each config): one compile per kernel variant, no benchmarking. Any other
-value than full or quick raises at import.
+Tuning. On a GPU each kernel is autotuned over block sizes, warps and stages from a list per head dim
+(_FWD_SHAPES, _DKDV_SHAPES, _DQ_SHAPES: every config compiles for sm_90a without register spills and within
+200 KiB of shared memory), keyed on autotune_key: N and batch x heads bucketed to powers of two (so that
+many image sizes share a few tunings), head dim and dtype. Under the interpreter one fixed small config is
+used (the interpreter cannot autotune over several configs and ignores warps/stages). DPT_FAST_AUTOTUNE=quick
+(dpt_fast.env) gives every kernel only the first config of each head dim's list: one compile per kernel
+variant, no benchmarking. Launches go through dpt_fast.kernels.launch, which never autotunes inside
+CUDA-graph capture (an untuned key runs its first config there).
 
 TMA. On sm_90+ CUDA devices the launchers run the *_tma kernels (autotuned over the same configs as their
 pointer twins), which read q/k/v/dO and write out/dQ/dK/dV tiles through host-side tensor descriptors
@@ -54,15 +55,8 @@ isolate a problem; `kernel_launches()` tells which kernels the launchers ran. Un
 TMA kernels run only when asked for (attention_forward/attention_backward(..., tma=True); the tests).
 The backward takes TMA when qkv, grad_out and dqkv all allow it, independently of the forward.
 
-Warp specialization: not used, because triton does not warp-specialize these loops for Hopper. Checked by
-compiling a TMA attention forward for GPUTarget("cuda", 90, 32) with tl.range(..., warp_specialize=True),
-triton 3.6.0 and 3.9.0 alike: with num_warps=4 compilation fails in the Hopper pass
-NVGPUWarpSpecialization (3.9: "descriptor block and tensor must have the same number of elements"); with
-num_warps=8 it compiles, but the TTGIR has no ttg.warp_specialize op (only the loop's tt.warp_specialize
-attribute), the PTX is the same as without the flag and has no setmaxnreg. For sm_100 the same source gets
-ttg.warp_specialize partitions, 12 warps and setmaxnreg; the tl.range docstring of both versions says
-warp specialization "is only supported on Blackwell GPUs".
-Re-check when the GPU image moves past triton 3.9.
+Warp specialization: not used. Triton (3.6 to 3.9) warp-specializes these loops only for Blackwell; compiled
+for sm_90 the flag either fails or changes nothing. Re-check when the Triton in use supports it on Hopper.
 """
 from __future__ import annotations
 
@@ -78,7 +72,7 @@ try:  # host-side TMA descriptors (triton >= 3.4; the GPU image has 3.6)
 except ImportError:  # pragma: no cover - older triton: pointer kernels only
     TensorDescriptor = None
 
-from . import autotune_configs, autotune_mode, on_device
+from . import autotune_configs, autotune_mode, launch, on_device
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -91,32 +85,79 @@ _AUTOTUNE = autotune_mode()  # DPT_FAST_AUTOTUNE, once: "full" or "quick"
 
 # --- configs ------------------------------------------------------------------------------------
 
-def _configs(candidates):
-    if _INTERPRET:
-        return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=1)]
-    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in candidates]
-
-
-# (BLOCK_M, BLOCK_N, num_warps, num_stages); chosen around the Hopper sweet spots of the Triton
-# fused-attention tutorial; configs that do not fit (shared memory) are skipped by the autotuner. The first
-# of each list is the primary pick: the only one with DPT_FAST_AUTOTUNE=quick.
-_FULL_FWD_CONFIGS = _configs([
-    (128, 64, 4, 3), (128, 64, 8, 3), (128, 64, 4, 4), (128, 128, 8, 3), (128, 128, 8, 2),
-    (128, 32, 4, 4), (64, 64, 4, 3), (64, 128, 4, 3), (64, 32, 4, 4),
-])
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) per head dim, chosen around the Hopper sweet spots of the Triton
+# fused-attention tutorial and kept only where every one compiles for sm_90a without a register spill and
+# within _SMEM_BUDGET bytes of shared memory, for the pointer and the TMA kernel alike (the sm_90 compile test
+# in tests/test_attention_kernel.py checks both with ptxas). A 128-row fp32 accumulator of D = 128 needs
+# 8 warps; 4-warp configs with 128-row tiles spill there. The first of each list is the primary pick: the
+# only one with DPT_FAST_AUTOTUNE=quick.
+_SMEM_BUDGET = 200 * 1024  # of sm_90's 227 KiB per block: margin for the compiler's own buffers
+_FWD_SHAPES = {
+    64: [(128, 64, 4, 3), (128, 64, 8, 3), (128, 64, 4, 4), (128, 128, 8, 3), (128, 128, 8, 2),
+         (128, 32, 4, 4), (64, 64, 4, 3), (64, 128, 4, 3), (64, 32, 4, 4)],
+    128: [(128, 64, 8, 3), (128, 64, 8, 2), (128, 128, 8, 2), (128, 32, 8, 3), (64, 64, 4, 3), (64, 64, 4, 4),
+          (64, 32, 4, 4)],
+}
 # dK/dV: BLOCK_N keys per program, BLOCK_M queries per step.
-_FULL_DKDV_CONFIGS = _configs([
-    (32, 128, 4, 3), (32, 128, 8, 3), (64, 128, 8, 3), (64, 128, 4, 2), (32, 64, 4, 3),
-    (64, 64, 4, 3), (16, 128, 4, 4),
-])
+_DKDV_SHAPES = {
+    64: [(32, 128, 8, 3), (64, 128, 8, 3), (32, 64, 4, 3), (64, 64, 4, 3), (16, 128, 4, 4), (32, 64, 8, 3)],
+    128: [(32, 128, 8, 3), (32, 128, 8, 2), (16, 128, 8, 3), (32, 64, 4, 3), (64, 64, 8, 3), (16, 64, 4, 3)],
+}
 # dQ: BLOCK_M queries per program, BLOCK_N keys per step.
-_FULL_DQ_CONFIGS = _configs([
-    (128, 32, 4, 3), (128, 64, 8, 3), (128, 64, 4, 2), (64, 64, 4, 3), (64, 32, 4, 4), (128, 128, 8, 2),
-])
-# what the autotuner gets (the TMA twins: the same, with the block-shape pre-hook)
-_FWD_CONFIGS, _DKDV_CONFIGS, _DQ_CONFIGS = (autotune_configs(c, _AUTOTUNE) for c in
-                                            (_FULL_FWD_CONFIGS, _FULL_DKDV_CONFIGS, _FULL_DQ_CONFIGS))
+_DQ_SHAPES = {
+    64: [(128, 32, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 4), (128, 128, 8, 2), (128, 32, 8, 3)],
+    128: [(128, 32, 8, 3), (128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 4), (64, 64, 8, 3), (128, 32, 8, 2)],
+}
+
+
+def _configs(shapes_by_head_dim):
+    """{head dim: [triton.Config]} from {head dim: [(BLOCK_M, BLOCK_N, warps, stages)]}; a shape listed under
+    both head dims is one Config object. Under the interpreter: one fixed small config for every head dim (it
+    cannot autotune over several configs and ignores warps/stages)."""
+    if _INTERPRET:
+        only = triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=1)
+        return {d: [only] for d in shapes_by_head_dim}
+    made = {}
+    return {d: [made.setdefault(shape, triton.Config({"BLOCK_M": shape[0], "BLOCK_N": shape[1]},
+                                                     num_warps=shape[2], num_stages=shape[3]))
+                for shape in shapes] for d, shapes in shapes_by_head_dim.items()}
+
+
+def _union(lists) -> list:
+    """The configs of several lists, each once, in order of first appearance."""
+    seen, out = set(), []
+    for configs in lists:
+        for c in configs:
+            if id(c) not in seen:
+                seen.add(id(c))
+                out.append(c)
+    return out
+
+
+def _tuned_configs(by_head_dim: dict) -> list:
+    """What an autotuner gets: every config of every head dim (DPT_FAST_AUTOTUNE=full) or the first of each
+    (quick); `_configs_of_head_dim` narrows it to the launch's head dim."""
+    return _union(autotune_configs(c, _AUTOTUNE) for c in by_head_dim.values())
+
+
+_FULL_FWD_CONFIGS, _FULL_DKDV_CONFIGS, _FULL_DQ_CONFIGS = (_configs(s) for s in (_FWD_SHAPES, _DKDV_SHAPES,
+                                                                                  _DQ_SHAPES))
 _PREPROCESS_BLOCK = 64
+
+
+def _shape(c) -> tuple:
+    return c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages
+
+
+def _head_dim_pruner(by_head_dim: dict):
+    """Autotune early_config_prune: of the configs the autotuner holds, those listed for the launch's
+    HEAD_DIM, in that list's order (matched by shape); all of them if none is (a test pinning one)."""
+    def prune(configs, named_args, **kwargs):
+        head_dim = kwargs.get("HEAD_DIM", named_args.get("HEAD_DIM"))
+        held = {_shape(c): c for c in configs}
+        return [held[_shape(c)] for c in by_head_dim.get(head_dim, ()) if _shape(c) in held] or list(configs)
+    return {"early_config_prune": prune}
+
 
 # Rows of the TMA block of every descriptor argument of the TMA kernels (the block is [1, rows, HEAD_DIM]
 # over a [B, N, C] tensor); the autotune pre-hook and the sm_90 compile test both read this table.
@@ -133,9 +174,35 @@ def _set_tma_block_shapes(nargs):
             desc.block_shape = [1, nargs[rows], head_dim]
 
 
-def _with_tma_hook(configs):
-    return [triton.Config(dict(c.kwargs), num_warps=c.num_warps, num_stages=c.num_stages,
-                          pre_hook=_set_tma_block_shapes) for c in configs]
+def _with_tma_hook(by_head_dim: dict) -> dict:
+    """The same {head dim: configs} with the block-shape pre-hook on every config (one copy per shape)."""
+    made = {}
+    return {d: [made.setdefault(_shape(c), triton.Config(dict(c.kwargs), num_warps=c.num_warps,
+                                                         num_stages=c.num_stages, pre_hook=_set_tma_block_shapes))
+                for c in configs] for d, configs in by_head_dim.items()}
+
+
+# Every autotuned kernel (by name) with its whole config lists per head dim, whatever DPT_FAST_AUTOTUNE says:
+# the tests compile and run each config (the TMA twins' lists carry the block-shape pre-hook, as their
+# autotuners' do).
+_FULL_CONFIGS = {
+    "_attention_fwd": _FULL_FWD_CONFIGS, "_attention_fwd_tma": _with_tma_hook(_FULL_FWD_CONFIGS),
+    "_attention_bwd_dkdv": _FULL_DKDV_CONFIGS, "_attention_bwd_dkdv_tma": _with_tma_hook(_FULL_DKDV_CONFIGS),
+    "_attention_bwd_dq": _FULL_DQ_CONFIGS, "_attention_bwd_dq_tma": _with_tma_hook(_FULL_DQ_CONFIGS),
+}
+# The autotune key: N and batch x heads bucketed (next powers of two; see _bucket and _bh_bucket), the head
+# dim, and the input dtype as DTYPE_ID (the TMA kernels take descriptors, which carry no dtype, so the
+# autotuner would otherwise reuse an fp16 tuning for bf16). N_BUCKET, BH_BUCKET and DTYPE_ID are arguments
+# the kernels do not read.
+_KEY = ["N_BUCKET", "BH_BUCKET", "HEAD_DIM", "DTYPE_ID"]
+
+
+def _autotune(name: str):
+    """@triton.autotune for kernel `name`: its configs for DPT_FAST_AUTOTUNE, narrowed per launch to those of
+    the launch's head dim."""
+    by_head_dim = _FULL_CONFIGS[name]
+    return triton.autotune(configs=_tuned_configs(by_head_dim), key=_KEY,
+                           prune_configs_by=_head_dim_pruner(by_head_dim))
 
 
 # --- forward ------------------------------------------------------------------------------------
@@ -173,11 +240,11 @@ def _attention_fwd_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, start, stop, stride_n
     return acc, l_i, m_i
 
 
-@triton.autotune(configs=_FWD_CONFIGS, key=["N_BUCKET", "HEAD_DIM"])
+@_autotune("_attention_fwd")
 @triton.jit
 def _attention_fwd(QKV, Out, LSE, stride_qkv_b, stride_qkv_n, stride_out_b, stride_out_n, N_CTX, N_BUCKET,
-                   num_heads, qk_scale, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                   DOT_PRECISION: tl.constexpr):
+                   BH_BUCKET, DTYPE_ID, num_heads, qk_scale, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+                   BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
     start_m = tl.program_id(0) * BLOCK_M
     pid_bh = tl.program_id(1)
     off_b = pid_bh // num_heads
@@ -227,10 +294,11 @@ def _attention_fwd_tma_inner(acc, l_i, m_i, q, desc_kv, off_b, k_col, v_col, sta
     return acc, l_i, m_i
 
 
-@triton.autotune(configs=_with_tma_hook(_FWD_CONFIGS), key=["N_BUCKET", "HEAD_DIM"])
+@_autotune("_attention_fwd_tma")
 @triton.jit
-def _attention_fwd_tma(desc_q, desc_kv, desc_o, LSE, N_CTX, N_BUCKET, num_heads, qk_scale, HEAD_DIM: tl.constexpr,
-                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
+def _attention_fwd_tma(desc_q, desc_kv, desc_o, LSE, N_CTX, N_BUCKET, BH_BUCKET, DTYPE_ID, num_heads, qk_scale,
+                       HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                       DOT_PRECISION: tl.constexpr):
     """_attention_fwd with every q/k/v/out tile moved by the tensor memory accelerator (Hopper): 3-D
     descriptors [B, N, C] with blocks [1, rows, HEAD_DIM], so the hardware zero-fills rows past N on load
     and drops them on store."""
@@ -314,11 +382,11 @@ def _attention_bwd_dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, lse_ptrs, delta_ptr
     return dk, dv
 
 
-@triton.autotune(configs=_DKDV_CONFIGS, key=["N_BUCKET", "HEAD_DIM"])
+@_autotune("_attention_bwd_dkdv")
 @triton.jit
 def _attention_bwd_dkdv(QKV, DO, LSE, Delta, DQKV, stride_qkv_b, stride_qkv_n, stride_do_b, stride_do_n,
-                        stride_dqkv_b, stride_dqkv_n, N_CTX, N_BUCKET, num_heads, scale, qk_scale,
-                        HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                        stride_dqkv_b, stride_dqkv_n, N_CTX, N_BUCKET, BH_BUCKET, DTYPE_ID, num_heads, scale,
+                        qk_scale, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                         DOT_PRECISION: tl.constexpr):
     start_n = tl.program_id(0) * BLOCK_N
     pid_bh = tl.program_id(1)
@@ -389,11 +457,11 @@ def _attention_bwd_dq_inner(dq, q, do, lse2, delta, k_ptrs, v_ptrs, start, stop,
     return dq
 
 
-@triton.autotune(configs=_DQ_CONFIGS, key=["N_BUCKET", "HEAD_DIM"])
+@_autotune("_attention_bwd_dq")
 @triton.jit
 def _attention_bwd_dq(QKV, DO, LSE, Delta, DQKV, stride_qkv_b, stride_qkv_n, stride_do_b, stride_do_n,
-                      stride_dqkv_b, stride_dqkv_n, N_CTX, N_BUCKET, num_heads, scale, qk_scale,
-                      HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                      stride_dqkv_b, stride_dqkv_n, N_CTX, N_BUCKET, BH_BUCKET, DTYPE_ID, num_heads, scale,
+                      qk_scale, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                       DOT_PRECISION: tl.constexpr):
     start_m = tl.program_id(0) * BLOCK_M
     pid_bh = tl.program_id(1)
@@ -450,10 +518,10 @@ def _attention_bwd_dkdv_tma_inner(dk, dv, k, v, desc_q, desc_do, off_b, q_col, l
     return dk, dv
 
 
-@triton.autotune(configs=_with_tma_hook(_DKDV_CONFIGS), key=["N_BUCKET", "HEAD_DIM"])
+@_autotune("_attention_bwd_dkdv_tma")
 @triton.jit
-def _attention_bwd_dkdv_tma(desc_q, desc_kv, desc_do, desc_dkv, LSE, Delta, N_CTX, N_BUCKET, num_heads, scale,
-                            qk_scale, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+def _attention_bwd_dkdv_tma(desc_q, desc_kv, desc_do, desc_dkv, LSE, Delta, N_CTX, N_BUCKET, BH_BUCKET, DTYPE_ID,
+                            num_heads, scale, qk_scale, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                             DOT_PRECISION: tl.constexpr):
     start_n = tl.program_id(0) * BLOCK_N
     pid_bh = tl.program_id(1)
@@ -496,10 +564,10 @@ def _attention_bwd_dq_tma_inner(dq, q, do, lse2, delta, desc_kv, off_b, k_col, v
     return dq
 
 
-@triton.autotune(configs=_with_tma_hook(_DQ_CONFIGS), key=["N_BUCKET", "HEAD_DIM"])
+@_autotune("_attention_bwd_dq_tma")
 @triton.jit
-def _attention_bwd_dq_tma(desc_q, desc_kv, desc_do, desc_dq, LSE, Delta, N_CTX, N_BUCKET, num_heads, scale,
-                          qk_scale, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+def _attention_bwd_dq_tma(desc_q, desc_kv, desc_do, desc_dq, LSE, Delta, N_CTX, N_BUCKET, BH_BUCKET, DTYPE_ID,
+                          num_heads, scale, qk_scale, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                           DOT_PRECISION: tl.constexpr):
     start_m = tl.program_id(0) * BLOCK_M
     pid_bh = tl.program_id(1)
@@ -524,15 +592,6 @@ def _attention_bwd_dq_tma(desc_q, desc_kv, desc_do, desc_dq, LSE, Delta, N_CTX, 
                                          full_stop, N_CTX, N_CTX, qk_scale, HEAD_DIM, BLOCK_N, True, DOT_PRECISION)
     dq = dq * scale
     desc_dq.store([off_b, start_m, q_col], dq.to(desc_dq.dtype).reshape(1, BLOCK_M, HEAD_DIM))
-
-
-# Every autotuned kernel (by name) with its whole config list, whatever DPT_FAST_AUTOTUNE says: the tests run
-# each config (the TMA twins' lists carry the block-shape pre-hook, as their autotuners' do).
-_FULL_CONFIGS = {
-    "_attention_fwd": _FULL_FWD_CONFIGS, "_attention_fwd_tma": _with_tma_hook(_FULL_FWD_CONFIGS),
-    "_attention_bwd_dkdv": _FULL_DKDV_CONFIGS, "_attention_bwd_dkdv_tma": _with_tma_hook(_FULL_DKDV_CONFIGS),
-    "_attention_bwd_dq": _FULL_DQ_CONFIGS, "_attention_bwd_dq_tma": _with_tma_hook(_FULL_DQ_CONFIGS),
-}
 
 
 # --- launchers ----------------------------------------------------------------------------------
@@ -565,6 +624,22 @@ def _bucket(tokens: int) -> int:
     """The autotuning key for N: the next power of two, so that images of many sizes share a few tunings
     (N_BUCKET is an argument the kernels do not read)."""
     return triton.next_power_of_2(tokens)
+
+
+_BH_BUCKET_MAX = 512  # from 512 (batch x heads) programs per query block up, every config fills an H100 alike
+_DTYPE_IDS = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2}
+
+
+def _bh_bucket(batch_heads: int) -> int:
+    """The autotuning key for batch x heads (the grid's second dimension): the next power of two, at most
+    _BH_BUCKET_MAX, so that a tuning found at batch 1 is not reused at batch 16."""
+    return min(triton.next_power_of_2(batch_heads), _BH_BUCKET_MAX)
+
+
+def autotune_key(tokens: int, batch_heads: int, head_dim: int, dtype: torch.dtype) -> tuple:
+    """(N_BUCKET, BH_BUCKET, HEAD_DIM, DTYPE_ID): the values of the kernels' autotune key for one launch.
+    Two launches with the same key share one tuning."""
+    return _bucket(tokens), _bh_bucket(batch_heads), head_dim, _DTYPE_IDS[dtype]
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -673,14 +748,14 @@ def _forward_into(qkv, out, lse, num_heads, scale, tma):
         for lo, hi in _batch_chunks(batch, num_heads):
             q_c, o_c, l_c = qkv[lo:hi], out[lo:hi], lse[lo:hi]
             grid = lambda meta, n=(hi - lo) * num_heads: (triton.cdiv(tokens, meta["BLOCK_M"]), n)  # noqa: E731
+            key = autotune_key(tokens, (hi - lo) * num_heads, head_dim, qkv.dtype)
             if kernel is _attention_fwd_tma:
-                _attention_fwd_tma[grid](
-                    *_descriptors(head_dim, q_c, q_c, o_c), l_c, tokens, _bucket(tokens), num_heads, qk_scale,
-                    HEAD_DIM=head_dim, DOT_PRECISION=precision)
+                launch(_attention_fwd_tma, grid, *_descriptors(head_dim, q_c, q_c, o_c), l_c, tokens, key[0], key[1],
+                       key[3], num_heads, qk_scale, HEAD_DIM=head_dim, DOT_PRECISION=precision)
             else:
-                _attention_fwd[grid](
-                    q_c, o_c, l_c, q_c.stride(0), q_c.stride(1), o_c.stride(0), o_c.stride(1), tokens, _bucket(tokens),
-                    num_heads, qk_scale, HEAD_DIM=head_dim, DOT_PRECISION=precision)
+                launch(_attention_fwd, grid, q_c, o_c, l_c, q_c.stride(0), q_c.stride(1), o_c.stride(0), o_c.stride(1),
+                       tokens, key[0], key[1], key[3], num_heads, qk_scale, HEAD_DIM=head_dim,
+                       DOT_PRECISION=precision)
 
 
 def attention_backward(grad_out: torch.Tensor, qkv: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
@@ -719,17 +794,19 @@ def _backward_into(grad_out, qkv, out, lse, dqkv, num_heads, scale, tma):
                 HEAD_DIM=head_dim, BLOCK_M=_PREPROCESS_BLOCK)
             dkdv_grid = lambda meta, n=n_bh: (triton.cdiv(tokens, meta["BLOCK_N"]), n)  # noqa: E731
             dq_grid = lambda meta, n=n_bh: (triton.cdiv(tokens, meta["BLOCK_M"]), n)  # noqa: E731
-            tail = (tokens, _bucket(tokens), num_heads, float(scale), qk_scale)
+            key = autotune_key(tokens, n_bh, head_dim, qkv.dtype)
+            tail = (tokens, key[0], key[1], key[3], num_heads, float(scale), qk_scale)
             if tma:  # fresh descriptors per kernel (desc_q, desc_kv, desc_do, dqkv): its pre-hook sets their blocks
-                _attention_bwd_dkdv_tma[dkdv_grid](*_descriptors(head_dim, q_c, q_c, do_c, dq_c), l_c, d_c, *tail,
-                                                   HEAD_DIM=head_dim, DOT_PRECISION=precision)
-                _attention_bwd_dq_tma[dq_grid](*_descriptors(head_dim, q_c, q_c, do_c, dq_c), l_c, d_c, *tail,
-                                               HEAD_DIM=head_dim, DOT_PRECISION=precision)
+                launch(_attention_bwd_dkdv_tma, dkdv_grid, *_descriptors(head_dim, q_c, q_c, do_c, dq_c), l_c, d_c,
+                       *tail, HEAD_DIM=head_dim, DOT_PRECISION=precision)
+                launch(_attention_bwd_dq_tma, dq_grid, *_descriptors(head_dim, q_c, q_c, do_c, dq_c), l_c, d_c, *tail,
+                       HEAD_DIM=head_dim, DOT_PRECISION=precision)
             else:
                 args = (q_c, do_c, l_c, d_c, dq_c, q_c.stride(0), q_c.stride(1), do_c.stride(0), do_c.stride(1),
                         dq_c.stride(0), dq_c.stride(1), *tail)
-                _attention_bwd_dkdv[dkdv_grid](*args, HEAD_DIM=head_dim, DOT_PRECISION=precision)
-                _attention_bwd_dq[dq_grid](*args, HEAD_DIM=head_dim, DOT_PRECISION=precision)
+                launch(_attention_bwd_dkdv, dkdv_grid, *args, HEAD_DIM=head_dim, DOT_PRECISION=precision)
+                launch(_attention_bwd_dq, dq_grid, *args, HEAD_DIM=head_dim, DOT_PRECISION=precision)
 
 
-__all__ = ["supports", "attention_forward", "attention_backward", "use_tma", "kernel_launches", "HEAD_DIMS"]
+__all__ = ["supports", "attention_forward", "attention_backward", "use_tma", "kernel_launches", "autotune_key",
+           "HEAD_DIMS"]

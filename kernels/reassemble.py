@@ -48,7 +48,8 @@ backward (recompute, then walk back; gradients as dpt_fast.reference.reassemble_
   - weight gradients with a token-sized reduction of plain operands (dWp, dW1) and the bias sums are
     torch (cuBLAS) calls, as is the [B, D] x [D, D] readout-token term.
 
-Autotuned on GPU (key: M, N, K, split_k and the mode flags); one fixed config under TRITON_INTERPRET=1, where
+Autotuned on GPU (key: M and K bucketed by token_bucket -- next power of two, at least 16 -- so a new batch or
+image size reuses a tuning; N, split_k and the mode flags); one fixed config under TRITON_INTERPRET=1, where
 multi-config autotune cannot run. DPT_FAST_AUTOTUNE=quick in the environment (read once, at import; default
 full; see dpt_fast.kernels) gives the GEMM only the first config of _FULL_CONFIGS (which stays whole for the
 tests that run each config): one compile per variant, no benchmarking; any other value than full or quick
@@ -63,7 +64,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import autotune_configs, autotune_mode
+from . import autotune_configs, autotune_mode, launch
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _AUTOTUNE = autotune_mode()  # DPT_FAST_AUTOTUNE, once: "full" or "quick"
@@ -121,12 +122,23 @@ def _tune_bench(kernel_call, quantiles):
     return triton.testing.do_bench(kernel_call, warmup=5, rep=25, quantiles=quantiles)
 
 
-@triton.autotune(configs=_CONFIGS, key=["M", "N", "K", "split_k", "A_CLS", "A_PIX", "B_PIX", "C_PIX", "BIAS",
-                                          "ACT", "STORE_PRE"], do_bench=_tune_bench)
+def token_bucket(rows: int) -> int:
+    """The autotune key for a GEMM dimension that grows with the tokens of the batch (M of the forward and
+    input-gradient GEMMs: batch x patches; K of the weight-gradient GEMM): the next power of two, at least
+    16. So every batch size and image size whose token rows fall in (2^(k-1), 2^k] shares one tuning (384^2
+    at batch 1: 576 rows -> 1024; batch 16: 9216 -> 16384; 518^2-sized 37x37 grids: 1369 -> 2048) instead of
+    tuning 8 configs again in the middle of inference for each new size."""
+    return max(16, triton.next_power_of_2(rows))
+
+
+# key: M and K bucketed (M_BUCKET, K_BUCKET: arguments the kernel does not read; token-sized in M for the
+# forward and input-gradient GEMMs, in K for the weight gradient), N exact, the split and the variant flags
+@triton.autotune(configs=_CONFIGS, key=["M_BUCKET", "N", "K_BUCKET", "split_k", "A_CLS", "A_PIX", "B_PIX", "C_PIX",
+                                          "BIAS", "ACT", "STORE_PRE"], do_bench=_tune_bench)
 @triton.jit
 def _reassemble_gemm(
     a_ptr, cls_ptr, b_ptr, bias_ptr, aux_ptr, c_ptr,
-    M, N, K,
+    M, N, K, M_BUCKET, K_BUCKET,                   # M_BUCKET, K_BUCKET: autotune key only (token_bucket)
     split_k, stride_c_split,                        # split-K: program_id(1) reduces the split's range of K
     rows_per_img,                                   # A/C rows (and bias_img rows) are grouped per image
     stride_a_img, stride_a_row, stride_ak,
@@ -294,9 +306,10 @@ def _gemm(a, b, c, M, N, K, rows_per_img, *, b_strides=None, cls=None, bias=None
     bias_mode, bias_t = (1, bias) if bias is not None else ((2, bias_img) if bias_img is not None else (0, c))
     aux = c if aux is None else aux
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]), split_k)  # noqa: E731
-    _reassemble_gemm[grid](
+    launch(
+        _reassemble_gemm, grid,
         a, a if cls is None else cls, b, bias_t, aux, c,
-        M, N, K, split_k, stride_c_split, rows_per_img,
+        M, N, K, token_bucket(M), token_bucket(K), split_k, stride_c_split, rows_per_img,
         a_img, a_row, stride_ak,
         stride_bk, stride_bn,
         bias_img.stride(0) if bias_img is not None else 0, bias_period or N,

@@ -370,80 +370,78 @@ def test_tma_misaligned_input_takes_pointer_kernels(layout, fwd_tma, bwd_tma):
 
 # --- CPU: ahead-of-time compilation for Hopper (no GPU needed) ----------------------------------------
 
-_AOT_SCRIPT = r"""
-import json, sys
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-from triton.runtime.autotuner import Autotuner
-from dpt_fast.kernels import attention as K
-assert not K._INTERPRET
-result = {}
-for name, head_dim in json.loads(sys.argv[1]):
-    kernel = getattr(K, name)
-    fn = kernel.fn if isinstance(kernel, Autotuner) else kernel
-    cfg = kernel.configs[0] if isinstance(kernel, Autotuner) else triton.Config({"BLOCK_M": 64}, num_warps=4)
-    consts = {"HEAD_DIM": head_dim, **cfg.kwargs}
-    if "DOT_PRECISION" in fn.arg_names:
-        consts["DOT_PRECISION"] = "tf32"
-    sig = {}
-    for arg in fn.arg_names:
-        if arg in consts:
-            sig[arg] = "constexpr"
-        elif arg in K._TMA_BLOCK_ROWS:  # the block shape the autotune pre-hook gives this config
-            sig[arg] = f"tensordesc<bf16[1,{cfg.kwargs[K._TMA_BLOCK_ROWS[arg]]},{head_dim}]>"
-        elif arg in ("LSE", "Delta"):
-            sig[arg] = "*fp32"
-        elif arg in ("QKV", "Out", "DO", "DQKV"):
-            sig[arg] = "*bf16"
-        else:
-            sig[arg] = "fp32" if "scale" in arg else "i32"
-    # the specialization a launch on 16-byte aligned tensors with strides divisible by 16 gets
-    attrs = {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a in fn.arg_names
-             if sig[a].startswith("*") or a.startswith("stride")}
-    src = ASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()},
-                    attrs=attrs)
-    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                              options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
-    ptx = compiled.asm["ptx"]
-    result[f"{name}/{head_dim}"] = {"wgmma": "wgmma" in ptx, "cp_async": "cp.async" in ptx,
-                                    "tma": "cp.async.bulk.tensor" in ptx, "shared": compiled.metadata.shared}
-print(json.dumps(result))
-"""
-
 _POINTER_KERNELS = ("_attention_fwd", "_attention_bwd_dkdv", "_attention_bwd_dq")
 _TMA_KERNELS = ("_attention_fwd_tma", "_attention_bwd_dkdv_tma", "_attention_bwd_dq_tma")
+_SM90_SHARED_LIMIT = 227 * 1024  # bytes of shared memory one block may use on sm_90
 
 
-def _compile_for_hopper(kernels):
-    """Compile [(kernel name, head dim)] for sm_90 in a subprocess without the interpreter; {name/D: facts}."""
+def _compile_for_hopper(jobs, workers=1):
+    """Compile [(kernel name, head dim, config index)] for sm_90a in a subprocess without the interpreter
+    (tests/hopper_aot.py); {name/D/index: facts}."""
     import json
     import subprocess
     import sys
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    proc = subprocess.run([sys.executable, "-c", _AOT_SCRIPT, json.dumps(kernels)], capture_output=True, text=True,
-                          env=env, timeout=600)
+    script = os.path.join(os.path.dirname(__file__), "hopper_aot.py")
+    proc = subprocess.run([sys.executable, script, json.dumps(jobs), "--jobs", str(workers)], capture_output=True,
+                          text=True, env=env, timeout=1500)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU tests run the compiled kernels themselves")
+def _compiled_config_lists():
+    """{kernel name: {head dim: number of configs}} of the full lists, as a compiled (not interpreted) import
+    of the kernels sees them."""
+    import json
+    import subprocess
+    import sys
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "DPT_FAST_AUTOTUNE")}
+    code = ("import json; from dpt_fast.kernels import attention as K; "
+            "print(json.dumps({n: {d: len(c) for d, c in by_d.items()} for n, by_d in K._FULL_CONFIGS.items()}))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return {n: {int(d): k for d, k in by_d.items()} for n, by_d in json.loads(proc.stdout).items()}
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a CPU test (ahead-of-time compilation)")
 def test_kernels_compile_for_hopper_without_a_gpu():
-    """Compile the first autotune config of every kernel for sm_90 (ptxas included): catches errors the
-    interpreter cannot see, and checks that the matmuls use wgmma, the pointer kernels' K/V loads are
-    pipelined (cp.async) and the TMA kernels move their tiles with the tensor copy engine
-    (cp.async.bulk.tensor), the TMA kernels at head dims 64 and 128 (a 256-byte fp16 row: wider than
-    one 128-byte swizzled TMA box)."""
-    kernels = [(name, 64) for name in _POINTER_KERNELS + _TMA_KERNELS + ("_attention_bwd_preprocess",)]
-    kernels += [(name, 128) for name in _TMA_KERNELS]
-    result = _compile_for_hopper(kernels)
-    for name in _POINTER_KERNELS:
-        assert result[f"{name}/64"]["wgmma"] and result[f"{name}/64"]["cp_async"], result
-        assert not result[f"{name}/64"]["tma"], result
-    for name, head_dim in kernels:
-        if name in _TMA_KERNELS:
-            assert result[f"{name}/{head_dim}"]["wgmma"] and result[f"{name}/{head_dim}"]["tma"], result
+    """Every config of every head dim's list (64 and 128) of the forward, dK/dV and dQ kernels, pointer and
+    TMA, plus the delta preprocess, compiled for sm_90a with ptxas: catches errors the interpreter cannot see;
+    the matmuls use wgmma, the pointer kernels' loads are pipelined (cp.async), the TMA kernels move their
+    tiles with the tensor copy engine (cp.async.bulk.tensor; at D = 128 a 256-byte row is wider than one
+    128-byte swizzled TMA box); `ptxas -v` reports no register spill (a spilling config is slow, and would
+    be a poor pick or, first in its list, the only one with DPT_FAST_AUTOTUNE=quick); shared memory stays
+    within the lists' 200 KiB budget, well under sm_90's 227 KiB. About 80 compiles in two processes
+    (1-2 s each on an idle core)."""
+    lists = _compiled_config_lists()
+    assert sorted(lists) == sorted(_POINTER_KERNELS + _TMA_KERNELS)
+    assert all(sorted(by_d) == [64, 128] for by_d in lists.values()), lists
+    jobs = [(name, d, i) for name, by_d in lists.items() for d, n in by_d.items() for i in range(n)]
+    jobs.append(("_attention_bwd_preprocess", 64, 0))
+    result = _compile_for_hopper(jobs, workers=2)
+    assert len(result) == len(jobs)
+    for key, facts in result.items():
+        name = key.split("/")[0]
+        if name in _POINTER_KERNELS:
+            assert facts["wgmma"] and facts["cp_async"] and not facts["tma"], (key, facts)
+        elif name in _TMA_KERNELS:
+            assert facts["wgmma"] and facts["tma"], (key, facts)
+    spilled = {k: (f["config"], f["spill_bytes"]) for k, f in result.items() if f["spill_bytes"]}
+    assert not spilled, f"configs that spill registers on sm_90a: {spilled}"
+    large = {k: (f["config"], f["shared"]) for k, f in result.items() if f["shared"] > 200 * 1024}
+    assert not large, f"configs over the 200 KiB shared-memory budget: {large}"
+    assert all(0 < f["shared"] < _SM90_SHARED_LIMIT and f["registers"] <= 255 for f in result.values())
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a CPU test (ahead-of-time compilation)")
+def test_hopper_compile_reports_spills():
+    """The spill check can fail: a forward config that is not in the D = 128 list because it spills there
+    (128x64 tiles on 4 warps: the 128x128 fp32 accumulator alone is 128 registers a thread) is reported
+    with its spill bytes, the same shape at D = 64 without."""
+    result = _compile_for_hopper([("_attention_fwd", 128, [128, 64, 4, 3]), ("_attention_fwd", 64, [128, 64, 4, 3])])
+    assert result["_attention_fwd/128/128-64-4-3"]["spill_bytes"] > 0, result
+    assert result["_attention_fwd/64/128-64-4-3"]["spill_bytes"] == 0, result
 
 
 # --- every autotune config, pinned; the DPT_FAST_AUTOTUNE switch ------------------------------------
@@ -468,11 +466,14 @@ for mode in ("", "full", " Quick ", "quick", "fast"):
         continue
     tuned = {f"{m.__name__}.{n}": k for m in (attention, reassemble) for n, k in vars(m).items()
              if isinstance(k, Autotuner)}
-    full = {f"attention.{n}": c for n, c in attention._FULL_CONFIGS.items()}
-    full["reassemble._reassemble_gemm"] = reassemble._FULL_CONFIGS
-    full = {f"dpt_fast.kernels.{n}": c for n, c in full.items()}
-    assert sorted(tuned) == sorted(full), (sorted(tuned), sorted(full))
-    result[mode] = {n: [[facts(c) for c in k.configs], [facts(c) for c in full[n]]] for n, k in tuned.items()}
+    # per kernel: (every config of every head dim, the first of each), each config once, in order
+    lists = {f"attention.{n}": list(c.values()) for n, c in attention._FULL_CONFIGS.items()}
+    lists["reassemble._reassemble_gemm"] = [reassemble._FULL_CONFIGS]
+    lists = {f"dpt_fast.kernels.{n}": (attention._union(c), attention._union(l[:1] for l in c))
+             for n, c in lists.items()}
+    assert sorted(tuned) == sorted(lists), (sorted(tuned), sorted(lists))
+    result[mode] = {n: [[facts(c) for c in k.configs], [facts(c) for c in lists[n][0]],
+                        [facts(c) for c in lists[n][1]]] for n, k in tuned.items()}
 print(json.dumps(result))
 """
 
@@ -480,8 +481,9 @@ print(json.dumps(result))
 def test_autotune_switch_quick_full_and_bad_value():
     """DPT_FAST_AUTOTUNE, read at import of each kernel module (a subprocess without the interpreter, whose
     config list is a single fixed one, reloading both modules per value): unset/full give every autotuned
-    kernel its whole list, quick (any case) the first config only (the TMA twins with their block-shape
-    pre-hook), another value fails the import naming the accepted values."""
+    kernel its whole lists (the attention kernels: every head dim's), quick (any case) the first config of
+    each list only (the TMA twins with their block-shape pre-hook), another value fails the import naming
+    the accepted values."""
     import json
     import subprocess
     import sys
@@ -492,12 +494,13 @@ def test_autotune_switch_quick_full_and_bad_value():
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert "DPT_FAST_AUTOTUNE='fast'" in result["fast"] and "full, quick" in result["fast"], result["fast"]
     assert len(result[""]) == 7  # 6 attention kernels and the reassemble GEMM
-    for name, (tuned, full) in result[""].items():
-        assert len(full) >= 6 and tuned == full, name  # default: the whole lists
-        assert result["full"][name] == [full, full], name
+    for name, (tuned, full, firsts) in result[""].items():
+        assert len(full) >= 6 and tuned == full, name  # default: the whole lists (every head dim's)
+        assert result["full"][name] == [full, full, firsts], name
         assert all(cfg[3] == name.endswith("_tma") for cfg in full), name  # the TMA twins carry the pre-hook
+        assert 1 <= len(firsts) <= 2 and firsts[0] == full[0], name  # the first of each head dim's list
         for mode in (" Quick ", "quick"):
-            assert result[mode][name] == [full[:1], full], (mode, name)
+            assert result[mode][name] == [firsts, full, firsts], (mode, name)
 
 
 def test_autotune_mode_and_configs(monkeypatch):
@@ -515,10 +518,108 @@ def test_autotune_mode_and_configs(monkeypatch):
     assert package.autotune_configs(configs, "full") == configs and package.autotune_configs(configs, "quick") == ["a"]
     with pytest.raises(ValueError, match="full, quick"):
         package.autotune_configs(configs, "Quick")
+    from kernel_helpers import pinned_config
     kernel = type("Tuned", (), {"configs": configs})()
-    with package.pinned_config(kernel, "b") as pinned:
+    with pinned_config(kernel, "b") as pinned:
         assert pinned == "b" and kernel.configs == ["b"]
     assert kernel.configs is configs
+
+
+def test_autotune_key_tells_dtype_batch_heads_and_buckets():
+    """The attention autotune key (a pure function of the launch): fp16 and bf16 never share a tuning (the
+    TMA kernels' descriptors carry no dtype), batch x heads is bucketed (a tuning found at batch 1 is not
+    reused at batch 16), N by the next power of two; every kernel's autotuner keys on exactly these."""
+    kernels = _kernels()
+    key = kernels.autotune_key
+    assert key(577, 16, 64, torch.bfloat16) == (1024, 16, 64, 1)
+    assert key(577, 16, 64, torch.float16) != key(577, 16, 64, torch.bfloat16)
+    assert key(577, 16, 64, torch.bfloat16) != key(577, 16 * 16, 64, torch.bfloat16)  # batch 1 vs 16, 16 heads
+    assert key(1025, 16, 64, torch.float16)[0] == key(2048, 16, 64, torch.float16)[0] == 2048
+    assert key(9217, 24, 64, torch.float16)[1] == key(9217, 32, 64, torch.float16)[1] == 32
+    assert key(9217, 4096, 64, torch.float16)[1] == key(9217, 100000, 64, torch.float16)[1] == 512  # capped
+    assert key(577, 16, 128, torch.float16)[2] == 128
+    from triton.runtime.autotuner import Autotuner
+    tuned = [k for k in vars(kernels).values() if isinstance(k, Autotuner)]
+    assert len(tuned) == 6 and all(k.keys == ["N_BUCKET", "BH_BUCKET", "HEAD_DIM", "DTYPE_ID"] for k in tuned)
+
+
+class _FakeTuned:
+    """Stands in for an @triton.autotune'd kernel in the launch tests: records how it was launched."""
+
+    def __init__(self, configs, cache=()):
+        import triton
+        self.configs = [triton.Config({"BLOCK_M": m}, num_warps=4) for m in configs]
+        self.arg_names, self.keys, self.cache, self.calls = ["X", "N_KEY", "HEAD_DIM"], ["N_KEY"], dict(cache), []
+        self.early_config_prune, self.fn = None, self
+
+    def __getitem__(self, grid):
+        def run(*args, **kwargs):
+            self.calls.append(("tuned" if "BLOCK_M" not in kwargs else "direct", args, kwargs))
+        return run
+
+
+def test_launch_never_tunes_inside_graph_capture(monkeypatch):
+    """Autotuning inside CUDA-graph capture would benchmark (and synchronise) inside the capture: there an
+    untuned key runs the first config directly (nothing stored, so it is tuned later outside capture), a key
+    tuned before keeps going through the autotuner (its cached pick); outside capture the autotuner runs.
+    A lone candidate (DPT_FAST_AUTOTUNE=quick) is launched directly everywhere: never benchmarked."""
+    import dpt_fast.kernels as package
+    assert package.pinned_during_capture(True, 3, tuned=False)
+    assert not package.pinned_during_capture(True, 3, tuned=True)
+    assert not package.pinned_during_capture(False, 3, tuned=False)
+    assert not package.pinned_during_capture(True, 1, tuned=False)
+    x = torch.zeros(4, dtype=torch.float16)
+    kernel = _FakeTuned([64, 128])
+    assert package.tuning_key(kernel, (x, 1024), {"HEAD_DIM": 64}) == (1024, "torch.float16")
+    for capturing, cache, expected in ((False, {}, "tuned"), (True, {}, "direct"),
+                                       (True, {(1024, "torch.float16"): None}, "tuned"),
+                                       (True, {(2048, "torch.float16"): None}, "direct")):
+        monkeypatch.setattr(package, "_capturing", lambda c=capturing: c)
+        kernel = _FakeTuned([64, 128], cache)
+        package.launch(kernel, (1,), x, 1024, HEAD_DIM=64)
+        assert [c[0] for c in kernel.calls] == [expected], (capturing, cache)
+        if expected == "direct":
+            assert kernel.calls[0][2]["BLOCK_M"] == 64 and kernel.best_config is kernel.configs[0]
+            assert kernel.cache == cache  # nothing stored: tuned later, outside capture
+    monkeypatch.setattr(package, "_capturing", lambda: False)
+    single = _FakeTuned([32])
+    package.launch(single, (1,), x, 1024, HEAD_DIM=64)
+    assert [c[0] for c in single.calls] == ["direct"] and single.calls[0][2]["BLOCK_M"] == 32
+
+
+def test_head_dim_lists_narrow_each_launch():
+    """Each kernel's autotuner holds every head dim's configs and narrows a launch to its head dim's list
+    (the first of which is the DPT_FAST_AUTOTUNE=quick pick), so a config that spills at D = 128 is never
+    tried there; pinning one config (a test) bypasses the narrowing."""
+    import dpt_fast.kernels as package
+    kernels = _kernels()
+    for name, by_head_dim in kernels._FULL_CONFIGS.items():
+        kernel = getattr(kernels, name)
+        for head_dim, configs in by_head_dim.items():
+            held = {kernels._shape(c) for c in kernel.configs}  # every config, or the firsts with quick
+            picked = package.candidate_configs(kernel, (), {"HEAD_DIM": head_dim})
+            assert [kernels._shape(c) for c in picked] == [kernels._shape(c) for c in configs
+                                                           if kernels._shape(c) in held], name
+            assert kernels._shape(picked[0]) == kernels._shape(configs[0]), name
+    # the compiled import's lists (the interpreter's are one config): in a subprocess without the interpreter
+    import subprocess
+    import sys
+    code = """
+from dpt_fast.kernels import attention as K, candidate_configs
+for name, by_head_dim in K._FULL_CONFIGS.items():
+    kernel = getattr(K, name)
+    assert len(kernel.configs) > max(len(c) for c in by_head_dim.values()), name
+    for d, configs in by_head_dim.items():
+        picked = candidate_configs(kernel, (), {"HEAD_DIM": d})
+        assert [K._shape(c) for c in picked] == [K._shape(c) for c in configs], (name, d)
+        assert (name.endswith("_tma")) == all(c.pre_hook is not None for c in picked), name
+d64, d128 = ([K._shape(c) for c in K._FULL_CONFIGS["_attention_fwd"][d]] for d in (64, 128))
+assert (128, 64, 4, 3) in d64 and (128, 64, 4, 3) not in d128
+print("ok")
+"""
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "DPT_FAST_AUTOTUNE")}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-3000:]
 
 
 def _every_config(kernels, qkv, grad, heads, scale, tma, ref, check):
@@ -529,20 +630,21 @@ def _every_config(kernels, qkv, grad, heads, scale, tma, ref, check):
     what) with part in out, lse, dq, dk, dv. Returns the configs the device could not run (OutOfResources:
     the autotuner skips those too); never the first (the quick pick)."""
     from triton.runtime.errors import OutOfResources
-    from dpt_fast.kernels import pinned_config
+    from kernel_helpers import pinned_config
     suffix = "_tma" if tma else ""
     names = ("_attention_fwd" + suffix, "_attention_bwd_dkdv" + suffix, "_attention_bwd_dq" + suffix)
     fwd, dkdv, dq = (getattr(kernels, n) for n in names)
-    fwd_cfgs, dkdv_cfgs, dq_cfgs = (kernels._FULL_CONFIGS[n] for n in names)
-    ref_out, ref_lse, ref_dqkv = ref
     width = qkv.shape[-1] // 3
+    head_dim = width // heads
+    fwd_cfgs, dkdv_cfgs, dq_cfgs = (kernels._FULL_CONFIGS[n][head_dim] for n in names)
+    ref_out, ref_lse, ref_dqkv = ref
     skipped = []
 
     def run(name, cfg, call):
         try:
             return call()
         except OutOfResources as e:
-            assert cfg is not kernels._FULL_CONFIGS[name][0], f"{name} {cfg}: the first config must fit: {e}"
+            assert cfg is not kernels._FULL_CONFIGS[name][head_dim][0], f"{name} {cfg}: the first config must fit: {e}"
             skipped.append(f"{name} {cfg}: {e}")
             return None
 

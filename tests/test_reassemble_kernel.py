@@ -412,6 +412,8 @@ def specialise(bound):
 
 
 class Recorder:  # stands in for the autotuned kernel: records launches instead of running them
+    configs, cache, arg_names, keys = K._FULL_CONFIGS, {}, fn.arg_names, K._reassemble_gemm.keys
+
     def __getitem__(self, grid):
         def launch(*args, **kwargs):
             bound = dict(zip(fn.arg_names, args), **kwargs)
@@ -524,7 +526,7 @@ def _every_config(kernels, batch, grid_h, grid_w, dim, features, dtype, device, 
     shuffle, split_k fp32 partial slices). Returns ([(what, actual, expected float64)], skipped configs: those
     the device cannot run, OutOfResources, which the autotuner skips too; never the first)."""
     from triton.runtime.errors import OutOfResources
-    from dpt_fast.kernels import pinned_config
+    from kernel_helpers import pinned_config
     tuner = kernels._reassemble_gemm
     s, meta = 4, (grid_h, grid_w, 1, "project", "up4")
     tokens, params, _ = _inputs(batch, grid_h, grid_w, dim, features, "project", "up4", dtype, device, seed=seed)
