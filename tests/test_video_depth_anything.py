@@ -177,3 +177,28 @@ def test_whole_video_through_the_windowed_procedure(tiny):
     depths = list(windowed_video_depth(iter(frames), predict))
     assert len(depths) == len(frames)
     assert all(d.shape == (30, 40) and torch.isfinite(d).all() and (d >= 0).all() for d in depths)
+
+
+def test_release_file_loads_and_bad_files_are_named(tmp_path, tiny):
+    from dpt_fast.models.video_depth_anything import is_metric_release_file, load_video_depth_anything
+    from dpt_fast.weights import CheckpointError
+    overrides = {k: v for k, v in TINY_VDA.items()}
+    path = tmp_path / "video_depth_anything_vits.pth"
+    torch.save(tiny.state_dict(), path)
+    loaded = load_video_depth_anything(path, **overrides)
+    assert not loaded.training
+    for key, value in tiny.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value), key
+    assert not is_metric_release_file(path) and is_metric_release_file("metric_video_depth_anything_vitl.pth")
+
+    broken = dict(tiny.state_dict())
+    del broken["head.motion_modules.3.temporal_transformer.proj_out.bias"]
+    torch.save(broken, tmp_path / "broken.pth")
+    with pytest.raises(CheckpointError, match="motion_modules.3.temporal_transformer.proj_out.bias"):
+        load_video_depth_anything(tmp_path / "broken.pth", **overrides)
+    image_only = {k: v for k, v in tiny.state_dict().items() if "motion_modules" not in k}
+    torch.save(image_only, tmp_path / "image.pth")
+    with pytest.raises(CheckpointError, match="not a Video Depth Anything checkpoint"):
+        load_video_depth_anything(tmp_path / "image.pth")
+    with pytest.raises(CheckpointError, match="encoder"):
+        load_video_depth_anything(path)  # a width of 64 is no release encoder

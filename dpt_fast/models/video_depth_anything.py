@@ -25,7 +25,8 @@ from torch import nn
 from .. import ops
 from .depth_anything import DepthAnythingModel
 
-__all__ = ["VideoDepthAnythingModel", "TemporalModule", "VDA_ENCODERS", "window_predictor"]
+__all__ = ["VideoDepthAnythingModel", "TemporalModule", "VDA_ENCODERS", "window_predictor", "load_video_depth_anything",
+           "is_metric_release_file"]
 
 # The release's encoder codes -> Depth Anything V2 architectures (same fusion widths and Reassemble widths).
 VDA_ENCODERS = {"vits": "da2-small", "vitb": "da2-base", "vitl": "da2-large"}
@@ -237,3 +238,46 @@ def window_predictor(model: VideoDepthAnythingModel, preprocess, device=None, au
         size = tuple((first.image if hasattr(first, "image") else first).shape[-2:])
         return F.interpolate(depth.unsqueeze(1), size=size, mode="bilinear", align_corners=True).squeeze(1).cpu()
     return predict
+
+
+_ENCODER_BY_WIDTH = {384: "vits", 768: "vitb", 1024: "vitl"}
+
+
+def is_metric_release_file(path) -> bool:
+    """The release's metric models are `metric_video_depth_anything_{vits,vitb,vitl}.pth`: the same
+    architecture, whose depth (metres) the windowed procedure must not rescale (metric=True)."""
+    from pathlib import Path
+    return Path(path).name.startswith("metric_")
+
+
+def load_video_depth_anything(path, device=None, dtype=None, **overrides) -> VideoDepthAnythingModel:
+    """A VideoDepthAnythingModel in eval mode from a release file (`video_depth_anything_vits.pth`, ...),
+    read with torch.load(weights_only=True) and loaded strictly. The encoder is read from the file
+    (its embedding width) unless `encoder=` is given; other `overrides` go to the constructor (tiny
+    models). Raises dpt_fast.weights.CheckpointError naming the problem keys when the file does not fit.
+    """
+    from pathlib import Path
+
+    from ..weights import CheckpointError, _fit, _torch_load, unwrap_state_dict
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise CheckpointError(f"{p}: no such file")
+    state = unwrap_state_dict(_torch_load(p), p)
+    if not any(k.startswith("head.motion_modules.") for k in state):
+        raise CheckpointError(f"{p}: not a Video Depth Anything checkpoint (no head.motion_modules.* keys)")
+    if "encoder" not in overrides:
+        width = tuple(state["pretrained.cls_token"].shape)[-1] if "pretrained.cls_token" in state else None
+        if width not in _ENCODER_BY_WIDTH:
+            raise CheckpointError(f"{p}: cannot tell the encoder from its width {width}; pass encoder=")
+        overrides["encoder"] = _ENCODER_BY_WIDTH[width]
+    try:
+        with torch.device("meta"):
+            model = VideoDepthAnythingModel(**overrides)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{p}: cannot build VideoDepthAnythingModel({overrides}): {e}") from None
+    state = _fit(model, state, fmt="original", source=p, config=model.config, fill_keys=("pretrained.mask_token",))
+    model.to_empty(device=device if device is not None else "cpu")
+    model.load_state_dict(state, strict=True)
+    if dtype is not None:
+        model.to(dtype)
+    return model.eval()
