@@ -180,7 +180,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default cuda when available; "
                         "under torchrun, cuda:LOCAL_RANK)")
     parser.add_argument("--num-workers", type=int, default=None,
-                        help="decoding processes per GPU process (default: from the CPU count on CUDA, 0 on CPU)")
+                        help="decoding processes per GPU process (default from the CPU count on CUDA, 0 on CPU)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the model")
     parser.add_argument("--compile-mode", default="default",
                         choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"],
@@ -197,7 +197,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="dpt_fast operator implementations (default fused: kernels where they apply)")
     parser.add_argument("--writers", type=int, default=2, help="writer threads (default 2)")
     parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
-                        help="progress bar (default: shown when stderr is a terminal)")
+                        help="progress bar (default shown when stderr is a terminal)")
 
 
 # --- stopping ------------------------------------------------------------------------------------
