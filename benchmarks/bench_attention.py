@@ -41,7 +41,10 @@ from __future__ import annotations
 import argparse
 import re
 import sys
-import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # harness.py beside this script, however it is run
+import harness  # noqa: E402
 
 DEFAULT_SIZES = (577, 1370, 2305, 4097, 9217, 16385, 32401)
 SDPA_BACKENDS = ("flash", "efficient", "cudnn", "math")
@@ -94,13 +97,6 @@ def cases(args):
     return out
 
 
-def environment(torch, device, dtype):
-    from dpt_fast.bench import environment as common_environment
-    return {**common_environment(torch.device(device), dtype), "benchmark": "attention",
-            "method": "triton.testing.do_bench median (ms), CUDA events, L2 flushed, warm-up excluded; "
-                      "random normal data"}
-
-
 def task_order(kernel_cases, block_cases, first=(577, 2305, 4097, 9217)):
     """Most important rows first, so that a run cut short by its budget still answers the targets:
     the kernel rows at `first` token counts, the block rows there, then the remaining kernel rows, then
@@ -115,20 +111,16 @@ def task_order(kernel_cases, block_cases, first=(577, 2305, 4097, 9217)):
 
 def main(argv=None):
     args = parse_args(argv)
+    refused = harness.refuse_without_gpu("bench_attention.py", args.smoke)
+    if refused is not None:
+        return refused
+
     import torch
-
-    from dpt_fast.bench import gpu_benchmark_blocker
-    blocker = None if args.smoke else gpu_benchmark_blocker()
-    if blocker:
-        print(f"bench_attention.py: {blocker}", file=sys.stderr)
-        return 2
-
     import torch.nn.functional as F
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     import dpt_fast
     from dpt_fast import ops
-    from dpt_fast.bench import finish_kernel_report, measure_ceilings, median_ms, verify_fused, write_json
 
     backends = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
                 "cudnn": SDPBackend.CUDNN_ATTENTION, "math": SDPBackend.MATH}
@@ -138,40 +130,24 @@ def main(argv=None):
         dev, dtype, args.dtype = "cpu", torch.float32, "fp32"
         args.sizes, args.extra, args.heads, args.tokens = [17, 40], ["17x3"], 2, 64
     heads, head_dim = args.heads, args.head_dim
-    start = time.time()
-    torch.manual_seed(0)
-
-    def empty_cache():
-        if dev == "cuda":
-            torch.cuda.empty_cache()
+    run = harness.KernelBenchmark("attention", args, dev, dtype, dtype=args.dtype, heads=heads, head_dim=head_dim)
+    report, peak = run.report, run.ceilings["matmul_tflops"]
+    report.update(kernel=[], block=[])
+    ops_required = ("dpt_fast::attention", "dpt_fast::attention_backward")
 
     def bench_ms(fn):
-        return median_ms(fn, dev, warmup_ms=25, rep_ms=100)
+        return harness.median_ms(fn, dev, warmup_ms=25, rep_ms=100)
 
     def tflops(flop, ms):
         return flop / (ms * 1e-3) / 1e12
 
-    ceilings = measure_ceilings(torch.device(dev), dtype)  # the measured matmul peak and copy bandwidth
-    peak = ceilings["matmul_tflops"]
-
-    report = {**environment(torch, dev, dtype), "smoke": args.smoke, "args": vars(args), "dtype": args.dtype,
-              "heads": heads, "head_dim": head_dim, "ceilings": ceilings, "matmul_peak_tflops": peak,
-              "kernel": [], "block": [], "implementations_ran": {}, "notes": [], "complete": False}
-    ops_required = ("dpt_fast::attention", "dpt_fast::attention_backward")
-
-    def save():
+    def save():  # rows in token order, then the JSON
         report["kernel"].sort(key=lambda r: (r["tokens"], -r["batch"]))
         report["block"].sort(key=lambda r: (r["tokens"], -r["batch"]))
-        report["elapsed_s"] = round(time.time() - start, 1)
-        write_json(args.out, report)
+        run.save()
 
     def account(row, ran):
-        row["implementations_ran"] = ran
-        row["fused_path"] = verify_fused(ran, ops_required)
-        for op, impls in ran.items():
-            total = report["implementations_ran"].setdefault(op, {})
-            for impl, n in impls.items():
-                total[impl] = total.get(impl, 0) + n
+        run.account(row, ran, ops_required)
 
     def time_variant(make, grad):
         """make() -> (forward callable, leaves). Returns {fwd, bwd, fwd_bwd} in ms and one forward output."""
@@ -235,7 +211,7 @@ def main(argv=None):
                     break
                 except (RuntimeError, torch.cuda.OutOfMemoryError) as err:  # backend cannot serve this input
                     row["errors"][name] = f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"
-                    empty_cache()
+                    harness.empty_cache(dev)
             if out is None:
                 continue
             row["errors"].pop(name, None)
@@ -311,23 +287,13 @@ def main(argv=None):
     report["planned"] = [f"{kind} N={n} B={b}" for kind, n, b in tasks]
     save()
     for kind, tokens, batch in tasks:
-        if time.time() - start > args.budget_s:
-            report["notes"].append(f"skipped: time budget (--budget-s {args.budget_s:.0f}) spent: {kind} N={tokens} B={batch}")
-            print(f"[budget] skipped {kind} N={tokens} B={batch}", flush=True)
+        label = f"{kind} N={tokens} B={batch}"
+        if run.elapsed() > args.budget_s:
+            report["notes"].append(f"skipped: time budget (--budget-s {args.budget_s:.0f}) spent: {label}")
+            print(f"[budget] skipped {label}", flush=True)
             save()
             continue
-        try:
-            if kind == "kernel":
-                kernel_row(tokens, batch)
-            else:
-                block_row(tokens, batch, Attention)
-        except torch.cuda.OutOfMemoryError:
-            report["notes"].append(f"out of memory: {kind} N={tokens} B={batch}")
-        except Exception as err:  # one failing row must not lose the others
-            report["notes"].append(f"failed: {kind} N={tokens} B={batch}: {type(err).__name__}: "
-                                   f"{str(err).splitlines()[0][:300] if str(err) else ''}")
-            print(f"{kind} N={tokens} B={batch} FAILED: {err!r}", file=sys.stderr, flush=True)
-        empty_cache()
+        run.attempt(label, lambda: kernel_row(tokens, batch) if kind == "kernel" else block_row(tokens, batch, Attention))
         save()
 
     from dpt_fast.kernels import attention as kernels
@@ -336,7 +302,8 @@ def main(argv=None):
         for name in ("_attention_fwd", "_attention_bwd_dkdv", "_attention_bwd_dq",
                      "_attention_fwd_tma", "_attention_bwd_dkdv_tma", "_attention_bwd_dq_tma")}
     report["attention_kernel_launches"] = kernels.kernel_launches()  # whether the TMA or the pointer kernels ran
-    return finish_kernel_report(report, report["kernel"] + report["block"], markdown, save, "Triton")
+    save()
+    return run.finish(report["kernel"] + report["block"], markdown, "Triton")
 
 
 def _pct(value):

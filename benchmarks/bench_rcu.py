@@ -30,10 +30,13 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
+from pathlib import Path
 
 import torch
 from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # harness.py beside this script, however it is run
+import harness  # noqa: E402
 
 CHANNELS = 256
 DEFAULT_MAPS, DEFAULT_BATCHES = "24,48,96,192,384,768", "1,8"
@@ -83,45 +86,6 @@ def count(batch, size, channels=CHANNELS):
     return flops, bytes_
 
 
-def bench(fn, backward_inputs=None, grad=None, compiled=False, device="cuda"):
-    """Median ms of fn() (no_grad) or of fn() + autograd.grad over backward_inputs."""
-    from dpt_fast.bench import median_ms
-    cuda = torch.device(device).type == "cuda"
-
-    def mark():
-        if compiled:  # CUDA-graph trees (max-autotune) want a step marker per iteration
-            torch.compiler.cudagraph_mark_step_begin()
-
-    if backward_inputs is None:
-        def call():
-            mark()
-            with torch.no_grad():
-                fn()
-    else:
-        def call():
-            mark()
-            torch.autograd.grad(fn(), backward_inputs, grad)
-    call()  # compile / first-call set-up outside the timing
-    if cuda:
-        torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    call()
-    if cuda:
-        torch.cuda.synchronize()
-    once_ms = (time.perf_counter() - t0) * 1e3
-    return median_ms(call, device, warmup_ms=max(25, 2 * once_ms), rep_ms=max(100, 8 * once_ms))
-
-
-def environment(device="cuda", dtype=torch.bfloat16):
-    from dpt_fast.bench import environment as common_environment
-    from dpt_fast.ops.rcu import cuda_kernel_registered
-    return {**common_environment(torch.device(device), dtype), "benchmark": "rcu",
-            "rcu_cuda_kernel_registered": cuda_kernel_registered(), "channels": CHANNELS,
-            "memory_format": "channels_last",
-            "method": "triton.testing.do_bench median (ms), CUDA events, L2 flushed, warm-up excluded; "
-                      "random normal data"}
-
-
 def compile_priority(batch, size, mode, batches):
     """Sort key of the compiled baselines: forward first; the largest batch first; maps 384, 192, 96, 768
     (the target's range), then the smaller ones."""
@@ -159,19 +123,13 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-
-    from dpt_fast.bench import gpu_benchmark_blocker
-    blocker = None if args.smoke else gpu_benchmark_blocker()
-    if blocker:
-        print(f"bench_rcu.py: {blocker}", file=sys.stderr)
-        return 2
+    refused = harness.refuse_without_gpu("bench_rcu.py", args.smoke)
+    if refused is not None:
+        return refused
 
     import dpt_fast
-    from dpt_fast.bench import (DeadlineExceeded, deadline, describe_error, finish_kernel_report, measure_ceilings,
-                                recover_after_deadline, verify_fused, warm_up_compiler, write_json)
+    from dpt_fast.bench import warm_up_compiler
     from dpt_fast.ops.rcu import cuda_kernel_registered
-    start = time.time()
-    torch.manual_seed(0)
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 256)
     dev, dtype, cl = "cuda", torch.bfloat16, torch.channels_last
     if args.smoke:
@@ -181,19 +139,15 @@ def main(argv=None):
         if args.batches == DEFAULT_BATCHES:
             args.batch_list = [1, 2]
         args.compile_timeout_s, args.budget_s = min(args.compile_timeout_s, 2.0), 120.0
-    ceilings = measure_ceilings(torch.device(dev), dtype)
-    report = {**environment(dev, dtype), "smoke": args.smoke, "args": {k: v for k, v in vars(args).items() if not k.endswith("_list")},
-              "ceilings": ceilings, "results": [], "implementations_ran": {}, "notes": [], "complete": False}
+    run = harness.KernelBenchmark("rcu", args, dev, dtype, rcu_cuda_kernel_registered=cuda_kernel_registered(),
+                                  channels=CHANNELS, memory_format="channels_last")
+    report, ceilings = run.report, run.ceilings
+    report["results"] = []
     if not cuda_kernel_registered():
         report["notes"].append("dpt_fast._C is not built/registered: the 'fused' rows time the reference")
         print("bench_rcu: WARNING dpt_fast._C not registered; fused rows run the reference", file=sys.stderr)
     ops_required = {"fwd": ("dpt_fast::residual_conv_unit",),
                     "fwd+bwd": ("dpt_fast::residual_conv_unit", "dpt_fast::residual_conv_unit_backward")}
-
-    def save():
-        report["elapsed_s"] = round(time.time() - start, 1)
-        if args.out:
-            write_json(args.out, report)
 
     pair = EagerPair(CHANNELS).to(dev, dtype).to(memory_format=cl)
     with torch.no_grad():  # trained-like scales keep activations O(1)
@@ -218,16 +172,11 @@ def main(argv=None):
                "fused_rel_l2_err_vs_eager": err, "fused_output_finite": bool(torch.isfinite(out).all()),
                "fused_out_channels_last": out.is_contiguous(memory_format=cl)}
         del ref, out
-        row["eager_ms"] = bench(lambda: pair(x0, skip), grad_inputs, grad, device=dev)
+        row["eager_ms"] = harness.time_ms(lambda: pair(x0, skip), grad_inputs, grad, device=dev, scale_to_call=True)
         with dpt_fast.use_backend("fused"):
-            row["fused_ms"] = bench(lambda: fused_pair(pair, x0, skip), grad_inputs, grad, device=dev)
-        ran = dpt_fast.implementations_ran(reset=True)
-        row["implementations_ran"] = ran
-        row["fused_path"] = verify_fused(ran, ops_required[mode])
-        for op, impls in ran.items():
-            total = report["implementations_ran"].setdefault(op, {})
-            for impl, n in impls.items():
-                total[impl] = total.get(impl, 0) + n
+            row["fused_ms"] = harness.time_ms(lambda: fused_pair(pair, x0, skip), grad_inputs, grad, device=dev,
+                                              scale_to_call=True)
+        run.account(row, dpt_fast.implementations_ran(reset=True), ops_required[mode])
         row["speedup_vs_eager"] = row["eager_ms"] / row["fused_ms"]
         flops, nbytes = count(batch, size)
         if mode == "fwd+bwd":
@@ -235,15 +184,13 @@ def main(argv=None):
             nbytes = None
         sec = row["fused_ms"] * 1e-3
         row.update(flops=flops, fused_tflops=flops / sec / 1e12,
-                   fraction_of_matmul_peak=(flops / sec / 1e12 / ceilings["matmul_tflops"]
-                                            if ceilings["matmul_tflops"] else None))
+                   fraction_of_matmul_peak=harness.fraction(flops / sec / 1e12, ceilings["matmul_tflops"]))
         if nbytes is not None:
             row.update(bytes=nbytes, fused_tbps=nbytes / sec / 1e12,
-                       fraction_of_copy_bandwidth=(nbytes / sec / 1e12 / ceilings["copy_tbps"]
-                                                   if ceilings["copy_tbps"] else None))
+                       fraction_of_copy_bandwidth=harness.fraction(nbytes / sec / 1e12, ceilings["copy_tbps"]))
         row["compiled_ms"] = None
         row["compiled_note"] = "not run (--no-compile)" if args.no_compile else "pending"
-        return row, (x0, skip, grad_inputs, grad)
+        return row
 
     # 1. eager and fused rows: forward of every case first, then forward+backward
     rows_deadline = args.budget_s * (1.0 if args.no_compile else 1.0 - args.compile_share)
@@ -251,20 +198,12 @@ def main(argv=None):
     for mode in modes:
         for size in args.map_list:
             for batch in args.batch_list:
-                if time.time() - start > rows_deadline:
-                    report["notes"].append(f"skipped: time budget for eager/fused rows spent: {size}^2 batch {batch} {mode}")
+                label = f"{size}^2 batch {batch} {mode}"
+                if run.elapsed() > rows_deadline:
+                    report["notes"].append(f"skipped: time budget for eager/fused rows spent: {label}")
                     continue
-                try:
-                    row, tensors = run_case(batch, size, mode)
-                except torch.cuda.OutOfMemoryError:
-                    torch.cuda.empty_cache()
-                    report["notes"].append(f"out of memory: {size}^2 batch {batch} {mode}")
-                    save()
-                    continue
-                except Exception as e:  # noqa: BLE001 -- one failing case must not lose the others
-                    report["notes"].append(f"failed: {size}^2 batch {batch} {mode}: {describe_error(e)}")
-                    print(f"{size}^2 b{batch} {mode} FAILED: {e!r}", file=sys.stderr, flush=True)
-                    save()
+                row = run.attempt(label, lambda: run_case(batch, size, mode))
+                if row is None:
                     continue
                 report["results"].append(row)
                 print(f"{size:4d}^2 b{batch} {mode:7s} eager {row['eager_ms']:9.3f} ms  fused {row['fused_ms']:9.3f} ms"
@@ -272,55 +211,33 @@ def main(argv=None):
                       f"  err {row['fused_rel_l2_err_vs_eager']:.1e}"
                       + ("" if row["fused_path"]["verified"] else f"  NOT THE FUSED PATH: {row['fused_path']['problems']}"),
                       flush=True)
-                save()
+                run.save()
                 if not args.no_compile:
                     pending.append((compile_priority(batch, size, mode, args.batch_list), row, batch, size, mode))
-                del tensors
-                torch.cuda.empty_cache()
 
     # 2. compiled baselines, most important first, each compile capped, within the time budget
     if pending:
         warm_up_compiler(dev)  # lazy imports done before any compile deadline
-    compiled_pair = None
+    compiled = {}  # the compiled pair, dropped when a compile is cut short
+
+    def forget():
+        compiled.clear()
+
     for _, row, batch, size, mode in sorted(pending, key=lambda p: p[0]):
-        left = args.budget_s - (time.time() - start)
-        if left < 5:
-            row["compiled_note"] = f"skipped: time budget (--budget-s {args.budget_s:.0f}) spent"
-            save()
-            continue
-        if compiled_pair is None:
-            compiled_pair = torch.compile(pair, mode=args.compile_mode, dynamic=False)
+        if "pair" not in compiled:
+            compiled["pair"] = torch.compile(pair, mode=args.compile_mode, dynamic=False)
+        compiled_pair = compiled["pair"]
         x0, skip = inputs(batch, size, mode == "fwd+bwd")
         grad_inputs = [x0, skip, *params] if mode == "fwd+bwd" else None
         grad = (torch.randn(batch, CHANNELS, size, size, device=dev, dtype=dtype).contiguous(memory_format=cl)
                 if mode == "fwd+bwd" else None)
-        t0 = time.time()
-        try:
-            with deadline(min(args.compile_timeout_s, left), "compiled baseline"):
-                row["compiled_ms"] = bench(lambda: compiled_pair(x0, skip), grad_inputs, grad, compiled=True,
-                                           device=dev)
-        except DeadlineExceeded:
-            row["compiled_note"] = (f"skipped: compile over budget ({args.compile_mode}, stopped after "
-                                    f"{time.time() - t0:.0f} s)")
-            compiled_pair = None
-            recover_after_deadline()
-            save()
-            print(f"{size:4d}^2 b{batch} {mode:7s} compiled: {row['compiled_note']}", flush=True)
-            continue
-        except Exception as e:  # noqa: BLE001 -- a failed compile is a result to record, not a crash of the run
-            row["compiled_note"] = f"failed: {describe_error(e, 300)}"
-            save()
-            continue
-        finally:
-            x0 = skip = grad_inputs = grad = None
-            torch.cuda.empty_cache()
-        row["compiled_note"] = f"mode={args.compile_mode}, compile + timing {time.time() - t0:.0f} s"
-        row["speedup_vs_compiled"] = row["compiled_ms"] / row["fused_ms"]
-        print(f"{size:4d}^2 b{batch} {mode:7s} compiled {row['compiled_ms']:9.3f} ms  fused x{row['speedup_vs_compiled']:.2f}",
-              flush=True)
-        save()
+        run.time_compiled(row, lambda: harness.time_ms(lambda: compiled_pair(x0, skip), grad_inputs, grad,
+                                                       compiled=True, device=dev, scale_to_call=True),
+                          f"{size:4d}^2 b{batch} {mode:7s}", forget=forget)
+        x0 = skip = grad_inputs = grad = None
+        harness.empty_cache(dev)
 
-    return finish_kernel_report(report, report["results"], markdown, save, "CUDA")
+    return run.finish(report["results"], markdown, "CUDA")
 
 
 def markdown(report):

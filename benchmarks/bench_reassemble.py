@@ -31,10 +31,13 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
+from pathlib import Path
 
 import torch
 from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # harness.py beside this script, however it is run
+import harness  # noqa: E402
 
 MODELS = {  # name: (token width D, [(stage, readout, resample, features), ...])
     "large": (1024, [(1, "project", "up4", 256), (2, "project", "up2", 512), (3, "project", "none", 1024),
@@ -126,37 +129,6 @@ def count(stages, batch, grid_h, grid_w, dim):
     return flops, bytes_
 
 
-def bench(fn, backward_inputs=None, grad=None, compiled=False, device="cuda"):
-    """Median ms of fn() (no_grad) or of fn() + autograd.grad over backward_inputs."""
-    from dpt_fast.bench import median_ms
-
-    def mark():
-        if compiled:  # CUDA-graph trees (max-autotune) want a step marker per iteration
-            torch.compiler.cudagraph_mark_step_begin()
-
-    if backward_inputs is None:
-        def call():
-            mark()
-            with torch.no_grad():
-                fn()
-    else:
-        def call():
-            mark()
-            outs = fn()
-            torch.autograd.grad(outs, backward_inputs, grad)
-    call()  # compile / autotune outside the timing
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize()
-    return median_ms(call, device)
-
-
-def environment(device="cuda", dtype=torch.bfloat16):
-    from dpt_fast.bench import environment as common_environment
-    return {**common_environment(torch.device(device), dtype), "benchmark": "reassemble",
-            "method": "triton.testing.do_bench median (ms), CUDA events, L2 flushed, warm-up excluded; "
-                      "random normal data"}
-
-
 def compile_priority(size, label, mode):
     """Sort key of the compiled baselines: forward first; 1024^2, 1536^2, then the rest; all four stages
     before single stages."""
@@ -198,18 +170,12 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-
-    from dpt_fast.bench import gpu_benchmark_blocker
-    blocker = None if args.smoke else gpu_benchmark_blocker()
-    if blocker:
-        print(f"bench_reassemble.py: {blocker}", file=sys.stderr)
-        return 2
+    refused = harness.refuse_without_gpu("bench_reassemble.py", args.smoke)
+    if refused is not None:
+        return refused
 
     import dpt_fast
-    from dpt_fast.bench import (DeadlineExceeded, deadline, describe_error, finish_kernel_report, measure_ceilings,
-                                recover_after_deadline, verify_fused, warm_up_compiler, write_json)
-    start = time.time()
-    torch.manual_seed(0)
+    from dpt_fast.bench import warm_up_compiler
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 256)
     dev, dtype = "cuda", torch.bfloat16
     models = SMOKE_MODELS if args.smoke else MODELS
@@ -217,16 +183,11 @@ def main(argv=None):
         dev, dtype = "cpu", torch.float32
         args.sizes, args.stages = "32", "1,4,all"
         args.compile_timeout_s, args.budget_s = min(args.compile_timeout_s, 2.0), 60.0
-    ceilings = measure_ceilings(torch.device(dev), dtype)
-    report = {**environment(dev, dtype), "smoke": args.smoke, "args": vars(args), "ceilings": ceilings, "results": [], "implementations_ran": {},
-              "notes": [], "complete": False}
+    run = harness.KernelBenchmark("reassemble", args, dev, dtype)
+    report, ceilings = run.report, run.ceilings
+    report["results"] = []
     ops_required = {"fwd": ("dpt_fast::reassemble",),
                     "fwd+bwd": ("dpt_fast::reassemble", "dpt_fast::reassemble_backward")}
-
-    def save():
-        report["elapsed_s"] = round(time.time() - start, 1)
-        if args.out:
-            write_json(args.out, report)
 
     want_stages = args.stages.split(",")
     modes = args.modes.split(",")
@@ -263,24 +224,17 @@ def main(argv=None):
                "fused_output_finite": all(bool(torch.isfinite(o).all()) for o in out),
                "fused_out_channels_last": all(o.is_contiguous(memory_format=torch.channels_last) for o in out)}
         del ref, out
-        row["eager_ms"] = bench(lambda: eager(*tokens), grad_inputs, grads, device=dev)
+        row["eager_ms"] = harness.time_ms(lambda: eager(*tokens), grad_inputs, grads, device=dev)
         with dpt_fast.use_backend("fused"):
-            row["fused_ms"] = bench(lambda: fused(*tokens), grad_inputs, grads_cl, device=dev)
-        ran = dpt_fast.implementations_ran(reset=True)
-        row["implementations_ran"] = ran
-        row["fused_path"] = verify_fused(ran, ops_required[mode])
-        for op, impls in ran.items():
-            total = report["implementations_ran"].setdefault(op, {})
-            for impl, n in impls.items():
-                total[impl] = total.get(impl, 0) + n
+            row["fused_ms"] = harness.time_ms(lambda: fused(*tokens), grad_inputs, grads_cl, device=dev)
+        run.account(row, dpt_fast.implementations_ran(reset=True), ops_required[mode])
         row["speedup_vs_eager"] = row["eager_ms"] / row["fused_ms"]
         if mode == "fwd":
             flops, nbytes = count(stages, args.batch, g, g, models[model][0])
             sec = row["fused_ms"] * 1e-3
             row.update(flops=flops, bytes=nbytes, fused_tflops=flops / sec / 1e12, fused_tbps=nbytes / sec / 1e12)
-            row["fraction_of_matmul_peak"] = (row["fused_tflops"] / ceilings["matmul_tflops"]
-                                              if ceilings["matmul_tflops"] else None)
-            row["fraction_of_copy_bandwidth"] = row["fused_tbps"] / ceilings["copy_tbps"] if ceilings["copy_tbps"] else None
+            row["fraction_of_matmul_peak"] = harness.fraction(row["fused_tflops"], ceilings["matmul_tflops"])
+            row["fraction_of_copy_bandwidth"] = harness.fraction(row["fused_tbps"], ceilings["copy_tbps"])
         row["compiled_ms"] = None
         row["compiled_note"] = "not run (--no-compile)" if args.no_compile else "pending"
         return row
@@ -292,27 +246,19 @@ def main(argv=None):
     order = sorted(((mode, case) for mode in modes for case in cases),
                    key=lambda mc: (mc[1][2] != "all", mc[1][2] != "all" and mc[0] != "fwd"))
     for mode, (model, size, label, stages, tokens, g) in order:
-        if time.time() - start > rows_deadline:
-            report["notes"].append(f"skipped: time budget for eager/fused rows spent: {model} {size} stage {label} {mode}")
+        name = f"{model} {size} stage {label} {mode}"
+        if run.elapsed() > rows_deadline:
+            report["notes"].append(f"skipped: time budget for eager/fused rows spent: {name}")
             continue
-        try:
-            row = run_case(model, size, label, stages, tokens, g, mode)
-        except torch.cuda.OutOfMemoryError:
-            torch.cuda.empty_cache()
-            report["notes"].append(f"out of memory: {model} {size} stage {label} {mode}")
-            save()
-            continue
-        except Exception as e:  # noqa: BLE001 -- one failing case must not lose the others
-            report["notes"].append(f"failed: {model} {size} stage {label} {mode}: {describe_error(e)}")
-            print(f"{model} {size} stage {label} {mode} FAILED: {e!r}", file=sys.stderr, flush=True)
-            save()
+        row = run.attempt(name, lambda: run_case(model, size, label, stages, tokens, g, mode))
+        if row is None:
             continue
         report["results"].append(row)
         print(f"{model:6s} {size:5d} stage {label:3s} {mode:7s} eager {row['eager_ms']:8.3f} ms  "
               f"fused {row['fused_ms']:8.3f} ms  x{row['speedup_vs_eager']:.2f}  err {row['fused_max_rel_err_vs_eager']:.1e}"
               + ("" if row["fused_path"]["verified"] else f"  NOT THE FUSED PATH: {row['fused_path']['problems']}"),
               flush=True)
-        save()
+        run.save()
         if not args.no_compile:
             pending.append((compile_priority(size, label, mode), row, model, label, stages, tokens, g, mode))
 
@@ -321,11 +267,6 @@ def main(argv=None):
         warm_up_compiler(dev)  # lazy imports done before any compile deadline
     compiled_fns = {}  # (model, label) -> compiled chain of that stage set
     for _, row, model, label, stages, tokens, g, mode in sorted(pending, key=lambda p: p[0]):
-        left = args.budget_s - (time.time() - start)
-        if left < 5:
-            row["compiled_note"] = f"skipped: time budget (--budget-s {args.budget_s:.0f}) spent"
-            save()
-            continue
         key = (model, label)
         if key not in compiled_fns:
             compiled_fns[key] = torch.compile(chain(eager_call, stages, g, g), mode=args.compile_mode,
@@ -338,31 +279,12 @@ def main(argv=None):
             grad_inputs = toks + [p for st in stages for p in st.parameters()]
             with torch.no_grad():
                 grads = [torch.randn_like(o) for o in chain(eager_call, stages, g, g)(*toks)]
-        t0 = time.time()
-        limit = min(args.compile_timeout_s, left)
-        try:
-            with deadline(limit, "compiled baseline"):
-                row["compiled_ms"] = bench(lambda: compiled(*toks), grad_inputs, grads, compiled=True, device=dev)
-        except DeadlineExceeded:
-            row["compiled_note"] = (f"skipped: compile over budget ({args.compile_mode}, stopped after "
-                                    f"{time.time() - t0:.0f} s)")
-            compiled_fns.pop(key, None)
-            recover_after_deadline()
-            torch.cuda.empty_cache()
-            save()
-            print(f"{model:6s} {row['size']:5d} stage {label:3s} {mode:7s} compiled: {row['compiled_note']}", flush=True)
-            continue
-        except Exception as e:  # noqa: BLE001 -- a failed compile is a result to record, not a crash of the run
-            row["compiled_note"] = f"failed: {describe_error(e, 300)}"
-            save()
-            continue
-        row["compiled_note"] = f"mode={args.compile_mode}, compile + timing {time.time() - t0:.0f} s"
-        row["speedup_vs_compiled"] = row["compiled_ms"] / row["fused_ms"]
-        print(f"{model:6s} {row['size']:5d} stage {label:3s} {mode:7s} compiled {row['compiled_ms']:8.3f} ms  "
-              f"fused x{row['speedup_vs_compiled']:.2f}", flush=True)
-        save()
+        run.time_compiled(row, lambda: harness.time_ms(lambda: compiled(*toks), grad_inputs, grads, compiled=True,
+                                                       device=dev),
+                          f"{model:6s} {row['size']:5d} stage {label:3s} {mode:7s}",
+                          forget=lambda: compiled_fns.pop(key, None))
 
-    return finish_kernel_report(report, report["results"], markdown, save, "Triton")
+    return run.finish(report["results"], markdown, "Triton")
 
 
 def markdown(report):

@@ -38,8 +38,12 @@ import json
 import statistics
 import sys
 import time
+from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # harness.py beside this script, however it is run
+import harness  # noqa: E402
 
 MODELS = {"hybrid": "vitb_rn50_384", "large": "vitl16_384"}
 LABELS = {"hybrid": "DPT-Hybrid", "large": "DPT-Large", "tiny": "tiny (smoke)"}
@@ -133,8 +137,8 @@ def run_variant(name: str, variant: str, batch: dict, initial_state, args, devic
                 flops=None, peak=None) -> dict:
     import contextlib
     import dpt_fast
-    from dpt_fast.bench import (FUSED_OPS, DeadlineExceeded, _cleanup, deadline, inline_plain_ops,
-                                record_deadline, record_failure, time_calls, verify_fused)
+    from dpt_fast.bench import (FUSED_OPS, DeadlineExceeded, deadline, inline_plain_ops, record_deadline,
+                                record_failure, release_memory, time_calls, verify_fused)
     result = {"model": LABELS[name], "backbone": MODEL_KWARGS[name]["backbone"], "variant": variant, "batch": batch["image"].shape[0],
               "size": args.size, "error": None}
     if variant.endswith("+compile"):
@@ -195,7 +199,7 @@ def run_variant(name: str, variant: str, batch: dict, initial_state, args, devic
     finally:
         stack.close()
         del step, model
-        _cleanup(device)
+        release_memory(device)
     result["wall_s"] = round(time.perf_counter() - started, 1)
     return result
 
@@ -203,7 +207,7 @@ def run_variant(name: str, variant: str, batch: dict, initial_state, args, devic
 def fitting_batch(name: str, initial_state, args, device) -> int:
     """The largest batch <= --batch (halving) at which the reference eager step runs."""
     import dpt_fast
-    from dpt_fast.bench import _cleanup
+    from dpt_fast.bench import release_memory
     batch = args.batch
     while batch >= 1:
         model = step = None
@@ -219,7 +223,7 @@ def fitting_batch(name: str, initial_state, args, device) -> int:
             batch //= 2
         finally:
             del step, model
-            _cleanup(device)
+            release_memory(device)
     raise RuntimeError("not even batch 1 fits")
 
 
@@ -269,11 +273,9 @@ def markdown(report: dict) -> str:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from dpt_fast.bench import gpu_benchmark_blocker
-    blocker = None if args.smoke else gpu_benchmark_blocker()
-    if blocker:
-        print(f"bench_train.py: {blocker}", file=sys.stderr)
-        return 2
+    refused = harness.refuse_without_gpu("bench_train.py", args.smoke)
+    if refused is not None:
+        return refused
     import dpt_fast
     from dpt_fast.bench import count_flops, environment, measure_ceilings, warm_up_compiler, write_json
     device = torch.device("cpu") if args.smoke else torch.device("cuda", torch.cuda.current_device())

@@ -148,17 +148,6 @@ def describe_error(error: BaseException, limit: int = 500) -> str:
     return f"{type(error).__name__}: {text.splitlines()[0] if text else ''}"[:limit]
 
 
-def gpu_benchmark_blocker() -> str | None:
-    """Why a GPU benchmark script would measure nothing meaningful here; None when it can run."""
-    if not torch.cuda.is_available():
-        return "needs a CUDA GPU (none is available here); nothing was measured"
-    if os.environ.get("TRITON_INTERPRET", "0") == "1":
-        return "TRITON_INTERPRET=1 would time the Triton interpreter; unset it"
-    if os.environ.get("DPT_FAST_AUTOTUNE", "").strip().lower() == "quick":
-        return "DPT_FAST_AUTOTUNE=quick would time untuned kernels (first config only); unset it"
-    return None
-
-
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
@@ -245,27 +234,6 @@ def timing_method(device: torch.device) -> str:
         return "median of CUDA-event timings after warm-up"
     return (f"median of time.perf_counter wall-clock timings after warm-up, {torch.get_num_threads()} "
             "intra-op thread(s); cpu_ms: the process's CPU time per call (time.process_time)")
-
-
-def median_ms(fn, device: torch.device | str = "cuda", warmup_ms: float = 25, rep_ms: float = 100) -> float:
-    """Median milliseconds of fn(): triton.testing.do_bench on CUDA (CUDA events, L2 flushed between
-    calls, warm-up excluded); on CPU (the benchmark scripts' --smoke dry runs only) a few perf_counter
-    timings after one warm-up call."""
-    if torch.device(device).type == "cuda":
-        import triton.testing
-        return triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median")
-    fn()
-    times = []
-    for _ in range(3):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
-
-
-def fraction(value: float | None, ceiling: float | None) -> float | None:
-    """value / ceiling (4 significant digits); None when either is missing."""
-    return None if value is None or not ceiling else float(f"{value / ceiling:.4g}")
 
 
 class DeadlineExceeded(BaseException):
@@ -369,24 +337,6 @@ def record_deadline(result: dict, phase: str, started: float, compile_mode: str 
     else:
         result["timed_out"] = phase
         result["error"] = f"skipped: time budget spent during {phase} (stopped after {spent:.0f} s)"
-
-
-def finish_kernel_report(report: dict, rows: list, markdown, save, path_name: str) -> int:
-    """Close a kernel benchmark: the fused-path verdict over every row, the markdown table, the final save.
-    Returns the script's exit status: 1 when a fused row was (partly) served by the reference."""
-    report["fused_path_verified"] = bool(rows) and all(r["fused_path"]["verified"] for r in rows)
-    warning = None
-    if rows and not report["fused_path_verified"]:
-        warning = f"WARNING: the {path_name} path did not serve every call: {report['implementations_ran']}"
-        report["notes"].append(warning)
-    report["complete"] = True
-    report["markdown"] = markdown(report)
-    save()
-    print(report["markdown"])
-    if warning:
-        print(warning, file=sys.stderr)
-        return 1
-    return 0
 
 
 # --- the variants --------------------------------------------------------------------------------

@@ -150,7 +150,8 @@ def test_bench_rejects_unknown_model(capsys):
 def test_measure_ceilings_on_cpu_are_positive():
     c = bench.measure_ceilings(torch.device("cpu"), torch.float32)
     assert c["matmul_tflops"] > 0 and c["copy_tbps"] > 0 and "copy_" in c["method"]
-    assert bench.fraction(1.0, 4.0) == 0.25 and bench.fraction(None, 4.0) is None and bench.fraction(1.0, 0) is None
+    harness = _script("harness")
+    assert harness.fraction(1.0, 4.0) == 0.25 and harness.fraction(None, 4.0) is None and harness.fraction(1.0, 0) is None
 
 
 def test_deadline_interrupts_a_long_step_and_restores_the_handler():
@@ -440,15 +441,53 @@ def test_gpu_suite_is_valid_bash_and_its_benchmark_arguments_parse(tmp_path):
     assert "STAGE_BUDGET_S:-420" in text and "STAGE_BUDGET_S:-480" in text and 'tee "$OUT/suite-$stage.log"' in text
 
 
-def test_gpu_benchmark_blocker_refuses_interpreter_and_quick_autotune(monkeypatch):
+def test_gpu_benchmark_blocker_refuses_interpreter_and_quick_autotune(monkeypatch, capsys):
+    harness = _script("harness")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # the checks after the GPU one
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     monkeypatch.setenv("DPT_FAST_AUTOTUNE", "quick")
-    assert "DPT_FAST_AUTOTUNE=quick" in bench.gpu_benchmark_blocker()
+    assert "DPT_FAST_AUTOTUNE=quick" in harness.gpu_blocker()
     monkeypatch.setenv("DPT_FAST_AUTOTUNE", "full")
-    assert bench.gpu_benchmark_blocker() is None
+    assert harness.gpu_blocker() is None
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    assert "TRITON_INTERPRET" in bench.gpu_benchmark_blocker()
+    assert "TRITON_INTERPRET" in harness.gpu_blocker()
+    assert harness.refuse_without_gpu("bench_x.py", smoke=False) == 2  # one line, exit status 2
+    assert capsys.readouterr().err.startswith("bench_x.py: TRITON_INTERPRET=1")
+    assert harness.refuse_without_gpu("bench_x.py", smoke=True) is None  # a dry run goes on
     monkeypatch.undo()
     env = bench.environment(torch.device("cpu"), torch.float32)
     assert env["autotune"] == "full"
+
+
+def test_benchmark_scripts_import_only_public_names():
+    """The scripts share benchmarks/harness.py and dpt_fast's public functions, never a module's private ones."""
+    import ast
+    for name in ("bench_attention", "bench_reassemble", "bench_rcu", "bench_train", "harness"):
+        tree = ast.parse(open(os.path.join(ROOT, "benchmarks", f"{name}.py")).read())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("dpt_fast"):
+                private = [a.name for a in node.names if a.name.startswith("_")]
+                assert not private, f"{name}.py imports {private} from {node.module}"
+
+
+def test_kernel_benchmark_records_failures_and_spent_budgets(tmp_path, capsys):
+    import argparse
+    harness = _script("harness")
+    args = argparse.Namespace(smoke=True, out=str(tmp_path / "k.json"), budget_s=0.0, compile_timeout_s=10.0,
+                              compile_mode="default")
+    run = harness.KernelBenchmark("unit", args, "cpu", torch.float32)
+    assert run.report["method"].startswith("--smoke dry run") and run.report["device_type"] == "cpu"
+
+    def boom():
+        raise RuntimeError("boom\nsecond line")
+    assert run.attempt("case A", boom) is None  # recorded, the run goes on
+    assert run.attempt("case B", lambda: {"ok": 1}) == {"ok": 1}
+    row = {"fused_ms": 1.0}
+    assert not run.time_compiled(row, lambda: 1.0, "case B")  # --budget-s 0: nothing left
+    assert row["compiled_note"] == "skipped: time budget (--budget-s 0) spent"
+    saved = json.loads((tmp_path / "k.json").read_text())
+    assert saved["notes"] == ["failed: case A: RuntimeError: boom"] and not saved["complete"]
+    run.account(row, {"dpt_fast::attention": {"reference": 2}}, ["dpt_fast::attention"])
+    assert run.finish([row], lambda report: "table", "Triton") == 1  # a fused row served by the reference
+    assert json.loads((tmp_path / "k.json").read_text())["complete"]
+    assert "WARNING: the Triton path did not serve every call" in capsys.readouterr().err
