@@ -43,7 +43,7 @@ def test_a_slow_model_drops_old_frames_and_keeps_latency_bounded():
     assert sum(r.dropped for r in results) == stream.dropped
     assert stream.max_queued == 1
     # at most one frame waits: its wait is at most one prediction (plus scheduling slack on a busy machine)
-    assert max(r.latency for r in results) < 2 * compute + 0.25
+    assert max(r.latency for r in results) < 2 * compute + 0.5
 
 
 def test_stream_aligns_flickering_predictions():
