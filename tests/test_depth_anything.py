@@ -68,6 +68,8 @@ def test_transformers_folder_matches_transformers(tmp_path, version, metric):
     assert model.config["taps"] == [i - 1 for i in OUT_INDICES[version]]
     assert model.config["pos_embed_rule"] == "bicubic_size"  # transformers' rule travels with its weights
     assert model.metric == metric and model.max_depth == (20.0 if metric else 1.0)
+    assert model.output_kind == ("metric_depth" if metric else "relative_disparity")
+    assert model.preprocessing.mean == (0.485, 0.456, 0.406) and model.preprocessing.multiple == 14
     for batch, size in ((1, SQUARE), (2, NON_SQUARE)):
         x = torch.randn(batch, 3, *size)
         expected = hf_predict(hf, x)
@@ -428,3 +430,17 @@ def test_real_size_small_matches_transformers(tmp_path):
         assert expected.std() > 0
         with torch.no_grad():
             assert rel(model(x), expected) < 1e-4
+
+
+def test_giant_swiglu_names_map_to_timm():
+    """V2 giant (architecture public, weights never released): DINOv2's packed SwiGLU w12 / w3 are
+    timm's fc1 / fc2, with the same shapes."""
+    with torch.device("meta"):
+        model = DepthAnythingModel("da2-giant")
+    own = model.state_dict()
+    original = {"pretrained.blocks.0.mlp.w12.weight": torch.empty(8192, 1536, device="meta"),
+                "pretrained.blocks.0.mlp.w3.weight": torch.empty(1536, 4096, device="meta")}
+    mapped = daw.original_state_dict_to_model(original)
+    for key, value in mapped.items():
+        assert own[key].shape == value.shape
+    assert model.config["taps"] == [9, 19, 29, 39] and own["depth_head.projects.0.weight"].shape[0] == 1536

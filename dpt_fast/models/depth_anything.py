@@ -207,11 +207,17 @@ class DepthAnythingModel(nn.Module):
         self.taps, self.metric, self.max_depth = taps, metric, max_depth
         self.pos_embed_rule = pos_embed_rule
         self.channels_last = channels_last
+        self.preprocessing = spec.preprocessing  # what the input should look like (dpt_fast.specs)
         self.config = {"model_class": "DepthAnythingModel", "arch": arch, "taps": list(taps), "features": features,
                        "out_channels": widths, "use_clstoken": bool(use_clstoken), "metric": metric,
                        "max_depth": max_depth, "head_hidden": head_hidden, "pos_embed_rule": pos_embed_rule,
                        "layer_norm_eps": layer_norm_eps, "vit_kwargs": dict(vit_kwargs or {}),
                        "channels_last": channels_last}
+
+    @property
+    def output_kind(self) -> str:
+        """"metric_depth" (metres) or "relative_disparity" (affine-invariant, larger is nearer)."""
+        return "metric_depth" if self.metric else "relative_disparity"
 
     # ---------------------------------------------------------------------------------- encoder
 
