@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import os
 import threading
 
 BACKENDS = ("reference", "fused", "inline")
@@ -71,7 +70,9 @@ class use_backend(contextlib.ContextDecorator):
 
 
 def triton_interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    """TRITON_INTERPRET=1, as dpt_fast.env read it."""
+    from . import env
+    return env.TRITON_INTERPRET
 
 
 # --- record of what ran -------------------------------------------------------------------------

@@ -1,28 +1,26 @@
 """Triton kernels of dpt_fast (installed as dpt_fast.kernels): @triton.jit functions and their
-launchers, plus the autotuning switch both kernel modules share. Set TRITON_INTERPRET=1 before importing
-to run them on CPU tensors.
+launchers, plus what both kernel modules share: the autotune modes and `launch`. The environment switches
+they follow (TRITON_INTERPRET, DPT_FAST_AUTOTUNE, ...) are read once by dpt_fast.env; set TRITON_INTERPRET=1
+before importing to run the kernels on CPU tensors.
 
-DPT_FAST_AUTOTUNE (read once, when each kernel module is imported): "full" (the default) autotunes every
+DPT_FAST_AUTOTUNE (applied when each kernel module is imported): "full" (the default) autotunes every
 kernel over its whole config list; "quick" gives each autotuned kernel only the first config of its list
 (the primary pick), so a kernel variant is compiled once and nothing is benchmarked: for correctness runs
-(the GPU tests stage), never for timings. Any other value is an error at import."""
+(the GPU tests), never for timings. Any other value is an error at import."""
 from __future__ import annotations
 
 import contextlib
-import os
+
+from .. import env
 
 AUTOTUNE_ENV = "DPT_FAST_AUTOTUNE"
-AUTOTUNE_MODES = ("full", "quick")
+AUTOTUNE_MODES = env.AUTOTUNE_MODES
 
 
-def autotune_mode() -> str:
-    """The DPT_FAST_AUTOTUNE mode of the environment now: "full" when unset or empty, else "full" or
-    "quick" (case and surrounding blanks ignored); any other value raises ValueError."""
-    mode = os.environ.get(AUTOTUNE_ENV, "").strip().lower() or "full"
-    if mode not in AUTOTUNE_MODES:
-        raise ValueError(f"{AUTOTUNE_ENV}={os.environ[AUTOTUNE_ENV]!r}: expected one of "
-                         f"{', '.join(AUTOTUNE_MODES)} (full autotunes over every config, quick runs the first)")
-    return mode
+def autotune_mode(value: str | None = None) -> str:
+    """The autotune mode of `value` (default: DPT_FAST_AUTOTUNE as dpt_fast.env read it): "full" when empty,
+    else "full" or "quick" (case and surrounding blanks ignored); any other value raises ValueError."""
+    return env.autotune_mode(value)
 
 
 def autotune_configs(configs, mode: str) -> list:

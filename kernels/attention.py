@@ -50,7 +50,7 @@ autotune pre-hook sets it (_TMA_BLOCK_ROWS). TMA needs a 16-byte aligned base an
 every stride but the last (which must be 1): a tensor that is not (an odd slice of a larger one), or
 that is not laid out as plain nested rows (expanded or interleaved views; see _tma_aligned), takes the
 pointer kernels, as do pre-Hopper GPUs and triton versions without TensorDescriptor.
-DPT_FAST_ATTENTION_TMA=0 in the environment (read per call) forces the pointer kernels, to compare or to
+DPT_FAST_ATTENTION_TMA=0 (dpt_fast.env) forces the pointer kernels, to compare or to
 isolate a problem; `kernel_launches()` tells which kernels the launchers ran. Under the interpreter the
 TMA kernels run only when asked for (attention_forward/attention_backward(..., tma=True); the tests).
 The backward takes TMA when qkv, grad_out and dqkv all allow it, independently of the forward.
@@ -60,7 +60,6 @@ for sm_90 the flag either fails or changes nothing. Re-check when the Triton in 
 """
 from __future__ import annotations
 
-import os
 import threading
 
 import torch
@@ -72,9 +71,10 @@ try:  # host-side TMA descriptors (triton >= 3.4; the GPU image has 3.6)
 except ImportError:  # pragma: no cover - older triton: pointer kernels only
     TensorDescriptor = None
 
+from .. import env
 from . import autotune_configs, autotune_mode, launch, on_device
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+_INTERPRET = env.TRITON_INTERPRET
 
 HEAD_DIMS = (64, 128)
 _LOG2E = 1.4426950408889634
@@ -682,13 +682,13 @@ def _tma_aligned(t: torch.Tensor) -> bool:
 
 def use_tma(*tensors: torch.Tensor, tma: bool | None = None) -> bool:
     """Whether the launchers run the TMA kernels for these operands (the [B, N, C] tensors the kernel
-    reads and writes through descriptors). tma=None: on sm_90+ CUDA devices unless the environment sets
-    DPT_FAST_ATTENTION_TMA=0 (read per call); True: wherever the descriptors are possible (also under the
+    reads and writes through descriptors). tma=None: on sm_90+ CUDA devices unless DPT_FAST_ATTENTION_TMA=0
+    (dpt_fast.env.ATTENTION_TMA, looked up per call); True: wherever the descriptors are possible (also under the
     interpreter); False: never. Tensors the descriptors cannot take (see _tma_aligned: e.g. an odd slice
     with a misaligned base or row stride) always take the pointer kernels."""
     if tma is None:
         first = tensors[0]
-        tma = (not _INTERPRET and first.is_cuda and os.environ.get("DPT_FAST_ATTENTION_TMA", "1") != "0"
+        tma = (not _INTERPRET and first.is_cuda and env.attention_tma()
                and torch.cuda.get_device_capability(first.device) >= (9, 0))
     return bool(tma) and TensorDescriptor is not None and all(_tma_aligned(t) for t in tensors)
 

@@ -58,15 +58,15 @@ raises at import. fp32 (interpreter only) uses input_precision="ieee".
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 import triton
 import triton.language as tl
 
+from .. import env
 from . import autotune_configs, autotune_mode, launch
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+_INTERPRET = env.TRITON_INTERPRET
 _AUTOTUNE = autotune_mode()  # DPT_FAST_AUTOTUNE, once: "full" or "quick"
 _SCALES = {"up4": 4, "up2": 2}
 
@@ -268,17 +268,10 @@ def _sm_count(device: torch.device) -> int:  # once per device: no runtime call 
 
 def _split_k(M: int, N: int, K: int, device: torch.device) -> int:
     """choose_split_k on the tensors' device, unless DPT_FAST_REASSEMBLE_SPLIT_K=<int> forces a count
-    (1 or 0 disables split-K), read at each call so that a benchmark can compare counts in one process."""
-    forced = os.environ.get(SPLIT_K_ENV, "").strip()
-    if forced:
-        try:
-            count = max(1, int(forced))
-        except ValueError:
-            raise ValueError(f"{SPLIT_K_ENV}={forced!r}: expected an integer split count") from None
-        if count > 65535:  # the split is grid dimension 1, limited to 65535 by CUDA
-            raise ValueError(f"{SPLIT_K_ENV}={count}: at most 65535 splits")
-        return count
-    return choose_split_k(M, N, K, _sm_count(device))
+    (1 or 0 disables split-K; dpt_fast.env.REASSEMBLE_SPLIT_K, looked up per call so that a benchmark can
+    compare counts in one process)."""
+    forced = env.reassemble_split_k()
+    return forced if forced is not None else choose_split_k(M, N, K, _sm_count(device))
 
 
 def _gemm(a, b, c, M, N, K, rows_per_img, *, b_strides=None, cls=None, bias=None, bias_period=None,

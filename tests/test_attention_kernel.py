@@ -449,6 +449,7 @@ def test_hopper_compile_reports_spills():
 _MODES_SCRIPT = r"""
 import importlib, json, os
 from triton.runtime.autotuner import Autotuner
+from dpt_fast import env
 from dpt_fast.kernels import attention, reassemble
 assert not attention._INTERPRET and not reassemble._INTERPRET
 
@@ -459,7 +460,7 @@ result = {}
 for mode in ("", "full", " Quick ", "quick", "fast"):
     os.environ["DPT_FAST_AUTOTUNE"] = mode
     try:
-        for module in (attention, reassemble):
+        for module in (env, attention, reassemble):  # env reads the switch once; the kernels apply it
             importlib.reload(module)
     except ValueError as e:
         result[mode] = str(e)
@@ -504,14 +505,13 @@ def test_autotune_switch_quick_full_and_bad_value():
 
 
 def test_autotune_mode_and_configs(monkeypatch):
+    from dpt_fast import env
     from dpt_fast import kernels as package
-    for value, expected in ((None, "full"), ("", "full"), ("full", "full"), ("quick", "quick"), (" QUICK\n", "quick")):
-        if value is None:
-            monkeypatch.delenv(package.AUTOTUNE_ENV, raising=False)
-        else:
-            monkeypatch.setenv(package.AUTOTUNE_ENV, value)
+    for value, expected in (("", "full"), ("full", "full"), ("quick", "quick"), (" QUICK\n", "quick")):
+        assert package.autotune_mode(value) == expected, value
+        monkeypatch.setattr(env, "AUTOTUNE", value)  # the value dpt_fast.env read at import
         assert package.autotune_mode() == expected, value
-    monkeypatch.setenv(package.AUTOTUNE_ENV, "none")
+    monkeypatch.setattr(env, "AUTOTUNE", "none")
     with pytest.raises(ValueError, match="DPT_FAST_AUTOTUNE='none': expected one of full, quick"):
         package.autotune_mode()
     configs = ["a", "b", "c"]
@@ -813,7 +813,7 @@ def test_gpu_tma_and_pointer_kernels_agree(tokens, head_dim, monkeypatch):
     dqkv_bound = 2 * _max_err(base_dqkv, ref_dqkv) + 1e-3 * ref_dqkv.abs().max().item()
     for env, expected in ((None, _TMA_RAN), ("0", _POINTER_RAN)):
         if env is not None:
-            monkeypatch.setenv("DPT_FAST_ATTENTION_TMA", env)
+            monkeypatch.setattr(dpt_fast.env, "ATTENTION_TMA", env)  # DPT_FAST_ATTENTION_TMA as read
         kernels.kernel_launches(reset=True)
         out, lse = kernels.attention_forward(qkv, heads, scale)
         dqkv = kernels.attention_backward(grad, qkv, out, lse, heads, scale)

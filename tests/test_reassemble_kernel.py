@@ -230,7 +230,7 @@ def test_split_k_weight_gradient(readout, resample, dtype, monkeypatch):
         out = ops.reassemble(*args, *meta)
         _close(out, ref_out, dtype, "out")
         for split in (1, 3, 4):
-            monkeypatch.setenv(kernels.SPLIT_K_ENV, str(split))
+            monkeypatch.setattr(dpt_fast.env, "REASSEMBLE_SPLIT_K", str(split))  # DPT_FAST_REASSEMBLE_SPLIT_K
             runs = []
             for _ in range(1 if split == 1 else 2):
                 splits_seen.clear()
@@ -272,14 +272,14 @@ def test_split_k_heuristic():
     device = torch.device("cpu")
     for forced, expected in (("3", 3), ("1", 1), ("0", 1), (" 16 ", 16)):
         with pytest.MonkeyPatch.context() as mp:
-            mp.setenv(kernels.SPLIT_K_ENV, forced)
+            mp.setattr(dpt_fast.env, "REASSEMBLE_SPLIT_K", forced)
             assert kernels._split_k(256, 4096, 100, device) == expected
     with pytest.MonkeyPatch.context() as mp:
         for bad in ("four", "70000"):  # not a number; over CUDA's grid limit
-            mp.setenv(kernels.SPLIT_K_ENV, bad)
+            mp.setattr(dpt_fast.env, "REASSEMBLE_SPLIT_K", bad)
             with pytest.raises(ValueError, match=kernels.SPLIT_K_ENV):
                 kernels._split_k(256, 4096, 100, device)
-        mp.delenv(kernels.SPLIT_K_ENV, raising=False)
+        mp.setattr(dpt_fast.env, "REASSEMBLE_SPLIT_K", "")
         assert kernels._split_k(256, 4096, 16 * 96 * 96, device) == 4  # off-GPU: an H100's 132 SMs assumed
 
 
@@ -661,3 +661,17 @@ def test_gpu_every_config_matches_reference():
     for what, actual, expected in results:
         assert torch.isfinite(actual).all(), what
         _close(actual, expected, torch.bfloat16, what)
+
+
+def test_autotune_key_buckets_the_token_dimensions():
+    """The GEMM's autotune key holds the token-sized dimensions bucketed (next power of two, at least 16), so
+    a new batch or image size reuses a tuning instead of tuning 8 configs in the middle of inference:
+    384^2 at batch 1 and a 27x37 grid share one, 384^2 at batch 16 and 518^2-sized 37x37 grids their own."""
+    kernels = _kernels()
+    bucket = kernels.token_bucket
+    assert bucket(1) == bucket(16) == 16
+    assert bucket(576) == bucket(27 * 37) == bucket(1024) == 1024 and bucket(27 * 41) == 2048
+    assert bucket(16 * 576) == 16384 and bucket(37 * 37) == 2048 and bucket(1025) == 2048
+    assert all(bucket(m) >= m and bucket(m) < 2 * max(m, 16) for m in range(1, 5000, 7))
+    keys = kernels._reassemble_gemm.keys
+    assert "M_BUCKET" in keys and "K_BUCKET" in keys and "M" not in keys and "K" not in keys, keys
