@@ -7,6 +7,12 @@ DPT_FAST_BUILD_CUDA selects:
                      pure Python (the reference implementation then serves) and say so
   0                  never build it
   1                  always build it; fail with a clear message when that is impossible
+With pip's build isolation (plain `pip install .`) the build environment has setuptools, cmake, ninja and
+nvidia-cutlass (pyproject.toml's build requirements) but not torch: the torch of the environment being
+installed into is used (found by running the same interpreter outside the isolation), so the extension is
+built against the torch it runs with. One line "dpt_fast setup: CUDA extension dpt_fast._C: built / not
+built ..." says what happened and why (pip shows it with -v).
+
 MAX_JOBS sets the parallel compile jobs (default: min(CPU count, 4)); DPT_FAST_CUDA_GENCODE overrides the
 nvcc targets (default sm_80 + PTX, sm_90a), e.g. "-gencode=arch=compute_90a,code=sm_90a" for a quick build.
 """
@@ -71,12 +77,41 @@ def _find_ninja() -> str | None:
     return _find_tool("ninja", "BIN_DIR")
 
 
+# Set when torch comes from the environment being installed into rather than the build environment (pip's
+# build isolation): the CMake steps then run Python without the isolation's PYTHONPATH, so that they see it too.
+_TORCH_FROM_TARGET_ENV: list[str] = []
+
+
+def _target_env_site_with_torch() -> str | None:
+    """Under pip's build isolation (which hides the packages of the environment being installed into): the
+    folder of that environment from which its torch imports, found by running this same interpreter without
+    the isolation's PYTHONPATH. The extension must be built against the torch it will run with, so a torch
+    is never downloaded into the build environment."""
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONNOUSERSITE", "PYTHONHOME")}
+    code = "import os, torch; print(os.path.dirname(os.path.dirname(torch.__file__)))"
+    try:
+        proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    site = proc.stdout.strip().splitlines()[-1] if proc.returncode == 0 and proc.stdout.strip() else None
+    return site if site and os.path.isdir(os.path.join(site, "torch")) else None
+
+
 def _torch_cuda() -> tuple[str | None, str]:
     """(torch.version.cuda or None, a description)."""
     try:
         import torch
     except ImportError:
-        return None, "torch is not installed in the build environment (install torch first and use --no-build-isolation)"
+        site = _target_env_site_with_torch()
+        if site is None:
+            return None, ("torch is not installed (install a CUDA build of torch first; with pip's build isolation "
+                          "the torch of the target environment is used)")
+        sys.path.append(site)
+        _TORCH_FROM_TARGET_ENV.append(site)
+        try:
+            import torch
+        except ImportError as e:
+            return None, f"torch of the target environment ({site}) does not import in the build: {e}"
     if not torch.version.cuda:
         return None, f"torch {torch.__version__} is not a CUDA build"
     return torch.version.cuda, f"torch {torch.__version__} (CUDA {torch.version.cuda})"
@@ -167,8 +202,8 @@ class CMakeBuild(build_ext):
             args.append(f"-DCMAKE_CUDA_COMPILER={nvcc}")
         if os.environ.get("DPT_FAST_CUDA_GENCODE"):
             args.append(f"-DDPT_FAST_CUDA_GENCODE={os.environ['DPT_FAST_CUDA_GENCODE']}")
-        if os.environ.get("DPT_FAST_CUTLASS_INCLUDE"):
-            args.append(f"-DDPT_FAST_CUTLASS_INCLUDE={os.environ['DPT_FAST_CUTLASS_INCLUDE']}")
+        # found here (the build environment sees nvidia-cutlass, a build requirement), not by CMake's Python
+        args.append(f"-DDPT_FAST_CUTLASS_INCLUDE={_find_cutlass_include()}")
         ninja = _find_ninja()
         if ninja and not os.path.exists(os.path.join(build_dir, "CMakeCache.txt")):
             args += ["-G", "Ninja", f"-DCMAKE_MAKE_PROGRAM={ninja}"]
@@ -191,12 +226,15 @@ class CMakeBuild(build_ext):
         self._run([cmake, "--build", build_dir, "--parallel", jobs])
         if not os.path.isfile(ext_path):
             raise CUDABuildError(f"CMake finished but {ext_path} was not produced")
-        _note(f"built {ext_path} in {time.monotonic() - start:.0f} s")
+        _note(f"CUDA extension dpt_fast._C: built ({ext_path}, {time.monotonic() - start:.0f} s)")
 
     @staticmethod
     def _run(cmd: list[str]) -> None:
         _note("$ " + " ".join(cmd))
-        proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        env = None
+        if _TORCH_FROM_TARGET_ENV:  # CMake's Python must import the target environment's torch, as setup.py did
+            env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONNOUSERSITE", "PYTHONHOME")}
+        proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
         sys.stderr.write(proc.stdout)
         if proc.returncode != 0:
             tail = "\n".join(proc.stdout.splitlines()[-60:])
@@ -206,13 +244,13 @@ class CMakeBuild(build_ext):
 def _ext_modules() -> list[Extension]:
     mode = _mode()
     if mode == "0":
-        _note(f"{ENV}=0: pure-Python install, the CUDA extension dpt_fast._C is not built "
+        _note(f"CUDA extension dpt_fast._C: not built, {ENV}=0: pure-Python install "
               "(the reference residual conv unit serves on every device)")
         return []
     if mode == "auto":
         problem = _cuda_toolchain_problem()
         if problem:
-            _note(f"pure-Python install, the CUDA extension dpt_fast._C is not built: {problem}. "
+            _note(f"CUDA extension dpt_fast._C: not built, pure-Python install: {problem}. "
                   f"(The reference residual conv unit serves; set {ENV}=1 to require the extension.)")
             return []
     return [CMakeExtension("dpt_fast._C")]
