@@ -154,7 +154,7 @@ def test_segmentation_class_count_checked(tmp_path):
     folder = save_model(DPTSegmentationModel(3, **TINY), tmp_path / "seg")
     for bad, words in ((0, "num_classes=0 is out of range"), (True, "num_classes must be an integer"),
                        (10 ** 12, "out of range")):
-        _edit_config(folder, lambda c: c.update(num_classes=bad))
+        _edit_config(folder, lambda c, bad=bad: c.update(num_classes=bad))
         with pytest.raises(CheckpointError, match=words):
             load_model(folder)
     _edit_config(folder, lambda c: c.pop("num_classes"))
@@ -319,3 +319,28 @@ def test_saved_folder_weights_linking_outside_are_refused(tmp_path):
     (folder / "model.safetensors").symlink_to(moved)
     with pytest.raises(CheckpointError, match="leads outside the model folder"):
         load_model(folder)
+
+
+def test_depth_anything_construction_uses_the_same_allow_list(tmp_path, unsafe_timm):
+    from dpt_fast.models import DepthAnythingModel
+    evil, marker = _payload_file(tmp_path)
+    with pytest.raises(ValueError, match="checkpoint_path.*not allowed"):
+        DepthAnythingModel("da2-small", taps=[0, 1, 2, 3],
+                           vit_kwargs=dict(embed_dim=64, depth=4, num_heads=1, checkpoint_path=str(evil)))
+    assert not marker.exists()
+
+
+def test_saved_depth_anything_config_is_checked(tmp_path):
+    from dpt_fast.models import DepthAnythingModel
+    torch.manual_seed(0)
+    model = DepthAnythingModel("da2-small", taps=[0, 1, 2, 3], vit_kwargs=dict(embed_dim=64, depth=4, num_heads=1))
+    folder = save_model(model, tmp_path / "da")
+    assert load_model(folder).config == model.config
+    original = (folder / "config.json").read_text()
+    for edit, words in ((lambda c: c.update(arch="../../etc"), "Depth Anything architecture"),
+                        (lambda c: c.update(max_depth=-1), "max_depth"),
+                        (lambda c: c.update(taps=[0, 1, 2]), "taps must be a list of 4")):
+        (folder / "config.json").write_text(original)
+        _edit_config(folder, edit)
+        with pytest.raises(CheckpointError, match=words):
+            load_model(folder)

@@ -28,6 +28,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .. import ops, specs
+from ..config_validation import validate_vit_kwargs
 from .backbone import DPTAttention
 from .blocks import FeatureFusionBlock
 
@@ -186,7 +187,7 @@ class DepthAnythingModel(nn.Module):
         if not max_depth > 0:
             raise ValueError(f"max_depth must be positive, got {max_depth}")
 
-        timm_kwargs = {"img_size": 518, **(vit_kwargs or {}), "pretrained": False, "num_classes": 0,
+        timm_kwargs = {"img_size": 518, **validate_vit_kwargs(vit_kwargs), "pretrained": False, "num_classes": 0,
                        "attn_layer": DPTAttention}
         if layer_norm_eps is not None:
             timm_kwargs["norm_layer"] = functools.partial(nn.LayerNorm, eps=layer_norm_eps)
