@@ -465,6 +465,13 @@ def _items(batch):
     return batch
 
 
+def _ignore_interrupts(_worker_id: int) -> None:
+    """Decoding workers leave Ctrl-C to the main process (a terminal sends SIGINT to the whole process
+    group), which stops the run in order and then shuts them down."""
+    import signal
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 # --- inference -----------------------------------------------------------------------------------
 
 class _OutOfMemory(Exception):
@@ -875,14 +882,18 @@ def _cudnn_autotune(device: torch.device, enabled: bool):
         torch.backends.cudnn.benchmark = before
 
 
-def clean_stale_temporaries(out_dir, reporter: Reporter | None = None) -> int:
-    """Delete this tool's temporary files left in `out_dir` by killed runs; returns how many."""
+def clean_stale_temporaries(out_dir, reporter: Reporter | None = None, min_age_s: float = 0.0) -> int:
+    """Delete this tool's temporary files left in `out_dir` by killed runs; returns how many.
+    `min_age_s` spares recent ones: with several processes on several machines sharing `out_dir`, a
+    process ID unknown here may be another machine's live writer."""
     removed = 0
     if Path(out_dir).is_dir():
+        now = time.time()
         for path in image_io.stale_temporaries(out_dir):
             with contextlib.suppress(FileNotFoundError):
-                path.unlink()
-                removed += 1
+                if now - path.stat().st_mtime >= min_age_s:
+                    path.unlink()
+                    removed += 1
     if removed and reporter is not None:
         reporter.log(f"removed {removed} temporary file(s) left by an interrupted run in {out_dir}")
     return removed
@@ -896,7 +907,8 @@ def run_jobs(predictor: Predictor, jobs: list[Job], *, writer: Writer, reporter:
     summary = summary if summary is not None else Summary()
     loader = torch.utils.data.DataLoader(
         ImageFiles([j.src for j in jobs], max_pixels), batch_size=None, shuffle=False, num_workers=num_workers,
-        collate_fn=_items, pin_memory=predictor.device.type == "cuda", prefetch_factor=4 if num_workers else None)
+        collate_fn=_items, pin_memory=predictor.device.type == "cuda", prefetch_factor=4 if num_workers else None,
+        worker_init_fn=_ignore_interrupts if num_workers else None)
     batches = _Batches(predictor, writer, reporter, summary)
     finished = False
     try:
@@ -986,15 +998,17 @@ def predict_images(model, inputs, out_dir, *, size=None, formats=None, device=No
                        size=size, segmentation=segmentation, batch_size=batch_size, tile=tile,
                        tile_overlap=tile_overlap, overwrite=overwrite, num_workers=num_workers, writers=writers,
                        compiled=compiled, label_offset=label_offset, max_pixels=max_pixels, reporter=reporter,
-                       stop=stop, compact=world == 1)
+                       stop=stop, single_process=world == 1)
 
 
 def run_planned(model, jobs: list[Job], out_dir, *, settings: dict, device, dtype, size, segmentation: bool,
                 batch_size: int, tile, tile_overlap: float, overwrite: bool, num_workers: int, writers: int,
-                compiled, label_offset: int, max_pixels, reporter: Reporter, stop, compact: bool) -> Summary:
-    """The run after planning: clean leftovers, sort jobs into done / to do / conflicts, predict and write."""
+                compiled, label_offset: int, max_pixels, reporter: Reporter, stop,
+                single_process: bool) -> Summary:
+    """The run after planning: clean leftovers, sort jobs into done / to do / conflicts, predict and write.
+    `single_process`: this is the only process writing to `out_dir` (not one rank of several)."""
     started = time.perf_counter()
-    clean_stale_temporaries(out_dir, reporter)
+    clean_stale_temporaries(out_dir, reporter, min_age_s=0.0 if single_process else 3600.0)
     manifest = OutputManifest(out_dir)
     plan = plan_work(jobs, manifest, settings, overwrite)
     summary = Summary(skipped=len(plan.done))
@@ -1022,7 +1036,7 @@ def run_planned(model, jobs: list[Job], out_dir, *, settings: dict, device, dtyp
         summary.stopped = summary.stopped or (stop is not None and stop.is_set())
         summary.remaining = max(0, len(plan.todo) - summary.written - len(summary.failures)
                                 - (len(summary.conflicts) - len(plan.conflicts)))
-        if compact and not summary.stopped:
+        if single_process and not summary.stopped:
             with contextlib.suppress(OSError):
                 manifest.compact()
     return summary

@@ -361,7 +361,7 @@ def _run(args: argparse.Namespace, stop: StopRequest) -> int:
         size=size, segmentation=segmentation, batch_size=batch_size, tile=args.tile,
         tile_overlap=args.tile_overlap, overwrite=args.overwrite, num_workers=workers, writers=args.writers,
         compiled=compiled, label_offset=args.label_offset,
-        max_pixels=args.max_pixels or MAX_IMAGE_PIXELS, reporter=reporter, stop=stop, compact=world == 1)
+        max_pixels=args.max_pixels or MAX_IMAGE_PIXELS, reporter=reporter, stop=stop, single_process=world == 1)
     if summary.stopped:
         log(f"stopped: {summary.written} written, {summary.remaining} left, {len(summary.failures)} failed in "
             f"{summary.elapsed:.1f} s -> {out_dir}; run the same command again to continue")

@@ -116,12 +116,17 @@ def test_sigint_and_sigterm_stop_cleanly_and_a_rerun_continues(tmp_path, model_d
            "--backend", "reference", "--size", "96", "--format", "npy"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     written = 0
-    for sig, status in ((signal.SIGINT, 130), (signal.SIGTERM, 143)):
-        proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env=env)
+    # Ctrl-C in a terminal reaches the whole process group, decoding workers included; SIGTERM the process
+    for sig, status, workers in ((signal.SIGINT, 130, "1"), (signal.SIGTERM, 143, "0")):
+        proc = subprocess.Popen(cmd + ["--num-workers", workers], stderr=subprocess.PIPE, text=True, env=env,
+                                start_new_session=True)
         deadline = time.monotonic() + 240
         while len(list(out.glob("*.npy"))) <= written and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.01)
-        proc.send_signal(sig)
+        if sig == signal.SIGINT:
+            os.killpg(proc.pid, sig)
+        else:
+            proc.send_signal(sig)
         err = proc.communicate(timeout=240)[1]
         assert proc.returncode == status, err
         assert "Traceback" not in err and "KeyboardInterrupt" not in err
