@@ -19,7 +19,8 @@ What the exported model expects: `image` [B, 3, H, W] in the export dtype, prepr
 eager model (dpt_fast.transforms), H and W multiples of `input_multiple(model)`; it returns `depth`
 [B, H, W] (DPT: relative inverse depth; Depth Anything: relative disparity or metric depth) or, for
 segmentation models, `logits` [B, classes, H, W]. Other sizes are refused by the pt2 program (its
-input guard) and by ONNX Runtime (a shape error in the graph): resize or pad to a multiple first, as
+input guard); ONNX Runtime does not check them and returns the prediction of the largest multiples below
+the input's size (the last rows and columns dropped). Resize or pad to a multiple first, as
 dpt_fast.transforms.preprocess does.
 """
 from __future__ import annotations
@@ -194,9 +195,11 @@ def export_program(model: nn.Module, dtype: torch.dtype = torch.float32, batch: 
     example = torch.randn(traced_shape(model, batch), dtype=dtype)
     with _export_mode(model):
         try:
-            return torch.export.export(wrapper, (example,), dynamic_shapes=_dynamic_shapes(model), strict=False)
+            program = torch.export.export(wrapper, (example,), dynamic_shapes=_dynamic_shapes(model), strict=False)
         except Exception as exc:  # name the part that failed, keep the tracer's message
             raise ExportError(f"torch.export failed in {_failing_part(exc, model)}: {first_line(exc)}") from exc
+        # core ATen inference ops: eval-mode forms only (e.g. no aten.dropout(train=False) left behind)
+        return program.run_decompositions()
 
 
 def first_line(exc: BaseException) -> str:
