@@ -92,9 +92,11 @@ def test_position_encoding_is_the_published_sinusoid(tiny):
 
 # ------------------------------------------------------------- restatement of the published forward
 
-def restated_motion_module(x, state, prefix, frames, heads=8):
+def restated_motion_module(x, state, prefix, frames, heads=8, caches=None, states=None):
     """x [(b f), c, h, w]: GroupNorm -> proj_in -> [LayerNorm -> +pe -> attention over f -> +x] x 2 ->
-    LayerNorm -> GEGLU FF -> +x -> proj_out -> + input."""
+    LayerNorm -> GEGLU FF -> +x -> proj_out -> + input. Streaming (`caches`, one per attention, of
+    earlier frames): the normed frames are appended to their cache, pe is added to the whole, queries
+    come from the new frames only. Each attention's normed input is appended to `states`."""
     p = lambda name: state[f"{prefix}.temporal_transformer.{name}"]  # noqa: E731
     bf, c, h, w = x.shape
     hidden = F.group_norm(x, 32, p("norm.weight"), p("norm.bias"), eps=1e-6)
@@ -104,9 +106,15 @@ def restated_motion_module(x, state, prefix, frames, heads=8):
         att = f"{blk}.attention_blocks.{a}"
         normed = F.layer_norm(hidden, (c,), p(f"{blk}.norms.{a}.weight"), p(f"{blk}.norms.{a}.bias"))
         seq = normed.reshape(bf // frames, frames, h * w, c).permute(0, 2, 1, 3).reshape(-1, frames, c)
-        seq = seq + p(f"{att}.pos_encoder.pe")[:, :frames]
-        q, k, v = (F.linear(seq, p(f"{att}.{n}.weight")) for n in ("to_q", "to_k", "to_v"))
-        split = lambda t: t.reshape(t.shape[0], frames, heads, c // heads).permute(0, 2, 1, 3)  # noqa: E731
+        if states is not None:
+            states.append(seq)
+        earlier = 0 if caches is None else caches[a].shape[1]
+        if caches is not None:
+            seq = torch.cat([caches[a], seq], dim=1)
+        seq = seq + p(f"{att}.pos_encoder.pe")[:, :earlier + frames]
+        q = F.linear(seq[:, earlier:], p(f"{att}.to_q.weight"))
+        k, v = (F.linear(seq, p(f"{att}.{n}.weight")) for n in ("to_k", "to_v"))
+        split = lambda t: t.reshape(t.shape[0], t.shape[1], heads, c // heads).permute(0, 2, 1, 3)  # noqa: E731
         scores = split(q) @ split(k).transpose(-1, -2) * (c // heads) ** -0.5
         out = (scores.softmax(-1) @ split(v)).permute(0, 2, 1, 3).reshape(-1, frames, c)
         out = F.linear(out, p(f"{att}.to_out.0.weight"), p(f"{att}.to_out.0.bias"))
@@ -118,19 +126,21 @@ def restated_motion_module(x, state, prefix, frames, heads=8):
     return hidden.reshape(bf, h, w, c).permute(0, 3, 1, 2) + x
 
 
-def restated_forward(model, clips):
+def restated_forward(model, clips, caches=None, states=None):
     """The release's VideoDepthAnything.forward + DPTHeadTemporal.forward, over the image model's
-    encoder and Reassemble (tested against transformers in test_depth_anything.py)."""
+    encoder and Reassemble (tested against transformers in test_depth_anything.py); `caches` (8) for
+    its streaming forward, `states` collects the 8 attention inputs."""
     state = model.state_dict()
     b, t, _, height, width = clips.shape
     taps, gh, gw = model.encode(clips.flatten(0, 1))
     l1, l2, l3, l4 = model.head.reassemble(taps, gh, gw)
-    l3 = restated_motion_module(l3, state, "head.motion_modules.0", t)
-    l4 = restated_motion_module(l4, state, "head.motion_modules.1", t)
+    mm = lambda x, i: restated_motion_module(x, state, f"head.motion_modules.{i}", t,  # noqa: E731
+                                             caches=None if caches is None else caches[2 * i:2 * i + 2], states=states)
+    l3, l4 = mm(l3, 0), mm(l4, 1)
     s = model.head.scratch
     r1, r2, r3, r4 = s.layer1_rn(l1), s.layer2_rn(l2), s.layer3_rn(l3), s.layer4_rn(l4)
-    path4 = restated_motion_module(s.refinenet4(r4, size=r3.shape[2:]), state, "head.motion_modules.2", t)
-    path3 = restated_motion_module(s.refinenet3(path4, r3, size=r2.shape[2:]), state, "head.motion_modules.3", t)
+    path4 = mm(s.refinenet4(r4, size=r3.shape[2:]), 2)
+    path3 = mm(s.refinenet3(path4, r3, size=r2.shape[2:]), 3)
     path2 = s.refinenet2(path3, r2, size=r1.shape[2:])
     path1 = s.refinenet1(path2, r1)
     out = F.interpolate(s.output_conv1(path1), (gh * 14, gw * 14), mode="bilinear", align_corners=True)
@@ -139,7 +149,7 @@ def restated_forward(model, clips):
     return out.squeeze(1).unflatten(0, (b, t))
 
 
-def test_fp32_parity_with_the_published_forward(tiny):
+def test_fp32_parity_with_the_published_forward(tiny, one_thread):
     clips = torch.randn(2, 5, 3, 42, 56, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         got = tiny(clips)
@@ -149,7 +159,7 @@ def test_fp32_parity_with_the_published_forward(tiny):
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
 
 
-def test_temporal_modules_mix_frames_and_only_within_a_clip(tiny):
+def test_temporal_modules_mix_frames_and_only_within_a_clip(tiny, one_thread):
     clips = torch.randn(2, 4, 3, 28, 28, generator=torch.Generator().manual_seed(2))
     changed = clips.clone()
     changed[0, 3] += 1.0  # a different last frame in the first clip
@@ -170,7 +180,7 @@ def test_fresh_temporal_modules_start_as_the_identity():
         torch.testing.assert_close(module(x, 3), x)
 
 
-def test_whole_video_through_the_windowed_procedure(tiny):
+def test_whole_video_through_the_windowed_procedure(tiny, one_thread):
     rng = np.random.default_rng(0)
     frames = [torch.from_numpy(rng.integers(0, 256, (3, 30, 40), dtype=np.uint8)) for _ in range(INFER_LEN + 5)]
     predict = window_predictor(tiny, lambda f: dpt_fast.transforms.depth_anything_preprocess(f, size=28)[0])
@@ -202,3 +212,58 @@ def test_release_file_loads_and_bad_files_are_named(tmp_path, tiny):
         load_video_depth_anything(tmp_path / "image.pth")
     with pytest.raises(CheckpointError, match="encoder"):
         load_video_depth_anything(path)  # a width of 64 is no release encoder
+
+
+def restated_streaming(model, inputs):
+    """The release's infer_video_depth_one over normalised frames [3, h, w]: the first frame's cached
+    inputs copied 32 times, ids padded likewise; each later frame attends to entries [0, 1] + the last
+    29, is appended; after frame id, if id + 32 > 42 the entry at index 1 is deleted."""
+    cache_list, id_list, outputs = [], [], []
+    for frame_id, x in enumerate(inputs):
+        states = []
+        if frame_id == 0:
+            depth = restated_forward(model, x[None, None], states=states)
+            cache_list = [states] * 32
+            id_list += [0] * 31
+        else:
+            chosen = cache_list[0:2] + cache_list[-29:]
+            assert len(chosen) == 31
+            caches = [torch.cat([entry[i] for entry in chosen], dim=1) for i in range(8)]
+            depth = restated_forward(model, x[None, None], caches=caches, states=states)
+            cache_list.append(states)
+        id_list.append(frame_id)
+        if frame_id + 32 > 41 + 1:
+            del id_list[1]
+            del cache_list[1]
+        outputs.append(depth[0, 0])
+    return outputs
+
+
+@pytest.fixture
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # many tiny calls: thread hand-offs would cost more than the work
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_streaming_mode_matches_the_published_one(tiny, one_thread):
+    from dpt_fast.models.video_depth_anything import VideoDepthAnythingStream
+    rng = np.random.default_rng(3)
+    # 43 frames: from frame 42 on, the cache list's entry 1 is a real frame (the first 31 deletions
+    # remove copies of frame 0), so the release's deletion rule shows in the outputs
+    frames = [torch.from_numpy(rng.integers(0, 256, (3, 28, 28), dtype=np.uint8)) for _ in range(43)]
+    inputs = [dpt_fast.transforms.depth_anything_preprocess(f, size=None)[0] for f in frames]
+    stream = VideoDepthAnythingStream(tiny, lambda f: dpt_fast.transforms.depth_anything_preprocess(f, size=None)[0])
+    with torch.no_grad():
+        expected = restated_streaming(tiny, inputs)
+    got = [stream(f) for f in frames]
+    assert len(stream.entries) == 42  # bounded: 32 + frames, at most 42
+    assert stream.entries[1] is not stream.entries[0]
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-5)
+    assert (got[5] - got[4]).abs().max() > 0
+    with pytest.raises(ValueError, match="reset"):
+        stream(torch.zeros(3, 14, 28, dtype=torch.uint8))
+    stream.reset()
+    torch.testing.assert_close(stream(frames[0]), expected[0], rtol=1e-4, atol=1e-5)

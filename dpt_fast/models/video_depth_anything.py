@@ -26,7 +26,7 @@ from .. import ops
 from .depth_anything import DepthAnythingModel
 
 __all__ = ["VideoDepthAnythingModel", "TemporalModule", "VDA_ENCODERS", "window_predictor", "load_video_depth_anything",
-           "is_metric_release_file"]
+           "is_metric_release_file", "VideoDepthAnythingStream"]
 
 # The release's encoder codes -> Depth Anything V2 architectures (same fusion widths and Reassemble widths).
 VDA_ENCODERS = {"vits": "da2-small", "vitb": "da2-base", "vitl": "da2-large"}
@@ -61,11 +61,20 @@ class _TemporalAttention(nn.Module):
         self.to_out = nn.ModuleList([nn.Linear(dim, dim), nn.Dropout(0.0)])
         self.pos_encoder = _PositionalEncoding(dim, max_len)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x [sequences, frames, dim] -> the same shape (attention across frames)."""
-        x = self.pos_encoder(x)
-        weight = torch.cat((self.to_q.weight, self.to_k.weight, self.to_v.weight))
-        out = ops.attention(F.linear(x, weight), self.heads)
+    def forward(self, x: torch.Tensor, cache: torch.Tensor | None = None) -> torch.Tensor:
+        """x [sequences, frames, dim] -> the same shape (attention across frames). With `cache`
+        [sequences, earlier, dim] (the inputs of earlier frames), x's frames are the newest positions
+        of the sequence: they attend to the cache and themselves, and only they are returned."""
+        if cache is None:
+            x = self.pos_encoder(x)
+            weight = torch.cat((self.to_q.weight, self.to_k.weight, self.to_v.weight))
+            out = ops.attention(F.linear(x, weight), self.heads)
+        else:
+            full = self.pos_encoder(torch.cat((cache.to(x.dtype), x), dim=1))
+            split = lambda t: t.unflatten(-1, (self.heads, -1)).transpose(1, 2)  # noqa: E731  [S, H, N, D]
+            q = split(self.to_q(full[:, cache.shape[1]:]))
+            out = F.scaled_dot_product_attention(q, split(self.to_k(full)), split(self.to_v(full)))
+            out = out.transpose(1, 2).flatten(2)
         return self.to_out[1](self.to_out[0](out))
 
 
@@ -98,14 +107,17 @@ class _TemporalBlock(nn.Module):
         self.ff = _FeedForward(dim)
         self.ff_norm = nn.LayerNorm(dim)
 
-    def forward(self, x: torch.Tensor, frames: int) -> torch.Tensor:
-        """x [batch * frames, pixels, dim] -> the same shape."""
+    def forward(self, x: torch.Tensor, frames: int, caches=None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """x [batch * frames, pixels, dim] -> (the same shape, each attention's input [batch * pixels,
+        frames, dim], which is what a streaming caller caches for later frames)."""
         bf, pixels, dim = x.shape
-        for attention, norm in zip(self.attention_blocks, self.norms):
+        states = []
+        for i, (attention, norm) in enumerate(zip(self.attention_blocks, self.norms)):
             seq = norm(x).unflatten(0, (bf // frames, frames)).transpose(1, 2).flatten(0, 1)  # [b*pixels, f, c]
-            out = attention(seq).unflatten(0, (bf // frames, pixels)).transpose(1, 2).flatten(0, 1)
-            x = out + x
-        return self.ff(self.ff_norm(x)) + x
+            states.append(seq)
+            out = attention(seq, None if caches is None else caches[i])
+            x = out.unflatten(0, (bf // frames, pixels)).transpose(1, 2).flatten(0, 1) + x
+        return self.ff(self.ff_norm(x)) + x, states
 
 
 class _TemporalTransformer(nn.Module):
@@ -130,16 +142,24 @@ class TemporalModule(nn.Module):
         nn.init.zeros_(self.temporal_transformer.proj_out.bias)
 
     def forward(self, x: torch.Tensor, frames: int) -> torch.Tensor:
+        return self.run(x, frames)[0]
+
+    def run(self, x: torch.Tensor, frames: int, caches=None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """(output, the attention inputs to cache); `caches` (one per attention, [batch * pixels, earlier,
+        C]) makes x's frames the newest of a longer sequence (streaming)."""
         t = self.temporal_transformer
         bf, channels, height, width = x.shape
         if bf % frames:
             raise ValueError(f"{bf} maps are not a whole number of {frames}-frame clips")
         hidden = t.norm(x).permute(0, 2, 3, 1).reshape(bf, height * width, channels)
         hidden = t.proj_in(hidden)
-        for block in t.transformer_blocks:
-            hidden = block(hidden, frames)
+        states = []
+        for i, block in enumerate(t.transformer_blocks):
+            per_block = len(block.attention_blocks)
+            hidden, block_states = block(hidden, frames, None if caches is None else caches[i * per_block:(i + 1) * per_block])
+            states += block_states
         hidden = t.proj_out(hidden).reshape(bf, height, width, channels).permute(0, 3, 1, 2)
-        return hidden + x
+        return hidden + x, states
 
 
 class VideoDepthAnythingModel(DepthAnythingModel):
@@ -175,6 +195,12 @@ class VideoDepthAnythingModel(DepthAnythingModel):
 
     def forward_raw(self, clips: torch.Tensor) -> torch.Tensor:
         """[B, T, 3, H, W] with H, W multiples of 14 -> [B, T, H, W] (the release's forward)."""
+        return self.forward_cached(clips)[0]
+
+    def forward_cached(self, clips: torch.Tensor, caches=None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The forward with the temporal attentions' inputs returned (8: two per motion module) and,
+        given `caches` (the same 8, of earlier frames), the clip's frames taken as the newest of a
+        longer sequence (the release's streaming mode)."""
         batch, frames = clips.shape[:2]
         taps, grid_h, grid_w = self.encode(clips.flatten(0, 1))
         head = self.head
@@ -182,12 +208,19 @@ class VideoDepthAnythingModel(DepthAnythingModel):
         if self.channels_last:
             maps = [m.contiguous(memory_format=torch.channels_last) for m in maps]
         motion = head.motion_modules
-        maps[2] = motion[0](maps[2], frames)
-        maps[3] = motion[1](maps[3], frames)
+        states = []
+
+        def temporal(i, x):
+            per = len(motion[i].temporal_transformer.transformer_blocks) * 2
+            out, new = motion[i].run(x, frames, None if caches is None else caches[i * per:(i + 1) * per])
+            states.extend(new)
+            return out
+        maps[2] = temporal(0, maps[2])
+        maps[3] = temporal(1, maps[3])
         s = head.scratch
         rn = [getattr(s, f"layer{i + 1}_rn")(x) for i, x in enumerate(maps)]
-        path = motion[2](s.refinenet4(rn[3], size=rn[2].shape[2:]), frames)
-        path = motion[3](s.refinenet3(path, rn[2], size=rn[1].shape[2:]), frames)
+        path = temporal(2, s.refinenet4(rn[3], size=rn[2].shape[2:]))
+        path = temporal(3, s.refinenet3(path, rn[2], size=rn[1].shape[2:]))
         path = s.refinenet2(path, rn[1], size=rn[0].shape[2:])
         path = s.refinenet1(path, rn[0])
         out = s.output_conv1(path)
@@ -196,7 +229,7 @@ class VideoDepthAnythingModel(DepthAnythingModel):
         with torch.autocast(out.device.type, enabled=False):  # the release runs the last convolutions in fp32
             out = s.output_conv2(out.float())
         # the release then resizes to the input size (the identity here: the sizes are equal) and ReLUs
-        return F.relu(out).squeeze(1).unflatten(0, (batch, frames))
+        return F.relu(out).squeeze(1).unflatten(0, (batch, frames)), states
 
     def forward(self, clips: torch.Tensor) -> torch.Tensor:
         if not isinstance(clips, torch.Tensor) or clips.dim() != 5 or clips.shape[2] != 3:
@@ -281,3 +314,58 @@ def load_video_depth_anything(path, device=None, dtype=None, **overrides) -> Vid
     if dtype is not None:
         model.to(dtype)
     return model.eval()
+
+
+class VideoDepthAnythingStream:
+    """Video Depth Anything's streaming mode: one frame in, its depth out, attending to cached
+    temporal-attention inputs of earlier frames instead of re-running a window.
+
+    The release's bookkeeping: the first frame's cached inputs stand in for a full window (32 copies);
+    each new frame attends to the cached inputs of 31 earlier entries (the first two entries of the
+    cache list and its last 29) and is appended; once the frame count passes 10, the entry at position
+    1 is dropped for every new frame, so the list holds at most 42 entries (memory is bounded). No
+    scale/shift alignment is applied (the release's streaming mode has none).
+
+    preprocess: frame -> normalised [3, h, w] (e.g. Depth Anything's at 518); every frame must have
+    the first frame's size. Returns float32 [H, W] at the frame's size on the CPU; `reset()` starts over.
+    Usable as the `predict` of `dpt_fast.video.stream.DepthStream`.
+    """
+
+    WINDOW = NUM_FRAMES
+    GAP = 41  # (32 - 10) * 2 - 1 - (10 - 8): the release's limit on the cache list
+
+    def __init__(self, model: VideoDepthAnythingModel, preprocess, device=None, autocast_dtype=None):
+        self.model = model.eval()
+        self.preprocess = preprocess
+        self.device = torch.device(device) if device is not None else next(model.parameters()).device
+        self.autocast_dtype = autocast_dtype
+        self.reset()
+
+    def reset(self) -> None:
+        self.frame_index = -1
+        self.entries: list[list[torch.Tensor]] = []  # per entry: the 8 cached attention inputs of one frame
+        self.size = None
+
+    def __call__(self, frame) -> torch.Tensor:
+        image = frame.image if hasattr(frame, "image") else frame
+        size = tuple(image.shape[-2:])
+        if self.size is not None and size != self.size:
+            raise ValueError(f"frame {self.frame_index + 1} is {size}, the stream's frames are {self.size}: "
+                             "reset() before a change of size")
+        x = self.preprocess(frame).to(self.device).unsqueeze(0).unsqueeze(0)
+        self.frame_index += 1
+        with torch.inference_mode(), torch.autocast(self.device.type, self.autocast_dtype or torch.float32,
+                                                    enabled=self.autocast_dtype is not None):
+            if not self.entries:
+                depth, states = self.model.forward_cached(x)
+                self.entries = [states] * self.WINDOW
+            else:
+                window = self.entries[:2] + self.entries[-(self.WINDOW - 3):]
+                caches = [torch.cat([entry[i] for entry in window], dim=1) for i in range(len(window[0]))]
+                depth, states = self.model.forward_cached(x, caches)
+                self.entries.append(states)
+        if self.frame_index + self.WINDOW > self.GAP + 1:
+            del self.entries[1]
+        self.size = size
+        depth = F.interpolate(depth[0].float().unsqueeze(1), size=size, mode="bilinear", align_corners=True)
+        return depth[0, 0].cpu()
