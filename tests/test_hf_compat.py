@@ -314,3 +314,61 @@ def test_vit_of_no_timm_size_and_own_fusion_width_match_hf(tmp_path):
     ours = load_model(_save(hf, tmp_path / "hf"))
     assert ours.config["vit_kwargs"]["embed_dim"] == 64 and ours.fusion_width == 24
     _rel_ok(_compare_depth(hf, ours, _input(64)))
+
+
+# ------------------------------------------------------------------ shards, the hub cache, allocation
+
+def test_sharded_folder_and_hub_cache_links_load(tmp_path):
+    """A folder saved in shards loads; so does the same folder laid out as huggingface_hub's cache
+    (snapshots/<revision>/ whose files are links into ../../blobs/), while a shard linking anywhere
+    else is refused."""
+    torch.manual_seed(0)
+    hf = DPTForDepthEstimation(DPTConfig(**TINY, neck_hidden_sizes=[32] * 4, fusion_hidden_size=32))
+    _randomize(hf)
+    _center_depth_head(hf, 64)
+    hf.eval()
+    path = tmp_path / "sharded"
+    hf.save_pretrained(path, max_shard_size="1MB")
+    assert (path / "model.safetensors.index.json").is_file() and not (path / "model.safetensors").exists()
+    _rel_ok(_compare_depth(hf, load_model(path), _input(64)))
+
+    repo = tmp_path / "models--someone--dpt"
+    snapshot, blobs = repo / "snapshots" / "0123abc", repo / "blobs"
+    snapshot.mkdir(parents=True)
+    blobs.mkdir()
+    for i, file in enumerate(sorted(path.iterdir())):
+        file.rename(blobs / f"blob{i}")
+        (snapshot / file.name).symlink_to(f"../../blobs/blob{i}")
+    _rel_ok(_compare_depth(hf, load_model(snapshot), _input(64)))
+
+    shard = next(p for p in snapshot.iterdir() if p.name.startswith("model-0"))
+    outside = tmp_path / "elsewhere.safetensors"
+    outside.write_bytes(shard.read_bytes())
+    shard.unlink()
+    shard.symlink_to(outside)
+    with pytest.raises(CheckpointError, match="leads outside the model folder"):
+        load_model(snapshot)
+
+
+def test_config_not_matching_weights_is_refused_before_any_allocation(tmp_path, monkeypatch):
+    """A segmentation folder without an auxiliary head (whose filling needs a built model) and a
+    config.json wider than its weights: refused on the meta device, never built in memory."""
+    import dpt_fast.models
+    torch.manual_seed(0)
+    hf = DPTForSemanticSegmentation(DPTConfig(**TINY, neck_hidden_sizes=[32] * 4, fusion_hidden_size=32,
+                                              use_auxiliary_head=False, num_labels=3))
+    path = _save(hf, tmp_path / "hf")
+    cfg = json.loads((path / "config.json").read_text())
+    cfg.update(fusion_hidden_size=4096, neck_hidden_sizes=[4096] * 4)
+    (path / "config.json").write_text(json.dumps(cfg))
+    real, devices = dpt_fast.models.build_model, []
+
+    def build_model(config):
+        devices.append(torch.empty(0).device.type)
+        assert devices[-1] == "meta", "a model was built in memory before the weights were checked"
+        return real(config)
+
+    monkeypatch.setattr(dpt_fast.models, "build_model", build_model)
+    with pytest.raises(CheckpointError, match="does not fit the model .*the model has .* values, the file"):
+        load_model(path)
+    assert devices == ["meta"]
