@@ -1,35 +1,36 @@
 #!/usr/bin/env bash
-# The GPU run, in stages that each fit one call of the device machine (10 minutes at most; a session has
-# 30 minutes of device time in all, machine starts included, so each stage keeps to STAGE_BUDGET_S,
-# default 420 s for tests and 480 s for the others, wall time, build included):
+# The GPU runs of dpt-fast, as stages of at most ~8 minutes each (STAGE_BUDGET_S, default 420 s for tests and
+# 480 s for the others, wall time, build included):
 #
-#   bash benchmarks/gpu_suite.sh tests     build the extension (or load a carried one), versions, GPU tests
-#                                          (incl. compute-sanitizer) with DPT_FAST_AUTOTUNE=quick: one
+#   bash benchmarks/gpu_suite.sh quick     everything that matters in one ~8-minute run: environment and
+#                                          ceilings, the kernels' GPU correctness tests, the CUDA extension
+#                                          (built in the background, sm_90a) and its tests, the benchmark rows
+#                                          that decide the targets, DPT-Large end to end
+#                                          (benchmarks/gpu_quick.py; extra arguments are passed to it)
+#   bash benchmarks/gpu_suite.sh tests     build the extension (or load a prebuilt one), versions, every GPU
+#                                          test (incl. compute-sanitizer) with DPT_FAST_AUTOTUNE=quick: one
 #                                          Triton config per kernel variant, no autotune benchmarking (the
 #                                          every-config tests run each config once); copies the built
 #                                          extension to $OUT. The benchmark stages autotune in full.
 #   bash benchmarks/gpu_suite.sh kernels   attention, reassemble and RCU benchmarks (time shared adaptively)
 #   bash benchmarks/gpu_suite.sh e2e       end-to-end inference (fused, reference, HF sdpa, reference under
 #                                          torch.compile max-autotune, capped) + training-step benchmark
-#   bash benchmarks/gpu_suite.sh compile   only if device time is left: the compiled end-to-end variants
-#                                          (reference+compile, fused+compile) with the whole stage budget
+#   bash benchmarks/gpu_suite.sh compile   the compiled end-to-end variants (reference+compile,
+#                                          fused+compile) with the whole stage budget
 #   bash benchmarks/gpu_suite.sh all       tests, kernels, e2e one after the other (no time limit)
 #   single benchmarks: attention | reassemble | rcu | infer | train
 #
-# Before the first call, here, in the repo root (once):
-#   echo /.whl/ >> .git/info/exclude
+# The extension needs CUTLASS headers: an installed nvidia-cutlass, DPT_FAST_CUTLASS_INCLUDE, or (on a machine
+# without network) its wheel in .whl/, fetched beforehand with
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #     --platform manylinux2014_x86_64 -d .whl nvidia-cutlass==4.2.0.0
-# and name ".whl" in the device call's `carry` (the GPU image has no CUTLASS headers; the build takes them
-# from the wheel). The tests stage returns the built extension as $OUT/_C.cpython-312-x86_64-linux-gnu.so:
-# copy it to dpt_fast/ here and name it in `carry` of the later calls, so a fresh machine skips the
-# 2-4 minute build (a machine stays warm only 30 s after a call).
+# The tests stage also leaves the built extension as $OUT/_C.<python tag>.so: copied to dpt_fast/, a later
+# stage on a fresh machine of the same image loads it instead of building (2-4 minutes).
 #
-# Everything goes under $OUT (default ./gpu-out), at most 8 files a stage (the device tool returns no
-# more): suite-<stage>.log, environment.json (tests stage: versions, measured ceilings), each benchmark's
-# JSON (rewritten after every row, so a stage cut short still returns its measurements), the end-to-end
-# bench's .md/.png, the tests' junit XML. Then, here:
-#   python benchmarks/render_results.py <the folders the calls returned>
+# Everything goes under $OUT (default ./gpu-out), at most 8 files a stage: suite-<stage>.log,
+# environment.json (versions, measured ceilings), each benchmark's JSON (rewritten after every row, so a
+# stage cut short still keeps its measurements), the end-to-end bench's .md/.png, the tests' junit XML. Then:
+#   python benchmarks/render_results.py <the stages' output folders>
 # merges them into benchmarks/results/<device>-<date>.json and rewrites the tables of benchmarks/RESULTS.md.
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 2
@@ -37,7 +38,10 @@ OUT=${OUT:-gpu-out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 stage=${1:-tests}
-# 420 + 480 + 480 s of stages, ~90 s to start each machine and 30 s warm after each call: ~29 min of 30
+if [ "$stage" = quick ]; then  # one script with its own log, budget and file list
+  shift
+  exec python benchmarks/gpu_quick.py --out "$OUT" "$@"
+fi
 if [ "$stage" = tests ]; then BUDGET=${STAGE_BUDGET_S:-420}; else BUDGET=${STAGE_BUDGET_S:-480}; fi
 RESERVE=15  # seconds kept for the end of the stage (copies, the summary)
 T0=$SECONDS
@@ -55,11 +59,11 @@ build() {
   fi
   local so
   so=$(python -c "import sysconfig; print('dpt_fast/_C' + sysconfig.get_config_var('EXT_SUFFIX'))")
-  if [ -f "$so" ]; then  # carried from an earlier call: install the package around it, no compile
-    step "install (carried $so)"
+  if [ -f "$so" ]; then  # prebuilt by an earlier stage: install the package around it, no compile
+    step "install (prebuilt $so)"
     DPT_FAST_BUILD_CUDA=0 pip install -q --no-build-isolation --no-deps -e . 2>&1 | tail -5
-    if registered; then echo "carried extension registered"; return; fi
-    echo "the carried $so does not load here: building"
+    if registered; then echo "prebuilt extension registered"; return; fi
+    echo "the prebuilt $so does not load here: building"
   fi
   step build
   local wheel
@@ -84,7 +88,7 @@ PY
   echo "build finished $(( SECONDS - T0 )) s into the stage"
 }
 
-export_extension() {  # for the later calls' `carry`
+export_extension() {  # for later stages on a fresh machine
   local so
   so=$(python -c "import sysconfig; print('dpt_fast/_C' + sysconfig.get_config_var('EXT_SUFFIX'))")
   [ -f "$so" ] || return 0
@@ -112,7 +116,7 @@ PY
 tests() {
   step "gpu tests"
   local per_test="" budget
-  python -c "import pytest_timeout" 2>/dev/null && per_test="--timeout=240"  # one hung test must not eat the call
+  python -c "import pytest_timeout" 2>/dev/null && per_test="--timeout=240"  # one hung test must not eat the stage
   budget=$(( $(left) - RESERVE ))
   if (( budget < 60 )); then echo "skipped gpu tests: only $budget s left"; return; fi
   # SIGINT at the budget: pytest stops like on Ctrl-C and still writes its summary and the junit XML.
@@ -175,7 +179,7 @@ main() {
     infer) infer 100 fused,reference,hf-sdpa,reference+compile,fused+compile 150 ;;
     train) train ;;
     all) BUDGET=100000; export_extension; versions; tests; kernels; infer 60 fused,reference,hf-sdpa,reference+compile,fused+compile 600; train ;;
-    *) echo "unknown stage $stage: tests | kernels | e2e | compile | all | attention | reassemble | rcu | infer | train"; return 2 ;;
+    *) echo "unknown stage $stage: quick | tests | kernels | e2e | compile | all | attention | reassemble | rcu | infer | train"; return 2 ;;
   esac
   step "done"
   ls -l "$OUT"

@@ -7,12 +7,15 @@ The groups:
 - The TMA (tensor descriptor) twins of the forward, dK/dV and dQ kernels, run through the interpreter by
   asking for them (tma=True): against the reference, inside each image's rows, misaligned inputs falling
   back to the pointer kernels.
-- One CPU test that compiles every kernel for sm_90 ahead of time (no GPU needed), in a subprocess.
-- Every autotune config: the DPT_FAST_AUTOTUNE switch (full: whole lists, quick: the first config, a bad
-  value fails at import; both kernel modules, in a subprocess without the interpreter), and the helper that
-  runs each config of the full lists pinned (pinned_config) against the reference, run here through the
-  interpreter (whose list is one config) and on the GPU for every config, pointer and TMA kernels.
-- GPU tests (marker gpu): compiled kernels, bf16/fp16, N = 577, 2305, 9217, gradients, large-magnitude
+- CPU tests that compile every config of every kernel for sm_90a ahead of time (no GPU needed; subprocesses,
+  tests/hopper_aot.py): wgmma, cp.async / TMA, no register spill (ptxas -v), shared memory within budget.
+- Autotuning: the key (dtype, bucketed N and batch x heads), the per-head-dim lists, no tuning inside
+  CUDA-graph capture (kernels.launch), the DPT_FAST_AUTOTUNE switch (full: whole lists, quick: the first
+  config of each, a bad value fails at import; both kernel modules, in a subprocess without the
+  interpreter), and the helper that runs each config of the full lists pinned (tests/kernel_helpers.py)
+  against the reference, run here through the interpreter (whose list is one config) and on the GPU for
+  every config, pointer and TMA kernels.
+- GPU tests (marker gpu): compiled kernels, bf16/fp16, N = 577, 1370, 2305, 9217, gradients, large-magnitude
   inputs, determinism, strided input, torch.compile(fullgraph=True), TMA vs pointer kernels on sm_90+,
   every config of every kernel (bf16, N = 577).
   Skipped without CUDA or when the kernels are interpreted.
@@ -727,8 +730,8 @@ def _max_err(a, b):
 
 @gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-@pytest.mark.parametrize("batch,tokens,heads,head_dim", [(2, 577, 4, 64), (1, 577, 2, 128), (2, 2305, 4, 64),
-                                                         (1, 9217, 2, 64)])
+@pytest.mark.parametrize("batch,tokens,heads,head_dim", [(2, 577, 4, 64), (1, 577, 2, 128), (2, 1370, 4, 64),
+                                                         (2, 2305, 4, 64), (1, 9217, 2, 64)])
 @pytest.mark.parametrize("magnitude", [1.0, 30.0], ids=["randn", "randn_x30"])
 def test_gpu_matches_reference(dtype, batch, tokens, heads, head_dim, magnitude):
     qkv, grad = _qkv(batch, tokens, heads, head_dim, dtype, device="cuda", magnitude=magnitude, seed=tokens)
