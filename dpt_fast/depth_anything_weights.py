@@ -67,22 +67,32 @@ def _peek_file(path: Path):
         return None
 
 
+def _folder_of(p: Path) -> Path:
+    """A transformers folder's config.json or weights file stands for the folder."""
+    if p.is_file() and (p.name == CONFIG_NAME or (p.suffix in (".safetensors", ".bin")
+                                                  and _is_hf_folder(p.parent))):
+        return p.parent
+    return p
+
+
+def _is_hf_folder(p: Path) -> bool:
+    cfg_path = p / CONFIG_NAME
+    if not cfg_path.is_file():
+        return False
+    try:
+        with open(cfg_path, encoding="utf-8") as f:
+            cfg = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return isinstance(cfg, dict) and cfg.get("model_type") == HF_MODEL_TYPE
+
+
 def recognizes(path) -> bool:
-    """True when `path` is a Depth Anything checkpoint this module reads: a transformers folder (or its
-    config.json) with "model_type": "depth_anything", or a file with `pretrained.*` + `depth_head.*` keys."""
-    p = Path(os.fspath(path)).expanduser()
-    if p.is_file() and p.name == CONFIG_NAME:
-        p = p.parent
+    """True when `path` is a Depth Anything checkpoint this module reads: a transformers folder (or a
+    file in it) with "model_type": "depth_anything", or a file with `pretrained.*` + `depth_head.*` keys."""
+    p = _folder_of(Path(os.fspath(path)).expanduser())
     if p.is_dir():
-        cfg_path = p / CONFIG_NAME
-        if not cfg_path.is_file():
-            return False
-        try:
-            with open(cfg_path, encoding="utf-8") as f:
-                cfg = json.load(f)
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-            return False
-        return isinstance(cfg, dict) and cfg.get("model_type") == HF_MODEL_TYPE
+        return _is_hf_folder(p)
     if not p.is_file():
         return False
     state = _peek_file(p)
@@ -435,9 +445,7 @@ def hf_state_dict_to_original(state: dict) -> tuple[dict, list[str]]:
 
 def _read(path, overrides: dict) -> tuple[Path, dict, dict]:
     """(resolved path, model config, state dict in the model's layout)."""
-    p = Path(os.fspath(path)).expanduser()
-    if p.is_file() and p.name == CONFIG_NAME:
-        p = p.parent
+    p = _folder_of(Path(os.fspath(path)).expanduser())
     if p.is_dir():
         cfg = _read_json(p / CONFIG_NAME)
         config = {**hf_config_to_model_config(cfg, str(p / CONFIG_NAME))}

@@ -86,6 +86,8 @@ def test_position_rule_changes_numbers_off_the_trained_grid(tmp_path):
     hf.save_pretrained(tmp_path / "hf")
     hf_rule = dpt_fast.load_model(tmp_path / "hf")
     original_rule = dpt_fast.load_model(tmp_path / "hf", pos_embed_rule="bicubic_offset")
+    via_file = dpt_fast.load_model(tmp_path / "hf" / "model.safetensors")  # a file in the folder: the folder
+    assert via_file.config == hf_rule.config
     with torch.no_grad():
         x = torch.randn(1, 3, *SQUARE)
         assert torch.equal(hf_rule(x), original_rule(x))
