@@ -1,9 +1,9 @@
 """Turn the files a GPU run of benchmarks/gpu_suite.sh returned into the project's results.
 
-    python benchmarks/render_results.py FOLDER_OR_FILE...        (the folders the device calls returned)
+    python benchmarks/render_results.py FOLDER_OR_FILE...        (the output folders of the GPU runs)
 
-reads every benchmark JSON among the inputs (bench_attention.py, bench_reassemble.py, bench_rcu.py,
-bench_train.py, `dpt-fast bench`) and the GPU tests' junit XML, merges them per device and date into
+reads every benchmark JSON among the inputs (benchmarks/gpu_quick.py's environment.json, bench_attention.py,
+bench_reassemble.py, bench_rcu.py, bench_train.py, `dpt-fast bench`) and the GPU tests' junit XML, merges them per device and date into
 benchmarks/results/<device>-<date>.json (merging into that file when it exists: a stage run again
 replaces its benchmark; end-to-end rows are merged row by row, a measured row never replaced by a
 skipped one), evaluates the targets of issues 3-7 (met / not met / incomplete / not measured / not
@@ -31,9 +31,9 @@ DEFAULT_RESULTS = ROOT / "benchmarks" / "results"
 DEFAULT_MARKDOWN = ROOT / "benchmarks" / "RESULTS.md"
 BEGIN = "<!-- BEGIN GENERATED RESULTS (benchmarks/render_results.py; do not edit by hand) -->"
 END = "<!-- END GENERATED RESULTS -->"
-NO_RESULTS = ("**No GPU measurement exists yet.** The sessions so far had no GPU: the fused kernels have been "
-              "checked for correctness on CPU only (Triton interpreter; the CUDA extension compiled but never "
-              "executed), and no speed claim is made.")
+NO_RESULTS = ("**No GPU measurement exists yet.** The fused kernels have been checked for correctness on CPU "
+              "only (Triton interpreter; the CUDA extension compiled but never executed), and no speed claim is "
+              "made.")
 KINDS = ("environment", "attention", "reassemble", "rcu", "train", "e2e_inference", "e2e_train")
 TARGET_DEVICE = "H100"  # the issues state their targets for an H100
 
@@ -136,7 +136,7 @@ def _measured(r: dict) -> bool:
 
 def stored_run_path(results_dir: Path, device: str, date: str) -> Path:
     """The results file of this device's run: an existing one dated the day before or the same day (a
-    session's stages may cross midnight), else <device>-<date>.json."""
+    run's stages may cross midnight), else <device>-<date>.json."""
     try:
         day = _dt.date.fromisoformat(date)
     except ValueError:
@@ -615,7 +615,7 @@ def main(argv=None) -> int:
     by_device: dict[str, list] = {}
     for f, d in docs:
         by_device.setdefault(run_key(d)[0], []).append((f, d))
-    for device, group in by_device.items():  # one run per device: the stages of a session may cross midnight
+    for device, group in by_device.items():  # one run per device: a run's stages may cross midnight
         groups[(device, min(run_key(d)[1] for _, d in group))] = group
     if junits and not groups:
         print("render_results: junit XML without any benchmark JSON: nothing to attach it to", file=sys.stderr)
