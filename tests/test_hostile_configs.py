@@ -344,3 +344,18 @@ def test_saved_depth_anything_config_is_checked(tmp_path):
         _edit_config(folder, edit)
         with pytest.raises(CheckpointError, match=words):
             load_model(folder)
+
+
+
+def test_build_model_checks_recorded_configs():
+    """build_model rebuilds from a recorded config (train's --resume and --init read them from
+    checkpoint.pt): the same allow-list applies."""
+    from dpt_fast import DPTSegmentationModel, build_model
+    from dpt_fast.config_validation import ConfigError
+    depth = dict(DPTDepthModel(**TINY).config)
+    with pytest.raises(ConfigError, match="'surprise' is not allowed"):
+        build_model(dict(depth, surprise=1))
+    segmentation = dict(DPTSegmentationModel(3, **TINY).config)
+    with pytest.raises(ConfigError, match="num_classes must be an integer"):
+        build_model(dict(segmentation, num_classes=True))
+    assert build_model(depth).config == depth and build_model(segmentation).config == segmentation

@@ -8,9 +8,12 @@ MODEL_CLASSES = {"DPTDepthModel": DPTDepthModel, "DPTSegmentationModel": DPTSegm
 
 
 def build_model(config: dict):
-    """Rebuild a model from its `model.config` dict (as saved by dpt_fast.save_model)."""
-    config = dict(config)
-    name = config.pop("model_class", None)
+    """Rebuild a model from its `model.config` dict (as saved by dpt_fast.save_model). Such a dict may
+    come from a file, so it passes dpt_fast.config_validation's allow-list first (a ConfigError, a
+    ValueError, names any key or value that is not allowed)."""
+    from ..config_validation import validate_model_config
+    config = validate_model_config(config)
+    name = config.pop("model_class")
     if name not in MODEL_CLASSES:
         raise ValueError(f"config['model_class'] must be one of {sorted(MODEL_CLASSES)}, got {name!r}")
     return MODEL_CLASSES[name](**config)
