@@ -9,11 +9,13 @@
 
 `dpt-fast predict` is a command-line layer over this module. The pieces, usable alone:
 
-- `collect_inputs` / `plan_jobs`: inputs -> jobs (an input file and its output paths);
+- `collect_inputs` / `plan_jobs` (dpt_fast.input_files): inputs -> jobs (an input file and its
+  output paths);
 - `Predictor`: decoded images -> predictions at each image's resolution (batching by processed size,
   halving a batch on out-of-memory, overlapping tiles for images too large for memory);
 - `Writer`: background threads that encode and write the outputs atomically;
-- `OutputManifest`: the record of which outputs this tool wrote, and with which model and settings.
+- `OutputManifest` (dpt_fast.output_manifest): the record of which outputs this tool wrote, and with
+  which model and settings.
 
 Pipeline: DataLoader workers decode images (Pillow) -> the main thread groups them by processed size
 into batches, copies the uint8 pixels to the device and preprocesses there (dpt_fast.transforms) ->
@@ -29,14 +31,9 @@ flight, with everything computed written.
 from __future__ import annotations
 
 import contextlib
-import glob
 import hashlib
-import itertools
-import json
-import math
 import os
 import queue
-import stat
 import sys
 import threading
 import time
@@ -48,28 +45,24 @@ import torch
 import torch.nn.functional as F
 
 from . import image_io
+from .input_files import (FORMAT_SUFFIX, Job, UsageError, check_outputs, collect_inputs, plan_jobs,  # noqa: F401
+                          shard)
+from .output_manifest import (MANIFEST_NAME, OutputConflict, OutputManifest, Plan, file_fingerprint,  # noqa: F401
+                              model_digest, plan_work, settings_record)
 from .transforms import (DEPTH_SIZE, LABEL_OFFSET, normalize_depth, preprocess, resize_prediction,
                          segmentation_labels, target_size)
 
-__all__ = ["predict_images", "Summary", "Predictor", "Writer", "OutputManifest", "Job", "collect_inputs",
-           "plan_jobs", "check_outputs", "shard", "model_digest", "file_fingerprint", "Reporter", "UsageError", "DEPTH_FORMATS",
-           "SEGMENTATION_FORMATS", "FORMAT_SUFFIX"]
+__all__ = ["predict_images", "Summary", "Predictor", "Writer", "Reporter", "UsageError", "DEPTH_FORMATS",
+           "SEGMENTATION_FORMATS",
+           # from dpt_fast.input_files and dpt_fast.output_manifest
+           "Job", "collect_inputs", "plan_jobs", "check_outputs", "shard", "FORMAT_SUFFIX", "OutputManifest",
+           "MANIFEST_NAME", "Plan", "model_digest", "file_fingerprint"]
 
 SIZE_MULTIPLE = 32
 FALLBACK_TILE = 1024  # tile size used when a single image does not fit in memory and no tile was given
-MANIFEST_NAME = ".dpt-fast-manifest.jsonl"
 
 DEPTH_FORMATS = ("png16", "pfm", "npy", "color")
 SEGMENTATION_FORMATS = ("png", "npy", "color")
-FORMAT_SUFFIX = {"png16": ".png", "png": ".png", "pfm": ".pfm", "npy": ".npy", "color": "-color.png"}
-
-
-class UsageError(Exception):
-    """A problem with what was asked (inputs, output folder, options): reported in one line."""
-
-
-class OutputConflict(Exception):
-    """An output path holds a file this tool did not write."""
 
 
 # --- messages and progress -----------------------------------------------------------------------
@@ -118,324 +111,6 @@ class Reporter:
         self._bar.set_postfix_str(f"{self._images / elapsed:.2f} img/s, {self._pixels / 1e6 / elapsed:.1f} MP/s",
                                   refresh=False)
         self._bar.update(len(images) + skipped)
-
-
-# --- inputs --------------------------------------------------------------------------------------
-
-@dataclass
-class Job:
-    src: Path
-    rel: str                                     # output name relative to OUT, without extension (posix)
-    outputs: dict = field(default_factory=dict)  # format -> Path
-
-
-def _glob_base(pattern: str) -> Path:
-    """The leading folders of a glob pattern that contain no wildcard."""
-    parts = Path(pattern).parts
-    base = []
-    for part in parts[:-1]:
-        if glob.has_magic(part):
-            break
-        base.append(part)
-    return Path(*base) if base else Path(".")
-
-
-def _is_regular(path) -> bool:
-    try:
-        return stat.S_ISREG(os.stat(path).st_mode)
-    except OSError:
-        return False
-
-
-def _walk(folder: Path, exclude: Path | None, skipped: list | None = None, visited: set | None = None):
-    """Image files under `folder`, recursively, sorted; hidden entries and the output folder are left
-    out. Links to folders are followed, but every real folder is entered once (a link loop ends);
-    only regular files are yielded (a FIFO or device named like an image is listed in `skipped`)."""
-    visited = set() if visited is None else visited
-    try:
-        info = os.stat(folder)
-    except OSError as e:
-        if skipped is not None:
-            skipped.append((str(folder), f"cannot enter: {e.strerror or e}"))
-        return
-    if (info.st_dev, info.st_ino) in visited:
-        return
-    visited.add((info.st_dev, info.st_ino))
-    try:
-        entries = sorted(os.scandir(folder), key=lambda e: e.name)
-    except OSError as e:
-        if skipped is not None:
-            skipped.append((str(folder), f"cannot list: {e.strerror or e}"))
-        return
-    subfolders = []
-    for entry in entries:
-        if entry.name.startswith("."):
-            continue
-        path = Path(folder) / entry.name
-        try:
-            is_dir = entry.is_dir()  # follows links
-        except OSError:
-            is_dir = False
-        if is_dir:
-            if exclude is None or path.resolve() != exclude:
-                subfolders.append(path)
-        elif image_io.is_image_name(entry.name):
-            if _is_regular(path):
-                yield path
-            elif skipped is not None:
-                skipped.append((str(path), "not a regular file (a FIFO, socket, device or broken link)"))
-    for sub in subfolders:
-        yield from _walk(sub, exclude, skipped, visited)
-
-
-def collect_inputs(inputs, exclude=None, skipped: list | None = None
-                   ) -> tuple[list[tuple[Path, str]], list[tuple[str, str]]]:
-    """INPUT arguments -> ([(file, relative name with extension)], [(argument, problem)]).
-
-    A folder contributes its image files recursively, named relative to the folder; a file is named by
-    its file name; a glob's matches are named relative to the pattern's leading non-wildcard folders.
-    The same file given twice is kept once. Problems: a missing input, a named file that is not a
-    regular file, a folder or pattern without images. Files met in folders but left out (not regular
-    files) are appended to `skipped` as (path, reason).
-    """
-    exclude = Path(exclude).resolve() if exclude is not None else None
-    found: dict[Path, tuple[Path, str]] = {}
-    problems = []
-
-    def add(path: Path, rel: Path):
-        key = path.resolve()
-        if key not in found:
-            found[key] = (path, rel.as_posix())
-        return 1
-
-    for arg in inputs:
-        arg = os.fspath(arg)
-        path = Path(arg).expanduser()
-        if path.is_dir():
-            if not sum(add(f, f.relative_to(path)) for f in _walk(path, exclude, skipped)):
-                problems.append((arg, "the folder holds no image files (" + ", ".join(image_io.IMAGE_EXTENSIONS) + ")"))
-        elif os.path.lexists(path) and not glob.has_magic(arg):
-            if _is_regular(path):
-                add(path, Path(path.name))
-            else:
-                problems.append((arg, "not a regular file (a FIFO, socket, device or broken link)"))
-        elif glob.has_magic(arg):
-            base = _glob_base(os.path.expanduser(arg))
-            n_images = 0
-            for m in map(Path, sorted(glob.glob(os.path.expanduser(arg), recursive=True))):
-                if m.is_dir():
-                    n_images += sum(add(f, f.relative_to(base)) for f in _walk(m, exclude, skipped))
-                elif image_io.is_image_name(m) and not m.name.startswith("."):
-                    if exclude is not None and exclude in m.resolve().parents:
-                        continue
-                    if _is_regular(m):
-                        n_images += add(m, m.relative_to(base) if base != Path(".") else m)
-                    elif skipped is not None:
-                        skipped.append((str(m), "not a regular file"))
-            if not n_images:
-                problems.append((arg, "the pattern matches no image"))
-        else:
-            problems.append((arg, "no such file or directory"))
-    return list(found.values()), problems
-
-
-# --- output names --------------------------------------------------------------------------------
-
-def _qualified(src, name: str, depth: int) -> str:
-    """`name` prefixed with the `depth` folders above the part of `src` that `name` already names
-    (a/x.jpg and b/x.jpg, both named x from the input folders a and b, become a/x and b/x)."""
-    parts = Path(os.path.abspath(src)).parts[1:]  # without the root
-    above = parts[:max(0, len(parts) - len(Path(name).parts))]
-    return "/".join([*above[len(above) - depth:], name]) if depth <= len(above) else ""
-
-
-def plan_jobs(items, out_dir, formats) -> list[Job]:
-    """Output names: the input's relative name without its extension (subfolders kept). Inputs that
-    share a stem in one folder (coffee.jpg and coffee.png) keep their whole file name instead
-    (coffee.jpg.png and coffee.png.png for 16-bit PNGs; coffee.jpg-color.png for colour pictures);
-    inputs of one relative name from several input folders (`predict a b` with a/x.jpg and b/x.jpg)
-    are prefixed with their folders' names (a/x.png, b/x.png). Names are compared case-insensitively,
-    so that no two inputs share an output file on any file system."""
-    out_dir = Path(out_dir)
-    stems: dict[str, set] = {}
-    for _, rel in items:
-        stems.setdefault(os.path.splitext(rel)[0].casefold(), set()).add(rel.casefold())
-    names = []
-    for _, rel in items:
-        stem = os.path.splitext(rel)[0]
-        names.append(rel if len(stems[stem.casefold()]) > 1 else stem)
-
-    def outputs(name):
-        return {fmt: out_dir / (name + FORMAT_SUFFIX[fmt]) for fmt in formats}
-
-    def claimed(name):
-        return {str(p).casefold() for p in outputs(name).values()}
-
-    # Names that still collide (one relative name from two folders; "x-color.jpg" against x.jpg's colour
-    # output) are qualified by parent folders, else numbered; deterministic in the items, as sharding needs.
-    counts: dict[str, int] = {}
-    for name in names:
-        for path in claimed(name):
-            counts[path] = counts.get(path, 0) + 1
-    taken: set[str] = set()
-    for i in sorted(range(len(items)), key=lambda i: (names[i], str(items[i][0]))):
-        if any(counts[p] > 1 for p in claimed(names[i])):
-            src, name = items[i][0], names[i]
-            depths = range(1, len(Path(os.path.abspath(src)).parts))
-            candidates = itertools.chain((_qualified(src, name, d) for d in depths),
-                                         (f"{name}~{n}" for n in itertools.count(2)))
-            names[i] = next(c for c in candidates if c and not claimed(c) & taken
-                            and not any(p in counts for p in claimed(c)))
-            taken |= claimed(names[i])
-    jobs = [Job(src, name, outputs(name)) for (src, _), name in zip(items, names)]
-    jobs.sort(key=lambda j: (j.rel, str(j.src)))
-    return jobs
-
-
-def check_outputs(jobs: list[Job], inputs, out_dir) -> None:
-    """Refuse an output folder that is an input folder (a re-run would read the outputs as inputs)
-    or whose outputs would overwrite an input image (`predict photos/a.png -o photos`)."""
-    out = Path(out_dir).expanduser().resolve()
-    for arg in inputs:
-        path = Path(os.fspath(arg)).expanduser()
-        if path.is_dir() and path.resolve() == out:
-            raise UsageError(f"-o {out_dir} is the input folder {os.fspath(arg)}: the next run would read the "
-                             "outputs as inputs; choose another output folder (a subfolder of the input is fine)")
-    sources = {s for s in (Path(job.src).resolve() for job in jobs) if out in s.parents}
-    for job in jobs if sources else ():  # only inputs inside the output folder can be overwritten
-        for path in job.outputs.values():
-            if path.resolve() in sources:
-                raise UsageError(f"the output {path} would overwrite an input image of that name: choose "
-                                 "another output folder with -o")
-
-
-def shard(jobs: list, rank: int, world: int) -> list:
-    """The rank's share of the sorted job list: job i goes to rank i % world."""
-    return [job for i, job in enumerate(jobs) if i % world == rank]
-
-
-# --- which outputs this tool wrote ---------------------------------------------------------------
-
-def _identity(info: os.stat_result) -> list[int]:
-    return [info.st_size, info.st_mtime_ns, info.st_ino]
-
-
-def _file_sha256(path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-class OutputManifest:
-    """OUT/.dpt-fast-manifest.jsonl: one JSON line per output written, appended just before the
-    output takes its final name: {"output": name in OUT, "file": [size, mtime_ns, inode], "sha256":
-    the bytes' digest, "settings": {model, size, task, dtype, format, ...}}.
-
-    A file in OUT is this tool's if a record matches it: its size, modification time and inode, or
-    (a file touched or copied since) its size and SHA-256; a file put there by someone else under the
-    same name matches neither. It is done if that record's settings are the ones asked for now. Lines
-    are appended with O_APPEND in one write each, so several processes (torchrun ranks) and threads
-    may record at once; a line cut short by a kill is ignored on reading."""
-
-    def __init__(self, out_dir):
-        self.out_dir = Path(out_dir)
-        self.path = self.out_dir / MANIFEST_NAME
-        self._lock = threading.Lock()
-        self.records: dict[str, list[dict]] = {}
-        try:
-            text = self.path.read_text(encoding="utf-8", errors="replace")
-        except (FileNotFoundError, NotADirectoryError):
-            text = ""
-        for line in text.splitlines():
-            try:
-                record = json.loads(line)
-                name, identity = record["output"], record["file"]
-            except (ValueError, KeyError, TypeError):
-                continue  # a line cut short by a kill, or not ours
-            if isinstance(name, str) and isinstance(identity, list) and len(identity) == 3:
-                self.records.setdefault(name, []).append(record)
-
-    def _name(self, path) -> str:
-        return Path(os.path.relpath(path, self.out_dir)).as_posix()
-
-    def record_for(self, path) -> dict | None:
-        """The record of the file now at `path` if this tool wrote it, else None (also when absent)."""
-        try:
-            info = os.lstat(path)
-        except (FileNotFoundError, NotADirectoryError):
-            return None
-        records = self.records.get(self._name(path), [])
-        if not stat.S_ISREG(info.st_mode) or not records:
-            return None
-        identity = _identity(info)
-        for record in reversed(records):
-            if record["file"] == identity:
-                return record
-        same_size = [r for r in reversed(records) if r["file"][0] == info.st_size and r.get("sha256")]
-        if same_size:
-            digest = _file_sha256(path)
-            for record in same_size:
-                if record["sha256"] == digest:
-                    return record
-        return None
-
-    def add(self, path, written: os.stat_result, settings: dict, sha256: str | None = None) -> None:
-        record = {"output": self._name(path), "file": _identity(written), "sha256": sha256, "settings": settings}
-        line = (json.dumps(record, sort_keys=True) + "\n").encode("utf-8")
-        with self._lock:
-            self.out_dir.mkdir(parents=True, exist_ok=True)
-            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
-            try:
-                os.write(fd, line)
-            finally:
-                os.close(fd)
-            self.records.setdefault(record["output"], []).append(record)
-
-    def compact(self) -> None:
-        """Rewrite the manifest (atomically) with only the records of files still in place; for a
-        single process, when no other is appending."""
-        keep = []
-        for name in sorted(self.records):
-            record = self.record_for(self.out_dir / name)
-            if record is not None:
-                keep.append(json.dumps(record, sort_keys=True) + "\n")
-        if keep or self.path.exists():
-            image_io.atomic_write_bytes(self.path, "".join(keep).encode("utf-8"))
-
-
-@dataclass
-class Plan:
-    todo: list           # jobs to compute
-    done: list           # jobs whose outputs are all this tool's, from the same settings
-    conflicts: list      # (job, why): an output path holds a file this tool did not write
-
-
-def plan_work(jobs: list[Job], manifest: OutputManifest, settings: dict, overwrite: bool = False) -> Plan:
-    """Sort jobs into done, to do, and conflicts (never written over)."""
-    plan = Plan([], [], [])
-    for job in jobs:
-        foreign = [p for p in job.outputs.values() if os.path.lexists(p) and manifest.record_for(p) is None]
-        if foreign:
-            plan.conflicts.append((job, f"{foreign[0]} exists and was not written by dpt-fast: left as it is and "
-                                        "this input skipped (move that file, or choose another -o)"))
-            continue
-        finished = all((r := manifest.record_for(p)) is not None and r.get("settings") == dict(settings, format=fmt)
-                       for fmt, p in job.outputs.items())
-        (plan.done if finished and not overwrite else plan.todo).append(job)
-    return plan
-
-
-def model_digest(model: torch.nn.Module) -> str:
-    """A short SHA-256 over the model's configuration and state dict (names, dtypes, shapes, bytes):
-    the model's identity in the manifest when no file fingerprint is given."""
-    h = hashlib.sha256(json.dumps(getattr(model, "config", {}) or {}, sort_keys=True, default=str).encode())
-    for name, tensor in model.state_dict().items():
-        t = tensor.detach().to("cpu").contiguous()
-        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return "sha256:" + h.hexdigest()[:32]
 
 
 # --- decoding (DataLoader workers) ---------------------------------------------------------------
@@ -933,19 +608,6 @@ def run_jobs(predictor: Predictor, jobs: list[Job], *, writer: Writer, reporter:
     return summary
 
 
-def settings_record(model_id: str, size, segmentation: bool, dtype=None, tile=None, tile_overlap=0.25,
-                    label_offset: int = LABEL_OFFSET) -> dict:
-    """What the manifest records about how an output was made (with its format, added per file)."""
-    record = {"model": model_id, "size": "native" if size is None else int(size),
-              "task": "segmentation" if segmentation else "depth",
-              "dtype": str(dtype).replace("torch.", "") if dtype is not None else "float32"}
-    if tile:
-        record.update(tile=int(tile), tile_overlap=float(tile_overlap))
-    if segmentation:
-        record["label_offset"] = int(label_offset)
-    return record
-
-
 def _is_segmentation(model) -> bool:
     return hasattr(model, "num_classes") or "Segmentation" in type(model).__name__
 
@@ -1040,15 +702,3 @@ def run_planned(model, jobs: list[Job], out_dir, *, settings: dict, device, dtyp
             with contextlib.suppress(OSError):
                 manifest.compact()
     return summary
-
-
-def file_fingerprint(path) -> str:
-    """A model file's or folder's identity for the manifest: SHA-256 over the resolved path, size and
-    modification time of the file (of a folder: of each file directly in it). Cheap: nothing is read."""
-    path = Path(path).expanduser().resolve()
-    files = sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else [path]
-    h = hashlib.sha256()
-    for f in files:
-        info = f.stat()
-        h.update(f"{f}\0{info.st_size}\0{info.st_mtime_ns}\n".encode())
-    return f"{path.name}@sha256:{h.hexdigest()[:24]}"

@@ -164,8 +164,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     required = parser.add_argument_group("required")
     required.add_argument("-o", "--out", required=True, metavar="OUT",
                           help="output folder (input subfolders are kept)")
-    required.add_argument("--model", "-m", metavar="MODEL", help="checkpoint: an original release .pt, "
-                          "a Hugging Face DPT folder, or a dpt_fast.save_model folder (e.g. a training run's OUT/model)")
+    required.add_argument("--model", "-m", metavar="MODEL",
+                          help="checkpoint: an original release .pt, a Hugging Face DPT folder, or a "
+                          "dpt_fast.save_model folder (e.g. a training run's OUT/model)")
     parser.add_argument("--size", default=None,
                         help="processing size: N (resized as the original does; default 384 for depth, 480 for "
                         "segmentation) or 'native' (each image at its own resolution)")
