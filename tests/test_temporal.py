@@ -125,3 +125,24 @@ def test_evaluate_synthetic_reports_per_motion():
                                  temporal_align=True)
     assert set(raw) == {"pan"} and raw["pan"]["temporal_error"] > 0.1
     assert aligned["pan"]["temporal_error"] < 1e-4
+
+
+def test_evaluate_command_reports_per_motion(tmp_path, capsys):
+    import json
+
+    import dpt_fast
+    from dpt_fast.video.evaluate import main
+    from model_helpers import TINY, randomize_
+    dpt_fast.save_model(randomize_(dpt_fast.DPTDepthModel(**TINY), seed=0, matrix_std=0.1), tmp_path / "tiny")
+    with dpt_fast.use_backend("reference"):
+        status = main(["--model", str(tmp_path / "tiny"), "--size", "32", "--frames", "3", "--height", "24",
+                       "--width", "32", "--motions", "static,pan", "--temporal-align", "--device", "cpu",
+                       "--out", str(tmp_path / "report.json")])
+    assert status == 0
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert set(report["raw"]) == {"static", "pan"} and set(report["aligned"]) == {"static", "pan"}
+    assert {"flicker", "temporal_error", "true_change", "abs_rel"} <= set(report["raw"]["pan"])
+    assert report["raw"]["static"]["true_change"] == 0
+    assert main(["--model", str(tmp_path / "missing.pt"), "--device", "cpu"]) == 2
+    assert main(["--model", str(tmp_path / "tiny"), "--motions", "orbit"]) == 2
+    assert "error:" in capsys.readouterr().err

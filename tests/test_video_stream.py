@@ -98,3 +98,17 @@ def test_measure_latency_reports_compute_and_camera_latency():
     assert report["compute_median_ms"] >= 10 and report["latency_median_ms"] >= 10
     assert report["processed"] + report["dropped"] == 8 and report["processed"] >= 1
     assert stream.drop_late  # the stream's own settings are used and kept
+
+
+def test_model_predictor_uses_depth_anything_preprocessing():
+    import dpt_fast
+    from dpt_fast.models.depth_anything import DepthAnythingModel
+    from dpt_fast.transforms import depth_anything_preprocess, resize_prediction
+    model = DepthAnythingModel("da2-small", taps=[0, 1, 2, 3], features=32, out_channels=[32, 32, 64, 64],
+                               vit_kwargs=dict(embed_dim=64, depth=4, num_heads=1)).eval()
+    image = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (3, 30, 44), dtype=np.uint8))
+    with dpt_fast.use_backend("reference"), torch.no_grad():
+        got = model_predictor(model, size=28)(image)
+        expected = resize_prediction(model(depth_anything_preprocess(image, size=28)), (30, 44), mode="bilinear")[0]
+    assert got.shape == (30, 44)
+    torch.testing.assert_close(got, expected)

@@ -55,25 +55,38 @@ def _as_image(frame) -> torch.Tensor:
     return image
 
 
-def model_predictor(model: torch.nn.Module, size: int | tuple[int, int] | None = 384, multiple: int = 32,
+def model_predictor(model: torch.nn.Module, size: int | tuple[int, int] | None = 0, multiple: int | None = None,
                     device=None, autocast_dtype: torch.dtype | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
-    """A depth model -> predict(uint8 RGB [3, H, W]) -> float32 [H, W] on the CPU at the frame's size.
+    """A single-image depth model -> predict(uint8 RGB [3, H, W]) -> float32 [H, W] on the CPU at the
+    frame's size.
 
-    Preprocessing is `dpt_fast.transforms.preprocess(size, multiple)` (mean = std = 0.5, the DPT
-    release's); the output is resized back bicubically. `device` defaults to the model's; autocast_dtype
-    (e.g. torch.bfloat16 on a GPU) runs the model under autocast. The model is put in eval mode.
+    DPT models: `dpt_fast.transforms.preprocess` (mean = std = 0.5, multiples of 32, default size 384),
+    the output resized back bicubically. Depth Anything models: `depth_anything_preprocess` (ImageNet
+    mean/std, multiples of 14, default size 518), resized back bilinearly, as their releases do.
+    `size` None keeps the frame's resolution (rounded to the multiple). `device` defaults to the
+    model's; autocast_dtype (e.g. torch.bfloat16 on a GPU) runs the model under autocast.
     """
+    from ..transforms import depth_anything_preprocess
     model.eval()
     if device is None:
         device = next(model.parameters()).device
     device = torch.device(device)
+    depth_anything = getattr(model, "config", {}).get("model_class") == "DepthAnythingModel"
+    if depth_anything:
+        size = 518 if size == 0 else size
+        prepare = lambda image: depth_anything_preprocess(image, size=size, multiple=multiple or 14)  # noqa: E731
+        mode = "bilinear"
+    else:
+        size = 384 if size == 0 else size
+        prepare = lambda image: preprocess(image, size=size, multiple=multiple or 32)  # noqa: E731
+        mode = "bicubic"
 
     def predict(image: torch.Tensor) -> torch.Tensor:
         image = _as_image(image).to(device, non_blocking=True)
         with torch.inference_mode(), torch.autocast(device.type, autocast_dtype or torch.float32,
                                                     enabled=autocast_dtype is not None):
-            output = model(preprocess(image, size=size, multiple=multiple))
-        return resize_prediction(output.float(), image.shape[-2:])[0].cpu()
+            output = model(prepare(image))
+        return resize_prediction(output.float(), image.shape[-2:], mode=mode)[0].cpu()
     return predict
 
 
