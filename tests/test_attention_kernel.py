@@ -880,3 +880,33 @@ def test_gpu_every_config_matches_reference(tma):
     for line in skipped:
         warnings.warn(f"config skipped (does not fit the device; the autotuner skips it too): {line}")
     assert {"out", "lse", "dq", "dk", "dv"} <= set(checked), checked
+
+
+@gpu
+def test_gpu_cuda_graph_capture_never_autotunes():
+    """Inside CUDA-graph capture a key with no tuning runs the first config of its head dim's list (no
+    benchmarking inside the capture, nothing stored: a later launch outside capture tunes it), and the
+    replayed graph computes what an eager call does. The first config is compiled beforehand by a launch at
+    another N bucket (loading a module inside a capture is not allowed)."""
+    kernels = _kernels()
+    heads, head_dim = 4, 64
+    scale = head_dim ** -0.5
+    warm, _ = _qkv(2, 300, heads, head_dim, torch.bfloat16, device="cuda", seed=5)  # N bucket 512
+    kernels.attention_forward(warm, heads, scale)
+    qkv, _ = _qkv(2, 1370, heads, head_dim, torch.bfloat16, device="cuda", seed=6)  # N bucket 2048: untuned
+    fwd = kernels._attention_fwd_tma if kernels.use_tma(qkv, qkv[..., :heads * head_dim]) else kernels._attention_fwd
+    cached = dict(fwd.cache)
+    static_out = torch.empty(2, 1370, heads * head_dim, dtype=torch.bfloat16, device="cuda")
+    graph = torch.cuda.CUDAGraph()
+    torch.cuda.synchronize()
+    with torch.cuda.graph(graph):
+        out, _ = kernels.attention_forward(qkv, heads, scale)
+        static_out.copy_(out)
+    assert fwd.cache == cached  # nothing tuned inside the capture
+    first = kernels._FULL_CONFIGS[fwd.fn.__name__][head_dim][0]
+    assert kernels._shape(fwd.best_config) == kernels._shape(first)
+    graph.replay()
+    torch.cuda.synchronize()
+    eager, _ = kernels.attention_forward(qkv, heads, scale)  # outside capture: tunes (full) or first (quick)
+    ref_out, _, _ = _reference_fwd_bwd(qkv, torch.zeros_like(eager), heads, scale, dtype=torch.float32)
+    assert _max_err(static_out, ref_out) <= 2 * _max_err(eager, ref_out) + 1e-2
