@@ -137,6 +137,8 @@ def detect_format(path) -> tuple[str, Path, dict | None]:
         raise CheckpointError(f"{cfg_path} is neither dpt_fast's (\"format\": \"{FORMAT}\") nor a Hugging Face "
                               f"DPT config (\"model_type\": \"dpt\"; this one has model_type="
                               f"{cfg.get('model_type')!r})")
+    if not p.is_file():  # a FIFO or a device would block or never end
+        raise CheckpointError(f"{p} is not a regular file (expected a checkpoint file or a model directory)")
     return "original", p, None
 
 

@@ -359,3 +359,10 @@ def test_build_model_checks_recorded_configs():
     with pytest.raises(ConfigError, match="num_classes must be an integer"):
         build_model(dict(segmentation, num_classes=True))
     assert build_model(depth).config == depth and build_model(segmentation).config == segmentation
+
+
+def test_checkpoint_path_that_is_a_fifo_does_not_block(tmp_path):
+    fifo = tmp_path / "model.pt"
+    os.mkfifo(fifo)
+    with pytest.raises(CheckpointError, match="not a regular file"):
+        load_model(fifo)
