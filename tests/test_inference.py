@@ -242,3 +242,12 @@ def test_segmentation_follows_the_original_post_processing_and_picture(seg_model
     mask.putpalette(image_io.ADE20K_PALETTE.reshape(-1).tolist())
     drawn = Image.blend(Image.fromarray(image).convert("RGBA"), mask.convert("RGBA"), 0.5)
     assert np.array_equal(np.asarray(Image.open(out / "a-color.png")), np.asarray(drawn)[..., :3])
+
+
+def test_cudnn_autotune_is_scoped_to_the_run():
+    before = torch.backends.cudnn.benchmark
+    with inference._cudnn_autotune(torch.device("cuda"), not before):
+        assert torch.backends.cudnn.benchmark is (not before)
+    assert torch.backends.cudnn.benchmark is before  # the process's setting is left as it was
+    with inference._cudnn_autotune(torch.device("cpu"), not before):
+        assert torch.backends.cudnn.benchmark is before
