@@ -156,7 +156,8 @@ class TemporalModule(nn.Module):
         states = []
         for i, block in enumerate(t.transformer_blocks):
             per_block = len(block.attention_blocks)
-            hidden, block_states = block(hidden, frames, None if caches is None else caches[i * per_block:(i + 1) * per_block])
+            block_caches = None if caches is None else caches[i * per_block:(i + 1) * per_block]
+            hidden, block_states = block(hidden, frames, block_caches)
             states += block_states
         hidden = t.proj_out(hidden).reshape(bf, height, width, channels).permute(0, 3, 1, 2)
         return hidden + x, states

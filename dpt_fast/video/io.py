@@ -368,8 +368,9 @@ class DepthVideoWriter:
     `DPT_FAST_RANGE` tag, so `dequantize_depth` recovers the values); "first" fixes it from the first
     frame's min and max, each widened by `margin` times their span (for streams whose range is not
     known in advance; later values outside it clip); None normalises each frame by its own min and
-    max, which keeps per-frame detail but discards the scale between frames (only do that for viewing). Use the temporally aligned depth, or a model that is consistent over time, for a
-    fixed range to be meaningful.
+    max, which keeps per-frame detail but discards the scale between frames (only do that for
+    viewing). Use the temporally aligned depth, or a model that is consistent over time, for a fixed
+    range to be meaningful.
     """
 
     def __init__(self, fps, color_path=None, depth16_path=None, value_range=None, cmap: str = "inferno",
@@ -390,7 +391,8 @@ class DepthVideoWriter:
             raise
 
     def _fix_range(self, depth) -> None:
-        values = depth.detach().float().cpu().numpy() if isinstance(depth, torch.Tensor) else np.asarray(depth, np.float32)
+        values = (depth.detach().float().cpu().numpy() if isinstance(depth, torch.Tensor)
+                  else np.asarray(depth, np.float32))
         finite = values[np.isfinite(values)]
         low, high = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
         span = (high - low) or 1.0
