@@ -94,8 +94,8 @@ def _outputs(out_dir: Path, name: str, formats) -> dict[str, Path]:
 
 def predict_videos(sources: Sequence[Source], out_dir, predict: Callable, *,
                    formats: Iterable[str] = ("color", "depth16"), per_frame: bool = True,
-                   temporal_align: bool = False, value_range="first", overwrite: bool = False, rank: int = 0, world_size: int = 1, progress: bool = True,
-                   settings: dict | None = None) -> VideoSummary:
+                   temporal_align: bool = False, value_range="first", overwrite: bool = False, rank: int = 0,
+                   world_size: int = 1, progress: bool = True, settings: dict | None = None) -> VideoSummary:
     """Run `predict` over this rank's share of `sources`, writing `formats` under `out_dir`.
 
     temporal_align: pass per-frame predictions through a TemporalAligner (per video).
