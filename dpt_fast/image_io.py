@@ -82,7 +82,9 @@ def read_image(path, max_pixels: int | None = MAX_IMAGE_PIXELS) -> np.ndarray:
 
     16-bit greyscale/RGB files are scaled to 8 bits; alpha is dropped; palette, greyscale and CMYK
     images are converted. Only regular files are read. Images of more than `max_pixels` pixels
-    (None: no limit) are refused from their header, before decoding. Raises ImageReadError (a
+    are refused from their header, before decoding (None: only Pillow's own guard, which refuses
+    above twice `PIL.Image.MAX_IMAGE_PIXELS`; this function raises that to `max_pixels` when lower,
+    so that the limit given is the one that holds). Raises ImageReadError (a
     ValueError) or OSError, with the reason, for unreadable files.
     """
     with open_regular_file(path) as file, _open_checked(file, max_pixels) as img:
