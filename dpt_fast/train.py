@@ -17,12 +17,17 @@ Multi-GPU: `torchrun --nproc_per_node N -m dpt_fast.train ...` (DDP; nccl on GPU
 function of (seed, sample index) (dpt_fast.data.TrainStream), so a resumed run, or the same run on
 another number of processes, sees exactly the same samples.
 
-Output folder: checkpoint.pt (model, optimizer, scheduler, step, data position, RNG states; written
-atomically every --save-every steps, at the end, and on Ctrl-C or SIGTERM after the step in progress;
-a second Ctrl-C, 2 s later or more, stops at once without saving), metrics.jsonl (one JSON object per
---log-every steps: step, loss, lr, backbone_lr, images_per_s, elapsed_s), args.json, and at the end
-model/ (dpt_fast.save_model's format: `dpt_fast.load_model(OUT/model)`, `dpt-fast predict`, `--init`).
-`--resume` continues from OUT/checkpoint.pt (or a given path) exactly where it stopped.
+Output folder: checkpoint.pt (model, optimizer, scheduler, step, data position, RNG states, the
+logging window in progress; written atomically every --save-every steps, at the end, and on Ctrl-C or
+SIGTERM after the step in progress, the final save included; a second Ctrl-C, 2 s later or more, stops
+at once without saving), metrics.jsonl (one JSON object per --log-every steps: step, loss, lr,
+backbone_lr, images_per_s, elapsed_s), args.json (the settings), and at the end model/
+(dpt_fast.save_model's format: `dpt_fast.load_model(OUT/model)`, `dpt-fast predict`, `--init`).
+One run at a time writes a folder (an flock on OUT/.dpt-fast-train.lock, which dies with its process).
+`--resume` continues from OUT/checkpoint.pt (or a given path) exactly where it stopped, with the
+recorded settings: only --steps and the options in RESUME_MAY_CHANGE may be given anew; a run killed
+before its first checkpoint starts again from step 0 with the settings in OUT/args.json.
+Exit status of `dpt-fast train`: 0 done, 1 failed, 2 usage error (UsageError, one line), 130 interrupted.
 """
 from __future__ import annotations
 
@@ -55,7 +60,8 @@ from .losses import ScaleShiftInvariantLoss, align_least_squares, gradient_match
 from .models import DPTDepthModel, DPTSegmentationModel, build_model
 from .weights import load_model, save_model
 
-__all__ = ["add_arguments", "main", "train", "estimate_metric_alignment", "param_groups", "CHECKPOINT_FORMAT"]
+__all__ = ["add_arguments", "main", "train", "estimate_metric_alignment", "param_groups", "CHECKPOINT_FORMAT",
+           "UsageError"]
 
 CHECKPOINT_FORMAT = "dpt_fast.train/1"
 DEPTH_LOSSES = ("ssitrim", "ssimse", "silog")
@@ -242,8 +248,10 @@ def _resume_settings(recorded: dict, given: dict) -> argparse.Namespace:
                  f"{_canonical(getattr(base, key))})" for key in sorted(given)
                  if key not in RESUME_MAY_CHANGE and _canonical(getattr(merged, key)) != _canonical(getattr(base, key))]
     if conflicts:
-        raise UsageError(f"--resume continues the recorded run, but {'; '.join(conflicts)} differ: drop "
-                         f"{'them' if len(conflicts) > 1 else 'it'} or start a new run in another --out")
+        several = len(conflicts) > 1
+        raise UsageError(f"--resume continues the recorded run, but {'; '.join(conflicts)} "
+                         f"{'differ' if several else 'differs'}: drop {'them' if several else 'it'} or start a "
+                         f"new run in another --out")
     return merged
 
 
@@ -863,7 +871,8 @@ def _train(args, env: _Dist, device, out: Path, checkpoint: dict | None) -> dict
                         metrics_file.flush()
                     if bar is not None:
                         bar.set_postfix(loss=f"{mean_loss:.4f}", img_s=f"{record['images_per_s']:.1f}")
-                    last_loss, loss_sum, logged_steps, timed_steps, tick = mean_loss, torch.zeros((), device=device), 0, 0, now
+                    last_loss, loss_sum, tick = mean_loss, torch.zeros((), device=device), now
+                    logged_steps = timed_steps = 0
                     if not math.isfinite(mean_loss):
                         raise FloatingPointError(f"loss is {mean_loss} at step {step}; last checkpoint kept")
                 if env.any(stop.requested):  # every rank stops after the same step

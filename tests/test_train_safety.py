@@ -170,7 +170,8 @@ def test_resumed_and_extended_runs_log_and_compute_what_an_uninterrupted_run_doe
     assert trainer.main(["--resume", "--out", str(parts), "--steps", "12"]) == 0
 
     logged = [(r["step"], r["loss"], r["lr"]) for r in _metrics(parts)]
-    assert logged == [(r["step"], r["loss"], r["lr"]) for r in _metrics(whole)] and [s for s, _, _ in logged] == [5, 10, 12]
+    assert [s for s, _, _ in logged] == [5, 10, 12]
+    assert logged == [(r["step"], r["loss"], r["lr"]) for r in _metrics(whole)]
     assert _metrics(parts)[-1]["elapsed_s"] > _metrics(parts)[0]["elapsed_s"]  # the clock continues too
     resumed = _state(parts)["model"]
     for name, value in expected.items():
@@ -184,7 +185,8 @@ def test_resume_refuses_options_that_contradict_the_recorded_run(tmp_path, capsy
     recorded = (tmp_path / "args.json").read_bytes()
     checkpoint = (tmp_path / "checkpoint.pt").read_bytes()
     capsys.readouterr()
-    assert trainer.main(["--resume", "--out", str(tmp_path), "--size", "384", "--backbone", "vit_small_patch16_224"]) == 2
+    refused = ["--resume", "--out", str(tmp_path), "--size", "384", "--backbone", "vit_small_patch16_224"]
+    assert trainer.main(refused) == 2
     _one_line_error(capsys, "--size 384", "recorded: 64", "--backbone", "another --out")
     assert trainer.main(["--resume", "--out", str(tmp_path), "--steps", "0"]) == 2
     _one_line_error(capsys, "--steps 0", "step 1")
@@ -200,7 +202,8 @@ def test_expected_failures_end_with_one_line_and_status_2(tmp_path, capsys):
     capsys.readouterr()
     assert trainer.main([*TINY_FLAGS, "--steps", "1", "--out", str(tmp_path / "done")]) == 2
     _one_line_error(capsys, "checkpoint.pt exists", "--resume")
-    assert trainer.main([*TINY_FLAGS, "--steps", "1", "--out", str(tmp_path / "a"), "--data", str(tmp_path / "nope")]) == 2
+    missing_data = ["--data", str(tmp_path / "nope")]
+    assert trainer.main([*TINY_FLAGS, "--steps", "1", "--out", str(tmp_path / "a"), *missing_data]) == 2
     _one_line_error(capsys, "--data", "nope")
     assert trainer.main(["--resume", str(tmp_path / "missing.pt"), "--out", str(tmp_path / "b")]) == 2
     _one_line_error(capsys, "no such checkpoint")
