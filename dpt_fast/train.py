@@ -517,7 +517,8 @@ class _FolderLock:
         if fcntl is None:  # no flock (Windows): unlocked
             return self
         while True:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            # not inherited by programs the run starts (compile workers may outlive it)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -634,7 +635,10 @@ def train(args=None, **overrides) -> dict:
     out = Path(given.get("out") or _defaults()["out"])
     main_process = int(os.environ.get("RANK", "0")) == 0
     if main_process:
-        out.mkdir(parents=True, exist_ok=True)
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise UsageError(f"--out {out}: {error.strerror or error}") from error
     # every check of what OUT holds happens under its lock: two runs cannot both pass them
     with _FolderLock(out) if main_process else contextlib.nullcontext():
         if main_process:
