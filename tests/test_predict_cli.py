@@ -159,3 +159,12 @@ def test_readme_states_the_naming_rule_and_exit_statuses_as_they_are(tmp_path):
     for status in ("130", "143"):
         assert status in section and status in predict.__doc__
     assert inference.MANIFEST_NAME in section
+
+
+def test_max_pixels_is_the_limit_that_holds(tmp_path, model_dir, capsys):
+    _photo(tmp_path / "in" / "big.png", 40, 50)   # 2000 pixels
+    _photo(tmp_path / "in" / "fits.png", 20, 25)  # 500 pixels: exactly the limit
+    rc, err = _predict(capsys, tmp_path / "in", "-o", tmp_path / "out", "--model", model_dir, *FAST,
+                       "--max-pixels", "500")
+    assert rc == 1 and "big.png: cannot read the image: 50x40 = 2000 pixels is over the limit of 500" in err, err
+    assert (tmp_path / "out" / "fits.png").is_file() and not (tmp_path / "out" / "big.png").exists()
