@@ -5,6 +5,9 @@ Intel/dpt-hybrid-midas, Intel/dpt-large-ade) with renamed keys (DESIGN.md §3). 
 checkpoint of theirs onto the original release's layout, which is dpt_fast's, and refuses -- with the
 field named -- any config setting that would change the numbers and that dpt_fast cannot reproduce.
 
+Every field read is type- and range-checked before use (upper bounds from dpt_fast.config_validation):
+a null, a string or a zero where a size belongs is an HFConversionError naming the field.
+
 Config fields and what they become:
 
 - hidden_size, num_hidden_layers, num_attention_heads, intermediate_size, patch_size, image_size:
