@@ -235,8 +235,11 @@ def _confined(root: Path, path: Path, source) -> Path:
     """`path`, once checked to be a regular file that really lies inside the model folder `root`
     (links followed), else a CheckpointError: a folder from a stranger may not make the loader read
     other files of this machine, nor block on a FIFO or a device."""
-    real = path.resolve()
-    if not any(real.is_relative_to(allowed) for allowed in _allowed_roots(root)):
+    try:
+        real, allowed_roots = path.resolve(), _allowed_roots(root)
+    except (OSError, RuntimeError) as e:  # a link loop
+        raise CheckpointError(f"{source}: {path.name} cannot be resolved ({_first_line(e)})") from None
+    if not any(real.is_relative_to(allowed) for allowed in allowed_roots):
         raise CheckpointError(f"{source}: {path.name} leads outside the model folder (to {real}); every file "
                               f"of a model folder must lie inside it: copy the file into {root}")
     if not real.is_file():

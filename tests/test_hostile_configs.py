@@ -303,6 +303,11 @@ def test_fifo_or_linked_weights_do_not_block(tmp_path):
     (plain / "model.safetensors").symlink_to("/dev/zero")
     with pytest.raises(CheckpointError, match="leads outside the model folder"):
         load_model(plain)
+    (plain / "model.safetensors").unlink()
+    (plain / "loop").symlink_to("model.safetensors")
+    (plain / "model.safetensors").symlink_to("loop")
+    with pytest.raises(CheckpointError, match="cannot be resolved"):
+        load_model(plain)
 
 
 def test_index_that_is_not_a_weight_map_is_refused(tmp_path):
