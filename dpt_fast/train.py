@@ -146,8 +146,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     run = parser.add_argument_group("run")
     run.add_argument("--out", default="runs/dpt", help="output folder")
     run.add_argument("--resume", nargs="?", const="auto", metavar="CKPT",
-                     help="continue from OUT/checkpoint.pt (or CKPT) exactly where it stopped, with the recorded "
-                          "settings (only --steps and the options of how it runs may change)")
+                     help="continue from OUT/checkpoint.pt (or CKPT; OUT is then its folder unless --out) exactly "
+                          "where it stopped, with the recorded settings (only --steps and the options of how it "
+                          "runs may change)")
     run.add_argument("--save-every", type=int, default=1000, help="checkpoint every N steps (0: only at the end)")
     run.add_argument("--log-every", type=int, default=10, help="metrics.jsonl line every N steps")
     run.add_argument("--seed", type=int, default=0, help="seed of the initial weights and the data stream")
@@ -632,6 +633,8 @@ def train(args=None, **overrides) -> dict:
     ones that contradict it are refused (UsageError), except RESUME_MAY_CHANGE. Returns {"step", "loss",
     "out", "checkpoint", "model"} (loss: the last logged value; model: the trained, unwrapped model)."""
     given = _given(args, overrides)
+    if given.get("resume") not in (None, "auto") and "out" not in given:  # --resume CKPT: continue beside it
+        given["out"] = str(Path(given["resume"]).parent)
     out = Path(given.get("out") or _defaults()["out"])
     main_process = int(os.environ.get("RANK", "0")) == 0
     if main_process:

@@ -195,6 +195,9 @@ def test_resume_refuses_options_that_contradict_the_recorded_run(tmp_path, capsy
     assert trainer.main(["--resume", "--out", str(tmp_path), "--data", "synthetic", "--size", "64", "--steps", "2",
                          "--num-workers", "0", "--log-every", "1"]) == 0
     assert _state(tmp_path)["step"] == 2
+    # --resume CKPT without --out continues in the checkpoint's folder
+    assert trainer.main(["--resume", str(tmp_path / "checkpoint.pt"), "--steps", "3"]) == 0
+    assert _state(tmp_path)["step"] == 3 and [r["step"] for r in _metrics(tmp_path)] == [1, 2, 3]
 
 
 def test_expected_failures_end_with_one_line_and_status_2(tmp_path, capsys):
