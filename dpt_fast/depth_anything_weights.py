@@ -475,8 +475,8 @@ def load(path, device=None, dtype=None, **overrides) -> nn.Module:
             model = build_model(config)
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{root}: cannot build DepthAnythingModel from {config}: {e}") from None
-    state = _fit(model, state, fmt="original" if root.is_file() else "huggingface", source=root, config=config,
-                 fill_keys=("pretrained.mask_token",))
+    fmt = "Depth Anything original-release" if root.is_file() else "Depth Anything transformers"
+    state = _fit(model, state, fmt=fmt, source=root, config=config, fill_keys=("pretrained.mask_token",))
     model.to_empty(device=device if device is not None else "cpu")
     model.load_state_dict(state, strict=True)
     if dtype is not None:

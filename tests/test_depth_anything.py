@@ -446,3 +446,12 @@ def test_giant_swiglu_names_map_to_timm():
     for key, value in mapped.items():
         assert own[key].shape == value.shape
     assert model.config["taps"] == [9, 19, 29, 39] and own["depth_head.projects.0.weight"].shape[0] == 1536
+
+
+def test_a_file_that_does_not_fit_says_what_differs(tmp_path):
+    state = _save_original(hf_model(2), tmp_path / "x.pth")
+    state["depth_head.projects.0.weight"] = torch.zeros(8, 64, 1, 1)
+    torch.save(state, tmp_path / "depth_anything_v2_bad.pth")
+    with pytest.raises(CheckpointError, match=r"Depth Anything original-release checkpoint does not fit.*"
+                                              r"depth_head\.resize_layers\.0\.weight"):
+        dpt_fast.load_model(tmp_path / "depth_anything_v2_bad.pth", taps=[0, 1, 3, 4])
