@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import contextlib
 
-from .. import env
+# Absolute, not `from .. import env`: this folder sits at the repository root, where `python -m pytest` (or a
+# script run from there) puts it on sys.path as a top-level "kernels", and transformers imports that name
+# while probing for an unrelated distribution; a relative import would make that probe raise.
+from dpt_fast import env
 
 AUTOTUNE_ENV = "DPT_FAST_AUTOTUNE"
 AUTOTUNE_MODES = env.AUTOTUNE_MODES
