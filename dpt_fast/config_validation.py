@@ -16,10 +16,13 @@ so `validate_model_config` checks every value before anything is built:
 - `vit_kwargs` (the ViT dimensions of a converted Hugging Face model) may hold only the keys of
   `VIT_KWARGS`: architecture sizes and dropout rates. timm also accepts loading arguments
   (`checkpoint_path`, `pretrained_cfg`, `pretrained_cfg_overlay`, `cache_dir`, ...) that read other
-  files; none of them is listed. `DPTBackbone` applies the same list to every model it builds.
+  files; none of them is listed. `DPTBackbone` and `DepthAnythingModel` apply the same list to every
+  model they build, whoever calls them.
 
 Keys not validated here cannot reach a model: the validator returns a new dict with only the listed
-keys. Code that adds a model class registers its fields with `register_model_config`.
+keys. `dpt_fast.weights` validates every config it reads, and `dpt_fast.models.build_model` (which
+rebuilds a model from a recorded config, e.g. a training checkpoint's) validates what it is given.
+Code that adds a model class registers its fields with `register_model_config`.
 """
 from __future__ import annotations
 
