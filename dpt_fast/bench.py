@@ -32,7 +32,7 @@ row), a markdown table and a PNG plot; the JSON records the device, versions, da
 which implementation of each dpt_fast operator ran (dpt_fast.implementations_ran()); a fused variant
 where the reference served any call is marked (`fused_path`) in the JSON and the table.
 
-Time limits (one call of a lent GPU is 10 minutes): --budget-s bounds the whole run (order: fused and
+Time limits (for a run that must fit a fixed slot of GPU time): --budget-s bounds the whole run (order: fused and
 hf-sdpa of every configuration, then reference+compile, reference, fused+compile), --compile-timeout-s bounds one
 compilation (torch.compile(mode="max-autotune") of a DPT can take many minutes), optionally retried with
 --compile-fallback-mode; whatever did not fit is recorded as "skipped: ...", never silently dropped.
@@ -245,7 +245,7 @@ class DeadlineExceeded(BaseException):
 def deadline(seconds: float | None, what: str = "this step"):
     """Raise DeadlineExceeded in the main thread after `seconds` (SIGALRM; a no-op for None/inf, outside
     the main thread, or where SIGALRM does not exist). Used to cap torch.compile(mode="max-autotune"),
-    which can take many minutes, inside one device call."""
+    which can take many minutes, within a run's time budget."""
     if (seconds is None or not math.isfinite(seconds) or not hasattr(signal, "setitimer")
             or threading.current_thread() is not threading.main_thread()):
         yield
