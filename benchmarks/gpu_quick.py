@@ -359,16 +359,22 @@ def bench_section(run: Run, seconds: float, name: str, args: list[str]) -> str:
     rc = wait(proc, seconds)
     tail(run, log_path, 30)
     note = f"{'cut at the cap' if rc is None else f'exit {rc}'}: {summary_line(log_path)}"
-    if rc not in (0, None) or not out.exists():
+    if not out.exists():
+        raise RuntimeError(note)
+    if rc == 1 and run.smoke and json.loads(out.read_text()).get("complete"):
+        # exit 1 with a finished report: the reference served some calls -- on a CPU the RCU always does
+        return note + " (a CPU dry run: the reference serves where no CUDA kernel exists)"
+    if rc not in (0, None):
         raise RuntimeError(note)
     return note
 
 
 def e2e_section(run: Run, seconds: float) -> str:
     folder = run.work / "e2e"
-    args = ["--tiny", "--device", "cpu"] if run.smoke else ["--models", "large", "--sizes", "384", "--batch", "16",
-                                                             "--warmup", "2", "--runs", "20", "--max-time", "3"]
-    cmd = [sys.executable, "-m", "dpt_fast.cli", "bench", *args, "--variants", "fused,reference,hf-sdpa",
+    args = (["--tiny", "--device", "cpu", "--warmup", "1", "--runs", "3", "--variants", "fused,reference"] if run.smoke
+            else ["--models", "large", "--sizes", "384", "--batch", "16", "--warmup", "2", "--runs", "20",
+                  "--max-time", "3", "--variants", "fused,reference,hf-sdpa"])
+    cmd = [sys.executable, "-m", "dpt_fast.cli", "bench", *args,
            "--budget-s", str(max(5, int(seconds - 20))), "--out", str(folder)]
     proc, log_path = start(run, "e2e", cmd, _env(run, DPT_FAST_AUTOTUNE="full"))
     rc = wait(proc, seconds)
