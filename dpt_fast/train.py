@@ -637,11 +637,22 @@ def train(args=None, **overrides) -> dict:
         given["out"] = str(Path(given["resume"]).parent)
     out = Path(given.get("out") or _defaults()["out"])
     main_process = int(os.environ.get("RANK", "0")) == 0
+    created = main_process and not out.exists()
     if main_process:
         try:
             out.mkdir(parents=True, exist_ok=True)
         except OSError as error:
             raise UsageError(f"--out {out}: {error.strerror or error}") from error
+    try:
+        return _locked_train(given, out, main_process)
+    except UsageError:
+        if created:  # a refused run leaves no empty folder behind
+            with contextlib.suppress(OSError):
+                out.rmdir()
+        raise
+
+
+def _locked_train(given: dict, out: Path, main_process: bool) -> dict:
     # every check of what OUT holds happens under its lock: two runs cannot both pass them
     with _FolderLock(out) if main_process else contextlib.nullcontext():
         if main_process:

@@ -215,6 +215,7 @@ def test_expected_failures_end_with_one_line_and_status_2(tmp_path, capsys):
     _one_line_error(capsys, "junk.pt")
     assert trainer.main(["--resume", "--out", str(tmp_path / "empty")]) == 2
     _one_line_error(capsys, "no checkpoint.pt or args.json", "--data")
+    assert not (tmp_path / "empty").exists()  # a refused run leaves no empty folder behind
     (tmp_path / "a-file").write_text("")
     assert trainer.main([*TINY_FLAGS, "--out", str(tmp_path / "a-file" / "run")]) == 2
     _one_line_error(capsys, "--out", "a-file")
