@@ -334,6 +334,14 @@ with dpt_fast.use_backend("fused"):
         ops.attention(qkv, 16).sum().backward()
         print("warm attention", n, flush=True)
         del qkv
+    for size in (512, 1024):  # DPT-Large stage 1 forward + backward, as bench_reassemble times it
+        g = size // 16
+        p = lambda *shape: torch.randn(*shape, device=dev, dtype=dt, requires_grad=True) * 0.02  # noqa: E731
+        tokens = torch.randn(1, 1 + g * g, 1024, device=dev, dtype=dt, requires_grad=True)
+        out = ops.reassemble(tokens, p(1024, 2048), p(1024), p(256, 1024, 1, 1), p(256), p(256, 256, 4, 4), p(256),
+                             g, g, 1, "project", "up4")
+        out.float().sum().backward()
+        print("warm reassemble stage 1", size, flush=True)
     from dpt_fast.bench import build_dpt
     model = build_dpt("large", dev, dt, train=False).to(memory_format=torch.channels_last)
     with torch.no_grad():
