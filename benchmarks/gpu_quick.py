@@ -138,7 +138,7 @@ def start(run: Run, name: str, cmd: list[str], env: dict) -> tuple[subprocess.Po
     return proc, log_path
 
 
-def stop(proc: subprocess.Popen, sig=signal.SIGINT, grace_s: float = 20.0) -> int:
+def stop(proc: subprocess.Popen, sig=signal.SIGINT, grace_s: float = 10.0) -> int:
     """Ask a child (and its process group) to stop, then kill it."""
     if proc.poll() is None:
         try:
