@@ -96,7 +96,13 @@ def recognizes(path) -> bool:
     if not p.is_file():
         return False
     state = _peek_file(p)
-    return state is not None and _has_original_keys(state)
+    return state is not None and (_has_original_keys(state) or _is_video_release(state))
+
+
+def _is_video_release(keys) -> bool:
+    """Video Depth Anything's release layout: `pretrained.*` and the decoder `head.*` with motion modules."""
+    keys = list(keys)
+    return any(k.startswith("head.motion_modules.") for k in keys) and any(k.startswith("pretrained.") for k in keys)
 
 
 # ------------------------------------------------------------------------------ original layout
@@ -467,8 +473,14 @@ def _read(path, overrides: dict) -> tuple[Path, dict, dict]:
 
 def load(path, device=None, dtype=None, **overrides) -> nn.Module:
     """A DepthAnythingModel in eval mode from an original release file or a transformers folder (see the
-    module docstring). `overrides`: DepthAnythingModel arguments (and `version=` for original files)."""
+    module docstring). `overrides`: DepthAnythingModel arguments (and `version=` for original files).
+    Video Depth Anything release files (`video_depth_anything_vits.pth`, ...) load as
+    dpt_fast.models.video_depth_anything.load_video_depth_anything does."""
     from .models import build_model
+    p = Path(os.fspath(path)).expanduser()
+    if p.is_file() and not _folder_of(p).is_dir() and _is_video_release(_peek_file(p) or {}):
+        from .models.video_depth_anything import load_video_depth_anything
+        return load_video_depth_anything(p, device=device, dtype=dtype, **overrides)
     root, config, state = _read(path, overrides)
     try:
         with torch.device("meta"):

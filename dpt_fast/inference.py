@@ -1,4 +1,5 @@
-"""Batch inference: run a DPT model over image files and folders, write its predictions to a folder.
+"""Batch inference: run a DPT or Depth Anything model over image files and folders, write its
+predictions to a folder (metric Depth Anything models: depth in metres in PFM/npy).
 
     import dpt_fast
     from dpt_fast.inference import predict_images
@@ -49,8 +50,9 @@ from .input_files import (FORMAT_SUFFIX, Job, UsageError, check_outputs, collect
                           shard)
 from .output_manifest import (MANIFEST_NAME, OutputConflict, OutputManifest, Plan, file_fingerprint,  # noqa: F401
                               model_digest, plan_work, settings_record)
-from .transforms import (DEPTH_SIZE, LABEL_OFFSET, normalize_depth, preprocess, resize_prediction,
-                         segmentation_labels, target_size)
+from .specs import DPT_PREPROCESSING, Preprocessing
+from .transforms import (DEPTH_SIZE, LABEL_OFFSET, depth_anything_preprocess, depth_anything_target_size,
+                         normalize_depth, preprocess, resize_prediction, segmentation_labels, target_size)
 
 __all__ = ["predict_images", "Summary", "Predictor", "Writer", "Reporter", "UsageError", "DEPTH_FORMATS",
            "SEGMENTATION_FORMATS",
@@ -189,10 +191,15 @@ class Predictor:
     tiles blended with linear ramps (depth tiles are first aligned, scale and shift by least squares,
     to a whole-image prediction at tile resolution, since DPT's depth is relative).
     Segmentation predictions are labels: class index + `label_offset` (1, as the original).
+    preprocessing: the model family's input rule (dpt_fast.specs.Preprocessing; default the model's
+    `preprocessing` attribute, else DPT's): DPT resizes to multiples of 32 around `size` with mean = std
+    = 0.5 and its output is resized back bicubically; Depth Anything keeps the aspect ratio with the
+    shorter side at least `size`, multiples of 14, ImageNet mean and std, resized back bilinearly.
     """
 
     def __init__(self, model, device, size=DEPTH_SIZE, tile=None, tile_overlap=0.25, segmentation=False,
-                 compiled=None, batch_size=1, dtype=None, label_offset: int = LABEL_OFFSET, log=None):
+                 compiled=None, batch_size=1, dtype=None, label_offset: int = LABEL_OFFSET, log=None,
+                 preprocessing: Preprocessing | None = None):
         self.model = model
         self.run_model = compiled if compiled is not None else model
         self.device = torch.device(device)
@@ -206,6 +213,8 @@ class Predictor:
         self.batch_limit: dict[tuple, int] = {}  # processed size -> largest batch known to fit
         self.notes: list[str] = []
         self.log = log or (lambda message: None)
+        self.preprocessing = preprocessing or model_preprocessing(model)
+        self.depth_anything = self.preprocessing.resize_rule != DPT_PREPROCESSING.resize_rule
 
     @staticmethod
     def _round_tile(tile: int) -> int:
@@ -215,7 +224,10 @@ class Predictor:
         """The size the network sees (at native size, the image's own: the model pads it)."""
         if self.size is None:
             return (height, width)
-        return target_size(height, width, self.size, SIZE_MULTIPLE)
+        rule = self.preprocessing
+        if self.depth_anything:
+            return depth_anything_target_size(height, width, self.size, rule.multiple, rule.resize_rule)
+        return target_size(height, width, self.size, rule.multiple)
 
     def batch_for(self, key) -> int:
         return min(self.batch_size, self.batch_limit.get(key, self.batch_size))
@@ -227,7 +239,7 @@ class Predictor:
     def prepare(self, image: torch.Tensor, key) -> torch.Tensor:
         """uint8 [H, W, 3] (host) -> normalised float [1, 3, *key] on the device."""
         x = image.to(self.device, non_blocking=True).permute(2, 0, 1)
-        x = preprocess(x, size=tuple(key))
+        x = (depth_anything_preprocess if self.depth_anything else preprocess)(x, size=tuple(key))
         if self.dtype is not None and self.dtype != x.dtype:
             x = x.to(self.dtype)
         return x
@@ -263,7 +275,7 @@ class Predictor:
             return segmentation_labels(out.float(), (height, width), self.label_offset)[0]
         if tuple(out.shape[-2:]) == (height, width):
             return out[0].float()
-        return resize_prediction(out.float(), (height, width))[0]
+        return resize_prediction(out.float(), (height, width), mode="bilinear" if self.depth_anything else "bicubic")[0]
 
     def predict_batch(self, images: list[torch.Tensor], key) -> list[torch.Tensor]:
         """Same processed size `key` for every image; returns predictions (on the device)."""
@@ -612,6 +624,25 @@ def _is_segmentation(model) -> bool:
     return hasattr(model, "num_classes") or "Segmentation" in type(model).__name__
 
 
+def model_preprocessing(model) -> Preprocessing:
+    """The input rule a model was trained with: its `preprocessing` (Depth Anything models carry
+    one, from dpt_fast.specs), else DPT's."""
+    rule = getattr(model, "preprocessing", None)
+    return rule if isinstance(rule, Preprocessing) else DPT_PREPROCESSING
+
+
+def model_output(model) -> dict:
+    """What a depth model's values mean, for the manifest: {"output": "metric_depth", "unit": "m",
+    "max_depth": ...} for metric Depth Anything models, {"output": "relative_disparity"} for relative
+    ones, {} for DPT models (their record is unchanged)."""
+    kind = getattr(model, "output_kind", None)
+    if not isinstance(kind, str):
+        return {}
+    if kind == "metric_depth":
+        return {"output": kind, "unit": "m", "max_depth": float(getattr(model, "max_depth", 0.0))}
+    return {"output": kind}
+
+
 def predict_images(model, inputs, out_dir, *, size=None, formats=None, device=None, dtype=None,
                    batch_size: int = 1, tile=None, tile_overlap: float = 0.25, overwrite: bool = False,
                    num_workers: int = 0, writers: int = 2, compiled=None, model_id: str | None = None,
@@ -622,7 +653,8 @@ def predict_images(model, inputs, out_dir, *, size=None, formats=None, device=No
     (recursive) and globs in `inputs`, writing its predictions under `out_dir` (names mirror the inputs,
     see `plan_jobs`).
 
-    size: the original's processing size (default 384 for depth, 480 for segmentation) or "native".
+    size: the processing size (default the model's: 384 for DPT depth, 518 for Depth Anything, 480 for
+    segmentation) or "native". Each family gets its own preprocessing (see `Predictor`).
     formats: depth "png16" (default), "pfm", "npy", "color"; segmentation "png" (default), "npy", "color".
     device/dtype: where and in which dtype the input goes (default: the model's).
     model_id: the model's identity recorded with each output (default: `model_digest(model)`);
@@ -639,7 +671,7 @@ def predict_images(model, inputs, out_dir, *, size=None, formats=None, device=No
     param = next(model.parameters())
     device = torch.device(device) if device is not None else param.device
     if size is None:
-        size = SEGMENTATION_SIZE if segmentation else DEPTH_SIZE
+        size = SEGMENTATION_SIZE if segmentation else model_preprocessing(model).size
     elif size == "native":
         size = None
     formats = tuple(formats or (("png",) if segmentation else ("png16",)))
@@ -655,7 +687,7 @@ def predict_images(model, inputs, out_dir, *, size=None, formats=None, device=No
     planned = plan_jobs(items, out_dir, formats)
     check_outputs(planned, inputs, out_dir)
     settings = settings_record(model_id or model_digest(model), size, segmentation, dtype or param.dtype, tile,
-                               tile_overlap, label_offset)
+                               tile_overlap, label_offset, extra=model_output(model))
     return run_planned(model, shard(planned, rank, world), out_dir, settings=settings, device=device, dtype=dtype,
                        size=size, segmentation=segmentation, batch_size=batch_size, tile=tile,
                        tile_overlap=tile_overlap, overwrite=overwrite, num_workers=num_workers, writers=writers,

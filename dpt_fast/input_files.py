@@ -1,7 +1,7 @@
 """Which files a batch-inference run reads, and the output names it gives them.
 
 `collect_inputs` turns command-line style inputs (files, folders searched recursively, glob patterns)
-into image files; `plan_jobs` names each one's outputs, mirroring the input names; `shard` splits the
+into image files, `collect_videos` into video files or folders of frames; `plan_jobs` names each one's outputs, mirroring the input names; `shard` splits the
 sorted jobs between processes.
 """
 from __future__ import annotations
@@ -51,9 +51,10 @@ def _is_regular(path) -> bool:
         return False
 
 
-def _walk(folder: Path, exclude: Path | None, skipped: list | None = None, visited: set | None = None):
-    """Image files under `folder`, recursively, sorted; hidden entries and the output folder are left
-    out. Links to folders are followed, but every real folder is entered once (a link loop ends);
+def _walk(folder: Path, exclude: Path | None, skipped: list | None = None, visited: set | None = None,
+          accept=image_io.is_image_name):
+    """Image files (or files whose name `accept` takes) under `folder`, recursively, sorted; hidden
+    entries and the output folder are left out. Links to folders are followed, but every real folder is entered once (a link loop ends);
     only regular files are yielded (a FIFO or device named like an image is listed in `skipped`)."""
     visited = set() if visited is None else visited
     try:
@@ -83,13 +84,13 @@ def _walk(folder: Path, exclude: Path | None, skipped: list | None = None, visit
         if is_dir:
             if exclude is None or path.resolve() != exclude:
                 subfolders.append(path)
-        elif image_io.is_image_name(entry.name):
+        elif accept(entry.name):
             if _is_regular(path):
                 yield path
             elif skipped is not None:
                 skipped.append((str(path), "not a regular file (a FIFO, socket, device or broken link)"))
     for sub in subfolders:
-        yield from _walk(sub, exclude, skipped, visited)
+        yield from _walk(sub, exclude, skipped, visited, accept)
 
 
 def collect_inputs(inputs, exclude=None, skipped: list | None = None
@@ -141,6 +142,65 @@ def collect_inputs(inputs, exclude=None, skipped: list | None = None
         else:
             problems.append((arg, "no such file or directory"))
     return list(found.values()), problems
+
+
+def _is_video_name(name) -> bool:
+    from .video.io import is_video_name  # the list of video extensions; no PyAV import
+    return is_video_name(name)
+
+
+def collect_videos(inputs, exclude=None, sequence: bool = False, skipped: list | None = None
+                   ) -> tuple[list[tuple[Path, str]], list[tuple[str, str]]]:
+    """INPUT arguments -> ([(video file or frame folder, relative name)], [(argument, problem)]).
+
+    Without `sequence`: video files (by extension: .mp4, .mkv, .mov, .avi, .webm, ...) named directly,
+    found recursively in folders (named relative to the folder) or matched by globs. With `sequence`:
+    every folder argument (or folder a glob matches) is one sequence of frames, named by the folder's
+    name; video files are taken as they are. Problems: a missing input, an argument that gives no
+    video (or, with `sequence`, a file that is not a video).
+    """
+    exclude = Path(exclude).resolve() if exclude is not None else None
+    found: dict[Path, tuple[Path, str]] = {}
+    problems = []
+
+    def add(path: Path, rel: str) -> int:
+        found.setdefault(path.resolve(), (path, rel))
+        return 1
+
+    def take(path: Path, rel_base: Path | None) -> int:
+        if path.is_dir():
+            if sequence:
+                return add(path, path.resolve().name)
+            return sum(add(f, f.relative_to(path).as_posix()) for f in _walk(path, exclude, skipped,
+                                                                           accept=_is_video_name))
+        if _is_video_name(path.name) and _is_regular(path):
+            rel = path.relative_to(rel_base).as_posix() if rel_base not in (None, Path(".")) else path.name
+            return add(path, rel)
+        return 0
+
+    for arg in inputs:
+        arg = os.fspath(arg)
+        path = Path(arg).expanduser()
+        if glob.has_magic(arg) and not os.path.lexists(path):
+            base = _glob_base(os.path.expanduser(arg))
+            matches = [Path(m) for m in sorted(glob.glob(os.path.expanduser(arg), recursive=True))]
+            if not sum(take(m, base) for m in matches if not m.name.startswith(".")):
+                problems.append((arg, "the pattern matches no " + ("folder or video" if sequence else "video")))
+        elif path.is_dir():
+            if not take(path, None):
+                problems.append((arg, "the folder holds no video files (" + ", ".join(_video_extensions()) + ")"))
+        elif os.path.lexists(path):
+            if not take(path, None):
+                problems.append((arg, "not a folder of frames or a video file" if sequence else
+                                 "not a video file (by its extension)"))
+        else:
+            problems.append((arg, "no such file or directory"))
+    return list(found.values()), problems
+
+
+def _video_extensions() -> tuple[str, ...]:
+    from .video.io import VIDEO_EXTENSIONS
+    return VIDEO_EXTENSIONS
 
 
 # --- output names --------------------------------------------------------------------------------

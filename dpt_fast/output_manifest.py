@@ -149,8 +149,9 @@ def model_digest(model: torch.nn.Module) -> str:
 
 
 def settings_record(model_id: str, size, segmentation: bool, dtype=None, tile=None, tile_overlap=0.25,
-                    label_offset: int = LABEL_OFFSET) -> dict:
-    """What the manifest records about how an output was made (with its format, added per file)."""
+                    label_offset: int = LABEL_OFFSET, extra: dict | None = None) -> dict:
+    """What the manifest records about how an output was made (with its format, added per file).
+    `extra`: more JSON fields, e.g. what the values mean ({"output": "metric_depth", "unit": "m"})."""
     record = {"model": model_id, "size": "native" if size is None else int(size),
               "task": "segmentation" if segmentation else "depth",
               "dtype": str(dtype).replace("torch.", "") if dtype is not None else "float32"}
@@ -158,6 +159,7 @@ def settings_record(model_id: str, size, segmentation: bool, dtype=None, tile=No
         record.update(tile=int(tile), tile_overlap=float(tile_overlap))
     if segmentation:
         record["label_offset"] = int(label_offset)
+    record.update(extra or {})
     return record
 
 

@@ -1,10 +1,12 @@
-"""`dpt-fast predict`: DPT over files, folders and globs, at a fixed size, at native resolution, or tiled.
+"""`dpt-fast predict`: DPT or Depth Anything over images and videos (files, folders, globs).
 
-The command-line layer over dpt_fast.inference (which does the work and documents the pipeline):
-argument checks, model loading, messages, signals and exit statuses.
+The command-line layer over dpt_fast.inference (images; it does the work and documents the pipeline)
+and dpt_fast.video.batch (videos and --sequence folders of frames): argument checks, model loading,
+messages, signals and exit statuses.
 
 Exit status: 0 everything written (or already done); 1 some input failed (unreadable, too large, out
-of memory even in tiles) or was a conflict (its output name holds a file dpt-fast did not write);
+of memory even in tiles; a video that cannot be decoded) or was a conflict (its output name holds a
+file dpt-fast did not write);
 2 a usage error (bad option, missing or empty input, unloadable model: nothing was computed);
 130 stopped by Ctrl-C (SIGINT), 143 stopped by SIGTERM: the images in flight are finished and
 written, no temporary file stays, and running the same command again continues.
@@ -38,6 +40,13 @@ WEIGHTS_HELP = """\
     Intel/dpt-hybrid-midas or Intel/dpt-large-ade:
       python -c "from transformers import DPTForDepthEstimation as M; M.from_pretrained('Intel/dpt-large').save_pretrained('dpt-large')"
   * a folder written by dpt_fast.save_model.
+  * Depth Anything (preprocessed as it was trained: ImageNet mean/std, multiples of 14, 518):
+      depth_anything_v2_vit{s,b,l}.pth                  relative disparity
+      depth_anything_v2_metric_hypersim_vit{s,b,l}.pth  depth in metres (max 20)
+      depth_anything_v2_metric_vkitti_vit{s,b,l}.pth    depth in metres (max 80)
+      depth_anything_vit{s,b,l}14.pth                   V1, relative disparity
+      a transformers DepthAnythingForDepthEstimation folder (save_pretrained)
+  * Video Depth Anything, for videos: video_depth_anything_vit{s,b,l}.pth (windows of 32 frames).
 
 Example: dpt-fast predict photos/ -o depth/ --model dpt_hybrid-midas-501f0c75.pt
 """
@@ -83,9 +92,23 @@ def parse_formats(text: str | None, segmentation: bool) -> tuple[str, ...]:
     return formats
 
 
-def parse_size(text: str | None, segmentation: bool):
+VIDEO_FORMATS = {"preview": "color", "video16": "depth16", "png16": "png16", "npy": "npy", "pfm": "pfm"}
+DEFAULT_VIDEO_FORMATS = "preview,video16"
+
+
+def parse_video_formats(text: str | None) -> tuple[str, ...]:
+    """--format for videos -> dpt_fast.video.batch format names."""
+    names = tuple(dict.fromkeys(f.strip().lower() for f in (text or DEFAULT_VIDEO_FORMATS).split(",") if f.strip()))
+    bad = [f for f in names if f not in VIDEO_FORMATS]
+    if bad or not names:
+        raise _usage_error(f"--format {','.join(bad) or text!r} is not a video output; choose from "
+                           f"{','.join(VIDEO_FORMATS)}")
+    return tuple(VIDEO_FORMATS[f] for f in names)
+
+
+def parse_size(text: str | None, segmentation: bool, default: int | None = None):
     if text is None:
-        return SEGMENTATION_SIZE if segmentation else DEPTH_SIZE
+        return SEGMENTATION_SIZE if segmentation else (default or DEPTH_SIZE)
     if text.lower() == "native":
         return None
     try:
@@ -148,7 +171,10 @@ def _keep_head_float32(model) -> None:
     """Run the depth head in float32 under a 16-bit model: a bf16 output has 8 significant bits,
     which would band the 16-bit PNG. The head is a small share of the FLOPs."""
     import torch
-    head = model.scratch.output_conv
+    if hasattr(model, "depth_head"):  # Depth Anything: the last convolutions, after the upsampling
+        head = model.depth_head.scratch.output_conv2
+    else:
+        head = model.scratch.output_conv
     head.float()
 
     def cast(_module, args):
@@ -160,22 +186,26 @@ def _keep_head_float32(model) -> None:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.usage = "%(prog)s INPUT [INPUT ...] -o OUT --model MODEL [options]"
     parser.add_argument("inputs", nargs="+", metavar="INPUT",
-                        help="image files, folders (searched recursively) or glob patterns")
+                        help="image or video files, folders (searched recursively) or glob patterns; images and "
+                        "videos go in separate calls")
     required = parser.add_argument_group("required")
     required.add_argument("-o", "--out", required=True, metavar="OUT",
                           help="output folder (input subfolders are kept)")
     required.add_argument("--model", "-m", metavar="MODEL",
-                          help="checkpoint: an original release .pt, a Hugging Face DPT folder, or a "
+                          help="checkpoint: an original DPT release .pt, a Depth Anything (V1, V2, metric) or Video "
+                          "Depth Anything release .pth, a Hugging Face DPT or DepthAnything folder, or a "
                           "dpt_fast.save_model folder (e.g. a training run's OUT/model)")
     parser.add_argument("--size", default=None,
-                        help="processing size: N (resized as the original does; default 384 for depth, 480 for "
-                        "segmentation) or 'native' (each image at its own resolution)")
+                        help="processing size: N (resized as the model's release does; default 384 for DPT depth, "
+                        "518 for Depth Anything, 480 for segmentation) or 'native' (each image at its own resolution)")
     parser.add_argument("--batch-size", type=int, default=None, help="images per batch (default 16 on CUDA "
                         "at a fixed size, 1 at native size or on CPU)")
     parser.add_argument("--dtype", default=None, choices=DTYPES,
                         help="compute dtype (default bf16 on CUDA, fp32 on CPU)")
     parser.add_argument("--format", default=None, help="comma-separated outputs; depth: png16 (default), pfm, "
-                        "npy, color; segmentation: png (palette, default), npy, color")
+                        "npy, color; segmentation: png (palette, default), npy, color; videos: preview (coloured "
+                        "NAME-depth.mp4), video16 (16-bit NAME-depth.mkv), png16, npy, pfm (per frame in NAME/; "
+                        "default preview,video16). Metric models write metres to pfm/npy")
     parser.add_argument("--overwrite", action="store_true", help="recompute outputs that are already up to "
                         "date (files in OUT that dpt-fast did not write are never replaced)")
     parser.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default cuda when available; "
@@ -199,6 +229,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--writers", type=int, default=2, help="writer threads (default 2)")
     parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                         help="progress bar (default shown when stderr is a terminal)")
+    video = parser.add_argument_group("videos")
+    video.add_argument("--sequence", action="store_true", help="each folder INPUT is one video: its image files "
+                       "(directly inside it, in natural order: frame2 before frame10) are the frames")
+    video.add_argument("--temporal-align", action="store_true", help="single-frame models: fit each frame's "
+                       "scale and shift to the previous frame (robust least squares) against flicker; it does "
+                       "not track motion or fix shape errors")
+    video.add_argument("--fps", type=float, default=None, help="frame rate of --sequence folders' output videos "
+                       "(default 30; video files keep their own)")
 
 
 # --- stopping ------------------------------------------------------------------------------------
@@ -261,6 +299,7 @@ def _check_options(args) -> None:
         raise _usage_error("--batch-size must be at least 1")
     if args.max_pixels is not None and args.max_pixels < 1:
         raise _usage_error("--max-pixels must be at least 1")
+    parse_size(args.size, False)  # a bad --size is reported before the model is loaded
 
 
 def _training_folder_hint(model_path) -> str | None:
@@ -320,6 +359,12 @@ def _run(args: argparse.Namespace, stop: StopRequest) -> int:
     log = reporter.log
 
     # inputs first: a usage error costs no model loading
+    videos = _video_inputs(args, out_dir, log, inference)
+    if videos is not None:
+        return _run_videos(args, stop, videos, out_dir, reporter, show, rank, world, local_rank)
+    if args.temporal_align or args.fps is not None:
+        raise _usage_error(f"--{'temporal-align' if args.temporal_align else 'fps'} applies to videos; the inputs "
+                           "are images (use --sequence to take folders of frames as videos)")
     items, problems = inference.collect_inputs(args.inputs, exclude=out_dir, skipped=(skipped := []))
     if problems:
         for arg, why in problems:
@@ -338,10 +383,15 @@ def _run(args: argparse.Namespace, stop: StopRequest) -> int:
     model = _load_model(args, device, dtype, log)
     if model is None:
         return 2
+    from .video.predictors import is_video_model
+    if is_video_model(model):
+        log(f"{args.model} is a Video Depth Anything model: it takes videos (video files, or folders of frames "
+            "with --sequence), not single images")
+        return 2
     segmentation = inference._is_segmentation(model)
     if not segmentation and dtype != torch.float32:
         _keep_head_float32(model)
-    size = parse_size(args.size, segmentation)
+    size = parse_size(args.size, segmentation, inference.model_preprocessing(model).size)
     formats = parse_formats(args.format, segmentation)
     batch_size = args.batch_size or (16 if device.type == "cuda" and size is not None else 1)
     planned = inference.plan_jobs(items, out_dir, formats)
@@ -351,7 +401,8 @@ def _run(args: argparse.Namespace, stop: StopRequest) -> int:
     if args.compile:
         compiled = torch.compile(model, mode=None if args.compile_mode == "default" else args.compile_mode)
     settings = inference.settings_record(inference.file_fingerprint(args.model), size, segmentation, dtype,
-                                         args.tile, args.tile_overlap, args.label_offset)
+                                         args.tile, args.tile_overlap, args.label_offset,
+                                         extra=inference.model_output(model))
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)) or 1)
     workers = args.num_workers if args.num_workers is not None else _default_workers(device, local_world)
     if stop.is_set():
@@ -370,7 +421,114 @@ def _run(args: argparse.Namespace, stop: StopRequest) -> int:
     return _finish(summary, log, rank, world, grouped, out_dir)
 
 
-def _finish(summary, log, rank: int, world: int, grouped: bool, out_dir) -> int:
+def _video_inputs(args, out_dir: Path, log, inference):
+    """The videos to run ([(video file or frame folder, relative name)]), or None when the inputs are
+    images. Inputs holding both are refused (their outputs and options differ)."""
+    from .input_files import collect_videos
+    videos, problems = collect_videos(args.inputs, exclude=out_dir, sequence=args.sequence)
+    if not args.sequence and not videos:
+        return None
+    if not args.sequence:
+        from .image_io import is_image_name
+        images = [item for item in inference.collect_inputs(args.inputs, exclude=out_dir)[0] if is_image_name(item[0])]
+        if images:
+            raise _usage_error(
+                f"the inputs hold both images ({len(images)}, e.g. {images[0][0]}) and videos ({len(videos)}, e.g. "
+                f"{videos[0][0]}): run images and videos in separate calls (folders of frames are taken as one "
+                "video each with --sequence)")
+    if problems:
+        for arg, why in problems[:-1]:
+            log(f"{arg}: {why}")
+        raise _usage_error(f"{problems[-1][0]}: {problems[-1][1]}")
+    return videos
+
+
+def _video_output(model, model_path) -> tuple[bool, dict]:
+    """(metric, manifest fields) of a model run over videos: Video Depth Anything's metric release files
+    are named `metric_video_depth_anything_*` (same architecture, depth in metres)."""
+    from .inference import model_output
+    from .video.predictors import is_video_model
+    if is_video_model(model):
+        from .models.video_depth_anything import is_metric_release_file
+        if is_metric_release_file(model_path):
+            return True, {"output": "metric_depth", "unit": "m"}
+        return False, {"output": "relative_disparity"}
+    fields = model_output(model)
+    return fields.get("output") == "metric_depth", fields
+
+
+def _run_videos(args, stop: StopRequest, videos, out_dir: Path, reporter, show: bool, rank: int, world: int,
+                local_rank: int) -> int:
+    """Videos (or --sequence folders of frames): one process per video, resumable per video."""
+    import time
+
+    import torch
+
+    from . import inference
+    from .input_files import plan_jobs
+    from .video.batch import Source, predict_videos
+    from .video.predictors import is_video_model, sequence_predictor
+    log = reporter.log
+    started = time.perf_counter()
+    for option, value in (("--tile", args.tile), ("--compile", args.compile or None),
+                          ("--batch-size", args.batch_size)):
+        if value is not None:
+            raise _usage_error(f"{option} applies to images; videos run frame by frame (Video Depth Anything: "
+                               "in windows of 32 frames)")
+    if args.fps is not None and not args.fps > 0:
+        raise _usage_error(f"--fps must be positive, got {args.fps}")
+    formats = parse_video_formats(args.format)
+    device = pick_device(args.device, local_rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}.get(
+        args.dtype, torch.bfloat16 if device.type == "cuda" else torch.float32)
+    # float32 weights under autocast: the depth head stays in float32, as the 16-bit outputs need
+    model = _load_model(args, device, None, log)
+    if model is None:
+        return 2
+    if inference._is_segmentation(model):
+        log(f"{args.model} is a segmentation model: videos take depth models")
+        return 2
+    video_model = is_video_model(model)
+    if video_model and args.temporal_align:
+        raise _usage_error("--temporal-align is for single-frame models: Video Depth Anything aligns its windows "
+                           "itself")
+    size = parse_size(args.size, False, inference.model_preprocessing(model).size)
+    metric, output = _video_output(model, args.model)
+    predict, per_frame = sequence_predictor(model, size=size, device=device, metric=metric,
+                                            autocast_dtype=None if dtype == torch.float32 else dtype)
+    # metric Depth Anything: the 16-bit codes map 0 .. max_depth metres, the same for every video
+    value_range = (0.0, float(output["max_depth"])) if metric and output.get("max_depth") else "first"
+    settings = {"model": inference.file_fingerprint(args.model), "size": "native" if size is None else int(size),
+                "dtype": str(dtype).replace("torch.", ""), **output}
+    if args.sequence:
+        settings["fps"] = args.fps or 30
+    sources = [Source(job.src, job.rel) for job in plan_jobs(videos, out_dir, ("npy",))]
+    grouped = _init_group(world)
+    if stop.is_set():
+        log("stopped before any video was processed")
+        return EXIT_FOR_SIGNAL.get(stop.signum, 130)
+    summary = predict_videos(sources, out_dir, predict, formats=formats, per_frame=per_frame,
+                             temporal_align=args.temporal_align, value_range=value_range, overwrite=args.overwrite,
+                             rank=rank, world_size=world, progress=show and rank == 0, settings=settings,
+                             fps=args.fps, stop=stop, log=log)
+    elapsed = time.perf_counter() - started
+    if summary.stopped:
+        log(f"stopped: {len(summary.done)} video(s) written, {summary.remaining} left (the one in progress restarts "
+            f"from its first frame), {len(summary.failed)} failed in {elapsed:.1f} s -> {out_dir}; run the same "
+            "command again to continue")
+        return EXIT_FOR_SIGNAL.get(stop.signum, 130)
+    if summary.skipped:
+        log(f"{len(summary.skipped)} video(s) already done with this model and these settings: skipped "
+            "(--overwrite recomputes them)")
+    totals = inference.Summary(written=len(summary.done), skipped=len(summary.skipped), failures=list(summary.failed),
+                               conflicts=list(summary.conflicts), elapsed=elapsed)
+    return _finish(totals, log, rank, world, grouped, out_dir, unit=" video(s)", frames=summary.frames)
+
+
+def _finish(summary, log, rank: int, world: int, grouped: bool, out_dir, unit: str = "",
+            frames: int | None = None) -> int:
     """Report, sum the counts over ranks, and decide the exit status."""
     import torch
     _report(summary, log, rank, world)
@@ -382,9 +540,11 @@ def _finish(summary, log, rank: int, world: int, grouped: bool, out_dir) -> int:
         dist.all_reduce(counts)
     written, skipped, failed, conflicts = (int(c) for c in counts)
     if world > 1:
-        log(f"rank {rank} of {world}: {mine[0]} written, {mine[1]} skipped, {mine[2]} failed")
+        log(f"rank {rank} of {world}: {mine[0]}{unit} written, {mine[1]} skipped, {mine[2]} failed")
+    if frames:
+        log(f"{frames} frame(s) predicted" + (f" on rank {rank}" if world > 1 else ""))
     if rank == 0:
-        msg = f"{written} written, {skipped} skipped (already done), {failed} failed"
+        msg = f"{written}{unit} written, {skipped} skipped (already done), {failed} failed"
         if conflicts:
             msg += f", {conflicts} conflict(s) (output names held by files dpt-fast did not write)"
         if world > 1:
