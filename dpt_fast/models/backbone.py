@@ -150,7 +150,9 @@ class DPTBackbone(nn.Module):
         n_prefix = 0 if self.model.no_embed_class else self.start_index
         prefix, grid = pos[:, :n_prefix], pos[:, n_prefix:]
         old_h, old_w = self.model.patch_embed.grid_size
-        if (old_h, old_w) != (grid_h, grid_w):
+        # exporting: always resize (bilinear to the same size is exactly the identity), so that a symbolic
+        # grid leaves no guard that fixes the program to grids other than the checkpoint's
+        if torch.compiler.is_exporting() or (old_h, old_w) != (grid_h, grid_w):
             grid = grid.reshape(1, old_h, old_w, -1).permute(0, 3, 1, 2)
             grid = F.interpolate(grid, size=(grid_h, grid_w), mode="bilinear", align_corners=False)
             grid = grid.permute(0, 2, 3, 1).reshape(1, grid_h * grid_w, -1)
