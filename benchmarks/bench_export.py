@@ -12,7 +12,7 @@ Variants, every one on the same random input (random weights: latency does not d
 
 Latency: median of --runs calls after --warmup calls, wall clock, the variants interleaved call by call
 (so load from other processes falls on all of them alike; the load average is recorded), batch --batch at --size x --size. ONNX
-Runtime uses its CPU execution provider with its default thread count; PyTorch its default threads. The
+Runtime uses its CPU execution provider; both libraries use their default thread counts, or --threads N each. The
 JSON records the machine, versions, date, export times, each file's size and the ONNX-vs-eager error.
 
     python benchmarks/bench_export.py --model hybrid --size 384 --out benchmarks/results/export-cpu.json
@@ -60,9 +60,13 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def _onnx_session(path: Path):
+def _onnx_session(path: Path, threads: int | None = None):
     import onnxruntime as ort
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     name = session.get_inputs()[0].name
     return lambda x: session.run(None, {name: x})[0]
 
@@ -103,6 +107,8 @@ def main(argv=None) -> int:
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--runs", type=int, default=10)
+    parser.add_argument("--threads", type=int, default=None,
+                        help="threads for PyTorch and ONNX Runtime alike (default: each library's own default)")
     parser.add_argument("--no-hf", action="store_true", help="skip transformers' DPT")
     parser.add_argument("--out", default=None, help="JSON file (default: print only)")
     args = parser.parse_args(argv)
@@ -113,19 +119,21 @@ def main(argv=None) -> int:
     import dpt_fast
     from dpt_fast import bench, export as E
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     report = {
         "benchmark": "export-cpu", "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "machine": {"cpu": _cpu_name(), "logical_cpus": os.cpu_count(), "platform": platform.platform(),
                     "torch_threads": torch.get_num_threads()},
         "versions": {"python": platform.python_version(), "torch": torch.__version__,
                      "onnxruntime": onnxruntime.__version__, "dpt_fast": dpt_fast.__version__},
-        "model": args.model, "size": args.size, "batch": args.batch, "rows": [],
+        "model": args.model, "size": args.size, "batch": args.batch, "threads": args.threads, "rows": [],
     }
-    try:
-        import onnx
-        report["versions"]["onnx"] = onnx.__version__
-    except ImportError:
-        pass
+    for name in ("onnx", "transformers"):
+        try:
+            report["versions"][name] = __import__(name).__version__
+        except ImportError:
+            pass
     torch.manual_seed(0)
     x = torch.randn(args.batch, 3, args.size, args.size)
     folder = Path(tempfile.mkdtemp(prefix="bench-export-"))
@@ -138,7 +146,7 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     result = E.export(model, folder / "dpt_fast.onnx", progress=True)
     export_s = time.perf_counter() - t0
-    run = _onnx_session(result.path)
+    run = _onnx_session(result.path, args.threads)
     err = float((torch.from_numpy(run(x.numpy())) - expected).abs().max() / expected.abs().max())
     variants["dpt_fast onnx"] = lambda: run(x.numpy())
     extras["dpt_fast onnx"] = dict(export_s=export_s, dynamic=True, file_mb=result.path.stat().st_size / 2**20,
@@ -156,7 +164,7 @@ def main(argv=None) -> int:
             if info.get("dynamic") is None:
                 report["rows"].append({"variant": "hf onnx", "error": info["errors"]})
             else:
-                hf_run = _onnx_session(folder / "hf.onnx")
+                hf_run = _onnx_session(folder / "hf.onnx", args.threads)
                 variants["hf onnx"] = lambda: hf_run(x.numpy())
                 extras["hf onnx"] = dict(export_s=info["export_s"], dynamic=info["dynamic"],
                                          export_errors=info["errors"],
