@@ -4,6 +4,7 @@
     torchrun --standalone --nproc-per-node 8 --no-python dpt-fast predict photos/ -o depth/ --model ...
     dpt-fast bench --models large,hybrid --sizes 384,1536,4k --out benchmarks/results
     dpt-fast train --help
+    dpt-fast export dpt_hybrid-midas-501f0c75.pt -o dpt_hybrid.onnx --check
 """
 from __future__ import annotations
 
@@ -26,6 +27,8 @@ def _parser() -> argparse.ArgumentParser:
     cli_args.add_bench_arguments(sub.add_parser("bench", help=COMMANDS["bench"],
                                                 description=cli_args.BENCH_DESCRIPTION))
     sub.add_parser("train", help=COMMANDS["train"], add_help=False)
+    from . import export_cli
+    export_cli.add_arguments(sub.add_parser("export", help=COMMANDS["export"], description=export_cli.DESCRIPTION))
     return parser
 
 
@@ -49,6 +52,9 @@ def main(argv=None) -> int:
     if args.command == "bench":
         from . import bench
         return bench.run(args)
+    if args.command == "export":
+        from . import export_cli
+        return export_cli.run(args)
     parser.error(f"unknown command {args.command!r}")
     return 2
 

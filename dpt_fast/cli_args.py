@@ -12,6 +12,7 @@ COMMANDS = {
     "predict": "depth or segmentation maps for files, folders and globs (multi-GPU with torchrun)",
     "bench": "end-to-end benchmark: dpt-fast against the reference, torch.compile and Hugging Face DPT",
     "train": "train or fine-tune a DPT model (see dpt-fast train --help)",
+    "export": "export a model to ONNX or a torch.export program (dynamic batch and size), checked against eager",
 }
 
 # --- bench ---------------------------------------------------------------------------------------
