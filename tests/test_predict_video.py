@@ -1,0 +1,169 @@
+"""`dpt-fast predict` on videos: a generated video through the command, per-frame and video outputs,
+resume per video, --temporal-align, --sequence frame folders, failures and mixed inputs, sharding by
+video, and Video Depth Anything's windowed inference."""
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+pytest.importorskip("av")
+
+from dpt_fast import DPTDepthModel, predict, use_backend  # noqa: E402
+from dpt_fast.video import TemporalAligner, model_predictor  # noqa: E402
+from dpt_fast.video.io import FrameFolder, VideoFile, VideoWriter, read_depth16_video  # noqa: E402
+from dpt_fast.weights import load_model, save_model  # noqa: E402
+from model_helpers import TINY, randomize_  # noqa: E402
+
+FAST = ["--backend", "reference", "--num-workers", "0", "--size", "64"]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    torch.manual_seed(0)
+    return save_model(randomize_(DPTDepthModel(**TINY), matrix_std=0.05), tmp_path_factory.mktemp("m") / "tiny")
+
+
+def _video(path, frames=5, seed=0):
+    """A textured picture panning right: consecutive frames differ, and so do their depth maps."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    base = np.random.default_rng(seed).integers(0, 256, (48, 96, 3), dtype=np.uint8)
+    with VideoWriter(path, 10) as writer:
+        for i in range(frames):
+            writer.write(np.ascontiguousarray(base[:, 4 * i:4 * i + 64]))
+    return path
+
+
+def _run(capsys, *argv):
+    rc = predict.main([str(a) for a in argv])
+    err = capsys.readouterr().err
+    assert "Traceback" not in err, err
+    return rc, err
+
+
+def _frames(folder, count):
+    return [np.load(folder / f"{i:06d}.npy") for i in range(count)]
+
+
+def _per_frame(model_path, sequence, size=64):
+    with use_backend("reference"):
+        run = model_predictor(load_model(model_path), size=size)
+        return [run(frame.image).numpy() for frame in sequence]
+
+
+def test_video_outputs_resume_and_temporal_align(tmp_path, model_dir, capsys):
+    clip = _video(tmp_path / "clips" / "clip.mp4")
+    out = tmp_path / "out"
+    rc, err = _run(capsys, tmp_path / "clips", "-o", out, "--model", model_dir, *FAST,
+                   "--format", "preview,video16,npy,png16")
+    assert rc == 0 and "1 video(s) written" in err, err
+    expected = _per_frame(model_dir, VideoFile(clip))
+    got = _frames(out / "clip", 5)
+    for a, b in zip(got, expected):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    assert len(list(VideoFile(out / "clip-depth.mp4"))) == 5
+    codes, value_range = read_depth16_video(out / "clip-depth.mkv")
+    assert len(list(codes)) == 5 and value_range is not None
+    assert sorted(p.name for p in (out / "clip").glob("*.png")) == [f"{i:06d}.png" for i in range(5)]
+    assert json.loads((out / "clip" / "range.json").read_text())["value_range"] == list(value_range)
+
+    # a re-run with the same settings skips the finished video
+    stamps = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
+    rc, err = _run(capsys, tmp_path / "clips", "-o", out, "--model", model_dir, *FAST,
+                   "--format", "preview,video16,npy,png16")
+    assert rc == 0 and "0 video(s) written, 1 skipped" in err, err
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()} == stamps
+
+    # other settings (--temporal-align) recompute it: each frame's scale and shift fitted to the previous
+    rc, err = _run(capsys, tmp_path / "clips", "-o", out, "--model", model_dir, *FAST,
+                   "--format", "preview,video16,npy,png16", "--temporal-align")
+    assert rc == 0 and "1 video(s) written" in err, err
+    aligner = TemporalAligner()
+    aligned = [aligner(torch.from_numpy(d)).numpy() for d in expected]
+    got = _frames(out / "clip", 5)
+    for a, b in zip(got, aligned):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+    assert not all(np.allclose(a, b, rtol=1e-3) for a, b in zip(got[1:], expected[1:]))
+    assert json.loads((out / ".clip.done.json").read_text())["temporal_align"] is True
+
+
+def test_sequence_folder_is_one_video(tmp_path, model_dir, capsys):
+    frames = tmp_path / "shots" / "take1"
+    frames.mkdir(parents=True)
+    rng = np.random.default_rng(1)
+    for i in (1, 2, 10):  # natural order: frame2 before frame10
+        Image.fromarray(rng.integers(0, 256, (40, 56, 3), dtype=np.uint8)).save(frames / f"frame{i}.png")
+    out = tmp_path / "out"
+    rc, err = _run(capsys, frames, "-o", out, "--model", model_dir, *FAST, "--sequence", "--format", "video16,npy",
+                   "--fps", "12")
+    assert rc == 0 and "1 video(s) written" in err, err
+    expected = _per_frame(model_dir, FrameFolder(frames))
+    for a, b in zip(_frames(out / "take1", 3), expected):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    assert not (out / "take1" / "000003.npy").exists()
+    assert VideoFile(out / "take1-depth.mkv").fps == 12
+
+
+def test_failures_conflicts_and_mixed_inputs(tmp_path, model_dir, capsys):
+    clips = tmp_path / "clips"
+    _video(clips / "good.mp4", frames=2)
+    (clips / "broken.mp4").write_text("not a video")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "mine-depth.mp4").write_bytes(b"the user's own file")
+    _video(clips / "mine.mp4", frames=2, seed=3)
+    rc, err = _run(capsys, clips, "-o", out, "--model", model_dir, *FAST, "--format", "preview")
+    assert rc == 1, err
+    assert "broken.mp4" in err and "cannot read as a video" in err
+    assert "conflict" in err and (out / "mine-depth.mp4").read_bytes() == b"the user's own file"
+    assert "1 video(s) written, 0 skipped (already done), 1 failed, 1 conflict(s)" in err
+    assert len(list(VideoFile(out / "good-depth.mp4"))) == 2
+
+    # images and videos in one call: refused before anything is loaded
+    Image.fromarray(np.zeros((20, 20, 3), np.uint8)).save(clips / "photo.png")
+    rc, err = _run(capsys, clips, "-o", tmp_path / "out2", "--model", tmp_path / "no-model.pt")
+    assert rc == 2 and "both images" in err and len(err.strip().splitlines()) == 1, err
+    rc, err = _run(capsys, clips / "photo.png", "-o", tmp_path / "out2", "--model", model_dir, "--temporal-align")
+    assert rc == 2 and "--temporal-align applies to videos" in err
+    assert not (tmp_path / "out2").exists()
+
+
+def test_two_ranks_share_the_videos(tmp_path, model_dir, capsys, monkeypatch):
+    for name in ("a", "b", "c"):
+        _video(tmp_path / "clips" / f"{name}.mp4", frames=2)
+    out = tmp_path / "out"
+    for rank in (0, 1):
+        monkeypatch.setenv("RANK", str(rank))
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        monkeypatch.delenv("MASTER_ADDR", raising=False)
+        rc, err = _run(capsys, tmp_path / "clips", "-o", out, "--model", model_dir, *FAST, "--format", "npy")
+        assert rc == 0 and f"rank {rank} of 2: {2 - rank} video(s) written" in err, err
+    for name in ("a", "b", "c"):
+        assert json.loads((out / f".{name}.done.json").read_text())["frames"] == 2
+
+
+def test_video_depth_anything_runs_in_windows(tmp_path, capsys):
+    from dpt_fast.models.video_depth_anything import VideoDepthAnythingModel, window_predictor
+    from dpt_fast.transforms import depth_anything_preprocess
+    from dpt_fast.video.windows import windowed_video_depth
+    torch.manual_seed(0)
+    model = randomize_(VideoDepthAnythingModel("vits"), seed=1, matrix_std=0.05).eval()
+    path = tmp_path / "video_depth_anything_vits.pth"
+    torch.save(model.state_dict(), path)
+    clip = _video(tmp_path / "clip.mp4", frames=3)
+    out = tmp_path / "out"
+    rc, err = _run(capsys, clip, "-o", out, "--model", path, "--backend", "reference", "--size", "42",
+                   "--format", "npy")
+    assert rc == 0 and "1 video(s) written" in err, err
+    with use_backend("reference"):
+        window = window_predictor(model, lambda f: depth_anything_preprocess(f.image, size=42)[0])
+        expected = [d.numpy() for d in windowed_video_depth(VideoFile(clip), window)]
+    got = _frames(out / "clip", 3)
+    for a, b in zip(got, expected):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+    assert got[0].max() > got[0].min()
+    assert json.loads((out / ".clip.done.json").read_text())["per_frame"] is False
+
+    rc, err = _run(capsys, clip, "-o", out, "--model", path, "--temporal-align", "--size", "42")
+    assert rc == 2 and "--temporal-align is for single-frame models" in err
