@@ -1,8 +1,8 @@
 """Which files a batch-inference run reads, and the output names it gives them.
 
 `collect_inputs` turns command-line style inputs (files, folders searched recursively, glob patterns)
-into image files, `collect_videos` into video files or folders of frames; `plan_jobs` names each one's outputs, mirroring the input names; `shard` splits the
-sorted jobs between processes.
+into image files, `collect_videos` into video files or folders of frames; `plan_jobs` names each
+one's outputs, mirroring the input names; `shard` splits the sorted jobs between processes.
 """
 from __future__ import annotations
 
@@ -54,8 +54,9 @@ def _is_regular(path) -> bool:
 def _walk(folder: Path, exclude: Path | None, skipped: list | None = None, visited: set | None = None,
           accept=image_io.is_image_name):
     """Image files (or files whose name `accept` takes) under `folder`, recursively, sorted; hidden
-    entries and the output folder are left out. Links to folders are followed, but every real folder is entered once (a link loop ends);
-    only regular files are yielded (a FIFO or device named like an image is listed in `skipped`)."""
+    entries and the output folder are left out. Links to folders are followed, but every real folder is
+    entered once (a link loop ends); only regular files are yielded (a FIFO or device named like an
+    image is listed in `skipped`)."""
     visited = set() if visited is None else visited
     try:
         info = os.stat(folder)

@@ -122,3 +122,41 @@ def test_per_frame_pngs_and_sequence_functions(videos):
     assert json.loads((root / "out" / "a" / "range.json").read_text()) == {"value_range": [0.0, 3.0]}
     with pytest.raises(ValueError, match="formats"):
         predict_videos(sources, root / "out", sequence_model, formats=["gif"])
+
+
+def test_stop_drops_the_video_in_progress_and_a_rerun_finishes(videos):
+    import threading
+    root, inputs = videos
+    sources = collect_sequences(inputs)
+    out = root / "out"
+    stop = threading.Event()
+    model = CountingModel()
+
+    def stopping(image):  # a stop request (Ctrl-C) arriving during the second frame of "c"
+        if model.calls == LENGTHS["a"] + 1:
+            stop.set()
+        return model(image)
+    summary = predict_videos(sources, out, stopping, progress=False, stop=stop)
+    assert summary.stopped and summary.done == ["a"] and summary.remaining == 2
+    assert model.calls == LENGTHS["a"] + 2 and not finished(out, "c") and not (out / ".c.done.json").exists()
+    assert (out / ".c.started.json").exists()  # the leftovers are this tool's: not a conflict on re-run
+    summary = predict_videos(sources, out, CountingModel(), progress=False)
+    assert summary.skipped == ["a"] and summary.done == ["c", "sub/b"] and not summary.conflicts
+    assert not (out / ".c.started.json").exists()
+
+
+def test_foreign_outputs_are_conflicts_and_raw_frames_are_written(videos):
+    root, inputs = videos
+    sources = [s for s in collect_sequences(inputs) if s.name in ("a", "c")]
+    out = root / "out"
+    (out / "a").mkdir(parents=True)
+    (out / "a" / "notes.txt").write_text("the user's own folder")
+    for overwrite in (False, True):
+        summary = predict_videos(sources, out, CountingModel(), formats=["npy", "pfm"], overwrite=overwrite,
+                                 progress=False)
+        assert [name for name, _ in summary.conflicts] == ["a"] and summary.done == ["c"]
+        assert sorted(p.name for p in (out / "a").iterdir()) == ["notes.txt"]
+    from dpt_fast.image_io import read_pfm
+    raw = [np.load(out / "c" / f"{i:06d}.npy") for i in range(LENGTHS["c"])]
+    assert all(np.array_equal(read_pfm(out / "c" / f"{i:06d}.pfm"), r) for i, r in enumerate(raw))
+    assert raw[0].dtype == np.float32 and raw[0].shape == (16, 24) and raw[1].mean() > raw[0].mean()

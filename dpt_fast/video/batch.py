@@ -10,12 +10,14 @@
 
 Outputs of `SOURCE` (its path relative to the input argument it came from, extension dropped, is the
 output name `NAME`): `NAME-depth.mp4` (coloured preview), `NAME-depth.mkv` (16-bit depth, FFV1) and/or
-`NAME/000000.png`... (16-bit PNG per frame). Videos go to ranks by position in the sorted list (video i
-to rank i mod world_size: each video is processed by exactly one process, never split by frame).
-A video is done when its marker `.NAME.done.json` (the settings it was made with) exists: re-runs
-skip done videos with the same settings and redo the others from their first frame. Every file is
-written under a temporary name and renamed when complete, and the marker is written last, so an
-interrupted run leaves no partial output under a final name.
+per frame in `NAME/`: `000000.png`... (16-bit PNG), `000000.npy` / `.pfm` (raw float values). Videos go
+to ranks by position in the sorted list (video i to rank i mod world_size: each video is processed by
+exactly one process, never split by frame). A video is done when its marker `.NAME.done.json` (the
+settings it was made with) exists: re-runs skip done videos with the same settings and redo the others
+from their first frame. Every file is written under a temporary name and renamed when complete, and
+the marker is written last, so an interrupted run leaves no partial output under a final name. A
+`.NAME.started.json` marker, written before any output, tells this tool's leftovers from files it did
+not write: those are never replaced (the video is reported as a conflict).
 """
 from __future__ import annotations
 
