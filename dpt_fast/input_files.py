@@ -170,8 +170,10 @@ def collect_videos(inputs, exclude=None, sequence: bool = False, skipped: list |
 
     def take(path: Path, rel_base: Path | None) -> int:
         if path.is_dir():
-            if sequence:
-                return add(path, path.resolve().name)
+            if sequence:  # the frames are the image files directly inside
+                has_frames = any(not f.name.startswith(".") and image_io.is_image_name(f.name) and _is_regular(f)
+                                 for f in path.iterdir())
+                return add(path, path.resolve().name) if has_frames else 0
             return sum(add(f, f.relative_to(path).as_posix()) for f in _walk(path, exclude, skipped,
                                                                            accept=_is_video_name))
         if _is_video_name(path.name) and _is_regular(path):
@@ -189,7 +191,9 @@ def collect_videos(inputs, exclude=None, sequence: bool = False, skipped: list |
                 problems.append((arg, "the pattern matches no " + ("folder or video" if sequence else "video")))
         elif path.is_dir():
             if not take(path, None):
-                problems.append((arg, "the folder holds no video files (" + ", ".join(_video_extensions()) + ")"))
+                problems.append((arg, "the folder holds no image files directly inside (the frames of --sequence)"
+                                 if sequence else
+                                 "the folder holds no video files (" + ", ".join(_video_extensions()) + ")"))
         elif os.path.lexists(path):
             if not take(path, None):
                 problems.append((arg, "not a folder of frames or a video file" if sequence else

@@ -167,3 +167,16 @@ def test_video_depth_anything_runs_in_windows(tmp_path, capsys):
 
     rc, err = _run(capsys, clip, "-o", out, "--model", path, "--temporal-align", "--size", "42")
     assert rc == 2 and "--temporal-align is for single-frame models" in err
+
+
+def test_collect_videos_names_and_problems(tmp_path):
+    from dpt_fast.input_files import collect_videos
+    _video(tmp_path / "clips" / "a" / "x.mp4", frames=1)
+    (tmp_path / "clips" / "notes.txt").write_text("not a video")
+    (tmp_path / "empty").mkdir()
+    items, problems = collect_videos([tmp_path / "clips", str(tmp_path / "clips" / "*" / "*.mp4"), tmp_path / "empty",
+                                     tmp_path / "missing"])
+    assert [(p.name, rel) for p, rel in items] == [("x.mp4", "a/x.mp4")] and len(problems) == 2
+    assert "no video files" in problems[0][1] and "no such file" in problems[1][1]
+    items, problems = collect_videos([tmp_path / "clips" / "a", tmp_path / "empty"], sequence=True)
+    assert items == [] and all("no image files directly inside" in why for _, why in problems)
