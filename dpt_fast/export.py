@@ -208,14 +208,15 @@ def first_line(exc: BaseException) -> str:
 
 
 def _failing_part(exc: BaseException, model: nn.Module) -> str:
-    """The innermost dpt_fast or timm frame of the traceback (file:line, function), for the error message."""
+    """The innermost frame of the traceback outside torch itself (file:line, function): the model code
+    the tracer stopped in, named for the error message."""
     import traceback
-    frames = traceback.extract_tb(exc.__traceback__)
-    for frame in reversed(frames):
+    for frame in reversed(traceback.extract_tb(exc.__traceback__)):
         name = frame.filename.replace(os.sep, "/")
-        if "/dpt_fast/" in name or "/timm/" in name:
-            part = "timm (the encoder)" if "/timm/" in name else "dpt_fast"
-            return f"{part} at {'/'.join(name.split('/')[-2:])}:{frame.lineno} ({frame.name})"
+        if "/torch/" in name or name.startswith("<") or name.endswith("/dpt_fast/export.py"):
+            continue
+        part = "timm (the encoder)" if "/timm/" in name else "dpt_fast" if "/dpt_fast/" in name else "the model"
+        return f"{part} at {'/'.join(name.split('/')[-2:])}:{frame.lineno} ({frame.name})"
     return f"the {type(model).__name__} model"
 
 
