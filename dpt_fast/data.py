@@ -27,8 +27,11 @@ resuming at a step, or sharding a batch over DDP ranks, gives exactly the same s
 Augmentation (`augment`): resize so that the longer side is `size` (times a random factor from
 `scale_range`, 1 for depth as the paper, (0.5, 2) for segmentation), a random `size` x `size` square
 window (where the resized image is smaller than the square, the rest is padding: mask False, label
-ignore, image 0 after normalisation), random horizontal flip. Images are bicubic-resized, targets
-nearest-neighbour; images are normalised with mean = std = 0.5 as the released models expect.
+ignore, image 0 after normalisation), random horizontal flip. With `cover=True` the shorter side is
+resized to `size` instead, so the window lies inside the image and nothing is padded (Depth Anything's
+training: those models read padded borders as near). Images are bicubic-resized, targets
+nearest-neighbour; images are normalised with the model's mean and std (`mean`, `std`: mean = std =
+0.5 for the released DPT models, ImageNet's for Depth Anything; see dpt_fast.specs).
 """
 from __future__ import annotations
 
@@ -295,22 +298,23 @@ def _window(array: np.ndarray, top: int, left: int, size: int, fill) -> np.ndarr
 
 def augment(sample: dict[str, np.ndarray], size: int, rng: np.random.Generator,
             scale_range: tuple[float, float] = (1.0, 1.0), flip: bool = True,
-            ignore_index: int = IGNORE_INDEX) -> dict[str, torch.Tensor]:
-    """Resize (longer side = size x a random factor), random square window, random flip, normalise.
+            ignore_index: int = IGNORE_INDEX, mean=MEAN, std=STD, cover: bool = False) -> dict[str, torch.Tensor]:
+    """Resize (longer side, or with `cover` the shorter side, = size x a random factor), random square
+    window, random flip, normalise with per-channel (or scalar) `mean` and `std`.
 
     Returns tensors: "image" float32 [3, size, size]; and those of "disparity" float32 [size, size],
     "mask" bool [size, size], "label" int64 [size, size] that the sample has.
     """
     height, width = sample["image"].shape[:2]
     factor = rng.uniform(*scale_range)
-    scale = size * factor / max(height, width)
+    scale = size * factor / (min(height, width) if cover else max(height, width))
     new_h, new_w = max(1, round(height * scale)), max(1, round(width * scale))
     top = int(rng.integers(min(0, new_h - size), max(0, new_h - size) + 1))
     left = int(rng.integers(min(0, new_w - size), max(0, new_w - size) + 1))
     mirror = flip and rng.uniform() < 0.5
 
     image = _resize(sample["image"], (new_h, new_w), Image.BICUBIC).astype(np.float32)
-    image = (image / 255.0 - MEAN) / STD
+    image = (image / 255.0 - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
     out = {"image": _window(image, top, left, size, 0.0)}
     if "disparity" in sample:
         mask = sample.get("mask", np.ones(sample["disparity"].shape, bool))
@@ -334,16 +338,19 @@ class TrainStream(torch.utils.data.Dataset):
 
     One dataset: epochs of a seeded permutation. Several: a dataset drawn uniformly at random, then a
     sample of it uniformly at random (the paper's mixing, so every dataset is seen equally often
-    whatever its size). `keys` selects the targets the task needs.
+    whatever its size). `keys` selects the targets the task needs; `mean`, `std` and `cover` are
+    `augment`'s (the model's normalisation, and whether crops lie inside the resized image).
     """
 
     def __init__(self, datasets, size: int, seed: int = 0, keys=("image", "disparity", "mask"),
-                 scale_range=(1.0, 1.0), flip: bool = True, ignore_index: int = IGNORE_INDEX):
+                 scale_range=(1.0, 1.0), flip: bool = True, ignore_index: int = IGNORE_INDEX,
+                 mean=MEAN, std=STD, cover: bool = False):
         self.datasets = list(datasets)
         if not self.datasets or any(len(d) == 0 for d in self.datasets):
             raise ValueError("TrainStream needs at least one non-empty dataset")
         self.size, self.seed, self.keys = size, seed, tuple(keys)
         self.scale_range, self.flip, self.ignore_index = tuple(scale_range), flip, ignore_index
+        self.mean, self.std, self.cover = mean, std, cover
         self._permutation = (None, None)
 
     def __len__(self) -> int:  # nominal: the stream is unbounded; samplers give indices directly
@@ -369,7 +376,8 @@ class TrainStream(torch.utils.data.Dataset):
             raise KeyError(f"{self.datasets[which]!r} has no {missing} for this task")
         sample = {k: sample[k] for k in self.keys if k in sample}
         rng = np.random.default_rng([self.seed, int(index), 3])
-        return augment(sample, self.size, rng, self.scale_range, self.flip, self.ignore_index)
+        return augment(sample, self.size, rng, self.scale_range, self.flip, self.ignore_index, self.mean,
+                       self.std, self.cover)
 
 
 class StreamSampler(torch.utils.data.Sampler):

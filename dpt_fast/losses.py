@@ -15,7 +15,11 @@ valid pixel); M_n is the number of valid pixels of image n.
 
 Metric fine-tuning (NYU / KITTI): the network output is first mapped to metric depth by one global
 scale and shift (the average of per-sample alignments: dpt_fast.train.estimate_metric_alignment), then
-trained with Eigen et al.'s scale-invariant log loss `silog_loss`.
+trained with Eigen et al.'s scale-invariant log loss `silog_loss`. Depth Anything's metric models
+predict metres themselves and train on the square root of that loss (`root=True`).
+
+Depth Anything's relative models predict disparity (inverse depth) as MiDaS and DPT do, so they train
+with the same scale-and-shift-invariant losses on the same disparity targets.
 
 Segmentation: `segmentation_loss`, cross-entropy on the main logits plus 0.2 x the auxiliary head's,
 with an ignore index (255).
@@ -227,20 +231,25 @@ class ScaleShiftInvariantLoss(nn.Module):
 
 
 def silog_loss(pred_depth: torch.Tensor, target_depth: torch.Tensor, mask: torch.Tensor | None = None,
-               lambd: float = 0.5, eps: float = 1e-8, reduction: str = "image") -> torch.Tensor:
+               lambd: float = 0.5, eps: float = 1e-8, reduction: str = "image", root: bool = False) -> torch.Tensor:
     """Eigen et al. (2014) scale-invariant log loss on metric depth, per image:
     1/n sum d_i^2 - lambd/n^2 (sum d_i)^2, d = log(pred) - log(target) over valid pixels (target > 0).
-    lambd = 0.5 as Eigen et al. train (1 gives the fully scale-invariant error, 0 the log MSE)."""
+    lambd = 0.5 as Eigen et al. train (1 gives the fully scale-invariant error, 0 the log MSE).
+    root=True takes the square root of that (per image, or of the batch's with reduction="batch"), the
+    form Depth Anything's metric fine-tuning minimises; an image without valid pixels then adds a
+    constant 1e-4 with no gradient."""
     mask = _check(pred_depth, target_depth, mask)
     mask = mask & (target_depth > 0)
     one = torch.ones_like(pred_depth)
     d = torch.where(mask, torch.log(pred_depth.float().clamp_min(eps)) - torch.log(torch.where(mask, target_depth, one).float()),
                     torch.zeros_like(pred_depth, dtype=torch.float32))
     n = mask.sum((1, 2)).to(d.dtype)
+    # >= (1 - lambd) mean(d)^2 >= 0 exactly; the clamp keeps rounding (and empty images) off sqrt's pole
+    finish = (lambda value: value.clamp_min(1e-8).sqrt()) if root else (lambda value: value)
     if reduction == "batch":
         total = n.sum().clamp_min(1)
-        return (d * d).sum() / total - lambd * d.sum() ** 2 / total ** 2
-    per_image = (d * d).sum((1, 2)) / n.clamp_min(1) - lambd * d.sum((1, 2)) ** 2 / n.clamp_min(1) ** 2
+        return finish((d * d).sum() / total - lambd * d.sum() ** 2 / total ** 2)
+    per_image = finish((d * d).sum((1, 2)) / n.clamp_min(1) - lambd * d.sum((1, 2)) ** 2 / n.clamp_min(1) ** 2)
     if reduction == "none":
         return per_image
     if reduction == "image":

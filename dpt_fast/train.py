@@ -11,6 +11,15 @@ The paper's protocols are the defaults:
   (`--grad-loss-weight 0` for sparse ground truth such as KITTI).
 - segmentation: SGD (momentum 0.9) with polynomial decay (power 0.9), lr 0.002, cross-entropy plus
   0.2 x the auxiliary head's, crops of 480, random rescaling in (0.5, 2).
+- Depth Anything (`--init` of a release file, a transformers folder or a dpt_fast folder, or `--arch
+  da2-small` etc. for a fresh model): the original metric fine-tuning's optimiser, AdamW (weight decay
+  0.01) with polynomial decay (power 0.9), 5e-5 for the decoder and 10x lower for the DINOv2 encoder,
+  crops of 518 cut from images whose shorter side was resized to it, ImageNet normalisation. Relative
+  models (disparity) train with the scale-and-shift-invariant loss above; metric models (metres,
+  `model.metric`) with the square root of the scale-invariant log loss on depth, pixels beyond the
+  model's max_depth left out, no alignment step and no gradient-matching term (`--grad-loss-weight`).
+Every default above applies only where the option is not given (RECIPES). Crops (`--size`) must be
+multiples of the model's input multiple: 32 for DPT, 14 for Depth Anything.
 
 Multi-GPU: `torchrun --nproc_per_node N -m dpt_fast.train ...` (DDP; nccl on GPUs, gloo on CPU).
 `--batch-size` is the global batch, split evenly over the processes. The data stream is a pure
@@ -56,8 +65,9 @@ from torch import nn
 
 from . import backend
 from .data import IGNORE_INDEX, StreamSampler, TrainStream, build_datasets
+from . import specs
 from .losses import ScaleShiftInvariantLoss, align_least_squares, gradient_matching_loss, segmentation_loss, silog_loss
-from .models import DPTDepthModel, DPTSegmentationModel, build_model
+from .models import RELEASED_BACKBONES, DepthAnythingModel, DPTDepthModel, DPTSegmentationModel, build_model
 from .weights import load_model, save_model
 
 __all__ = ["add_arguments", "main", "train", "estimate_metric_alignment", "param_groups", "CHECKPOINT_FORMAT",
@@ -65,11 +75,26 @@ __all__ = ["add_arguments", "main", "train", "estimate_metric_alignment", "param
 
 CHECKPOINT_FORMAT = "dpt_fast.train/1"
 DEPTH_LOSSES = ("ssitrim", "ssimse", "silog")
-TASK_DEFAULTS = {  # the paper's settings per task
-    "depth": dict(size=384, lr=1e-4, optimizer="adam", weight_decay=0.0, schedule="constant", scale_range=(1.0, 1.0)),
+TASK_DEFAULTS = {  # the DPT paper's settings per task
+    "depth": dict(size=384, lr=1e-4, optimizer="adam", weight_decay=0.0, schedule="constant", scale_range=(1.0, 1.0),
+                  depth_loss="ssitrim", grad_loss_weight=0.5),
     "segmentation": dict(size=480, lr=2e-3, optimizer="sgd", weight_decay=1e-4, schedule="poly",
                          scale_range=(0.5, 2.0)),
 }
+# Depth Anything V2's metric fine-tuning: AdamW (betas 0.9, 0.999; weight decay 0.01), encoder lr 5e-6 and
+# the decoder 10x that, poly decay (0.9), 518 crops. Relative models take the same optimiser.
+_DEPTH_ANYTHING = dict(size=518, lr=5e-5, optimizer="adamw", weight_decay=0.01, schedule="poly",
+                       scale_range=(1.0, 1.0))
+# Defaults of the options that depend on the model, per (family, task, output): filled in once the model
+# is built (RECIPE_KEYS not given keep None until then). The encoder's rate is lr / 10 in every recipe.
+RECIPES = {
+    ("dpt", "depth"): TASK_DEFAULTS["depth"],
+    ("dpt", "segmentation"): TASK_DEFAULTS["segmentation"],
+    ("depth_anything", "depth"): {**_DEPTH_ANYTHING, "depth_loss": "ssitrim", "grad_loss_weight": 0.5},
+    ("depth_anything_metric", "depth"): {**_DEPTH_ANYTHING, "depth_loss": "silog", "grad_loss_weight": 0.0},
+}
+RECIPE_KEYS = ("size", "lr", "optimizer", "weight_decay", "schedule", "scale_range", "depth_loss", "grad_loss_weight",
+               "backbone_lr")
 SYNTHETIC_CLASSES = 8
 
 
@@ -95,9 +120,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                       help="required for a new run: 'synthetic' (or 'synthetic:N' samples) or a dataset folder "
                            "(layout: dpt_fast.data); repeat to mix datasets (each drawn with equal probability)")
     data.add_argument("--task", choices=("depth", "segmentation"), default="depth", help="what to train")
-    data.add_argument("--size", type=int, help="square crop side (default 384 depth, 480 segmentation)")
+    data.add_argument("--size", type=int, help="square crop side, a multiple of the model's input multiple (32 "
+                                               "DPT, 14 Depth Anything; default 384 DPT depth, 480 segmentation, "
+                                               "518 Depth Anything)")
     data.add_argument("--scale-range", type=_floats, metavar="LO,HI",
-                      help="random rescaling of the longer side (default 1,1 depth; 0.5,2 segmentation)")
+                      help="random rescaling of the resized image (default 1,1 depth; 0.5,2 segmentation)")
     data.add_argument("--no-flip", dest="flip", action="store_false", help="disable random horizontal flips")
     data.add_argument("--num-classes", type=int, help="segmentation classes (default: the init model's, or 8 "
                                                       "for synthetic data)")
@@ -111,7 +138,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                        help="vitb_rn50_384 (DPT-Hybrid), vitl16_384 (DPT-Large), vitb16_384, or any timm ViT "
                             "name together with --hooks")
     model.add_argument("--hooks", type=_ints, metavar="I,J,K,L",
-                       help="four block indices to tap (default: the named backbone's)")
+                       help="four block indices to tap (default: the named backbone's or --arch's; with --init of a "
+                            "Depth Anything file whose encoder is none of the released sizes, its taps)")
     model.add_argument("--features", type=_features, default=256, metavar="N|A,B,C,D",
                        help="fusion width (int), or the four Reassemble widths")
     model.add_argument("--fusion-features", type=int, metavar="N",
@@ -119,26 +147,37 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     model.add_argument("--readout", choices=("ignore", "add", "project"), default="project",
                        help="how the class token enters the Reassemble stages")
     model.add_argument("--init", metavar="PATH",
-                       help="checkpoint to fine-tune from (original .pt, Hugging Face folder, dpt_fast folder or "
-                            "a training checkpoint), loaded with dpt_fast.weights.load_model")
+                       help="checkpoint to fine-tune from (original DPT .pt or Depth Anything .pth, Hugging Face "
+                            "folder, dpt_fast folder or a training checkpoint), loaded with dpt_fast.load_model")
+    model.add_argument("--arch", metavar="NAME",
+                       help="build a fresh, randomly initialised model of a dpt_fast.specs architecture instead "
+                            "of --backbone, e.g. da2-small or da2-metric-hypersim-small (Depth Anything; "
+                            "smoke tests: real training starts from --init)")
 
     optim = parser.add_argument_group("optimisation")
     optim.add_argument("--steps", type=int, default=1000,
                        help="total optimiser steps of the run (with --resume: a larger value extends it)")
     optim.add_argument("--batch-size", type=int, default=16, help="global batch, split over the processes")
-    optim.add_argument("--lr", type=float, help="decoder learning rate (default 1e-4 depth, 2e-3 segmentation)")
-    optim.add_argument("--backbone-lr", type=float, help="backbone learning rate (default lr/10)")
-    optim.add_argument("--optimizer", choices=("adam", "sgd"), help="optimiser (default adam depth, sgd segmentation)")
+    optim.add_argument("--lr", type=float, help="decoder learning rate (default 1e-4 DPT depth, 2e-3 segmentation, "
+                                                "5e-5 Depth Anything)")
+    optim.add_argument("--backbone-lr", type=float, help="encoder learning rate (default lr/10)")
+    optim.add_argument("--optimizer", choices=("adam", "adamw", "sgd"),
+                       help="optimiser (default adam DPT depth, sgd segmentation, adamw Depth Anything)")
     optim.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
-    optim.add_argument("--weight-decay", type=float, help="weight decay (default 0 depth, 1e-4 segmentation)")
+    optim.add_argument("--weight-decay", type=float, help="weight decay (default 0 DPT depth, 1e-4 segmentation, "
+                                                          "0.01 Depth Anything)")
     optim.add_argument("--schedule", choices=("constant", "poly"),
-                       help="learning-rate schedule (default constant depth, poly segmentation)")
+                       help="learning-rate schedule (default constant DPT depth, poly segmentation and Depth "
+                            "Anything)")
     optim.add_argument("--poly-power", type=float, default=0.9, help="exponent of the poly schedule")
     optim.add_argument("--warmup-steps", type=int, default=0, help="linear warm-up steps")
     optim.add_argument("--clip-grad", type=float, default=0.0, help="clip the gradient norm (0: off)")
     optim.add_argument("--depth-loss", choices=DEPTH_LOSSES, default="ssitrim",
-                       help="ssitrim (paper), ssimse, or silog for metric fine-tuning")
-    optim.add_argument("--grad-loss-weight", type=float, default=0.5, help="gradient-matching weight alpha (0: off)")
+                       help="ssitrim (paper), ssimse, or silog for metric fine-tuning (default silog for metric "
+                            "Depth Anything models, ssitrim otherwise)")
+    optim.add_argument("--grad-loss-weight", type=float, default=0.5,
+                       help="gradient-matching weight alpha (0: off; default 0 for metric Depth Anything models, "
+                            "0.5 otherwise)")
     optim.add_argument("--aux-weight", type=float, default=0.2, help="segmentation auxiliary-head loss weight")
     optim.add_argument("--align-samples", type=int, default=64,
                        help="silog: samples used to estimate the metric alignment of the initial model")
@@ -203,19 +242,15 @@ def _resolve(args) -> argparse.Namespace:
     unknown = set(args) - set(defaults)
     if unknown:
         raise UsageError(f"unknown training options: {sorted(unknown)}")
+    # the model's recipe fills these once it is built (_apply_recipe)
+    defaults.update(dict.fromkeys(RECIPE_KEYS))
     ns = argparse.Namespace(**{**defaults, **args})
     if not ns.data:
         raise UsageError("no training data: pass --data synthetic or --data FOLDER (repeatable)")
     if isinstance(ns.data, str):
         ns.data = [ns.data]
-    task = TASK_DEFAULTS[ns.task]
-    for key in ("size", "lr", "optimizer", "weight_decay", "schedule", "scale_range"):
-        if getattr(ns, key) is None:
-            setattr(ns, key, task[key])
     if ns.num_workers is None:
         ns.num_workers = min(4, os.cpu_count() or 1)
-    if ns.backbone_lr is None:
-        ns.backbone_lr = ns.lr / 10
     if isinstance(ns.hooks, str):
         ns.hooks = _ints(ns.hooks)
     if isinstance(ns.features, str):
@@ -224,7 +259,57 @@ def _resolve(args) -> argparse.Namespace:
         raise UsageError("--steps must be >= 0 and --batch-size >= 1")
     if ns.log_every < 1 or ns.save_every < 0:
         raise UsageError("--log-every must be >= 1 and --save-every >= 0")
+    if ns.arch is not None:
+        if ns.init:
+            raise UsageError("--arch builds a fresh model and --init loads one: give only one of them")
+        try:
+            spec = specs.get(ns.arch)
+        except ValueError as error:
+            raise UsageError(f"--arch: {error}") from None
+        if spec.family == "depth_anything" and ns.task != "depth":
+            raise UsageError(f"--arch {ns.arch} is a depth model: --task segmentation builds a DPT (--backbone)")
+    if ns.size is not None and ns.size < 1:
+        raise UsageError(f"--size must be positive, got {ns.size}")
     return ns
+
+
+def _family(model: nn.Module) -> str:
+    if isinstance(model, DepthAnythingModel):
+        return "depth_anything_metric" if model.metric else "depth_anything"
+    return "dpt"
+
+
+def _preprocessing(model: nn.Module) -> specs.Preprocessing:
+    """What the model's inputs look like (mean, std, input multiple); DPT models are the 2021 release's."""
+    return getattr(model, "preprocessing", specs.DPT_PREPROCESSING)
+
+
+def _apply_recipe(args: argparse.Namespace, model: nn.Module) -> None:
+    """Fill the options not given with the model's recipe (RECIPES), and refuse a crop size or a loss the
+    model cannot train with. A resumed run has them all recorded already."""
+    recipe = RECIPES[(_family(model), args.task)]
+    for key, value in recipe.items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, value)
+    if args.backbone_lr is None:
+        args.backbone_lr = args.lr / 10
+    if args.grad_loss_weight is None:  # segmentation: unused, recorded as the flag's default
+        args.grad_loss_weight = _defaults()["grad_loss_weight"]
+    if args.depth_loss is None:
+        args.depth_loss = _defaults()["depth_loss"]
+    multiple = _preprocessing(model).multiple
+    if args.size % multiple:
+        lower = max(multiple, args.size // multiple * multiple)
+        raise UsageError(f"--size {args.size} is not a multiple of {multiple}, the input multiple of this "
+                         f"{type(model).__name__}: use --size {lower} or {lower + multiple}")
+    if args.task == "depth" and isinstance(model, DepthAnythingModel):
+        if model.metric and args.depth_loss != "silog":
+            raise UsageError(f"--depth-loss {args.depth_loss}: this Depth Anything model is metric (it predicts "
+                             f"metres): train it with --depth-loss silog (its default)")
+        if not model.metric and args.depth_loss == "silog":
+            raise UsageError("--depth-loss silog needs a metric model, and this Depth Anything model predicts "
+                             "relative disparity: fine-tune a metric one (e.g. --init depth_anything_v2_metric_"
+                             "hypersim_vits.pth, or --arch da2-metric-hypersim-small) or use ssitrim")
 
 
 # Options that a resumed run may set anew: how far it goes, and how it runs (not what it computes).
@@ -318,12 +403,16 @@ class _Dist:
 # --- model, optimiser, schedule ----------------------------------------------------------------------
 
 def param_groups(model: nn.Module, lr: float, backbone_lr: float) -> list[dict]:
-    """Two groups: the timm ViT (`pretrained.model.*`) at backbone_lr, everything else at lr.
-    Parameters with requires_grad=False are left out."""
+    """Two groups: the encoder (parameters named `model.encoder_prefix`..., the timm ViT: `pretrained.model.`
+    in DPT, `pretrained.` in Depth Anything) at backbone_lr, everything else at lr. Parameters with
+    requires_grad=False are left out."""
+    prefix = getattr(model, "encoder_prefix", None)
+    if not prefix:
+        raise ValueError(f"{type(model).__name__} does not name its encoder (an encoder_prefix attribute)")
     backbone, decoder = [], []
     for name, p in model.named_parameters():
         if p.requires_grad:
-            (backbone if name.startswith("pretrained.model.") else decoder).append(p)
+            (backbone if name.startswith(prefix) else decoder).append(p)
     return [{"params": backbone, "lr": backbone_lr, "name": "backbone"},
             {"params": decoder, "lr": lr, "name": "decoder"}]
 
@@ -339,21 +428,36 @@ def _lr_factor(args):
     return factor
 
 
+# what --task trains: the model classes it accepts from --init
+TASK_MODELS = {"depth": (DPTDepthModel, DepthAnythingModel), "segmentation": (DPTSegmentationModel,)}
+
+
 def _build_model(args, checkpoint) -> nn.Module:
     if checkpoint is not None:
+        recorded = checkpoint["config"].get("arch")
+        if args.arch is not None and recorded != args.arch:
+            raise UsageError(f"the checkpoint holds a {recorded or checkpoint['config'].get('model_class')} model, "
+                             f"but its run records --arch {args.arch}: it cannot be resumed (use --init)")
         model = build_model(checkpoint["config"])
         model.load_state_dict(checkpoint["model"])
         return model
     if args.init:
         try:
-            model = _load_init(args.init)
+            model = _load_init(args.init, args.hooks)
         except (OSError, ValueError) as error:
             raise UsageError(f"--init {args.init}: {error}") from error
-        wanted = DPTDepthModel if args.task == "depth" else DPTSegmentationModel
-        if not isinstance(model, wanted):
+        wanted = TASK_MODELS[args.task]
+        if type(model) not in wanted:
             raise UsageError(f"--init {args.init} holds a {type(model).__name__}, but --task {args.task} "
-                             f"needs a {wanted.__name__}")
+                             f"trains {' or '.join(w.__name__ for w in wanted)}")
         return model
+    if args.arch is not None:
+        spec = specs.get(args.arch)
+        if spec.family == "depth_anything":
+            return DepthAnythingModel(args.arch, taps=args.hooks)
+        backbone = next(name for name, b in RELEASED_BACKBONES.items() if b.timm_name == spec.encoder)
+        common = dict(backbone=backbone, hooks=args.hooks)
+        return DPTDepthModel(**common) if args.task == "depth" else DPTSegmentationModel(args.num_classes, **common)
     common = dict(backbone=args.backbone, hooks=args.hooks, features=args.features, readout=args.readout,
                   fusion_features=args.fusion_features)
     if args.task == "depth":
@@ -361,9 +465,10 @@ def _build_model(args, checkpoint) -> nn.Module:
     return DPTSegmentationModel(args.num_classes, **common)
 
 
-def _load_init(path) -> nn.Module:
+def _load_init(path, hooks=None) -> nn.Module:
     """A model to fine-tune: a training checkpoint of this module, or anything dpt_fast.weights.load_model
-    reads (original .pt, Hugging Face folder, dpt_fast folder)."""
+    reads (original .pt/.pth, Hugging Face folder, dpt_fast folder). `hooks` are the taps of a Depth
+    Anything release-layout file whose encoder is none of the released sizes (its keys cannot tell them)."""
     if Path(path).is_file():
         try:  # memory-mapped and weights-only: cheap and safe to peek at whatever the file is
             obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
@@ -373,6 +478,9 @@ def _load_init(path) -> nn.Module:
             model = build_model(obj["config"])
             model.load_state_dict(obj["model"])
             return model
+    from .depth_anything_weights import recognizes
+    if hooks and recognizes(path):
+        return load_model(path, taps=list(hooks))
     return load_model(path)
 
 
@@ -608,6 +716,17 @@ def _loss_fn(args, model: nn.Module):
             logits, aux = output if isinstance(output, tuple) else (output, None)
             return segmentation_loss(logits, batch["label"], aux, args.aux_weight, args.ignore_index)
         return seg
+    if getattr(model, "metric", False):  # Depth Anything metric: metres out, the original's root silog
+        def metric_depth_anything(pred_depth, batch):
+            target = 1.0 / batch["disparity"].clamp_min(1e-12)
+            mask = batch["mask"] & (batch["disparity"] > 0) & (target <= model.max_depth)
+            loss = silog_loss(pred_depth.float(), torch.where(mask, target, torch.ones_like(target)), mask, root=True)
+            if args.grad_loss_weight > 0:
+                log_pred = torch.log(pred_depth.float().clamp_min(1e-8))
+                loss = loss + args.grad_loss_weight * gradient_matching_loss(
+                    log_pred, torch.log(torch.where(mask, target, torch.ones_like(target))), mask)
+            return loss
+        return metric_depth_anything
     if args.depth_loss == "silog":
         def metric(pred_depth, batch):
             mask = batch["mask"] & (batch["disparity"] > 0)
@@ -749,14 +868,18 @@ def _train(args, env: _Dist, device, out: Path, checkpoint: dict | None) -> dict
         else:
             raise UsageError("--num-classes is needed to build a segmentation model for folder datasets")
     model = _build_model(args, checkpoint)
+    _apply_recipe(args, model)
     num_classes = getattr(model, "num_classes", None) or SYNTHETIC_CLASSES
     try:
         datasets = build_datasets(args.data, args.task, synthetic_resolution=math.ceil(args.size * 1.25),
                                   num_classes=num_classes, seed=args.seed)
     except (OSError, ValueError) as error:
         raise UsageError(f"--data: {error}") from error
+    preprocessing = _preprocessing(model)
+    # the model's normalisation; Depth Anything crops lie inside the image (it reads padding as near)
+    inputs = dict(mean=preprocessing.mean, std=preprocessing.std, cover=isinstance(model, DepthAnythingModel))
     stream = TrainStream(datasets, args.size, seed=args.seed, keys=_keys(args), scale_range=args.scale_range,
-                         flip=args.flip, ignore_index=args.ignore_index)
+                         flip=args.flip, ignore_index=args.ignore_index, **inputs)
 
     model.to(device)
     if args.channels_last:
@@ -764,8 +887,9 @@ def _train(args, env: _Dist, device, out: Path, checkpoint: dict | None) -> dict
     model.channels_last = args.channels_last
     model.pretrained.grad_checkpointing = args.grad_checkpointing
 
-    if args.task == "depth" and args.depth_loss == "silog" and checkpoint is None and not model.invert:
-        align_stream = TrainStream(datasets, args.size, seed=args.seed + 7919, keys=_keys(args), flip=False)
+    if (args.task == "depth" and args.depth_loss == "silog" and checkpoint is None and isinstance(model, DPTDepthModel)
+            and not model.invert):  # a relative DPT learns metres through one alignment first
+        align_stream = TrainStream(datasets, args.size, seed=args.seed + 7919, keys=_keys(args), flip=False, **inputs)
         batch = max(1, min(args.batch_size, args.align_samples))
         batches = (torch.utils.data.default_collate([align_stream[i] for i in range(s, min(s + batch, args.align_samples))])
                    for s in range(0, args.align_samples, batch))
@@ -780,6 +904,8 @@ def _train(args, env: _Dist, device, out: Path, checkpoint: dict | None) -> dict
     groups = param_groups(model, args.lr, args.backbone_lr)
     if args.optimizer == "adam":
         optimizer = torch.optim.Adam(groups, lr=args.lr, weight_decay=args.weight_decay)
+    elif args.optimizer == "adamw":
+        optimizer = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.999), weight_decay=args.weight_decay)
     else:
         optimizer = torch.optim.SGD(groups, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_factor(args))
@@ -811,7 +937,8 @@ def _train(args, env: _Dist, device, out: Path, checkpoint: dict | None) -> dict
         _write_atomic(out / "args.json", lambda f: f.write(settings.encode()))
         _trim_metrics(out / "metrics.jsonl", step)  # lines after the checkpoint (or of a run without one)
         n_params = sum(p.numel() for p in model.parameters())
-        print(f"dpt-fast train: {type(model).__name__} {model.config.get('backbone')} ({n_params / 1e6:.1f}M params), "
+        print(f"dpt-fast train: {type(model).__name__} {model.config.get('arch') or model.config.get('backbone')} "
+              f"({n_params / 1e6:.1f}M params, {args.depth_loss if args.task == 'depth' else 'cross-entropy'} loss), "
               f"{' + '.join(map(repr, datasets))}, {env.world} process(es) on {device}, "
               f"{'from step ' + str(step) if step else 'from scratch' if not args.init else 'from ' + args.init}"
               + (f"; {len(frozen)} unused parameters frozen" if frozen else ""), file=sys.stderr)

@@ -31,6 +31,7 @@ from .. import ops, specs
 from ..config_validation import validate_vit_kwargs
 from .backbone import DPTAttention
 from .blocks import FeatureFusionBlock
+from .heads import DEPTH_HEAD_INITIAL_BIAS
 
 # The +0.1 the original DINOv2 adds to the target grid before dividing by the trained grid.
 POS_EMBED_OFFSET = 0.1
@@ -98,6 +99,11 @@ class DepthAnythingScratch(nn.Module):
             nn.Sigmoid() if metric else nn.ReLU(True),
             nn.Identity(),
         )
+        # A fresh head must not start dead (see heads.DEPTH_HEAD_INITIAL_BIAS): a relative head's final
+        # ReLU starts in its linear part; a metric head's sigmoid starts at its steepest point (half of
+        # max_depth everywhere) whatever the seed. Loading weights replaces both.
+        last = self.output_conv2[2]
+        nn.init.constant_(last.bias, 0.0 if metric else DEPTH_HEAD_INITIAL_BIAS)
 
 
 class DepthAnythingHead(nn.Module):
@@ -164,6 +170,10 @@ class DepthAnythingModel(nn.Module):
     output always has the input's size; resizing rather than padding, because these models read padded
     borders as near.
     """
+
+    # Parameters whose names start with this are the encoder (the DINOv2 ViT); training gives them
+    # their own, lower learning rate (dpt_fast.train.param_groups).
+    encoder_prefix = "pretrained."
 
     def __init__(self, arch: str = "da2-small", taps=None, features: int | None = None, out_channels=None,
                  use_clstoken: bool = False, metric: bool | None = None, max_depth: float | None = None,

@@ -52,6 +52,10 @@ class Scratch(nn.Module):
 class DPT(nn.Module):
     """Shared body of the depth and segmentation models; `head` maps the last fused map to outputs."""
 
+    # The encoder's parameters (the timm ViT, with the hybrid's ResNet stem): their own learning rate in
+    # training (dpt_fast.train.param_groups).
+    encoder_prefix = "pretrained.model."
+
     def __init__(self, head_builder, backbone: str = "vitb_rn50_384", readout: str = "project",
                  features=256, use_bn: bool = False, hooks=None, layer_norm_eps: float | None = None,
                  fusion_features: int | None = None, vit_kwargs: dict | None = None, channels_last: bool = True):

@@ -1,0 +1,246 @@
+"""Training Depth Anything: --init of release-layout files (relative and metric), --arch for a fresh model,
+the encoder's own learning rate, the model's normalisation and input multiple, and an exact resume.
+
+The model is a tiny DINOv2 (64 wide, one 64-wide head, five blocks) under a narrow decoder, written as an
+original-release file; its encoder is none of the released sizes, so --hooks gives its taps."""
+import json
+import os
+import signal
+
+import numpy as np
+import pytest
+import torch
+
+import dpt_fast
+from dpt_fast import specs
+from dpt_fast import train as trainer
+from dpt_fast.data import SyntheticDataset, TrainStream
+from dpt_fast.losses import silog_loss
+from dpt_fast.models import DepthAnythingModel, DPTDepthModel
+
+TAPS = [0, 1, 3, 4]
+RUN = dict(data=["synthetic"], hooks=TAPS, size=56, batch_size=4, num_workers=0, backend="reference", device="cpu",
+           log_every=1, progress=False)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _tiny(metric=False, seed=0):
+    torch.manual_seed(seed)
+    return DepthAnythingModel("da2-metric-hypersim-small" if metric else "da2-small", taps=TAPS, features=32,
+                              out_channels=[16, 24, 32, 48], head_hidden=16,
+                              vit_kwargs=dict(embed_dim=64, depth=5, num_heads=1, mlp_ratio=2, img_size=224))
+
+
+def _release_file(folder, metric=False):
+    """A release-layout state dict under the release's file name (which tells V2, metric and max_depth)."""
+    name = "depth_anything_v2_metric_hypersim_vits.pth" if metric else "depth_anything_v2_vits.pth"
+    torch.save(_tiny(metric).state_dict(), folder / name)
+    return str(folder / name)
+
+
+def _metrics(out):
+    return [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+
+
+def _fell(losses, fraction):
+    first, last = np.mean(losses[:8]), np.mean(losses[-8:])
+    assert last < fraction * first, (first, last)
+
+
+def test_init_of_a_relative_release_file_learns_with_the_encoder_ten_times_slower(tmp_path):
+    init = _release_file(tmp_path)
+    result = trainer.train(RUN, init=init, steps=40, lr=1e-3, out=str(tmp_path / "run"))
+    model = result["model"]
+    assert isinstance(model, DepthAnythingModel) and not model.metric
+    _fell([r["loss"] for r in _metrics(tmp_path / "run")], 0.7)
+
+    args = json.loads((tmp_path / "run" / "args.json").read_text())
+    assert args["optimizer"] == "adamw" and args["schedule"] == "poly" and args["weight_decay"] == 0.01
+    assert args["depth_loss"] == "ssitrim" and args["backbone_lr"] == pytest.approx(1e-4)
+    first = _metrics(tmp_path / "run")[0]
+    assert first["lr"] == 1e-3 and first["backbone_lr"] == pytest.approx(1e-4)
+    # the encoder group is the whole DINOv2 (pretrained.*), the decoder group everything else
+    groups = trainer.param_groups(model, 1.0, 0.1)
+    names = {id(p): n for n, p in model.named_parameters()}
+    encoder = {names[id(p)] for p in groups[0]["params"]}
+    assert "pretrained.blocks.0.attn.qkv.weight" in encoder and "pretrained.patch_embed.proj.weight" in encoder
+    assert encoder == {n for n, p in model.named_parameters() if n.startswith("pretrained.") and p.requires_grad}
+    assert groups[0]["lr"] == 0.1 and groups[1]["lr"] == 1.0
+    assert all(not names[id(p)].startswith("pretrained.") for p in groups[1]["params"])
+    # what it saved is a Depth Anything model again
+    saved = dpt_fast.load_model(tmp_path / "run" / "model")
+    assert isinstance(saved, DepthAnythingModel) and saved.config["arch"] == "da2-small"
+
+
+def test_the_recipe_defaults_are_the_original_metric_fine_tuning():
+    recipe = trainer.RECIPES[("depth_anything_metric", "depth")]
+    assert (recipe["optimizer"], recipe["lr"], recipe["weight_decay"], recipe["schedule"]) == ("adamw", 5e-5, 0.01, "poly")
+    assert recipe["depth_loss"] == "silog" and recipe["size"] == specs.get("da2-small").train_size == 518
+    args = trainer._resolve({"data": ["synthetic"]})
+    trainer._apply_recipe(args, _tiny(metric=True))
+    assert args.backbone_lr == pytest.approx(5e-6) and args.grad_loss_weight == 0.0
+    # a DPT keeps the DPT paper's
+    dpt = trainer._resolve({"data": ["synthetic"]})
+    trainer._apply_recipe(dpt, DPTDepthModel(backbone="vit_tiny_patch16_224", hooks=[0, 1, 2, 3], features=32))
+    assert (dpt.optimizer, dpt.lr, dpt.backbone_lr, dpt.size) == ("adam", 1e-4, pytest.approx(1e-5), 384)
+
+
+def test_init_of_a_metric_release_file_trains_metres_with_silog(tmp_path, monkeypatch):
+    init = _release_file(tmp_path, metric=True)
+    calls = []
+    original = silog_loss
+
+    def recording(pred, target, mask=None, **kw):
+        calls.append((pred.detach(), target, mask, kw))
+        return original(pred, target, mask, **kw)
+    monkeypatch.setattr(trainer, "silog_loss", recording)
+    monkeypatch.setattr(trainer, "estimate_metric_alignment", lambda *a, **k: pytest.fail("no alignment for metric"))
+    result = trainer.train(RUN, init=init, steps=40, lr=1e-3, out=str(tmp_path / "run"))
+    model = result["model"]
+    assert model.metric and model.max_depth == 20.0 and not hasattr(model, "invert")
+    assert json.loads((tmp_path / "run" / "args.json").read_text())["depth_loss"] == "silog"
+    _fell([r["loss"] for r in _metrics(tmp_path / "run")], 0.8)
+
+    # the loss sees the prediction in metres against depth = 1 / disparity, the original's root form,
+    # without the pixels beyond max_depth
+    pred, target, mask, kw = calls[0]
+    assert kw == {"root": True} and len(calls) == 40
+    assert 0 < pred.min() and pred.max() < 20.0
+    assert target[mask].max() <= 20.0 and target[mask].min() > 0
+    # and the trained model predicts metres at the scale of the data
+    sample = TrainStream([SyntheticDataset(4, 70, seed=99)], 56, keys=("image", "disparity", "mask"),
+                         flip=False, mean=model.preprocessing.mean, std=model.preprocessing.std, cover=True)
+    batch = torch.utils.data.default_collate([sample[i] for i in range(4)])
+    with torch.no_grad():
+        depth = model.eval()(batch["image"])
+    truth = 1 / batch["disparity"][batch["mask"]]
+    ratio = depth[batch["mask"]].median() / truth.median()
+    assert 0.5 < ratio < 2.0, ratio
+
+
+def test_a_fresh_arch_learns_and_its_output_varies(tmp_path):
+    options = dict(RUN, arch="da2-small", hooks=[0, 1, 2, 3], size=42)
+    result = trainer.train(options, steps=30, lr=1e-3, out=str(tmp_path / "run"))
+    _fell([r["loss"] for r in _metrics(tmp_path / "run")], 0.8)
+    model = result["model"].eval()
+    assert isinstance(model, DepthAnythingModel) and model.config["arch"] == "da2-small"
+    with torch.no_grad():
+        out = model(torch.randn(2, 3, 42, 42))
+    assert out.std() > 1e-3 * out.abs().mean()
+
+
+@pytest.mark.parametrize("metric", [False, True])
+def test_a_fresh_head_starts_alive(metric):
+    """Relative: the final ReLU's input is positive at every pixel (else no gradient ever flows);
+    metric: the sigmoid starts at its steepest point, half of max_depth."""
+    for seed in range(4):
+        model = _tiny(metric, seed=seed).eval()
+        with torch.no_grad():
+            out = model(torch.randn(2, 3, 56, 56))
+        if metric:
+            assert torch.allclose(out, torch.full_like(out, model.max_depth / 2), rtol=0.1), seed
+        else:
+            assert (out > 0).all(), seed
+
+
+def test_training_images_carry_the_models_normalisation(tmp_path, monkeypatch):
+    seen = {}
+    original = trainer.TrainStream
+
+    def recording(*a, **kw):
+        seen.update(kw)
+        return original(*a, **kw)
+    monkeypatch.setattr(trainer, "TrainStream", recording)
+    trainer.train(RUN, init=_release_file(tmp_path), steps=1, out=str(tmp_path / "run"))
+    assert seen["mean"] == specs.IMAGENET_MEAN and seen["std"] == specs.IMAGENET_STD and seen["cover"]
+    # the stream normalises with them: a mid-grey image becomes (0.5 - mean) / std per channel
+    grey = {"image": np.full((30, 40, 3), 128, np.uint8), "disparity": np.ones((30, 40), np.float32)}
+    stream = TrainStream([_Fixed(grey)], 28, keys=("image", "disparity"), mean=specs.IMAGENET_MEAN,
+                         std=specs.IMAGENET_STD, cover=True, flip=False)
+    image = stream[0]["image"]
+    expected = (128 / 255 - np.array(specs.IMAGENET_MEAN)) / np.array(specs.IMAGENET_STD)
+    torch.testing.assert_close(image[:, 0, 0], torch.tensor(expected, dtype=torch.float32), rtol=1e-5, atol=1e-5)
+    # cover: the shorter side is resized to the crop, so the crop holds no padding
+    assert stream[0]["disparity"].min() == 1.0
+
+
+class _Fixed:
+    def __init__(self, sample):
+        self.sample = sample
+
+    def __len__(self):
+        return 1
+
+    def load(self, index):
+        return dict(self.sample)
+
+
+def test_a_size_that_is_no_multiple_of_14_is_refused(tmp_path, capsys):
+    init = _release_file(tmp_path)
+    code = trainer.main(["--data", "synthetic", "--init", init, "--hooks", "0,1,3,4", "--size", "64", "--steps", "1",
+                         "--num-workers", "0", "--device", "cpu", "--no-progress", "--out", str(tmp_path / "run")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert err[-1] == ("dpt-fast train: error: --size 64 is not a multiple of 14, the input multiple of this "
+                       "DepthAnythingModel: use --size 56 or 70")
+    assert not (tmp_path / "run").exists()
+
+
+def test_losses_that_do_not_fit_the_model_are_refused(tmp_path):
+    with pytest.raises(trainer.UsageError, match="is metric .*--depth-loss silog"):
+        trainer.train(RUN, init=_release_file(tmp_path, metric=True), depth_loss="ssimse", steps=1,
+                      out=str(tmp_path / "a"))
+    with pytest.raises(trainer.UsageError, match="needs a metric model"):
+        trainer.train(RUN, init=_release_file(tmp_path), depth_loss="silog", steps=1, out=str(tmp_path / "b"))
+    with pytest.raises(trainer.UsageError, match="only one of them"):
+        trainer.train(RUN, init=_release_file(tmp_path), arch="da2-small", steps=1, out=str(tmp_path / "c"))
+    with pytest.raises(trainer.UsageError, match="unknown architecture"):
+        trainer.train(RUN, arch="da9-tiny", steps=1, out=str(tmp_path / "d"))
+
+
+def test_resumed_depth_anything_run_equals_the_uninterrupted_run(tmp_path, monkeypatch):
+    options = dict(RUN, init=_release_file(tmp_path, metric=True), steps=6, batch_size=2, lr=1e-3, save_every=2)
+    whole = trainer.train(options, out=str(tmp_path / "whole"))
+    loss_fn = trainer._loss_fn
+
+    def stopping_after_step_3(args, model):
+        inner, calls = loss_fn(args, model), []
+
+        def loss(*a):
+            calls.append(1)
+            if len(calls) == 3:
+                os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C: step 3 finishes, then the run saves and stops
+            return inner(*a)
+        return loss
+    monkeypatch.setattr(trainer, "_loss_fn", stopping_after_step_3)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.train(options, out=str(tmp_path / "parts"))
+    monkeypatch.undo()
+    resumed = trainer.train({"resume": "auto", "out": str(tmp_path / "parts")})
+    assert resumed["step"] == 6 and isinstance(resumed["model"], DepthAnythingModel) and resumed["model"].metric
+    expected, actual = whole["model"].state_dict(), resumed["model"].state_dict()
+    for name in expected:
+        torch.testing.assert_close(actual[name], expected[name], rtol=0, atol=1e-6, msg=name)
+    whole_losses = [(r["step"], r["loss"], r["lr"]) for r in _metrics(tmp_path / "whole")]
+    parts_losses = [(r["step"], r["loss"], r["lr"]) for r in _metrics(tmp_path / "parts")]
+    assert [s for s, _, _ in parts_losses] == list(range(1, 7))
+    for (step, a, lr_a), (_, b, lr_b) in zip(whole_losses, parts_losses):
+        assert a == pytest.approx(b, rel=1e-5, abs=1e-7), step
+        assert lr_a == pytest.approx(lr_b)
+
+
+def test_an_arch_run_records_its_architecture_and_resumes_only_as_it(tmp_path):
+    out = str(tmp_path / "run")
+    trainer.train(dict(RUN, arch="da2-small", hooks=[0, 1, 2, 3], size=42), steps=0, out=out)
+    assert json.loads((tmp_path / "run" / "args.json").read_text())["arch"] == "da2-small"
+    with pytest.raises(trainer.UsageError, match=r'--arch "da2-base" \(recorded: "da2-small"\) differs'):
+        trainer.train({"resume": "auto", "out": out, "arch": "da2-base", "steps": 1})
+    resumed = trainer.train({"resume": "auto", "out": out, "steps": 1})
+    assert resumed["model"].config["arch"] == "da2-small" and resumed["step"] == 1
