@@ -89,3 +89,25 @@ def test_video_model_refuses_images(tmp_path, capsys):
     err = capsys.readouterr().err
     assert rc == 2 and "takes videos" in err and "Traceback" not in err
     assert not (tmp_path / "out").exists()
+
+
+def test_metric_video_keeps_metres(metric_release, tmp_path, capsys):
+    """Videos through a metric model: npy frames in metres, and the 16-bit video's codes map 0 .. 20 m."""
+    pytest.importorskip("av")
+    from dpt_fast.video.io import VideoWriter, dequantize_depth, read_depth16_video
+    _, path = metric_release
+    rng = np.random.default_rng(0)
+    with VideoWriter(tmp_path / "clip.mp4", 10) as writer:
+        for _ in range(2):
+            writer.write(rng.integers(0, 256, (28, 42, 3), dtype=np.uint8))
+    out = tmp_path / "out"
+    rc = predict.main([str(tmp_path / "clip.mp4"), "-o", str(out), "--model", str(path), "--format", "video16,npy",
+                       *FAST])
+    assert rc == 0, capsys.readouterr().err
+    codes, value_range = read_depth16_video(out / "clip-depth.mkv")
+    assert value_range == (0.0, 20.0)
+    for i, frame in enumerate(codes):
+        metres = np.load(out / "clip" / f"{i:06d}.npy")
+        assert 0 < metres.min() < metres.max() < 20
+        np.testing.assert_allclose(dequantize_depth(frame, value_range), metres, atol=20 / 65535)
+    assert json.loads((out / ".clip.done.json").read_text())["output"] == "metric_depth"
