@@ -483,7 +483,8 @@ def _run_videos(args, stop: StopRequest, videos, out_dir: Path, reporter, show: 
         torch.cuda.set_device(device)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}.get(
         args.dtype, torch.bfloat16 if device.type == "cuda" else torch.float32)
-    # float32 weights under autocast: the depth head stays in float32, as the 16-bit outputs need
+    # Weights in float32 first: Video Depth Anything runs under autocast (its last convolutions in
+    # float32, as the release does); single-frame models are cast as for images, the head kept float32.
     model = _load_model(args, device, None, log)
     if model is None:
         return 2
@@ -491,13 +492,19 @@ def _run_videos(args, stop: StopRequest, videos, out_dir: Path, reporter, show: 
         log(f"{args.model} is a segmentation model: videos take depth models")
         return 2
     video_model = is_video_model(model)
+    autocast_dtype = None
+    if dtype != torch.float32 and video_model:
+        autocast_dtype = dtype
+    elif dtype != torch.float32:
+        model.to(dtype)
+        _keep_head_float32(model)
     if video_model and args.temporal_align:
         raise _usage_error("--temporal-align is for single-frame models: Video Depth Anything aligns its windows "
                            "itself")
     size = parse_size(args.size, False, inference.model_preprocessing(model).size)
     metric, output = _video_output(model, args.model)
     predict, per_frame = sequence_predictor(model, size=size, device=device, metric=metric,
-                                            autocast_dtype=None if dtype == torch.float32 else dtype)
+                                            autocast_dtype=autocast_dtype)
     # metric Depth Anything: the 16-bit codes map 0 .. max_depth metres, the same for every video
     value_range = (0.0, float(output["max_depth"])) if metric and output.get("max_depth") else "first"
     settings = {"model": inference.file_fingerprint(args.model), "size": "native" if size is None else int(size),

@@ -180,3 +180,17 @@ def test_collect_videos_names_and_problems(tmp_path):
     assert "no video files" in problems[0][1] and "no such file" in problems[1][1]
     items, problems = collect_videos([tmp_path / "clips" / "a", tmp_path / "empty"], sequence=True)
     assert items == [] and all("no image files directly inside" in why for _, why in problems)
+
+
+def test_16_bit_compute_keeps_the_depth_head_in_float32(tmp_path, model_dir, capsys):
+    """--dtype bf16: the frames' depth comes from a float32 head (a bf16 output, 8 significant bits,
+    would band the 16-bit video). At native size (64 x 64) nothing is resized after the head."""
+    base = np.random.default_rng(4).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    with VideoWriter(tmp_path / "clip.mp4", 10) as writer:
+        writer.write(base)
+    rc, err = _run(capsys, tmp_path / "clip.mp4", "-o", tmp_path / "out", "--model", model_dir, "--backend",
+                   "reference", "--size", "native", "--dtype", "bf16", "--format", "npy")
+    assert rc == 0, err
+    depth = torch.from_numpy(np.load(tmp_path / "out" / "clip" / "000000.npy"))
+    assert depth.shape == (64, 64) and depth.max() > depth.min()
+    assert (depth.bfloat16().float() != depth).float().mean() > 0.5
