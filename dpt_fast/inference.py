@@ -51,8 +51,9 @@ from .input_files import (FORMAT_SUFFIX, Job, UsageError, check_outputs, collect
 from .output_manifest import (MANIFEST_NAME, OutputConflict, OutputManifest, Plan, file_fingerprint,  # noqa: F401
                               model_digest, plan_work, settings_record)
 from .specs import DPT_PREPROCESSING, Preprocessing
-from .transforms import (DEPTH_SIZE, LABEL_OFFSET, depth_anything_preprocess, depth_anything_target_size,
-                         normalize_depth, preprocess, resize_prediction, segmentation_labels, target_size)
+from .transforms import (DEPTH_SIZE, LABEL_OFFSET, _to_multiple, depth_anything_preprocess,
+                         depth_anything_target_size, normalize_depth, preprocess, resize_prediction,
+                         segmentation_labels, target_size)
 
 __all__ = ["predict_images", "Summary", "Predictor", "Writer", "Reporter", "UsageError", "DEPTH_FORMATS",
            "SEGMENTATION_FORMATS",
@@ -221,10 +222,13 @@ class Predictor:
         return max(SIZE_MULTIPLE * 2, int(tile) // SIZE_MULTIPLE * SIZE_MULTIPLE)
 
     def processed_size(self, height: int, width: int) -> tuple[int, int]:
-        """The size the network sees (at native size, the image's own: the model pads it)."""
+        """The size the network sees (at native size, the image's own: a DPT model pads it; for Depth
+        Anything each side is resized, bicubically, to the nearest multiple of 14, as its preprocessing does)."""
+        rule = self.preprocessing
+        if self.size is None and self.depth_anything:
+            return (_to_multiple(height, rule.multiple), _to_multiple(width, rule.multiple))
         if self.size is None:
             return (height, width)
-        rule = self.preprocessing
         if self.depth_anything:
             return depth_anything_target_size(height, width, self.size, rule.multiple, rule.resize_rule)
         return target_size(height, width, self.size, rule.multiple)
@@ -649,9 +653,9 @@ def predict_images(model, inputs, out_dir, *, size=None, formats=None, device=No
                    label_offset: int = LABEL_OFFSET, max_pixels: int | None = image_io.MAX_IMAGE_PIXELS,
                    reporter: Reporter | None = None, stop: threading.Event | None = None,
                    rank: int = 0, world: int = 1) -> Summary:
-    """Run `model` (a DPTDepthModel or DPTSegmentationModel, in eval mode) over image files, folders
-    (recursive) and globs in `inputs`, writing its predictions under `out_dir` (names mirror the inputs,
-    see `plan_jobs`).
+    """Run `model` (a DPTDepthModel, DepthAnythingModel or DPTSegmentationModel, in eval mode) over image
+    files, folders (recursive) and globs in `inputs`, writing its predictions under `out_dir` (names
+    mirror the inputs, see `plan_jobs`).
 
     size: the processing size (default the model's: 384 for DPT depth, 518 for Depth Anything, 480 for
     segmentation) or "native". Each family gets its own preprocessing (see `Predictor`).

@@ -68,6 +68,16 @@ def test_metric_release_file_writes_metres(metric_release, tmp_path, capsys):
                for s in settings)
 
 
+def test_native_size_rounds_to_multiples_of_14(metric_release, tmp_path, capsys):
+    model, path = metric_release
+    photos = _photos(tmp_path / "photos", sizes=((40, 60),))
+    out = tmp_path / "out"
+    rc = predict.main([str(photos), "-o", str(out), "--model", str(path), "--format", "npy", *FAST, "--size", "native"])
+    assert rc == 0, capsys.readouterr().err
+    np.testing.assert_allclose(np.load(out / "p0.npy"), _expected(model, photos / "p0.png", size=None),
+                               rtol=1e-4, atol=1e-5)
+
+
 def test_transformers_folder_matches_transformers(tmp_path, capsys):
     hf = hf_model(2)
     hf.save_pretrained(tmp_path / "hf")
