@@ -297,7 +297,8 @@ def _apply_recipe(args: argparse.Namespace, model: nn.Module) -> None:
         args.grad_loss_weight = _defaults()["grad_loss_weight"]
     if args.depth_loss is None:
         args.depth_loss = _defaults()["depth_loss"]
-    multiple = _preprocessing(model).multiple
+    # a model's own multiple where it states one (a DPT's follows its patch size), else its preprocessing's
+    multiple = getattr(model, "input_multiple", None) or _preprocessing(model).multiple
     if args.size % multiple:
         lower = max(multiple, args.size // multiple * multiple)
         raise UsageError(f"--size {args.size} is not a multiple of {multiple}, the input multiple of this "

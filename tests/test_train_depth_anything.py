@@ -5,7 +5,10 @@ The model is a tiny DINOv2 (64 wide, one 64-wide head, five blocks) under a narr
 original-release file; its encoder is none of the released sizes, so --hooks gives its taps."""
 import json
 import os
+import re
+import shlex
 import signal
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,6 +21,7 @@ from dpt_fast.data import SyntheticDataset, TrainStream
 from dpt_fast.losses import silog_loss
 from dpt_fast.models import DepthAnythingModel, DPTDepthModel
 
+README = Path(__file__).resolve().parents[1] / "README.md"
 TAPS = [0, 1, 3, 4]
 RUN = dict(data=["synthetic"], hooks=TAPS, size=56, batch_size=4, num_workers=0, backend="reference", device="cpu",
            log_every=1, progress=False)
@@ -125,14 +129,32 @@ def test_init_of_a_metric_release_file_trains_metres_with_silog(tmp_path, monkey
     assert 0.5 < ratio < 2.0, ratio
 
 
-def test_a_fresh_arch_learns_and_its_output_varies(tmp_path):
-    options = dict(RUN, arch="da2-small", hooks=[0, 1, 2, 3], size=42)
-    result = trainer.train(options, steps=30, lr=1e-3, out=str(tmp_path / "run"))
+def _readme_lines() -> list[list[str]]:
+    section = README.read_text().split("## Training", 1)[1].split("\n## ", 1)[0]
+    return [shlex.split(line)[2:] for line in re.findall(r"^dpt-fast train .*$", section, re.M)]
+
+
+def test_the_readme_training_lines_parse_and_their_depth_anything_sizes_fit():
+    lines = _readme_lines()
+    assert any("--arch" in flags for flags in lines) and any("--init" in flags and any(
+        "depth_anything" in f for f in flags) for flags in lines)
+    for flags in lines:
+        args = trainer._parser().parse_args(flags)
+        if args.arch and specs.get(args.arch).family == "depth_anything" and args.size:
+            assert args.size % 14 == 0, flags
+
+
+def test_the_readme_fresh_arch_line_learns_and_its_output_varies(tmp_path):
+    flags = next(flags for flags in _readme_lines() if "--arch" in flags)
+    flags[flags.index("--out") + 1] = str(tmp_path / "run")
+    assert trainer.main([*flags, "--num-workers", "0", "--backend", "reference", "--device", "cpu",
+                         "--log-every", "1", "--no-progress"]) == 0
     _fell([r["loss"] for r in _metrics(tmp_path / "run")], 0.8)
-    model = result["model"].eval()
+    model = dpt_fast.load_model(tmp_path / "run" / "model").eval()
     assert isinstance(model, DepthAnythingModel) and model.config["arch"] == "da2-small"
-    with torch.no_grad():
-        out = model(torch.randn(2, 3, 42, 42))
+    size = int(flags[flags.index("--size") + 1])
+    with torch.no_grad(), dpt_fast.use_backend("reference"):
+        out = model(torch.randn(2, 3, size, size))
     assert out.std() > 1e-3 * out.abs().mean()
 
 
