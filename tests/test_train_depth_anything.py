@@ -266,3 +266,16 @@ def test_an_arch_run_records_its_architecture_and_resumes_only_as_it(tmp_path):
         trainer.train({"resume": "auto", "out": out, "arch": "da2-base", "steps": 1})
     resumed = trainer.train({"resume": "auto", "out": out, "steps": 1})
     assert resumed["model"].config["arch"] == "da2-small" and resumed["step"] == 1
+
+
+def test_init_of_a_transformers_folder_fine_tunes_it(tmp_path):
+    pytest.importorskip("transformers")
+    from da_helpers import hf_model
+    hf_model(2, metric=True, max_depth=20).save_pretrained(tmp_path / "hf")
+    result = trainer.train({**RUN, "hooks": None}, init=str(tmp_path / "hf"), steps=2, out=str(tmp_path / "run"))
+    model = result["model"]
+    assert isinstance(model, DepthAnythingModel) and model.metric and model.max_depth == 20
+    assert model.pos_embed_rule == "bicubic_size"  # transformers' position resize travels with its weights
+    args = json.loads((tmp_path / "run" / "args.json").read_text())
+    assert args["depth_loss"] == "silog" and args["optimizer"] == "adamw"
+    assert dpt_fast.load_model(tmp_path / "run" / "model").pos_embed_rule == "bicubic_size"
