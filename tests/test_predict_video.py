@@ -28,7 +28,7 @@ def model_dir(tmp_path_factory):
 def _video(path, frames=5, seed=0):
     """A textured picture panning right: consecutive frames differ, and so do their depth maps."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    base = np.random.default_rng(seed).integers(0, 256, (48, 96, 3), dtype=np.uint8)
+    base = np.random.default_rng(seed).integers(0, 256, (48, 64 + 4 * frames, 3), dtype=np.uint8)
     with VideoWriter(path, 10) as writer:
         for i in range(frames):
             writer.write(np.ascontiguousarray(base[:, 4 * i:4 * i + 64]))
@@ -194,3 +194,29 @@ def test_16_bit_compute_keeps_the_depth_head_in_float32(tmp_path, model_dir, cap
     depth = torch.from_numpy(np.load(tmp_path / "out" / "clip" / "000000.npy"))
     assert depth.shape == (64, 64) and depth.max() > depth.min()
     assert (depth.bfloat16().float() != depth).float().mean() > 0.5
+
+
+def test_sigterm_drops_the_video_in_progress_and_a_rerun_redoes_it(tmp_path, model_dir):
+    import os
+    import re
+    import subprocess
+    import sys
+    import time
+    clip = _video(tmp_path / "clip.mp4", frames=30)
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "dpt_fast.predict", str(clip), "-o", str(out), "--model", str(model_dir), *FAST,
+           "--format", "preview,npy"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.monotonic() + 240
+    while not (out / "clip" / "000001.npy").exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    proc.terminate()
+    err = proc.communicate(timeout=240)[1]
+    assert proc.returncode == 143 and "Traceback" not in err, err
+    assert re.search(r"stopped: 0 video\(s\) written, 1 left", err), err
+    leftovers = sorted(p.name for p in out.iterdir() if p.is_file())
+    assert leftovers == [".clip.started.json"], leftovers  # no partial video under any name
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0 and "1 video(s) written" in done.stderr, done.stderr
+    assert len(list((out / "clip").glob("*.npy"))) == 30 and len(list(VideoFile(out / "clip-depth.mp4"))) == 30
