@@ -279,3 +279,16 @@ def test_init_of_a_transformers_folder_fine_tunes_it(tmp_path):
     args = json.loads((tmp_path / "run" / "args.json").read_text())
     assert args["depth_loss"] == "silog" and args["optimizer"] == "adamw"
     assert dpt_fast.load_model(tmp_path / "run" / "model").pos_embed_rule == "bicubic_size"
+
+
+def test_root_silog_is_the_square_root_of_silog():
+    g = torch.Generator().manual_seed(0)
+    pred, target = torch.rand(3, 8, 8, generator=g) * 10 + 0.1, torch.rand(3, 8, 8, generator=g) * 10 + 0.1
+    mask = torch.rand(3, 8, 8, generator=g) > 0.3
+    per_image = silog_loss(pred, target, mask, reduction="none")
+    torch.testing.assert_close(silog_loss(pred, target, mask, reduction="none", root=True), per_image.sqrt())
+    torch.testing.assert_close(silog_loss(pred, target, mask, root=True), per_image.sqrt().mean())
+    # reduction="batch": over all valid pixels of the batch, as the original's loss over a GPU's batch
+    d = torch.log(pred[mask]) - torch.log(target[mask])
+    torch.testing.assert_close(silog_loss(pred, target, mask, reduction="batch", root=True),
+                               (d.pow(2).mean() - 0.5 * d.mean() ** 2).sqrt())
