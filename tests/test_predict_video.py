@@ -129,17 +129,25 @@ def test_failures_conflicts_and_mixed_inputs(tmp_path, model_dir, capsys):
     assert not (tmp_path / "out2").exists()
 
 
-def test_two_ranks_share_the_videos(tmp_path, model_dir, capsys, monkeypatch):
-    for name in ("a", "b", "c"):
+def test_torchrun_shards_by_video(tmp_path, model_dir):
+    import os
+    import re
+    import subprocess
+    import sys
+    for name in ("a", "b", "d"):
         _video(tmp_path / "clips" / f"{name}.mp4", frames=2)
+    (tmp_path / "clips" / "c.mp4").write_text("not a video")
     out = tmp_path / "out"
-    for rank in (0, 1):
-        monkeypatch.setenv("RANK", str(rank))
-        monkeypatch.setenv("WORLD_SIZE", "2")
-        monkeypatch.delenv("MASTER_ADDR", raising=False)
-        rc, err = _run(capsys, tmp_path / "clips", "-o", out, "--model", model_dir, *FAST, "--format", "npy")
-        assert rc == 0 and f"rank {rank} of 2: {2 - rank} video(s) written" in err, err
-    for name in ("a", "b", "c"):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           "-m", "dpt_fast.cli", "predict", str(tmp_path / "clips"), "-o", str(out), "--model", str(model_dir),
+           *FAST, "--format", "npy"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    log = proc.stdout + proc.stderr
+    assert proc.returncode != 0, log  # c.mp4 failed on rank 0: both ranks agree that the run failed
+    per_rank = {int(r): int(n) for r, n in re.findall(r"rank (\d) of 2: (\d+) video\(s\) written", log)}
+    assert per_rank == {0: 1, 1: 2}, log  # sorted a, b, c, d: video i on rank i mod 2
+    assert "3 video(s) written, 0 skipped (already done), 1 failed across 2 processes" in log
+    for name in ("a", "b", "d"):
         assert json.loads((out / f".{name}.done.json").read_text())["frames"] == 2
 
 
