@@ -63,9 +63,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from . import backend
+from . import backend, specs
 from .data import IGNORE_INDEX, StreamSampler, TrainStream, build_datasets
-from . import specs
 from .losses import ScaleShiftInvariantLoss, align_least_squares, gradient_matching_loss, segmentation_loss, silog_loss
 from .models import RELEASED_BACKBONES, DepthAnythingModel, DPTDepthModel, DPTSegmentationModel, build_model
 from .weights import load_model, save_model
@@ -717,7 +716,7 @@ def _loss_fn(args, model: nn.Module):
             logits, aux = output if isinstance(output, tuple) else (output, None)
             return segmentation_loss(logits, batch["label"], aux, args.aux_weight, args.ignore_index)
         return seg
-    if getattr(model, "metric", False):  # Depth Anything metric: metres out, the original's root silog
+    if isinstance(model, DepthAnythingModel) and model.metric:  # metres out: the original's root silog
         def metric_depth_anything(pred_depth, batch):
             target = 1.0 / batch["disparity"].clamp_min(1e-12)
             mask = batch["mask"] & (batch["disparity"] > 0) & (target <= model.max_depth)
