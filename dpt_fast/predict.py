@@ -440,6 +440,7 @@ def _video_inputs(args, out_dir: Path, log, inference):
         for arg, why in problems[:-1]:
             log(f"{arg}: {why}")
         raise _usage_error(f"{problems[-1][0]}: {problems[-1][1]}")
+    inference.check_outputs([], args.inputs, out_dir)  # -o may not be an input folder
     return videos
 
 

@@ -124,7 +124,13 @@ def test_failures_conflicts_and_mixed_inputs(tmp_path, model_dir, capsys):
     Image.fromarray(np.zeros((20, 20, 3), np.uint8)).save(clips / "photo.png")
     rc, err = _run(capsys, clips, "-o", tmp_path / "out2", "--model", tmp_path / "no-model.pt")
     assert rc == 2 and "both images" in err and len(err.strip().splitlines()) == 1, err
-    rc, err = _run(capsys, clips / "photo.png", "-o", tmp_path / "out2", "--model", model_dir, "--temporal-align")
+    (clips / "photo.png").unlink()
+    rc, err = _run(capsys, clips, "-o", clips, "--model", model_dir)
+    assert rc == 2 and "is the input folder" in err, err
+    rc, err = _run(capsys, clips / "good.mp4", "-o", tmp_path / "out2", "--model", model_dir, "--tile", "128")
+    assert rc == 2 and "--tile applies to images" in err, err
+    Image.fromarray(np.zeros((20, 20, 3), np.uint8)).save(tmp_path / "photo.png")
+    rc, err = _run(capsys, tmp_path / "photo.png", "-o", tmp_path / "out2", "--model", model_dir, "--temporal-align")
     assert rc == 2 and "--temporal-align applies to videos" in err
     assert not (tmp_path / "out2").exists()
 
