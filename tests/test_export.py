@@ -1,7 +1,7 @@
 """dpt_fast.export: ONNX and torch.export programs with symbolic batch, height and width.
 
-For a tiny DPT (depth), a DPT-Hybrid-shaped segmentation model (the hybrid's ResNet-50 stages, a tiny ViT)
-and a tiny Depth Anything V2: traced once at one size; the ONNX file holds standard ONNX operators only
+For a tiny DPT (depth), a DPT-Hybrid-shaped segmentation model (the hybrid's ResNet-50 stages, a tiny ViT;
+opt-in, see HYBRID_REASON) and a tiny Depth Anything V2: traced once at one size; the ONNX file holds standard ONNX operators only
 (opset >= 18); ONNX Runtime and the saved pt2 program equal eager PyTorch within 1e-4 (fp32, relative to
 the output's largest value) at three other sizes, square and non-square, batch 1 and 3; the output has the
 input's size. One export per model (module-scoped fixtures), reused by every test.
@@ -36,7 +36,15 @@ def _build(name):
     return randomize_(model, matrix_std=0.05).eval()
 
 
-MODELS = ["dpt", "hybrid-segmentation", "depth-anything"]
+# The hybrid's trace is opt-in: tracing its ResNet-50 stages (TF "same" padding computed from the input
+# size) with symbolic sizes leaves size expressions that sympy simplifies for every later op, over 20 minutes
+# on 2 CPUs, far over CI's budget.
+HYBRID_REASON = ("tracing the hybrid's ResNet-50 stages with symbolic sizes takes over 20 minutes on 2 CPUs; "
+                 "DPT_FAST_TEST_HYBRID_EXPORT=1 runs it")
+MODELS = ["dpt",
+          pytest.param("hybrid-segmentation", marks=pytest.mark.skipif(
+              os.environ.get("DPT_FAST_TEST_HYBRID_EXPORT") != "1", reason=HYBRID_REASON)),
+          "depth-anything"]
 
 
 @pytest.fixture(scope="module", params=MODELS)
