@@ -26,8 +26,11 @@ Code that adds a model class registers its fields with `register_model_config`.
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Callable
+
+from . import specs
 
 __all__ = ["ConfigError", "validate_model_config", "validate_vit_kwargs", "register_model_config",
            "MODEL_CONFIG_FIELDS", "VIT_KWARGS", "MAX_WIDTH", "MAX_DEPTH", "MAX_HEADS", "MAX_CLASSES",
@@ -125,10 +128,30 @@ def one_of(*validators: Validator, what: str) -> Validator:
 width = integer(1, MAX_WIDTH)
 
 
+# timm modules whose models are the VisionTransformer that dpt_fast.models.DPTBackbone drives.
+_VIT_MODULES = ("vision_transformer", "vision_transformer_hybrid")
+
+
+@functools.lru_cache(maxsize=1)
+def _timm_vit_names() -> frozenset:
+    import timm  # late: importing timm is slow and most validations never need it
+    return frozenset(timm.list_models(module=list(_VIT_MODULES)))
+
+
+def check_backbone_name(backbone: str) -> None:
+    """Raise a ValueError unless `backbone` is a DPT backbone of dpt_fast.specs or a timm Vision
+    Transformer registered under exactly this name (no `hf-hub:` reference or pretrained tag: timm would
+    fetch it)."""
+    if specs.dpt_backbone(backbone) is not None:
+        return
+    if not isinstance(backbone, str) or backbone not in _timm_vit_names():
+        raise ValueError(f"unknown backbone {backbone!r}: use {sorted(specs.dpt_backbones())} or the name of a "
+                         f"timm Vision Transformer (timm.list_models(module={list(_VIT_MODULES)}))")
+
+
 def backbone_name(name, value):
     if not isinstance(value, str) or not value or len(value) > MAX_NAME_LENGTH:
         raise ConfigError(f"{name} must be a backbone name, got {_type_name(value)} {value!r}")
-    from .models.backbone import check_backbone_name  # late: models import this module
     try:
         check_backbone_name(value)
     except ValueError as e:
@@ -190,7 +213,6 @@ _DPT_FIELDS: dict[str, Validator] = {
 }
 
 def depth_anything_arch(name, value):
-    from . import specs  # late: keeps this module free of model imports
     spec = specs.ARCHITECTURES.get(value) if isinstance(value, str) else None
     if spec is None or spec.family != "depth_anything":
         known = [n for n, s in specs.ARCHITECTURES.items() if s.family == "depth_anything"]
@@ -249,8 +271,7 @@ def validate_model_config(config) -> dict:
         if key != "model_class":
             out[key] = fields[key](key, value)
     if out.get("backbone") is not None and out.get("hooks") is None:
-        from .models.backbone import RELEASED_BACKBONES
-        if out["backbone"] not in RELEASED_BACKBONES:
+        if specs.dpt_backbone(out["backbone"]) is None:
             raise ConfigError(f"backbone {out['backbone']!r} is not a released DPT backbone, so the config must "
                               "give its hooks (four block indices)")
     depth = out.get("vit_kwargs", {}).get("depth")

@@ -29,8 +29,8 @@ import torch
 from torch import nn
 
 from . import specs
-from .weights import (CONFIG_NAME, CheckpointError, _fit, _load_safetensors, _read_hf_state_dict, _read_json,
-                      _torch_load, unwrap_state_dict)
+from .checkpoints import (CONFIG_NAME, CheckpointError, _fit, _load_safetensors, _read_hf_state_dict, _read_json,
+                          _torch_load, unwrap_state_dict)
 
 __all__ = ["recognizes", "load", "infer_config", "hf_config_to_model_config", "hf_state_dict_to_original"]
 

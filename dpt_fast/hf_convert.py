@@ -1,7 +1,7 @@
 """Hugging Face transformers' DPT -> dpt_fast: config -> constructor arguments, state dict -> original keys.
 
 transformers ports DPT as `DPTForDepthEstimation` and `DPTForSemanticSegmentation` (hub: Intel/dpt-large,
-Intel/dpt-hybrid-midas, Intel/dpt-large-ade) with renamed keys (DESIGN.md §3). This module maps a
+Intel/dpt-hybrid-midas, Intel/dpt-large-ade) with renamed keys (ARCHITECTURE.md §3). This module maps a
 checkpoint of theirs onto the original release's layout, which is dpt_fast's, and refuses -- with the
 field named -- any config setting that would change the numbers and that dpt_fast cannot reproduce.
 
@@ -46,6 +46,7 @@ import re
 
 import torch
 
+from . import specs
 from .config_validation import (MAX_CLASSES, MAX_DEPTH, MAX_HEADS, MAX_IMAGE_SIZE, MAX_MLP_RATIO, MAX_WIDTH,
                                 ConfigError, boolean, int_list, integer, number, one_of, optional)
 
@@ -58,32 +59,43 @@ class HFConversionError(ValueError):
     """A Hugging Face DPT config or checkpoint that dpt_fast cannot reproduce exactly."""
 
 
+def _hf_dims(arch: specs.ArchitectureSpec) -> tuple[int, int, int, int, int, int]:
+    """(hidden, layers, heads, intermediate, patch, image) of an entry of dpt_fast.specs, as DPTConfig says them."""
+    return (arch.embed_dim, arch.depth, arch.num_heads, int(arch.embed_dim * arch.mlp_ratio), arch.patch_size,
+            arch.encoder_image_size)
+
+
 # timm ViTs with a class token, position embeddings over (cls + grid), LayerNorm pre-norm blocks,
 # qkv bias, GELU MLP, no pre-norm -- HF's DPTViT exactly. Patch 16 only: DPT's stages sit at
-# 1/4 .. 1/32 of the input. (hidden, layers, heads, intermediate, patch, image) -> backbone name.
+# 1/4 .. 1/32 of the input. (hidden, layers, heads, intermediate, patch, image) -> backbone name; the
+# DPT backbones of dpt_fast.specs (the released vitb16_384 and vitl16_384) by their own names.
 HF_VIT_TABLE = {
     (192, 12, 3, 768, 16, 224): "vit_tiny_patch16_224",
     (192, 12, 3, 768, 16, 384): "vit_tiny_patch16_384",
     (384, 12, 6, 1536, 16, 224): "vit_small_patch16_224",
     (384, 12, 6, 1536, 16, 384): "vit_small_patch16_384",
     (768, 12, 12, 3072, 16, 224): "vit_base_patch16_224",
-    (768, 12, 12, 3072, 16, 384): "vitb16_384",       # = timm vit_base_patch16_384, released DPT-Base
     (1024, 24, 16, 4096, 16, 224): "vit_large_patch16_224",
-    (1024, 24, 16, 4096, 16, 384): "vitl16_384",      # = timm vit_large_patch16_384, released DPT-Large
+    **{_hf_dims(arch): name for name, arch in specs.dpt_backbones().items() if not arch.hybrid},
 }
 
-# Reassemble widths of the released backbones (DESIGN.md §3); `features=int` implies these.
-_RELEASED_WIDTHS = {
-    "vitb16_384": [96, 192, 384, 768],
-    "vitl16_384": [256, 512, 1024, 1024],
-    "vitb_rn50_384": [256, 512, 768, 768],
-}
+
+
+def _vit_backbone(dims) -> str | None:
+    """The backbone name for HF ViT dimensions: a DPT backbone of dpt_fast.specs (read now, so that a
+    registered entry counts) or a timm ViT of HF_VIT_TABLE."""
+    for name, arch in specs.dpt_backbones().items():
+        if not arch.hybrid and _hf_dims(arch) == tuple(dims):
+            return name
+    return HF_VIT_TABLE.get(tuple(dims))
+
 
 # The BiT of DPT-Hybrid (ResNet-50 stem + 3 stages), as transformers' DPTConfig builds it.
-_HYBRID_VIT = {"hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12,
-               "intermediate_size": 3072, "patch_size": 16, "image_size": 384}
-_HYBRID_BIT = {"layer_type": "bottleneck", "depths": [3, 4, 9], "embedding_size": 64, "num_groups": 32,
-               "hidden_act": "relu", "width_factor": 1, "num_channels": 3, "output_stride": 32}
+_HYBRID = specs.dpt_backbone("vitb_rn50_384")
+_HYBRID_VIT = dict(zip(("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+                        "patch_size", "image_size"), _hf_dims(_HYBRID)))
+_HYBRID_BIT = {"layer_type": "bottleneck", "depths": list(_HYBRID.hybrid_resnet_depths), "embedding_size": 64,
+               "num_groups": 32, "hidden_act": "relu", "width_factor": 1, "num_channels": 3, "output_stride": 32}
 
 # Keys the original layout has and HF checkpoints lack; they do not affect DPT's outputs.
 HF_FILLED_KEYS = ("pretrained.model.head.weight", "pretrained.model.head.bias")
@@ -253,13 +265,13 @@ def hf_config_to_model_config(cfg: dict, model_class: str | None = None) -> dict
         outs = bit.get("out_features")
         _check(outs is None or outs == ["stage1", "stage2", "stage3"],
                f"backbone_config.out_features={outs}: DPT-hybrid reads stage1, stage2, stage3")
-        backbone = "vitb_rn50_384"
+        backbone = _HYBRID.dpt_backbone
         hooks = [0, 1] + sorted(indices[2:])
         _check(max(hooks[2:]) < dims[1], f"backbone_out_indices={indices} reach past {dims[1]} layers")
     else:
         _check(factors == [4.0, 2.0, 1.0, 0.5], f"reassemble_factors={factors}: the original resamples by "
                                                 "4, 2, 1, 0.5")
-        backbone = HF_VIT_TABLE.get(dims)
+        backbone = _vit_backbone(dims)
         if backbone is None:  # any other size: timm's VisionTransformer with HF's dimensions
             hidden, layers, heads, inter, patch, image = dims
             _check(patch == 16, f"patch_size={patch}: DPT's stages sit at 1/4 .. 1/32 of the input (patch 16)")

@@ -1,8 +1,8 @@
 """Reading images and writing predictions: 16-bit PNG, PFM, npy, colour PNG, palette PNG.
 
-Every writer is atomic: the bytes go to a hidden temporary file in the destination folder, which is
-then renamed over the destination with `os.replace`, so an interrupted run never leaves a half file
-under a final name (only, at worst, a `.<name>.<pid>-<random>.tmp` file, which
+Every writer is atomic (dpt_fast.fileio): the bytes go to a hidden temporary file in the destination
+folder, which is then renamed over the destination with `os.replace`, so an interrupted run never leaves
+a half file under a final name (only, at worst, a `.<name>.<pid>-<random>.tmp` file, which
 `stale_temporaries` finds once that process is gone).
 """
 from __future__ import annotations
@@ -12,12 +12,12 @@ import os
 import re
 import stat
 import sys
-import uuid
 import warnings
-from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
+
+from .fileio import atomic_write_bytes, stale_temporaries  # noqa: F401 (part of this module's API)
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pnm", ".gif")
 
@@ -106,57 +106,7 @@ def read_image(path, max_pixels: int | None = MAX_IMAGE_PIXELS) -> np.ndarray:
     return np.ascontiguousarray(arr)
 
 
-# --- atomic writes -------------------------------------------------------------------------------
-
-_TEMPORARY = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)-[0-9a-f]{8}\.tmp$")
-
-
-def atomic_write_bytes(path, data: bytes, before_replace=None) -> None:
-    """Write `data` to `path` atomically (temporary file in the same folder, fsync-free, os.replace).
-
-    `before_replace(tmp_path)`, if given, runs once the bytes are in the temporary file and before
-    it takes the final name (os.replace keeps the file's inode, size and modification time, so the
-    temporary file's os.stat is the final file's); raising there leaves `path` untouched."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp"
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-        if before_replace is not None:
-            before_replace(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            tmp.unlink()
-        except FileNotFoundError:
-            pass
-        raise
-
-
-def stale_temporaries(folder) -> list[Path]:
-    """This module's temporary files under `folder` (recursively, links not followed) whose writing
-    process no longer runs on this machine: leftovers of a killed run, safe to delete."""
-    found = []
-    for root, dirs, files in os.walk(folder):
-        for name in files:
-            match = _TEMPORARY.match(name)
-            if match and not _process_alive(int(match.group("pid"))):
-                found.append(Path(root) / name)
-    return sorted(found)
-
-
-def _process_alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OverflowError):
-        return True  # someone else's live process (or a PID we cannot ask about): leave its file
-    return True
-
+# --- atomic writes: dpt_fast.fileio (kept importable from here) ----------------------------------
 
 def _pil_bytes(img: Image.Image, **params) -> bytes:
     buf = io.BytesIO()
@@ -203,18 +153,29 @@ def write_pfm(path, values: np.ndarray, scale: float = 1.0) -> None:
 
 
 def read_pfm(path) -> np.ndarray:
-    """A PFM file -> float32 [H, W] (or [H, W, 3]), top row first."""
+    """A PFM file -> float32 [H, W] (or [H, W, 3]), top row first. Comment lines before the dimensions
+    are skipped; a file with fewer values than its header says is a ValueError, not a short array."""
     with open(path, "rb") as f:
-        kind = f.readline().rstrip()
+        kind = f.readline().strip()
         if kind not in (b"Pf", b"PF"):
-            raise ValueError(f"{path}: not a PFM file")
-        match = re.match(rb"^(\d+)\s+(\d+)\s*$", f.readline())
+            raise ValueError(f"{path}: not a PFM file (header {kind[:8]!r})")
+        dims = f.readline()
+        while dims.startswith(b"#"):
+            dims = f.readline()
+        match = re.match(rb"^\s*(\d+)\s+(\d+)\s*$", dims)
         if not match:
-            raise ValueError(f"{path}: malformed PFM header")
+            raise ValueError(f"{path}: malformed PFM dimensions {dims[:32]!r}")
         width, height = int(match.group(1)), int(match.group(2))
-        scale = float(f.readline().decode("ascii").strip())
-        data = np.fromfile(f, ("<" if scale < 0 else ">") + "f4")
-    shape = (height, width, 3) if kind == b"PF" else (height, width)
+        try:
+            scale = float(f.readline().decode("ascii").strip())
+        except (UnicodeDecodeError, ValueError):
+            raise ValueError(f"{path}: malformed PFM scale line") from None
+        channels = 3 if kind == b"PF" else 1
+        count = width * height * channels
+        data = np.fromfile(f, ("<" if scale < 0 else ">") + "f4", count=count)
+    if data.size != count:
+        raise ValueError(f"{path}: truncated PFM ({data.size} of {count} values)")
+    shape = (height, width, 3) if channels == 3 else (height, width)
     return np.ascontiguousarray(np.flipud(data.reshape(shape))).astype(np.float32)
 
 

@@ -84,6 +84,11 @@ class ArchitectureSpec:
     hybrid: bool = False              # ResNet-50 stem feeding the first two stages (DPT-Hybrid)
     weights_public: bool = True
     release_files: tuple[str, ...] = field(default=())
+    dpt_backbone: str | None = None   # the name DPT's `backbone=` argument knows it by (e.g. "vitl16_384")
+    encoder_image_size: int = 384     # the encoder's own input size: its position grid is this / patch_size
+    mlp_ratio: float = 4.0            # MLP hidden width / embed_dim
+    hybrid_stage_widths: tuple[int, ...] = ()   # hybrid: channels of the two ResNet maps used as stages 1-2
+    hybrid_resnet_depths: tuple[int, ...] = ()  # hybrid: blocks in each ResNet stage of the stem
 
     @property
     def head_dim(self) -> int:
@@ -93,11 +98,24 @@ class ArchitectureSpec:
     def train_size(self) -> int:
         return self.preprocessing.size
 
+    @property
+    def position_tokens(self) -> int:
+        """Rows of the encoder's position embedding: the square patch grid plus the class token."""
+        return (self.encoder_image_size // self.patch_size) ** 2 + 1
 
-def _dpt(name, encoder, dim, depth, heads, taps, widths, hybrid=False, files=()):
+    @property
+    def stage_widths(self) -> tuple[int, int, int, int]:
+        """Channels of the four maps entering the decoder (the hybrid's first two are ResNet maps)."""
+        widths = self.reassemble_widths
+        if self.hybrid:
+            return tuple(self.hybrid_stage_widths) + tuple(widths[len(self.hybrid_stage_widths):])
+        return widths
+
+
+def _dpt(name, backbone, encoder, dim, depth, heads, taps, widths, files=(), **hybrid):
     return ArchitectureSpec(name, "dpt", encoder, dim, depth, heads, 16, 32, taps, widths, 256, "project",
-                            False, "bilinear", "x2", "dpt_depth", DPT_PREPROCESSING, hybrid=hybrid,
-                            release_files=files)
+                            False, "bilinear", "x2", "dpt_depth", DPT_PREPROCESSING, hybrid=bool(hybrid),
+                            release_files=files, dpt_backbone=backbone, **hybrid)
 
 
 # Depth Anything encoders: DINOv2 ViTs, patch 14, head dim 64, LayerScale, no register tokens.
@@ -118,16 +136,17 @@ def _depth_anything(name, version, size, head="relative", max_depth=None, files=
     taps = _V2_TAPS[size] if version == 2 else tuple(range(depth - 4, depth))
     return ArchitectureSpec(name, "depth_anything", timm_name, dim, depth, heads, 14, 14, taps, widths, features,
                             "ignore", True, "bicubic_offset", "to_next", head, DEPTH_ANYTHING_PREPROCESSING,
-                            version=version, max_depth=max_depth, weights_public=public, release_files=files)
+                            version=version, max_depth=max_depth, weights_public=public, release_files=files,
+                            encoder_image_size=518)
 
 
 ARCHITECTURES: dict[str, ArchitectureSpec] = {}
 for _spec in (
-    _dpt("dpt-large", "vit_large_patch16_384", 1024, 24, 16, (5, 11, 17, 23), (256, 512, 1024, 1024),
+    _dpt("dpt-large", "vitl16_384", "vit_large_patch16_384", 1024, 24, 16, (5, 11, 17, 23), (256, 512, 1024, 1024),
          files=("dpt_large-midas-2f21e586.pt",)),
-    _dpt("dpt-hybrid", "vit_base_r50_s16_384", 768, 12, 12, (0, 1, 8, 11), (256, 512, 768, 768), hybrid=True,
-         files=("dpt_hybrid-midas-501f0c75.pt",)),
-    _dpt("dpt-base", "vit_base_patch16_384", 768, 12, 12, (2, 5, 8, 11), (96, 192, 384, 768)),
+    _dpt("dpt-hybrid", "vitb_rn50_384", "vit_base_r50_s16_384", 768, 12, 12, (0, 1, 8, 11), (256, 512, 768, 768),
+         files=("dpt_hybrid-midas-501f0c75.pt",), hybrid_stage_widths=(256, 512), hybrid_resnet_depths=(3, 4, 9)),
+    _dpt("dpt-base", "vitb16_384", "vit_base_patch16_384", 768, 12, 12, (2, 5, 8, 11), (96, 192, 384, 768)),
 ):
     ARCHITECTURES[_spec.name] = _spec
 for _code, _size in ENCODER_CODES.items():
@@ -175,6 +194,41 @@ def find_by_release_file(filename: str) -> ArchitectureSpec | None:
         if filename in spec.release_files:
             return spec
     return None
+
+
+def dpt_backbones() -> dict[str, ArchitectureSpec]:
+    """The entries DPT's `backbone=` argument knows by name (`dpt_backbone`), read now, so that an
+    entry added with `register` is known everywhere at once."""
+    return {spec.dpt_backbone: spec for spec in ARCHITECTURES.values()
+            if spec.family == "dpt" and spec.dpt_backbone}
+
+
+def dpt_backbone(name) -> ArchitectureSpec | None:
+    """The entry of DPT's backbone called `name` ("vitl16_384", ...), or None."""
+    return dpt_backbones().get(name) if isinstance(name, str) else None
+
+
+def register(spec: ArchitectureSpec) -> ArchitectureSpec:
+    """Add an architecture to the table (a ValueError if its name is taken or a field is out of range).
+    A "dpt" entry with a `dpt_backbone` name can then be built as DPTDepthModel(backbone=that name), and
+    its original-layout checkpoints are recognised by load_model."""
+    if spec.name in ARCHITECTURES:
+        raise ValueError(f"architecture {spec.name!r} is already in the table")
+    if spec.dpt_backbone is not None and dpt_backbone(spec.dpt_backbone) is not None:
+        raise ValueError(f"the DPT backbone name {spec.dpt_backbone!r} is already taken")
+    for value, allowed, what in ((spec.pos_embed_rule, POS_EMBED_RULES, "pos_embed_rule"),
+                                 (spec.fusion_upsampling, FUSION_UPSAMPLING, "fusion_upsampling"),
+                                 (spec.head, HEADS, "head"), (spec.preprocessing.resize_rule, RESIZE_RULES,
+                                                              "preprocessing.resize_rule")):
+        if value not in allowed:
+            raise ValueError(f"{what}={value!r}: must be one of {allowed}")
+    if any(r not in STAGE_RESAMPLE for r in spec.resample) or len(spec.resample) != 4:
+        raise ValueError(f"resample={spec.resample!r}: four of {STAGE_RESAMPLE}")
+    if len(spec.taps) != 4 or max(spec.taps) >= spec.depth or len(spec.reassemble_widths) != 4:
+        raise ValueError(f"taps {spec.taps} and reassemble_widths {spec.reassemble_widths}: four each, "
+                         f"taps below depth={spec.depth}")
+    ARCHITECTURES[spec.name] = spec
+    return spec
 
 
 def with_overrides(spec: ArchitectureSpec, **changes) -> ArchitectureSpec:

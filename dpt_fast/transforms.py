@@ -2,7 +2,7 @@
 
 Original: keep the aspect ratio, scale as little as possible so that both sides reach the target
 ("minimal"), round each side to a multiple of 32, bicubic, then normalise with mean = std = 0.5.
-Targets: 384 for depth, 480 for segmentation.
+Targets: 384 for depth, 480 for segmentation. The numbers are those of dpt_fast.specs' entries.
 """
 from __future__ import annotations
 
@@ -11,9 +11,11 @@ import math
 import torch
 import torch.nn.functional as F
 
-DEPTH_SIZE = 384
+from .specs import DEPTH_ANYTHING_PREPROCESSING, DPT_PREPROCESSING
+
+DEPTH_SIZE = DPT_PREPROCESSING.size
 SEGMENTATION_SIZE = 480
-MEAN = STD = 0.5
+MEAN, STD = DPT_PREPROCESSING.mean, DPT_PREPROCESSING.std  # per channel (R, G, B)
 
 
 def _to_multiple(x: float, multiple: int) -> int:
@@ -22,7 +24,7 @@ def _to_multiple(x: float, multiple: int) -> int:
     return y if y > 0 else math.ceil(x / multiple) * multiple
 
 
-def target_size(height: int, width: int, size: int = DEPTH_SIZE, multiple: int = 32,
+def target_size(height: int, width: int, size: int = DEPTH_SIZE, multiple: int = DPT_PREPROCESSING.multiple,
                 keep_aspect_ratio: bool = True) -> tuple[int, int]:
     """The (height, width) the original's Resize(size, size, keep_aspect_ratio, multiple, "minimal") gives."""
     if height <= 0 or width <= 0:
@@ -49,21 +51,36 @@ def to_float_image(images: torch.Tensor) -> torch.Tensor:
     return images.float()
 
 
-def preprocess(images: torch.Tensor, size: int | tuple[int, int] | None = DEPTH_SIZE, multiple: int = 32,
+def normalize(x: torch.Tensor, mean, std) -> torch.Tensor:
+    """(x - mean) / std per channel of [B, 3, H, W] images."""
+    mean = torch.tensor(mean, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(std, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+def preprocess(images: torch.Tensor, size: int | tuple[int, int] | None = DEPTH_SIZE,
+               multiple: int = DPT_PREPROCESSING.multiple,
                keep_aspect_ratio: bool = True) -> torch.Tensor:
     """Images -> the normalised network input. `size` None keeps the native resolution (rounded to the
     multiple); a (height, width) pair resizes to exactly that."""
+    return _resize_and_normalize(images, size, multiple, DPT_PREPROCESSING,
+                                 lambda h, w: target_size(h, w, size, multiple, keep_aspect_ratio))
+
+
+def _resize_and_normalize(images, size, multiple: int, preprocessing, fit) -> torch.Tensor:
+    """The steps every preprocessing shares: to float, resize (`size` None: the native size rounded to
+    the multiple; an int: `fit(height, width)`; a pair: exactly it), normalise with the entry's mean/std."""
     x = to_float_image(images)
     height, width = x.shape[-2:]
     if size is None:
         out_size = (_to_multiple(height, multiple), _to_multiple(width, multiple))
     elif isinstance(size, int):
-        out_size = target_size(height, width, size, multiple, keep_aspect_ratio)
+        out_size = fit(height, width)
     else:
         out_size = tuple(size)
     if out_size != (height, width):
-        x = F.interpolate(x, size=out_size, mode="bicubic", align_corners=False)
-    return (x - MEAN) / STD
+        x = F.interpolate(x, size=out_size, mode=preprocessing.interpolation, align_corners=False)
+    return normalize(x, preprocessing.mean, preprocessing.std)
 
 
 def resize_prediction(prediction: torch.Tensor, size: tuple[int, int], mode: str = "bicubic") -> torch.Tensor:
@@ -102,8 +119,6 @@ def normalize_depth(depth: torch.Tensor, bits: int = 16) -> torch.Tensor:
 
 # ------------------------------------------------------------------------------ Depth Anything
 
-from .specs import DEPTH_ANYTHING_PREPROCESSING, IMAGENET_MEAN, IMAGENET_STD  # noqa: E402 (the facts table)
-
 DEPTH_ANYTHING_SIZE = DEPTH_ANYTHING_PREPROCESSING.size
 
 
@@ -113,8 +128,9 @@ def _lower_bound_multiple(x: float, minimum: int, multiple: int) -> int:
     return y if y >= minimum else math.ceil(x / multiple) * multiple
 
 
-def depth_anything_target_size(height: int, width: int, size: int = DEPTH_ANYTHING_SIZE, multiple: int = 14,
-                               rule: str = "lower_bound") -> tuple[int, int]:
+def depth_anything_target_size(height: int, width: int, size: int = DEPTH_ANYTHING_SIZE,
+                               multiple: int = DEPTH_ANYTHING_PREPROCESSING.multiple,
+                               rule: str = DEPTH_ANYTHING_PREPROCESSING.resize_rule) -> tuple[int, int]:
     """The (height, width) Depth Anything's preprocessing resizes an image to.
 
     "lower_bound" (the original release): keep the aspect ratio with the larger of the two scales, so the
@@ -133,21 +149,11 @@ def depth_anything_target_size(height: int, width: int, size: int = DEPTH_ANYTHI
 
 
 def depth_anything_preprocess(images: torch.Tensor, size: int | tuple[int, int] | None = DEPTH_ANYTHING_SIZE,
-                              multiple: int = 14, rule: str = "lower_bound") -> torch.Tensor:
+                              multiple: int = DEPTH_ANYTHING_PREPROCESSING.multiple,
+                              rule: str = DEPTH_ANYTHING_PREPROCESSING.resize_rule) -> torch.Tensor:
     """RGB images (uint8 [0, 255] or float [0, 1], [3, H, W] or [B, 3, H, W]) -> Depth Anything's input:
     resized (bicubic) by `depth_anything_target_size`, normalised with ImageNet's mean and std.
     `size` None keeps the native resolution rounded to the multiple; a (height, width) pair resizes to it.
     Resize the prediction back with `resize_prediction(..., mode="bilinear")` (the original's choice)."""
-    x = to_float_image(images)
-    height, width = x.shape[-2:]
-    if size is None:
-        out_size = (_to_multiple(height, multiple), _to_multiple(width, multiple))
-    elif isinstance(size, int):
-        out_size = depth_anything_target_size(height, width, size, multiple, rule)
-    else:
-        out_size = tuple(size)
-    if out_size != (height, width):
-        x = F.interpolate(x, size=out_size, mode="bicubic", align_corners=False)
-    mean = torch.tensor(IMAGENET_MEAN, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
-    return (x - mean) / std
+    return _resize_and_normalize(images, size, multiple, DEPTH_ANYTHING_PREPROCESSING,
+                                 lambda h, w: depth_anything_target_size(h, w, size, multiple, rule))

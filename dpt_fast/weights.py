@@ -1,5 +1,8 @@
 """Weights I/O: `load_model` for the three checkpoint formats, `save_model` for dpt_fast's own.
 
+Reading a file (format detection, state dicts, the config it describes) is dpt_fast.checkpoints, which
+sits below the models; this module builds models on top of it, and its names are importable from here.
+
 Formats, told apart by the path:
 
 - **original** -- a file (`.pt`/`.pth`, or a `.safetensors` with no config.json beside it) holding the
@@ -37,373 +40,24 @@ from __future__ import annotations
 
 import json
 import os
-import pickle
-import re
-import tempfile
-import warnings
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from . import hf_convert
-from .config_validation import ConfigError, validate_model_config
-from .hf_convert import HFConversionError
-from .models import RELEASED_BACKBONES
+from . import fileio
+from .checkpoints import (CONFIG_NAME, FORMAT, FORMAT_LABELS, FORMAT_VERSION, RELEASED_FILES,  # noqa: F401
+                          WEIGHTS_NAME, CheckpointError, _confined, _load_safetensors, _read_hf_state_dict,
+                          _read_json, _torch_load, describe_config, detect_format, fit_state_dict,
+                          infer_original_config, load_state_dict_into, read_checkpoint, read_state_dict,
+                          released_file_settings, unwrap_state_dict)
 
 __all__ = ["load_model", "save_model", "load_state_dict_into", "detect_format", "read_state_dict",
            "unwrap_state_dict", "infer_original_config", "released_file_settings", "CheckpointError", "RELEASED_FILES",
            "FORMAT", "FORMAT_VERSION"]
 
-FORMAT = "dpt_fast"
-FORMAT_VERSION = 1
-CONFIG_NAME = "config.json"
-WEIGHTS_NAME = "model.safetensors"
-
-FORMAT_LABELS = {"original": "original-release state dict", "huggingface": "Hugging Face DPT",
-                 FORMAT: "dpt_fast"}
-
-# The released checkpoints (DESIGN.md §3) and what their names tell beyond the keys.
-RELEASED_FILES = {
-    "dpt_large-midas-2f21e586.pt": {},
-    "dpt_hybrid-midas-501f0c75.pt": {},
-    "dpt_large-ade20k-b12dca68.pt": {},
-    "dpt_hybrid-ade20k-53898607.pt": {},
-    "dpt_hybrid_kitti-cb926ef4.pt": {"scale": 0.00006016, "shift": 0.00579, "invert": True},
-    "dpt_hybrid_nyu-2ce69ec7.pt": {"scale": 0.000305, "shift": 0.1378, "invert": True},
-}
-
-_RELEASED_VITS = {  # (embed_dim, depth, patch, position tokens) -> released backbone
-    (768, 12, 16, 577): "vitb16_384",
-    (1024, 24, 16, 577): "vitl16_384",
-}
-
-
-def released_file_settings(filename) -> dict:
-    """What a released file's name tells beyond its keys (KITTI/NYU: scale, shift, invert). Matches the
-    released name, or the same name without its hash suffix (e.g. dpt_hybrid_kitti.pt)."""
-    if not filename:
-        return {}
-    name = Path(filename).name
-    if name in RELEASED_FILES:
-        return dict(RELEASED_FILES[name])
-    stem = name.split("-")[0].split(".")[0]
-    for released, settings in RELEASED_FILES.items():
-        if settings and released.split("-")[0] == stem:
-            return dict(settings)
-    return {}
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be read or does not fit the model; the message says why."""
-
-
-# ------------------------------------------------------------------------------------ detection
-
-def _read_json(path: Path) -> dict:
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path}: cannot read it as JSON ({e})") from None
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{path}: expected a JSON object, got {type(data).__name__}")
-    return data
-
-
-def detect_format(path) -> tuple[str, Path, dict | None]:
-    """(format, resolved path, parsed config.json or None). Format is "original", "huggingface" or
-    "dpt_fast": a directory with a config.json carrying dpt_fast's marker or "model_type": "dpt", or a
-    file (an original-release checkpoint). A config.json or model.safetensors inside such a directory
-    stands for the directory."""
-    p = Path(os.fspath(path)).expanduser()
-    if not p.exists():
-        raise FileNotFoundError(f"no such file or directory: '{p}' (expected an original-release .pt file, a "
-                                "Hugging Face DPT directory or a directory written by dpt_fast.save_model)")
-    if p.is_file() and (p.name == CONFIG_NAME or (p.suffix == ".safetensors" and (p.parent / CONFIG_NAME).is_file())):
-        cfg = _read_json(p.parent / CONFIG_NAME)
-        if cfg.get("format") == FORMAT or hf_convert.is_hf_dpt_config(cfg):
-            p = p.parent
-    if p.is_dir():
-        cfg_path = p / CONFIG_NAME
-        if not cfg_path.is_file():
-            raise CheckpointError(f"{p} is a directory without {CONFIG_NAME}: expected a Hugging Face DPT "
-                                  "directory or one written by dpt_fast.save_model (or pass the .pt file itself)")
-        cfg = _read_json(cfg_path)
-        if cfg.get("format") == FORMAT:
-            return FORMAT, p, cfg
-        if hf_convert.is_hf_dpt_config(cfg):
-            return "huggingface", p, cfg
-        raise CheckpointError(f"{cfg_path} is neither dpt_fast's (\"format\": \"{FORMAT}\") nor a Hugging Face "
-                              f"DPT config (\"model_type\": \"dpt\"; this one has model_type="
-                              f"{cfg.get('model_type')!r})")
-    if not p.is_file():  # a FIFO or a device would block or never end
-        raise CheckpointError(f"{p} is not a regular file (expected a checkpoint file or a model directory)")
-    return "original", p, None
-
-
-# ------------------------------------------------------------------------------ reading state dicts
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {text[0] if text else ''}"
-
-
-def _weights_only_reason(error: BaseException) -> str:
-    """The useful line of torch's long weights_only message (e.g. 'Unsupported operand 0')."""
-    for line in str(error).splitlines():
-        if line.strip().startswith("Unsupported"):
-            return line.strip()
-    return _first_line(error)
-
-
-def _load_safetensors(path: Path, device="cpu") -> dict:
-    from safetensors.torch import load_file
-    try:
-        return load_file(str(path), device=str(device))
-    except Exception as e:  # safetensors raises SafetensorError / OSError / ValueError
-        raise CheckpointError(f"{path} is corrupt or not a safetensors file ({_first_line(e)})") from None
-
-
-def _torch_load(path: Path):
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        found = re.search(r"GLOBAL ([\w.]+)", str(e))
-        if "Unsupported global" in str(e) or found:
-            what = f" ({found[1]})" if found else ""
-            raise CheckpointError(
-                f"{path}: refused to load: the file holds pickled Python objects{what} other than tensors and "
-                "plain containers, and dpt_fast only reads checkpoints with torch.load(weights_only=True) "
-                "(unpickling arbitrary objects can run code). Re-save the state dict alone: "
-                "torch.save(model.state_dict(), path)") from None
-        raise CheckpointError(f"{path} is corrupt or not a PyTorch checkpoint ({_weights_only_reason(e)})") from None
-    except Exception as e:  # RuntimeError (bad zip), EOFError (truncated), ValueError, ...
-        raise CheckpointError(f"{path} is corrupt or not a PyTorch checkpoint ({_first_line(e)})") from None
-
-
-def _is_tensor_dict(obj) -> bool:
-    return isinstance(obj, dict) and bool(obj) and all(isinstance(v, torch.Tensor) for v in obj.values())
-
-
-def unwrap_state_dict(obj, source="checkpoint") -> dict:
-    """The state dict inside a checkpoint object: unwraps {"model": ...}, {"state_dict": ...}
-    (and "model_state_dict"), strips the "module." prefix of DataParallel / DDP and the "_orig_mod."
-    prefix of a torch.compile'd model."""
-    for _ in range(3):
-        if not isinstance(obj, dict) or _is_tensor_dict(obj):
-            break
-        for key in ("model", "state_dict", "model_state_dict"):
-            if isinstance(obj.get(key), dict):
-                obj = obj[key]
-                break
-        else:
-            break
-    if not isinstance(obj, dict) or not obj:
-        raise CheckpointError(f"{source} does not hold a state dict (got {type(obj).__name__}"
-                              f"{' (empty)' if isinstance(obj, dict) else ''})")
-    others = [k for k, v in obj.items() if not isinstance(v, torch.Tensor)]
-    if others:
-        raise CheckpointError(f"{source} is not a state dict: entries that are not tensors: {others[:5]} "
-                              "(expected a state dict, or one wrapped as {'model': ...} or {'state_dict': ...})")
-    for prefix in ("module.", "_orig_mod.", "module."):  # DataParallel/DDP, torch.compile, in either order
-        if all(isinstance(k, str) and k.startswith(prefix) for k in obj):
-            obj = {k[len(prefix):]: v for k, v in obj.items()}
-    return dict(obj)
-
-
-def read_state_dict(path) -> dict:
-    """An original-format checkpoint file -> its state dict (safe: weights_only / safetensors)."""
-    path = Path(path)
-    if path.suffix == ".safetensors":
-        return unwrap_state_dict(_load_safetensors(path), path)
-    return unwrap_state_dict(_torch_load(path), path)
-
-
-def _allowed_roots(root: Path) -> list[Path]:
-    """Where the files of the model folder `root` may really lie: in it, and for a snapshot of
-    huggingface_hub's cache (<repo>/snapshots/<revision>/, whose files are links to ../../blobs/<hash>)
-    in that repository's blobs folder."""
-    real = root.resolve()
-    roots = [real]
-    if real.parent.name == "snapshots":
-        roots.append(real.parent.parent / "blobs")
-    return roots
-
-
-def _confined(root: Path, path: Path, source) -> Path:
-    """`path`, once checked to be a regular file that really lies inside the model folder `root`
-    (links followed), else a CheckpointError: a folder from a stranger may not make the loader read
-    other files of this machine, nor block on a FIFO or a device."""
-    try:
-        real, allowed_roots = path.resolve(), _allowed_roots(root)
-    except (OSError, RuntimeError) as e:  # a link loop
-        raise CheckpointError(f"{source}: {path.name} cannot be resolved ({_first_line(e)})") from None
-    if not any(real.is_relative_to(allowed) for allowed in allowed_roots):
-        raise CheckpointError(f"{source}: {path.name} leads outside the model folder (to {real}); every file "
-                              f"of a model folder must lie inside it: copy the file into {root}")
-    if not real.is_file():
-        raise CheckpointError(f"{source}: {path.name} is missing or not a regular file")
-    return path
-
-
-def _shard_path(root: Path, name, index_path: Path) -> Path:
-    """The file a sharded index names: a plain relative name inside the folder (no '..', no absolute
-    path, no drive, no backslash), confined like every other file of the folder."""
-    if not isinstance(name, str) or not name or "\\" in name or "\0" in name:
-        raise CheckpointError(f"{index_path}: shard name {name!r} is not a file name")
-    parts = name.split("/")
-    if name.startswith("/") or ":" in parts[0] or any(part in ("", ".", "..") for part in parts):
-        raise CheckpointError(f"{index_path} names the shard {name!r}, which is not a plain path inside the "
-                              f"model folder {root}: shards must be files inside it")
-    path = root.joinpath(*parts)
-    if not path.exists() and not path.is_symlink():
-        raise CheckpointError(f"{index_path} names the shard {name}, which is missing")
-    return _confined(root, path, index_path)
-
-
-def _read_hf_state_dict(root: Path) -> dict:
-    """The raw (HF-keyed) state dict of a Hugging Face model directory, sharded or not."""
-    for index_name, loader in (("model.safetensors.index.json", _load_safetensors),
-                               ("pytorch_model.bin.index.json", _torch_load)):
-        index_path = root / index_name
-        if index_path.is_file() or index_path.is_symlink():
-            weight_map = _read_json(_confined(root, index_path, root)).get("weight_map")
-            if not isinstance(weight_map, dict) or not weight_map:
-                raise CheckpointError(f"{index_path}: \"weight_map\" must be an object mapping tensor names "
-                                      "to shard files")
-            shards = {_shard_path(root, name, index_path) for name in weight_map.values()}
-            state = {}
-            for shard in sorted(shards):
-                part = unwrap_state_dict(loader(shard), shard)
-                twice = next((key for key in part if key in state), None)
-                if twice is not None:
-                    raise CheckpointError(f"{index_path}: the tensor {twice} is in more than one shard")
-                state.update(part)
-            return state
-    for name, loader in (("model.safetensors", _load_safetensors), ("pytorch_model.bin", _torch_load)):
-        path = root / name
-        if path.exists() or path.is_symlink():
-            return unwrap_state_dict(loader(_confined(root, path, root)), path)
-    raise CheckpointError(f"{root}: a Hugging Face DPT config but no weights (model.safetensors, "
-                          "pytorch_model.bin or a sharded index)")
-
-
-# --------------------------------------------------------------------- inferring the original config
-
-def _count_indexed(keys, prefix: str) -> list[int]:
-    out = set()
-    for k in keys:
-        if k.startswith(prefix):
-            head = k[len(prefix):].split(".", 1)[0]
-            if head.isdigit():
-                out.add(int(head))
-    return sorted(out)
-
-
-def _shape(sd: dict, key: str, source) -> tuple:
-    if key not in sd:
-        raise CheckpointError(f"{source}: not a complete DPT checkpoint in the original layout: no {key!r}")
-    return tuple(sd[key].shape)
-
-
-def infer_original_config(state_dict: dict, filename: str | None = None, overrides: dict | None = None,
-                          source=None) -> dict:
-    """The model config (for `dpt_fast.build_model`) of an original-layout state dict.
-
-    `overrides` (constructor arguments) win over what is inferred; `backbone` (+ `hooks`) there is
-    how a state dict of a non-released timm ViT gets loaded.
-    """
-    overrides = dict(overrides or {})
-    source = source or filename or "state dict"
-    keys = list(state_dict)
-    if not any(k.startswith("pretrained.") for k in keys) or not any(k.startswith("scratch.") for k in keys):
-        if any(k.startswith(("dpt.", "neck.", "head.head.")) for k in keys):
-            raise CheckpointError(f"{source} holds Hugging Face DPT keys (dpt.*, neck.*): load the model "
-                                  f"directory, whose {CONFIG_NAME} describes the architecture")
-        raise CheckpointError(f"{source} is not a DPT checkpoint in the original layout (no pretrained.* and "
-                              f"scratch.* keys; first keys: {keys[:5]})")
-    sd = state_dict
-
-    # Head: depth (output_conv 0, 2, 4 -> 1 channel) or segmentation (0 conv, 1 BN, 4 conv; auxlayer).
-    last = _shape(sd, "scratch.output_conv.4.weight", source)
-    segmentation = "scratch.output_conv.1.running_mean" in sd or any(k.startswith("auxlayer.") for k in keys)
-    if not segmentation and ("scratch.output_conv.2.weight" not in sd or last[0] != 1):
-        raise CheckpointError(f"{source}: scratch.output_conv is neither DPT's depth head (conv 0, 2, 4 -> 1 "
-                              f"channel) nor its segmentation head (conv 0, BN 1, conv 4 + auxlayer)")
-
-    # Backbone.
-    vit = "pretrained.model."
-    hybrid = any(k.startswith(vit + "patch_embed.backbone.") for k in keys)
-    embed = _shape(sd, vit + "patch_embed.proj.weight", source)[0]
-    depth = len(_count_indexed(keys, vit + "blocks."))
-    patch = _shape(sd, vit + "patch_embed.proj.weight", source)[-1]
-    tokens = _shape(sd, vit + "pos_embed", source)[1]
-    if "backbone" in overrides:
-        backbone = overrides["backbone"]
-    elif hybrid:
-        stages = _count_indexed(keys, vit + "patch_embed.backbone.stages.")
-        blocks = [len(_count_indexed(keys, f"{vit}patch_embed.backbone.stages.{s}.blocks.")) for s in stages]
-        if (embed, depth, tokens, blocks) != (768, 12, 577, [3, 4, 9]):
-            raise CheckpointError(
-                f"{source}: a ViT-hybrid with embed_dim={embed}, depth={depth}, {tokens} position tokens and ResNet "
-                f"stages of {blocks} blocks is not the released vitb_rn50_384 (768, 12, 577, [3, 4, 9]); pass "
-                "backbone='<timm hybrid ViT name>' and hooks=[...] to load_model")
-        backbone = "vitb_rn50_384"
-    else:
-        backbone = _RELEASED_VITS.get((embed, depth, patch, tokens))
-        if backbone is None:
-            raise CheckpointError(
-                f"{source}: a ViT with embed_dim={embed}, depth={depth}, patch {patch} and {tokens} position "
-                "tokens is not one of the released DPT backbones (vitb16_384, vitl16_384, vitb_rn50_384), and the "
-                "original format does not record a timm model name or hooks, so they cannot be inferred from the "
-                "keys: pass backbone='<timm ViT name>' and hooks=[four block indices] to load_model "
-                "(dpt_fast's own format, written by dpt_fast.save_model, records both)")
-
-    # Widths: Reassemble outputs (inputs of layerN_rn) and the fusion width (their outputs).
-    rn = [_shape(sd, f"scratch.layer{i}_rn.weight", source) for i in range(1, 5)]
-    fusion = rn[0][0]
-    widths = [s[1] for s in rn]
-    if backbone in RELEASED_BACKBONES:
-        released_widths = list(RELEASED_BACKBONES[backbone].reassemble_features)
-        if backbone == "vitb_rn50_384":
-            released_widths[:2] = [256, 512]  # the ResNet stages' widths
-    else:
-        released_widths = [fusion] * 4  # what features=<int> means for any other timm ViT
-    width_args = {"features": fusion} if widths == released_widths else {"features": widths,
-                                                                          "fusion_features": fusion}
-
-    readout = "project" if any(k.startswith("pretrained.act_postprocess") and ".0.project.0." in k
-                               for k in keys) else "ignore"
-    if readout == "ignore" and "readout" not in overrides:
-        warnings.warn(f"{source}: no readout projection in the checkpoint; readout 'add' and 'ignore' have the "
-                      "same (no) parameters and cannot be told apart: assuming 'ignore' (pass readout='add' to "
-                      "load_model if the model was trained with it)", stacklevel=3)
-
-    config = {"backbone": backbone, "readout": readout, **width_args,
-              "use_bn": "scratch.refinenet1.resConfUnit1.bn1.weight" in sd}
-    if segmentation:
-        config.update(model_class="DPTSegmentationModel", num_classes=last[0])
-    else:
-        config.update(model_class="DPTDepthModel", non_negative=True, scale=1.0, shift=0.0, invert=False)
-        config.update(released_file_settings(filename))
-    config.update(overrides)
-    return config
-
-
-# ------------------------------------------------------------------------------- building, fitting
-
-def describe_config(config: dict) -> str:
-    args = ", ".join(f"{k}={v!r}" for k, v in config.items() if k != "model_class")
-    return f"{config.get('model_class', '?')}({args})"
-
-
-def _validated(config, source) -> dict:
-    """A model config read from a file, through the allow-list of dpt_fast.config_validation."""
-    try:
-        return validate_model_config(config)
-    except ConfigError as e:
-        raise CheckpointError(f"{source}: refused model config: {e}") from None
+# The names of dpt_fast.checkpoints' helpers when they were private to this module.
+_fit, _read = fit_state_dict, read_checkpoint
 
 
 def _build(config: dict, on_meta: bool = True) -> nn.Module:
@@ -428,112 +82,12 @@ def _build_fitted(config: dict, state: dict, *, fmt: str, source, fill: dict) ->
     values must come from the model's own init (non-persistent buffers, `fill_prefixes`), is it
     built again on the CPU."""
     model = _build(config, on_meta=True)
-    fitted = _fit(model, state, fmt=fmt, source=source, config=config, **fill)
+    fitted = fit_state_dict(model, state, fmt=fmt, source=source, config=config, **fill)
     persistent = set(model.state_dict())
     if fill["fill_prefixes"] or not all(name in persistent for name, _ in model.named_buffers()):
         model = _build(config, on_meta=False)
-        fitted = _fit(model, state, fmt=fmt, source=source, config=config, **fill)
+        fitted = fit_state_dict(model, state, fmt=fmt, source=source, config=config, **fill)
     return model, fitted
-
-
-def _numel_text(count: int) -> str:
-    for unit, size in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
-        if count >= size:
-            return f"{count / size:.3g}{unit}"
-    return str(count)
-
-
-def _fit(model: nn.Module, state_dict: dict, *, fmt: str, source, config: dict,
-         fill_keys=(), fill_prefixes=()) -> dict:
-    """Check `state_dict` against the model's keys and shapes; fill the keys a format cannot carry
-    (BatchNorm's num_batches_tracked, and `fill_keys`/`fill_prefixes`); raise a CheckpointError that
-    names the format, the model and the first missing / unexpected / mismatched keys."""
-    own = model.state_dict()
-    state = dict(state_dict)
-    missing = [k for k in own if k not in state]
-    for k in list(missing):
-        if k.endswith("num_batches_tracked") or k in fill_keys or any(k.startswith(p) for p in fill_prefixes):
-            ref = own[k]
-            state[k] = torch.zeros(ref.shape, dtype=ref.dtype) if ref.is_meta else ref.detach().clone()
-            missing.remove(k)
-    unexpected = [k for k in state if k not in own]
-    mismatched = [(k, tuple(state[k].shape), tuple(own[k].shape)) for k in own
-                  if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
-    if missing or unexpected or mismatched:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} missing key(s) (first: {', '.join(missing[:5])})")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected key(s) (first: {', '.join(unexpected[:5])})")
-        if mismatched:
-            shown = "; ".join(f"{k}: file {list(a)} vs model {list(b)}" for k, a, b in mismatched[:5])
-            parts.append(f"{len(mismatched)} shape mismatch(es) ({shown})")
-        model_size = sum(t.numel() for t in own.values())
-        file_size = sum(t.numel() for t in state_dict.values())
-        raise CheckpointError(f"{source}: the {FORMAT_LABELS.get(fmt, fmt)} checkpoint does not fit the model "
-                              f"{describe_config(config)} (the model has {_numel_text(model_size)} values, the "
-                              f"file {_numel_text(file_size)}): " + "; ".join(parts))
-    return state
-
-
-def _read(path, overrides: dict, infer: bool = True) -> tuple[str, Path, dict | None, dict, dict]:
-    """(format, path, model config, state dict in the model's layout, fill rules) of any format.
-    With infer=False (loading into a given model) the model config is not worked out: None."""
-    fmt, root, meta = detect_format(path)
-    fill = {"fill_keys": (), "fill_prefixes": ()}
-    if fmt == FORMAT:
-        version = meta.get("format_version")
-        if not isinstance(version, int) or version > FORMAT_VERSION:
-            raise CheckpointError(f"{root}: dpt_fast format version {version!r}; this dpt_fast reads up to "
-                                  f"{FORMAT_VERSION} (upgrade dpt_fast)")
-        config = meta.get("config")
-        if not isinstance(config, dict) or "model_class" not in config:
-            raise CheckpointError(f"{root / CONFIG_NAME}: no model config (\"config\" with \"model_class\")")
-        config = {**_validated(config, root / CONFIG_NAME), **overrides}
-        weights = root / WEIGHTS_NAME
-        if not weights.exists() and not weights.is_symlink():
-            raise CheckpointError(f"{root}: {WEIGHTS_NAME} is missing")
-        state = _load_safetensors(_confined(root, weights, root))
-    elif fmt == "huggingface":
-        try:
-            # Check the config before reading weights; the keys decide the head only without 'architectures'.
-            raw = None if meta.get("architectures") or not infer else _read_hf_state_dict(root)
-            if infer:
-                model_class = hf_convert.hf_model_class(meta, None if raw is None else raw.keys())
-                config = {**_validated(hf_convert.hf_config_to_model_config(meta, model_class),
-                                       root / CONFIG_NAME), **overrides}
-            else:
-                config = None
-            raw = _read_hf_state_dict(root) if raw is None else raw
-            state, unknown = hf_convert.hf_state_dict_to_original(raw)
-        except HFConversionError as e:
-            raise CheckpointError(f"{root}: Hugging Face DPT: {e}") from None
-        for key in unknown:  # reported as unexpected, under their HF names
-            state[key] = raw[key]
-        fill["fill_keys"] = hf_convert.HF_FILLED_KEYS
-        if meta.get("use_auxiliary_head") is False:
-            fill["fill_prefixes"] = ("auxlayer.",)  # training-only head: the model's own init
-    else:
-        obj = _load_safetensors(root) if root.suffix == ".safetensors" else _torch_load(root)
-        state = unwrap_state_dict(obj, root)
-        recorded = _training_checkpoint_config(obj)
-        if not infer:
-            config = None
-        elif recorded is not None:  # dpt_fast.train's checkpoint.pt records the model's config
-            config = {**_validated(recorded, root), **overrides}
-        else:
-            config = infer_original_config(state, filename=root.name, overrides=overrides, source=root)
-    return fmt, root, config, state, fill
-
-
-def _training_checkpoint_config(obj) -> dict | None:
-    """The model config recorded in a checkpoint written by dpt_fast.train (None for other files)."""
-    if not isinstance(obj, dict) or not isinstance(obj.get("format"), str):
-        return None
-    config = obj.get("config")
-    if obj["format"].startswith("dpt_fast.train/") and isinstance(config, dict) and "model_class" in config:
-        return dict(config)
-    return None
 
 
 def load_model(path, device=None, dtype=None, **model_kwargs) -> nn.Module:
@@ -545,7 +99,7 @@ def load_model(path, device=None, dtype=None, **model_kwargs) -> nn.Module:
     from . import depth_anything_weights
     if depth_anything_weights.recognizes(path):
         return depth_anything_weights.load(path, device=device, dtype=dtype, **model_kwargs)
-    fmt, root, config, state, fill = _read(path, model_kwargs)
+    fmt, root, config, state, fill = read_checkpoint(path, model_kwargs)
     model, state = _build_fitted(config, state, fmt=fmt, source=root, fill=fill)
     on_meta = any(t.is_meta for t in model.state_dict().values())
     if fmt == FORMAT and on_meta:
@@ -563,71 +117,21 @@ def load_model(path, device=None, dtype=None, **model_kwargs) -> nn.Module:
     return model.eval()
 
 
-def load_state_dict_into(model: nn.Module, path) -> None:
-    """Load the checkpoint at `path` (any format) into an existing model, strictly, with a clear
-    error when it does not fit. This is what `DPTDepthModel(path=...)` calls."""
-    config = getattr(model, "config", {}) or {}
-    fmt, root, _, state, fill = _read(path, {}, infer=False)
-    state = _fit(model, state, fmt=fmt, source=root, config=config, **fill)
-    model.load_state_dict(state, strict=True)
-
-
 # ------------------------------------------------------------------------------------------ saving
 
-_TEMP_MARK = ".tmp-"  # temporary files: .<final name>.tmp-<pid>-<random>
-
-
-def _umask() -> int:
-    """The process's umask, read without changing it where Linux tells it."""
-    try:
-        with open("/proc/self/status", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except (OSError, ValueError):
-        pass
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OverflowError, ValueError):
-        return True
-    return True
-
-
 def _remove_stale_temporaries(directory: Path) -> None:
-    """Delete temporary files that an earlier save_model into `directory` left when its process was
-    killed (their writer is no longer running), and the fixed-name ones of older dpt_fast versions."""
+    """Delete the temporary files that an earlier save_model into `directory` left when its process was
+    killed (their writer is no longer running), including those named as older dpt_fast versions
+    named them (".NAME.tmp-PID-RANDOM" and the fixed "NAME.tmp")."""
+    for path in fileio.stale_temporaries(directory, recursive=False):
+        if fileio.TEMPORARY_NAME.match(path.name)["name"] in (WEIGHTS_NAME, CONFIG_NAME):
+            path.unlink(missing_ok=True)
     for final in (WEIGHTS_NAME, CONFIG_NAME):
         (directory / f"{final}.tmp").unlink(missing_ok=True)
-        for path in directory.glob(f".{final}{_TEMP_MARK}*"):
-            pid = path.name[len(f".{final}{_TEMP_MARK}"):].split("-", 1)[0]
-            if pid.isdigit() and not _pid_alive(int(pid)) and path.is_file():
+        for path in directory.glob(f".{final}.tmp-*"):
+            pid = path.name[len(f".{final}.tmp-"):].split("-", 1)[0]
+            if pid.isdigit() and not fileio.process_alive(int(pid)) and path.is_file():
                 path.unlink(missing_ok=True)
-
-
-def _write_atomic(path: Path, write) -> None:
-    """Create `path` via `write(temporary path)`: written beside it, flushed to disk, given the mode
-    any new file gets (0666 less the umask), then renamed over `path`. On any failure or interrupt the
-    temporary file is removed and `path` is left as it was."""
-    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}{_TEMP_MARK}{os.getpid()}-")
-    os.close(fd)
-    tmp = Path(name)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o666 & ~_umask())
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def save_model(model: nn.Module, directory) -> Path:
@@ -663,6 +167,7 @@ def save_model(model: nn.Module, directory) -> Path:
         tensors[key] = value
     # Weights first, config last: a directory is only recognised once it is complete.
     metadata = {"format": "pt", "dpt_fast_format_version": str(FORMAT_VERSION)}
-    _write_atomic(directory / WEIGHTS_NAME, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
-    _write_atomic(directory / CONFIG_NAME, lambda tmp: tmp.write_text(config_text + "\n", encoding="utf-8"))
+    fileio.atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(tensors, str(tmp), metadata=metadata),
+                        durable=True)
+    fileio.atomic_write_bytes(directory / CONFIG_NAME, (config_text + "\n").encode("utf-8"), durable=True)
     return directory

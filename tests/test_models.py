@@ -53,7 +53,7 @@ def _fusion_as_original(block, *xs):
 
 
 def original_forward(model, x):
-    """The original release's forward_vit + DPT.forward, restated from its facts (DESIGN.md §3)."""
+    """The original release's forward_vit + DPT.forward, restated from its facts (ARCHITECTURE.md §3)."""
     bb = model.pretrained
     vit = bb.model
     h, w = x.shape[-2:]

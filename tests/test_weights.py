@@ -3,7 +3,7 @@ architecture, wrappers, KITTI/NYU scale/shift/invert), dpt_fast's own format (bi
 and the errors for files that are missing, corrupt, unsafe or do not fit.
 
 The original code is not vendored: `original_inventory` writes down each released model type's keys
-and shapes from the facts of the release (DESIGN.md §3) -- timm's ViT keys under `pretrained.model.`,
+and shapes from the facts of the release (ARCHITECTURE.md §3) -- timm's ViT keys under `pretrained.model.`,
 the Reassemble, fusion and head modules by hand -- and the fake checkpoints are built from that
 inventory, not from dpt_fast's model. Their tensors are strided views of a few small random buffers,
 so a real-size checkpoint is a file of a few MB (torch.save stores the buffers, not the views).

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import timm
@@ -37,28 +38,53 @@ from timm.layers import Attention  # noqa: E402
 from torch import nn  # noqa: E402
 from torch.utils.checkpoint import checkpoint  # noqa: E402
 
-from .. import ops  # noqa: E402
-from ..config_validation import validate_vit_kwargs  # noqa: E402
+from .. import ops, specs  # noqa: E402
+from ..config_validation import check_backbone_name, validate_vit_kwargs  # noqa: E402
 from .blocks import Reassemble  # noqa: E402
 
 
 @dataclass(frozen=True)
 class BackboneSpec:
+    """What DPTBackbone builds: a timm ViT, its four taps, the Reassemble widths (0: set by `features`)
+    and the resampling of each stage. `hybrid` None: decided from the built timm model (a ResNet stem
+    in its patch embedding)."""
     timm_name: str
     hooks: tuple[int, int, int, int]
     reassemble_features: tuple[int, int, int, int]
-    hybrid: bool = False
+    hybrid: bool | None = False
+    resample: tuple[str, str, str, str] = specs.STAGE_RESAMPLE
+
+    @classmethod
+    def from_architecture(cls, arch: specs.ArchitectureSpec, hooks=None) -> "BackboneSpec":
+        return cls(arch.encoder, tuple(arch.taps if hooks is None else hooks), tuple(arch.reassemble_widths),
+                   arch.hybrid, tuple(arch.resample))
 
 
-# The original release's backbones (DPT's names) and the timm models they are today.
-RELEASED_BACKBONES = {
-    "vitb16_384": BackboneSpec("vit_base_patch16_384", (2, 5, 8, 11), (96, 192, 384, 768)),
-    "vitl16_384": BackboneSpec("vit_large_patch16_384", (5, 11, 17, 23), (256, 512, 1024, 1024)),
-    "vitb_rn50_384": BackboneSpec("vit_base_r50_s16_384", (0, 1, 8, 11), (256, 512, 768, 768), hybrid=True),
-}
+class _ReleasedBackbones(Mapping):
+    """The backbones DPT knows by name (the original release's "vitb16_384", "vitl16_384",
+    "vitb_rn50_384", and any `dpt_backbone` registered in dpt_fast.specs), read from the table on each
+    lookup so that a registered entry is known at once."""
 
-# Resampling of each Reassemble stage: to 1/4, 1/8, 1/16 and 1/32 of the input.
-STAGE_RESAMPLE = ("up4", "up2", "none", "down2")
+    def __getitem__(self, name) -> BackboneSpec:
+        arch = specs.dpt_backbone(name)
+        if arch is None:
+            raise KeyError(name)
+        return BackboneSpec.from_architecture(arch)
+
+    def __iter__(self):
+        return iter(specs.dpt_backbones())
+
+    def __len__(self) -> int:
+        return len(specs.dpt_backbones())
+
+    def __repr__(self) -> str:
+        return f"RELEASED_BACKBONES({dict(self)!r})"
+
+
+RELEASED_BACKBONES: Mapping[str, BackboneSpec] = _ReleasedBackbones()
+
+# Resampling of each Reassemble stage: to 1/4, 1/8, 1/16 and 1/32 of the input (dpt_fast.specs).
+STAGE_RESAMPLE = specs.STAGE_RESAMPLE
 
 
 class DPTAttention(Attention):
@@ -80,37 +106,16 @@ class DPTAttention(Attention):
         return self.proj_drop(self.proj(self.norm(x)))
 
 
-# timm modules whose models are the VisionTransformer that DPTBackbone drives.
-_VIT_MODULES = ("vision_transformer", "vision_transformer_hybrid")
-
-
-@functools.lru_cache(maxsize=1)
-def _timm_vit_names() -> frozenset:
-    return frozenset(timm.list_models(module=list(_VIT_MODULES)))
-
-
-def check_backbone_name(backbone: str) -> None:
-    """Raise a ValueError unless `backbone` is a released DPT backbone or a timm Vision Transformer
-    registered under exactly this name (no `hf-hub:` reference or pretrained tag: timm would fetch it)."""
-    if backbone in RELEASED_BACKBONES:
-        return
-    if not isinstance(backbone, str) or backbone not in _timm_vit_names():
-        raise ValueError(f"unknown backbone {backbone!r}: use {sorted(RELEASED_BACKBONES)} or the name of a timm "
-                         f"Vision Transformer (timm.list_models(module={list(_VIT_MODULES)}))")
-
-
 def resolve_backbone(backbone: str, hooks=None) -> BackboneSpec:
     """A released DPT backbone name, or any timm ViT name together with four `hooks`."""
-    if backbone in RELEASED_BACKBONES:
-        spec = RELEASED_BACKBONES[backbone]
-        if hooks is not None:
-            spec = BackboneSpec(spec.timm_name, tuple(hooks), spec.reassemble_features, spec.hybrid)
-        return spec
+    arch = specs.dpt_backbone(backbone)
+    if arch is not None:
+        return BackboneSpec.from_architecture(arch, hooks)
     if hooks is None:
         raise ValueError(f"backbone {backbone!r} is not one of the released {sorted(RELEASED_BACKBONES)}: "
                          "pass hooks=[four block indices] to use it")
     check_backbone_name(backbone)
-    return BackboneSpec(backbone, tuple(hooks), (0, 0, 0, 0), hybrid="_r50_" in backbone or "_r26_" in backbone)
+    return BackboneSpec(backbone, tuple(hooks), (0, 0, 0, 0), hybrid=None)
 
 
 class DPTBackbone(nn.Module):
@@ -131,7 +136,8 @@ class DPTBackbone(nn.Module):
         if max(spec.hooks) >= depth:
             raise ValueError(f"hooks {list(spec.hooks)} reach past the {depth} blocks of {spec.timm_name}")
         self.hooks = tuple(spec.hooks)
-        self.hybrid = spec.hybrid
+        # A hybrid ViT's patch embedding runs a ResNet first (timm's HybridEmbed holds it as `backbone`).
+        self.hybrid = spec.hybrid if spec.hybrid is not None else hasattr(self.model.patch_embed, "backbone")
         self.start_index = self.model.num_prefix_tokens
         if readout != "ignore" and self.start_index == 0:
             raise ValueError(f"readout={readout!r} needs a class token, and {spec.timm_name} has none: "
@@ -141,7 +147,7 @@ class DPTBackbone(nn.Module):
         dim = self.model.embed_dim
         first_stage = 2 if self.hybrid else 0  # hybrid: stages 1-2 are the ResNet maps, unchanged
         for i in range(first_stage, 4):
-            stage = Reassemble(dim, reassemble_features[i], readout, STAGE_RESAMPLE[i], self.start_index)
+            stage = Reassemble(dim, reassemble_features[i], readout, spec.resample[i], self.start_index)
             self.add_module(f"act_postprocess{i + 1}", stage)
 
     def _position_embedding(self, grid_h: int, grid_w: int) -> torch.Tensor:

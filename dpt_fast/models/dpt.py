@@ -9,12 +9,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import specs
 from .backbone import DPTBackbone, resolve_backbone
 from .blocks import FeatureFusionBlock
 from .heads import depth_head, segmentation_head
 
-# Inputs are padded to this multiple (patch 16, then the stride-2 conv of stage 4).
-SIZE_MULTIPLE = 32
+# Inputs of the released models are padded to this multiple (patch 16, then the stride-2 conv of
+# stage 4); a model's own is `DPT.input_multiple` (twice its patch size).
+SIZE_MULTIPLE = specs.get("dpt-large").input_multiple
 
 
 def _reassemble_widths(spec, features, fusion_features) -> tuple[list[int], int]:
@@ -63,7 +65,7 @@ class DPT(nn.Module):
         spec = resolve_backbone(backbone, hooks)
         widths, fusion_width = _reassemble_widths(spec, features, fusion_features)
         self.pretrained = DPTBackbone(spec, widths, readout, layer_norm_eps, vit_kwargs)
-        if spec.hybrid:  # stages 1-2 are the ResNet maps: their widths are the ResNet's
+        if self.pretrained.hybrid:  # stages 1-2 are the ResNet maps: their widths are the ResNet's
             resnet = self.pretrained.model.patch_embed.backbone
             widths[:2] = [resnet.stages[i].blocks[-1].conv3.out_channels for i in range(2)]
         self.scratch = Scratch(widths, fusion_width, use_bn)
@@ -73,6 +75,12 @@ class DPT(nn.Module):
                        "hooks": list(spec.hooks), "layer_norm_eps": layer_norm_eps,
                        "fusion_features": fusion_features, "vit_kwargs": dict(vit_kwargs or {}),
                        "channels_last": channels_last}
+
+    @property
+    def input_multiple(self) -> int:
+        """What H and W are padded to: the patch grid must be even for the stride-2 conv of stage 4
+        and the x2 upsampling of the fusion blocks to meet (32 for the patch-16 ViTs)."""
+        return 2 * self.pretrained.patch_size
 
     @property
     def fusion_width(self) -> int:
@@ -103,13 +111,14 @@ class DPT(nn.Module):
         return self.scratch(layers)
 
     def _padded(self, x: torch.Tensor):
-        """Pad bottom/right (replicate) to a multiple of 32; returns (padded, (H, W)) to crop back."""
+        """Pad bottom/right (replicate) to `input_multiple`; returns (padded, (H, W)) to crop back."""
         self.check_input(x)
         param = self.scratch.layer1_rn.weight
         if x.dtype != param.dtype and not torch.is_autocast_enabled(x.device.type):
             x = x.to(param.dtype)
         height, width = x.shape[-2:]
-        pad_h, pad_w = -height % SIZE_MULTIPLE, -width % SIZE_MULTIPLE
+        multiple = self.input_multiple
+        pad_h, pad_w = -height % multiple, -width % multiple
         if pad_h or pad_w:
             x = F.pad(x, (0, pad_w, 0, pad_h), mode="replicate")
         return x, (height, width)
@@ -169,5 +178,5 @@ class DPTSegmentationModel(DPT):
 
 def load_original_checkpoint(model: nn.Module, path) -> None:
     """The original's `path=` argument: load a release .pt (optionally wrapped as {"model": ...})."""
-    from ..weights import load_state_dict_into
+    from ..checkpoints import load_state_dict_into  # below the models: reads files, builds nothing
     load_state_dict_into(model, path)

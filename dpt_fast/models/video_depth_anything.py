@@ -292,7 +292,7 @@ def load_video_depth_anything(path, device=None, dtype=None, **overrides) -> Vid
     """
     from pathlib import Path
 
-    from ..weights import CheckpointError, _fit, _torch_load, unwrap_state_dict
+    from ..checkpoints import CheckpointError, _fit, _torch_load, unwrap_state_dict
     p = Path(path).expanduser()
     if not p.is_file():
         raise CheckpointError(f"{p}: no such file")
