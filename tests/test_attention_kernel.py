@@ -26,18 +26,9 @@ import pytest
 import torch
 
 import dpt_fast
-from dpt_fast import backend, ops, reference
+from dpt_fast import ops, reference
 from dpt_fast.ops.attention import attention_op
-
-INTERPRETING = backend.triton_interpreting()
-interpreter = pytest.mark.skipif(not INTERPRETING, reason="CPU interpreter tests: run with TRITON_INTERPRET=1")
-
-
-def gpu(fn):
-    """GPU test: marker gpu, skipped without CUDA or when the kernels are interpreted."""
-    skip = pytest.mark.skipif(INTERPRETING or not torch.cuda.is_available(), reason="needs CUDA, compiled Triton")
-    return pytest.mark.gpu(skip(fn))
-
+from helpers import INTERPRETING, gpu, interpreter
 
 FWD = "dpt_fast::attention"
 BWD = "dpt_fast::attention_backward"

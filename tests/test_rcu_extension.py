@@ -29,14 +29,13 @@ import dpt_fast
 from dpt_fast import ops, reference
 from dpt_fast.ops import rcu as rcu_ops
 from dpt_fast.reference import rcu as reference_rcu
+from helpers import extension_built as _extension_built
+from helpers import extension_gpu as gpu
+from helpers import needs_extension
 
 FWD, BWD = "dpt_fast::residual_conv_unit", "dpt_fast::residual_conv_unit_backward"
 INTERNAL_OPS = ("dpt_fast::_rcu_fused_forward", "dpt_fast::_rcu_fused_conv1", "dpt_fast::_rcu_fused_conv2")
 TRAIN = "dpt_fast::residual_conv_unit_train"
-
-
-def _extension_built() -> bool:
-    return importlib.util.find_spec("dpt_fast._C") is not None
 
 
 def _toolchain_present() -> bool:
@@ -45,19 +44,6 @@ def _toolchain_present() -> bool:
     cutlass = importlib.util.find_spec("cutlass_library") is not None
     cmake = shutil.which("cmake") is not None or importlib.util.find_spec("cmake") is not None
     return bool(nvcc and torch.version.cuda and cutlass and cmake)
-
-
-def _skip_reason() -> str:
-    if os.environ.get("DPT_FAST_BUILD_CUDA", "").strip() == "0":
-        return "dpt_fast._C not built (DPT_FAST_BUILD_CUDA=0)"
-    return "dpt_fast._C not built (pure-Python install: no CUDA toolchain, or DPT_FAST_BUILD_CUDA=0, at install time)"
-
-
-needs_extension = pytest.mark.skipif(not _extension_built(), reason=_skip_reason())
-
-
-def gpu(fn):
-    return pytest.mark.gpu(needs_extension(fn))
 
 
 # --- build and registration (no GPU needed) ---------------------------------------------------------

@@ -25,19 +25,11 @@ import triton
 import triton.language as tl
 
 import dpt_fast
-from dpt_fast import backend, ops, reference
+from dpt_fast import ops, reference
 from dpt_fast.kernels.reassemble import _reassemble_pix_offsets  # conftest has set TRITON_INTERPRET by now
 from dpt_fast.ops.reassemble import output_shape, reassemble_op
 from dpt_fast.reference.reassemble import READOUTS, RESAMPLES
-
-INTERPRETING = backend.triton_interpreting()
-interpreter = pytest.mark.skipif(not INTERPRETING, reason="CPU interpreter tests: run with TRITON_INTERPRET=1")
-
-
-def gpu(fn):
-    skip = pytest.mark.skipif(INTERPRETING or not torch.cuda.is_available(), reason="needs CUDA, compiled Triton")
-    return pytest.mark.gpu(skip(fn))
-
+from helpers import INTERPRETING, gpu, interpreter
 
 FWD, BWD = "dpt_fast::reassemble", "dpt_fast::reassemble_backward"
 
