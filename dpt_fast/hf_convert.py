@@ -52,7 +52,7 @@ from .config_validation import (MAX_CLASSES, MAX_DEPTH, MAX_HEADS, MAX_IMAGE_SIZ
 
 __all__ = ["HFConversionError", "HF_VIT_TABLE", "is_hf_dpt_config", "hf_model_class",
            "hf_config_to_model_config", "hf_state_dict_to_original", "hf_key_to_original",
-           "HF_FILLED_KEYS"]
+           "HF_FILLED_KEYS", "hf_dpt_config"]
 
 
 class HFConversionError(ValueError):
@@ -88,6 +88,24 @@ def _vit_backbone(dims) -> str | None:
         if not arch.hybrid and _hf_dims(arch) == tuple(dims):
             return name
     return HF_VIT_TABLE.get(tuple(dims))
+
+
+def hf_dpt_config(arch: specs.ArchitectureSpec) -> dict:
+    """transformers DPTConfig arguments of a DPT entry of dpt_fast.specs: the inverse of
+    `hf_config_to_model_config`, for building transformers' model of the same architecture (benchmarks,
+    tests). A hybrid's first two `backbone_out_indices` are placeholders: transformers taps BiT stages 1-2."""
+    if arch.family != "dpt":
+        raise ValueError(f"{arch.name} is not a DPT architecture (family {arch.family!r})")
+    hidden, layers, heads, intermediate, patch, image = _hf_dims(arch)
+    config = dict(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                  intermediate_size=intermediate, patch_size=patch, image_size=image, readout_type=arch.readout,
+                  backbone_out_indices=list(arch.taps), neck_hidden_sizes=list(arch.reassemble_widths),
+                  fusion_hidden_size=arch.features, layer_norm_eps=1e-6)
+    if arch.hybrid:
+        grid = image // patch
+        config.update(is_hybrid=True, backbone_out_indices=[2, 5] + list(arch.taps[2:]),
+                      backbone_featmap_shape=[1, 1024, grid, grid], neck_ignore_stages=[0, 1])
+    return config
 
 
 # The BiT of DPT-Hybrid (ResNet-50 stem + 3 stages), as transformers' DPTConfig builds it.

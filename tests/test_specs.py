@@ -8,7 +8,7 @@ import torch
 from dpt_fast import specs
 from dpt_fast.checkpoints import infer_original_config
 from dpt_fast.config_validation import validate_model_config
-from dpt_fast.hf_convert import hf_config_to_model_config
+from dpt_fast.hf_convert import hf_config_to_model_config, hf_dpt_config
 from dpt_fast.models import RELEASED_BACKBONES, DPTDepthModel, build_model
 
 TINY = specs.ArchitectureSpec(
@@ -70,3 +70,12 @@ def test_register_refuses_a_taken_name_and_bad_fields(registered):
 def test_without_the_entry_the_name_is_unknown():
     with pytest.raises(ValueError, match="vitt16_test"):
         DPTDepthModel(backbone="vitt16_test")
+
+
+@pytest.mark.parametrize("name", ["vitb16_384", "vitl16_384", "vitb_rn50_384"])
+def test_transformers_config_of_an_entry_converts_back_to_it(name):
+    arch = specs.dpt_backbone(name)
+    hf = {"model_type": "dpt", "architectures": ["DPTForDepthEstimation"], **hf_dpt_config(arch)}
+    config = hf_config_to_model_config(hf)
+    assert (config["backbone"], config["hooks"], config["fusion_features"]) == (name, list(arch.taps), arch.features)
+    assert config["features"] == list(arch.reassemble_widths) and config["readout"] == arch.readout
