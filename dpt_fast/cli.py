@@ -35,6 +35,8 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "train":  # train owns its whole command line
+        from .cli_args import train_parser
+        train_parser().parse_args(argv[1:])  # --help and usage errors answer here, before PyTorch is imported
         from . import train
         return train.main(argv[1:]) or 0
     parser = _parser()

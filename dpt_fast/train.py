@@ -64,7 +64,9 @@ import torch.distributed as dist
 from torch import nn
 
 from . import backend, specs
-from .data import IGNORE_INDEX, StreamSampler, TrainStream, build_datasets
+from .cli_args import add_train_arguments as add_arguments
+from .cli_args import features_arg, int_list, train_parser
+from .data import StreamSampler, TrainStream, build_datasets
 from .losses import ScaleShiftInvariantLoss, align_least_squares, gradient_matching_loss, segmentation_loss, silog_loss
 from .models import RELEASED_BACKBONES, DepthAnythingModel, DPTDepthModel, DPTSegmentationModel, build_model
 from .weights import load_model, save_model
@@ -73,7 +75,6 @@ __all__ = ["add_arguments", "main", "train", "estimate_metric_alignment", "param
            "UsageError"]
 
 CHECKPOINT_FORMAT = "dpt_fast.train/1"
-DEPTH_LOSSES = ("ssitrim", "ssimse", "silog")
 TASK_DEFAULTS = {  # the DPT paper's settings per task
     "depth": dict(size=384, lr=1e-4, optimizer="adam", weight_decay=0.0, schedule="constant", scale_range=(1.0, 1.0),
                   depth_loss="ssitrim", grad_loss_weight=0.5),
@@ -99,138 +100,14 @@ SYNTHETIC_CLASSES = 8
 
 # --- command line ------------------------------------------------------------------------------------
 
-def _ints(text: str) -> list[int]:
-    return [int(v) for v in str(text).replace(" ", "").split(",") if v]
-
-
-def _features(text: str):
-    values = _ints(text)
-    return values[0] if len(values) == 1 else values
-
-
-def _floats(text: str) -> tuple[float, ...]:
-    return tuple(float(v) for v in str(text).split(","))
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """The `dpt-fast train` flags. Defaults given as None are resolved per task (TASK_DEFAULTS)."""
-    data = parser.add_argument_group("data")
-    data.add_argument("--data", action="append", metavar="SRC",
-                      help="required for a new run: 'synthetic' (or 'synthetic:N' samples) or a dataset folder "
-                           "(layout: dpt_fast.data); repeat to mix datasets (each drawn with equal probability)")
-    data.add_argument("--task", choices=("depth", "segmentation"), default="depth", help="what to train")
-    data.add_argument("--size", type=int, help="square crop side, a multiple of the model's input multiple (32 "
-                                               "DPT, 14 Depth Anything; default 384 DPT depth, 480 segmentation, "
-                                               "518 Depth Anything)")
-    data.add_argument("--scale-range", type=_floats, metavar="LO,HI",
-                      help="random rescaling of the resized image (default 1,1 depth; 0.5,2 segmentation)")
-    data.add_argument("--no-flip", dest="flip", action="store_false", help="disable random horizontal flips")
-    data.add_argument("--num-classes", type=int, help="segmentation classes (default: the init model's, or 8 "
-                                                      "for synthetic data)")
-    data.add_argument("--ignore-index", type=int, default=IGNORE_INDEX,
-                      help="segmentation label value that the loss skips")
-    data.add_argument("--num-workers", type=int, help="data loader processes per training process "
-                                                     "(default: 4, at most the CPU count)")
-
-    model = parser.add_argument_group("model")
-    model.add_argument("--backbone", default="vitb_rn50_384",
-                       help="vitb_rn50_384 (DPT-Hybrid), vitl16_384 (DPT-Large), vitb16_384, or any timm ViT "
-                            "name together with --hooks")
-    model.add_argument("--hooks", type=_ints, metavar="I,J,K,L",
-                       help="four block indices to tap (default: the named backbone's or --arch's; with --init of a "
-                            "Depth Anything file whose encoder is none of the released sizes, its taps)")
-    model.add_argument("--features", type=_features, default=256, metavar="N|A,B,C,D",
-                       help="fusion width (int), or the four Reassemble widths")
-    model.add_argument("--fusion-features", type=int, metavar="N",
-                       help="fusion width when --features lists the Reassemble widths (default 256)")
-    model.add_argument("--readout", choices=("ignore", "add", "project"), default="project",
-                       help="how the class token enters the Reassemble stages")
-    model.add_argument("--init", metavar="PATH",
-                       help="checkpoint to fine-tune from (original DPT .pt or Depth Anything .pth, Hugging Face "
-                            "folder, dpt_fast folder or a training checkpoint), loaded with dpt_fast.load_model")
-    model.add_argument("--arch", metavar="NAME",
-                       help="build a fresh, randomly initialised model of a dpt_fast.specs architecture instead "
-                            "of --backbone, e.g. da2-small or da2-metric-hypersim-small (Depth Anything; "
-                            "smoke tests: real training starts from --init)")
-
-    optim = parser.add_argument_group("optimisation")
-    optim.add_argument("--steps", type=int, default=1000,
-                       help="total optimiser steps of the run (with --resume: a larger value extends it)")
-    optim.add_argument("--batch-size", type=int, default=16, help="global batch, split over the processes")
-    optim.add_argument("--lr", type=float, help="decoder learning rate (default 1e-4 DPT depth, 2e-3 segmentation, "
-                                                "5e-5 Depth Anything)")
-    optim.add_argument("--backbone-lr", type=float, help="encoder learning rate (default lr/10)")
-    optim.add_argument("--optimizer", choices=("adam", "adamw", "sgd"),
-                       help="optimiser (default adam DPT depth, sgd segmentation, adamw Depth Anything)")
-    optim.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
-    optim.add_argument("--weight-decay", type=float, help="weight decay (default 0 DPT depth, 1e-4 segmentation, "
-                                                          "0.01 Depth Anything)")
-    optim.add_argument("--schedule", choices=("constant", "poly"),
-                       help="learning-rate schedule (default constant DPT depth, poly segmentation and Depth "
-                            "Anything)")
-    optim.add_argument("--poly-power", type=float, default=0.9, help="exponent of the poly schedule")
-    optim.add_argument("--warmup-steps", type=int, default=0, help="linear warm-up steps")
-    optim.add_argument("--clip-grad", type=float, default=0.0, help="clip the gradient norm (0: off)")
-    optim.add_argument("--depth-loss", choices=DEPTH_LOSSES, default="ssitrim",
-                       help="ssitrim (paper), ssimse, or silog for metric fine-tuning (default silog for metric "
-                            "Depth Anything models, ssitrim otherwise)")
-    optim.add_argument("--grad-loss-weight", type=float, default=0.5,
-                       help="gradient-matching weight alpha (0: off; default 0 for metric Depth Anything models, "
-                            "0.5 otherwise)")
-    optim.add_argument("--aux-weight", type=float, default=0.2, help="segmentation auxiliary-head loss weight")
-    optim.add_argument("--align-samples", type=int, default=64,
-                       help="silog: samples used to estimate the metric alignment of the initial model")
-
-    run = parser.add_argument_group("run")
-    run.add_argument("--out", default="runs/dpt", help="output folder")
-    run.add_argument("--resume", nargs="?", const="auto", metavar="CKPT",
-                     help="continue from OUT/checkpoint.pt (or CKPT; OUT is then its folder unless --out) exactly "
-                          "where it stopped, with the recorded settings (only --steps and the options of how it "
-                          "runs may change)")
-    run.add_argument("--save-every", type=int, default=1000, help="checkpoint every N steps (0: only at the end)")
-    run.add_argument("--log-every", type=int, default=10, help="metrics.jsonl line every N steps")
-    run.add_argument("--seed", type=int, default=0, help="seed of the initial weights and the data stream")
-    run.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N (torchrun: cuda:LOCAL_RANK)")
-    run.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
-                     help="bf16 autocast (auto: bf16 on CUDA, fp32 on CPU)")
-    run.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
-                     help="channels_last memory format for convolutions (default: on)")
-    run.add_argument("--grad-checkpointing", action="store_true",
-                     help="activation checkpointing of the transformer blocks (less memory, more compute)")
-    run.add_argument("--backend", choices=backend.BACKENDS, default="fused", help="dpt_fast operator backend")
-    run.add_argument("--compile", action="store_true", help="torch.compile the model")
-    run.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
-                     help="progress bar (default: when stderr is a terminal)")
-    return parser
-
-
 class UsageError(ValueError):
     """A run that cannot start as asked: bad or contradicting options, an output folder in use or holding
     another run, data or --init that cannot be read. `dpt-fast train` prints the message on one line and
     exits with status 2."""
 
 
-class _HelpFormatter(argparse.HelpFormatter):
-    """Appends "(default: X)" only where the help text does not state the default itself, and not for
-    on/off switches or defaults resolved later (None: per task, from the backbone, the environment)."""
-
-    def _get_help_string(self, action):
-        text = action.help or ""
-        if ("default" in text or not action.option_strings or action.default is None
-                or action.default is argparse.SUPPRESS or isinstance(action.default, bool)):
-            return text
-        return text + " (default: %(default)s)"
-
-
-def _parser() -> argparse.ArgumentParser:
-    return add_arguments(argparse.ArgumentParser(
-        prog="dpt-fast train", description=__doc__.split("\n\n")[0], formatter_class=_HelpFormatter,
-        epilog="exit status: 0 done, 1 failed (e.g. a non-finite loss), 2 usage error (options, output "
-               "folder, data), 130 interrupted (checkpoint saved; continue with --resume)"))
-
-
 def _defaults() -> dict:
-    return vars(_parser().parse_args([]))
+    return vars(train_parser().parse_args([]))
 
 
 def _resolve(args) -> argparse.Namespace:
@@ -251,9 +128,9 @@ def _resolve(args) -> argparse.Namespace:
     if ns.num_workers is None:
         ns.num_workers = min(4, os.cpu_count() or 1)
     if isinstance(ns.hooks, str):
-        ns.hooks = _ints(ns.hooks)
+        ns.hooks = int_list(ns.hooks)
     if isinstance(ns.features, str):
-        ns.features = _features(ns.features)
+        ns.features = features_arg(ns.features)
     if ns.steps < 0 or ns.batch_size < 1:
         raise UsageError("--steps must be >= 0 and --batch-size >= 1")
     if ns.log_every < 1 or ns.save_every < 0:
@@ -1055,7 +932,7 @@ def _given_flags(parser: argparse.ArgumentParser, argv) -> dict:
 def main(argv=None) -> int:
     """`dpt-fast train`; exit status 0 done, 1 failed, 2 usage error, 130 interrupted."""
     try:
-        result = train(_given_flags(_parser(), argv))
+        result = train(_given_flags(train_parser(), argv))
     except UsageError as error:
         print(f"dpt-fast train: error: {error}", file=sys.stderr)
         return 2

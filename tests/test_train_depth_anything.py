@@ -139,7 +139,7 @@ def test_the_readme_training_lines_parse_and_their_depth_anything_sizes_fit():
     assert any("--arch" in flags for flags in lines) and any("--init" in flags and any(
         "depth_anything" in f for f in flags) for flags in lines)
     for flags in lines:
-        args = trainer._parser().parse_args(flags)
+        args = trainer.train_parser().parse_args(flags)
         if args.arch and specs.get(args.arch).family == "depth_anything" and args.size:
             assert args.size % 14 == 0, flags
 

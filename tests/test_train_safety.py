@@ -222,8 +222,9 @@ def test_expected_failures_end_with_one_line_and_status_2(tmp_path, capsys):
 
 
 def test_every_option_has_help_and_states_its_default_once():
-    parser = trainer._parser()
-    formatter = trainer._HelpFormatter("dpt-fast train")
+    from dpt_fast import cli_args
+    parser = cli_args.train_parser()
+    formatter = cli_args.TrainHelpFormatter("dpt-fast train")
     for action in parser._actions:
         if action.dest == "help":
             continue
