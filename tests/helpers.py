@@ -3,10 +3,15 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
+import dpt_fast
 from dpt_fast import backend
 
 # conftest.py has decided TRITON_INTERPRET before any test module imports triton.
@@ -38,3 +43,23 @@ def extension_gpu(fn):
     """A test of the CUDA extension's kernels: marker gpu (conftest skips it without CUDA), and skipped
     when dpt_fast._C was not built."""
     return pytest.mark.gpu(needs_extension(fn))
+
+
+# --- README examples ------------------------------------------------------------------------------
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def run_readme_example(section: str, model, weights_literal: str, tmp_path, monkeypatch, photo_shape) -> None:
+    """Run the Python block that opens README's `## <section>` on CPU in `tmp_path`: `model` saved in
+    dpt_fast's format stands for the file the example names (`weights_literal`, quoted as in README), and
+    a seeded random photo.jpg of `photo_shape` (H, W, 3) for the user's photo."""
+    code = re.search(rf"## {re.escape(section)}\n.*?```python\n(.*?)```", README.read_text(), re.S).group(1)
+    dpt_fast.save_model(model, tmp_path / "tiny")
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, photo_shape, dtype=np.uint8)).save(tmp_path / "photo.jpg")
+    assert weights_literal in code, f"README's {section} example no longer loads {weights_literal}"
+    code = (code.replace(weights_literal, repr(str(tmp_path / "tiny")))
+                .replace(".cuda()", "").replace('torch.autocast("cuda"', 'torch.autocast("cpu"'))
+    monkeypatch.chdir(tmp_path)
+    exec(compile(code, f"README {section} example", "exec"), {})

@@ -1,7 +1,6 @@
 """Depth Anything V1/V2: parity with transformers, the original's position-embedding rule, the
 original key layout, loading, preprocessing and a few training steps (CPU, tiny configurations)."""
 import math
-import re
 import numpy as np
 import pytest
 import torch
@@ -394,20 +393,11 @@ def test_taps_must_be_four_increasing_blocks():
 
 
 def test_readme_depth_anything_example_runs(tmp_path, monkeypatch):
-    from pathlib import Path
-    from PIL import Image
+    from helpers import run_readme_example
     from model_helpers import randomize_
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    code = re.search(r"## Depth Anything\n.*?```python\n(.*?)```", readme, re.S).group(1)
     model = randomize_(DepthAnythingModel("da2-small", taps=[0, 1, 2, 3],
                                           vit_kwargs=dict(embed_dim=64, depth=4, num_heads=1)), seed=0, matrix_std=0.1)
-    dpt_fast.save_model(model, tmp_path / "tiny")
-    rng = np.random.default_rng(0)
-    Image.fromarray(rng.integers(0, 256, (60, 80, 3), dtype=np.uint8)).save(tmp_path / "photo.jpg")
-    code = (code.replace('"depth_anything_v2_vits.pth"', repr(str(tmp_path / "tiny")))
-                .replace(".cuda()", "").replace('torch.autocast("cuda"', 'torch.autocast("cpu"'))
-    monkeypatch.chdir(tmp_path)
-    exec(compile(code, "README example", "exec"), {})
+    run_readme_example("Depth Anything", model, '"depth_anything_v2_vits.pth"', tmp_path, monkeypatch, (60, 80, 3))
     disparity = np.load(tmp_path / "photo-disparity.npy")
     assert disparity.shape == (60, 80) and np.isfinite(disparity).all() and disparity.std() > 0
 

@@ -4,27 +4,19 @@ import re
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image
 
 import dpt_fast
+from helpers import run_readme_example
 from model_helpers import TINY, randomize_
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
 
 def test_python_example_runs(tmp_path, monkeypatch):
-    text = README.read_text()
-    code = re.search(r"## Python\n\n```python\n(.*?)```", text, re.S).group(1)
     # seeded random weights: a fresh init can end in an all-zero (ReLU) depth map, a flat PNG
     model = randomize_(dpt_fast.DPTDepthModel(**TINY), seed=0, matrix_std=0.1)
-    dpt_fast.save_model(model, tmp_path / "tiny")
-    rng = np.random.default_rng(0)
-    Image.fromarray(rng.integers(0, 256, (90, 120, 3), dtype=np.uint8)).save(tmp_path / "photo.jpg")
-    code = (code.replace('"dpt_hybrid-midas-501f0c75.pt"', repr(str(tmp_path / "tiny")))
-                .replace(".cuda()", "").replace('torch.autocast("cuda"', 'torch.autocast("cpu"'))
-    monkeypatch.chdir(tmp_path)
-    exec(compile(code, "README example", "exec"), {})
+    run_readme_example("Python", model, '"dpt_hybrid-midas-501f0c75.pt"', tmp_path, monkeypatch, (90, 120, 3))
     depth = np.asarray(Image.open(tmp_path / "photo-depth.png"))
     assert depth.shape == (90, 120) and depth.dtype == np.uint16 and depth.max() > depth.min()
 
