@@ -64,21 +64,67 @@ from .cli_args import BENCH_TINY_DEFAULTS as TINY_DEFAULTS
 from .cli_args import BENCH_VARIANTS as VARIANTS
 from .cli_args import add_bench_arguments as add_arguments  # noqa: F401 -- `dpt-fast bench`'s options
 
-# transformers DPTConfig arguments of the same architectures (released models' configs).
-HF_CONFIGS = {
-    "large": dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096,
-                  backbone_out_indices=[5, 11, 17, 23], neck_hidden_sizes=[256, 512, 1024, 1024]),
-    "hybrid": dict(is_hybrid=True, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
-                   intermediate_size=3072, backbone_out_indices=[2, 5, 8, 11],
-                   neck_hidden_sizes=[256, 512, 768, 768], backbone_featmap_shape=[1, 1024, 24, 24],
-                   neck_ignore_stages=[0, 1]),
-    "base": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
-                 backbone_out_indices=[2, 5, 8, 11], neck_hidden_sizes=[96, 192, 384, 768]),
-    "tiny": dict(hidden_size=192, num_hidden_layers=12, num_attention_heads=3, intermediate_size=768,
-                 image_size=224, backbone_out_indices=[2, 5, 8, 11], neck_hidden_sizes=[32, 32, 32, 32],
-                 fusion_hidden_size=32),
-}
-HF_COMMON = dict(image_size=384, patch_size=16, readout_type="project", fusion_hidden_size=256, layer_norm_eps=1e-6)
+
+
+def is_depth_anything(name: str) -> bool:
+    """Whether the bench model `name` is a Depth Anything (DepthAnythingModel) rather than a DPT."""
+    return "arch" in MODELS[name]
+
+
+def model_spec(name: str):
+    """The dpt_fast.specs entry of a bench model, its arguments applied (vit_kwargs, taps, widths, fusion
+    width): every fact bench reports or gives transformers comes from here. The tiny DPT, a timm ViT
+    with no entry of its own, is DPT-Base's entry with that ViT's dimensions."""
+    from . import specs
+    kwargs = MODELS[name]
+    if is_depth_anything(name):
+        spec = specs.get(kwargs["arch"])
+        vit = kwargs.get("vit_kwargs", {})
+        changes = {"embed_dim": vit.get("embed_dim"), "depth": vit.get("depth"), "num_heads": vit.get("num_heads"),
+                   "mlp_ratio": vit.get("mlp_ratio"), "taps": kwargs.get("taps"),
+                   "reassemble_widths": kwargs.get("out_channels"), "features": kwargs.get("features"),
+                   "head_hidden": kwargs.get("head_hidden")}
+    else:
+        spec = specs.dpt_backbone(kwargs["backbone"])
+        if spec is not None:
+            return spec
+        spec = specs.get("dpt-base")  # the tiny ViT (patch 16, 224): dimensions from timm's name
+        features = kwargs.get("features", spec.features)
+        changes = {"name": name, "encoder": kwargs["backbone"], "embed_dim": 192, "depth": 12, "num_heads": 3,
+                   "encoder_image_size": 224, "taps": kwargs.get("hooks"), "features": features,
+                   "reassemble_widths": (features,) * 4, "dpt_backbone": None}
+    changes = {k: tuple(v) if isinstance(v, list) else v for k, v in changes.items() if v is not None}
+    return specs.with_overrides(spec, **changes)
+
+
+def input_multiple(name: str) -> int:
+    """What a bench model's input sides must be multiples of (32 for DPT, 14 for Depth Anything)."""
+    return model_spec(name).input_multiple
+
+
+def hf_config(name: str, image_size: int | None = None):
+    """transformers' config of the same architecture as the bench model `name`, read from dpt_fast.specs:
+    a DPTConfig (dpt_fast.hf_convert.hf_dpt_config), or a DepthAnythingConfig over a Dinov2Config
+    (out_indices = taps + 1, hidden states not reshaped, Reassemble widths as neck_hidden_sizes)."""
+    spec = model_spec(name)
+    if spec.family == "dpt":
+        from transformers import DPTConfig
+
+        from .hf_convert import hf_dpt_config
+        config = hf_dpt_config(spec)
+        if image_size and spec.hybrid:  # HF's hybrid embeddings refuse any other size than their own
+            config["image_size"] = image_size
+        return DPTConfig(**config)
+    from transformers import DepthAnythingConfig, Dinov2Config
+    backbone = Dinov2Config(hidden_size=spec.embed_dim, num_hidden_layers=spec.depth, num_attention_heads=spec.num_heads,
+                            mlp_ratio=int(spec.mlp_ratio) if float(spec.mlp_ratio).is_integer() else spec.mlp_ratio,
+                            image_size=spec.encoder_image_size, patch_size=spec.patch_size,
+                            out_indices=[t + 1 for t in spec.taps], reshape_hidden_states=False, layer_norm_eps=1e-6)
+    extra = {"depth_estimation_type": "metric", "max_depth": spec.max_depth} if spec.head == "metric" else {}
+    return DepthAnythingConfig(backbone_config=backbone, patch_size=spec.patch_size,
+                               reassemble_hidden_size=spec.embed_dim, neck_hidden_sizes=list(spec.reassemble_widths),
+                               fusion_hidden_size=spec.features, head_hidden_size=spec.head_hidden, **extra)
+
 
 COMPILE_VARIANTS = ("reference+compile", "fused+compile")
 BASELINES = ("reference", "reference+compile", "hf-sdpa")
@@ -349,33 +395,53 @@ def inline_plain_ops(attention: str = "sdpa"):
     return use_backend("inline", inline_attention=attention)
 
 
-def build_dpt(name: str, device, dtype, train: bool):
+def build_model(name: str, device, dtype, train: bool):
+    """dpt-fast's model called `name` in MODELS (DPTDepthModel or DepthAnythingModel), random weights."""
     from .models import DPTDepthModel
+    from .models.depth_anything import DepthAnythingModel
     with torch.device(device):
-        model = DPTDepthModel(**MODELS[name])
+        model = (DepthAnythingModel if is_depth_anything(name) else DPTDepthModel)(**MODELS[name])
     model.to(dtype)
     return model.train(train)
 
 
+build_dpt = build_model  # the name the benchmark scripts import
+
+
 def build_hf(name: str, device, dtype, train: bool, image_size: int | None = None):
-    """transformers' DPTForDepthEstimation of the same architecture, random weights, SDPA attention in the
-    ViT. image_size: the run's (square) input size -- HF's hybrid embeddings refuse any other size, and
-    its position embeddings are then made for that grid (the resize becomes an identity)."""
-    from transformers import DPTConfig, DPTForDepthEstimation
-    overrides = {"image_size": image_size} if image_size and HF_CONFIGS[name].get("is_hybrid") else {}
-    config = DPTConfig(**{**HF_COMMON, **HF_CONFIGS[name], **overrides})
-    try:  # the hybrid's BiT backbone has no SDPA path: eager there, SDPA in the transformer
-        model = DPTForDepthEstimation._from_config(config, attn_implementation={"": "sdpa", "backbone_config": "eager"})
-    except (ValueError, TypeError, KeyError):
-        model = DPTForDepthEstimation._from_config(config, attn_implementation="sdpa")
+    """transformers' model of the same architecture, random weights (its own initialisation, not dpt-fast's
+    weights), SDPA attention in the ViT: DPTForDepthEstimation, or DepthAnythingForDepthEstimation whose
+    DINOv2 backbone runs SDPA (the model class itself declines attn_implementation="sdpa"; its attention
+    is all in the backbone). image_size: the run's (square) input size -- HF's hybrid embeddings refuse any
+    other size, and its position embeddings are then made for that grid (the resize becomes an identity)."""
+    config = hf_config(name, image_size)
+    if is_depth_anything(name):
+        from transformers import DepthAnythingForDepthEstimation
+        model = DepthAnythingForDepthEstimation._from_config(
+            config, attn_implementation={"": "eager", "backbone_config": "sdpa"})
+    else:
+        from transformers import DPTForDepthEstimation
+        try:  # the hybrid's BiT backbone has no SDPA path: eager there, SDPA in the transformer
+            model = DPTForDepthEstimation._from_config(config, attn_implementation={"": "sdpa",
+                                                                                    "backbone_config": "eager"})
+        except (ValueError, TypeError, KeyError):
+            model = DPTForDepthEstimation._from_config(config, attn_implementation="sdpa")
     model.to(device=device, dtype=dtype)
     return model.train(train)
+
+
+def hf_attention(model) -> str:
+    """Which attention transformers' model runs, for the row's `implementations`."""
+    backbone = getattr(model, "backbone", None)
+    if backbone is not None and type(model).__name__.startswith("DepthAnything"):
+        return f"{type(model).__name__}(backbone attn_implementation={backbone.config._attn_implementation})"
+    return f"{type(model).__name__}(attn_implementation={getattr(model.config, '_attn_implementation', None)})"
 
 
 def count_flops(name: str, batch: int, size: tuple[int, int], train: bool) -> int:
     """FLOPs of one forward (or forward + backward) on the meta device: shapes only, no memory."""
     from torch.utils.flop_counter import FlopCounterMode
-    model = build_dpt(name, "meta", torch.float32, train)
+    model = build_model(name, "meta", torch.float32, train)
     x = torch.empty(batch, 3, *size, device="meta", requires_grad=False)
     counter = FlopCounterMode(display=False)
     with inline_plain_ops(attention="matmul"), counter:
@@ -520,15 +586,14 @@ def prepare_variant(variant: str, model_name: str, x: torch.Tensor, args, device
     try:
         with deadline(first_limit, f"{variant} (build and first call)"), mode():
             if hf:
-                if x.shape[-2] != x.shape[-1]:
+                if x.shape[-2] != x.shape[-1] and not is_depth_anything(model_name):
                     raise RuntimeError("transformers' DPT (ViT backbone) reshapes tokens to a square grid: "
                                        "non-square inputs are not supported")
                 model = build_hf(model_name, device, dtype, args.train, image_size=x.shape[-1])
-                attn = getattr(model.config, "_attn_implementation", None)
-                result["implementations"] = {"transformers": {f"DPTForDepthEstimation(attn_implementation={attn})": 1}}
+                result["implementations"] = {"transformers": {hf_attention(model): 1}}
             else:
                 torch.manual_seed(0)  # every dpt-fast variant of a configuration computes with the same weights
-                model = build_dpt(model_name, device, dtype, args.train)
+                model = build_model(model_name, device, dtype, args.train)
             prepared.model = model
             step = _step(torch.compile(model, mode=compile_mode) if compiled else model, x, args.train, hf,
                          compiled=compiled)
@@ -961,8 +1026,10 @@ def _measure(args, models, configs, skip_pairs, variants, device, dtype, started
 
     for group in groups.values():
         model_name, (label, size, batch), _ = group[0]
-        padded = (math.ceil(size[0] / 32) * 32, math.ceil(size[1] / 32) * 32)
-        meta = {"model": model_name, "backbone": MODELS[model_name]["backbone"], "size_label": label,
+        multiple = input_multiple(model_name)
+        padded = (math.ceil(size[0] / multiple) * multiple, math.ceil(size[1] / multiple) * multiple)
+        meta = {"model": model_name, "backbone": MODELS[model_name].get("backbone") or MODELS[model_name]["arch"],
+                "size_label": label,
                 "size": list(padded), "requested_size": list(size), "batch": batch}
         if time_left() is not None and time_left() <= 1:
             for _, _, variant in group:

@@ -13,7 +13,7 @@ from .backend import BACKENDS  # the operator backends' names (backend.py import
 
 COMMANDS = {
     "predict": "depth or segmentation maps for files, folders and globs (multi-GPU with torchrun)",
-    "bench": "end-to-end benchmark: dpt-fast against the reference, torch.compile and Hugging Face DPT",
+    "bench": "end-to-end benchmark: dpt-fast against the reference, torch.compile and Hugging Face (DPT, Depth Anything)",
     "train": "train or fine-tune a DPT model (see dpt-fast train --help)",
     "export": "export a model to ONNX or a torch.export program (dynamic batch and size), checked against eager",
 }
@@ -22,21 +22,30 @@ COMMANDS = {
 
 BENCH_DESCRIPTION = ("`dpt-fast bench`: end-to-end DPT latency, throughput, memory and FLOP/s, dpt-fast "
                      "against the baselines.")
-# the architectures `dpt-fast bench --models` knows: name -> DPTDepthModel arguments
+# the architectures `dpt-fast bench --models` knows: name -> the constructor arguments of DPTDepthModel
+# ("backbone": an entry of dpt_fast.specs by its DPT backbone name, or a timm ViT) or of DepthAnythingModel
+# ("arch": an entry of dpt_fast.specs); widths, taps and patch size come from dpt_fast.specs.
 BENCH_MODELS = {
     "large": {"backbone": "vitl16_384"},
     "hybrid": {"backbone": "vitb_rn50_384"},
     "base": {"backbone": "vitb16_384"},
     "tiny": {"backbone": "vit_tiny_patch16_224", "hooks": [2, 5, 8, 11], "features": 32},
+    "da2-small": {"arch": "da2-small"},
+    "da2-base": {"arch": "da2-base"},
+    "da2-large": {"arch": "da2-large"},
+    # a Depth Anything V2 of four 64-wide blocks (one head of 64, what the fused attention runs), for CPU runs
+    "da2-tiny": {"arch": "da2-small", "taps": [0, 1, 2, 3], "out_channels": [16, 24, 32, 48], "features": 32,
+                 "head_hidden": 16, "vit_kwargs": {"embed_dim": 64, "depth": 4, "num_heads": 1}},
 }
 BENCH_VARIANTS = ("fused", "reference", "reference+compile", "fused+compile", "hf-sdpa")
-BENCH_TINY_DEFAULTS = {"models": "tiny", "sizes": "64,96", "batch": "2", "warmup": 2, "runs": 7}
+BENCH_TINY_DEFAULTS = {"models": "tiny,da2-tiny", "sizes": "64,96", "batch": "2", "warmup": 2, "runs": 7}
 BENCH_DTYPES = ("bf16", "fp16", "fp32")
 
 
 def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--models", default=None, help=f"comma-separated, from {','.join(BENCH_MODELS)} "
-                        "(default large,hybrid; tiny with --tiny)")
+                        "(default large,hybrid; tiny,da2-tiny with --tiny). Depth Anything sizes are multiples of 14: "
+                        "518:1,518:16,1022x1918:1")
     parser.add_argument("--sizes", default=None, help="comma-separated: N (square), HxW, 4k, 1080p; "
                         "optionally SIZE:BATCH (default 384,1024,1536,4k)")
     parser.add_argument("--batch", default=None, help="batch size for all sizes, or one per size "
@@ -53,7 +62,7 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="benchmarks/results", help="folder for the JSON, table and plot "
                         "(default benchmarks/results)")
     parser.add_argument("--tiny", action="store_true", help="small settings that run on a CPU in seconds: "
-                        f"model tiny, sizes {BENCH_TINY_DEFAULTS['sizes']}, batch {BENCH_TINY_DEFAULTS['batch']}, "
+                        f"models {BENCH_TINY_DEFAULTS['models']}, sizes {BENCH_TINY_DEFAULTS['sizes']}, batch {BENCH_TINY_DEFAULTS['batch']}, "
                         f"{BENCH_TINY_DEFAULTS['warmup']} warm-up and {BENCH_TINY_DEFAULTS['runs']} timed calls")
     parser.add_argument("--variants", default=None, help=f"comma-separated, from {','.join(BENCH_VARIANTS)} "
                         "(default: all; the compile variants only on CUDA unless named here)")

@@ -35,16 +35,27 @@ def test_bench_tiny_cpu_writes_json_table_and_plot(tmp_path):
         assert name in env["versions"]
     assert report["settings"]["tiny"] and report["settings"]["skipped_variants"] == ["reference+compile",
                                                                                     "fused+compile"]
-    variants = {r["variant"]: r for r in report["results"]}
+    assert report["settings"]["models"] == ["tiny", "da2-tiny"]  # --tiny covers DPT and Depth Anything
     expected = {"fused", "reference"} | ({"hf-sdpa"} if env["versions"]["transformers"] else set())
-    assert set(variants) == expected
-    for r in variants.values():
-        assert r["error"] is None, r
-        assert r["model"] == "tiny" and r["size"] == [64, 64] and r["batch"] == 2
-        assert r["latency_ms"] > 0 and r["images_per_s"] > 0 and r["runs"] >= 2 and r["cpu_ms"] > 0
-        assert r["flops"] > 0 and r["tflops"] > 0
-        assert r["output_shape"] == [2, 64, 64] and r["output_finite"]
-        assert r["implementations"]
+    # Depth Anything's inputs are multiples of 14: the requested 64 runs as 70
+    for model, side in (("tiny", 64), ("da2-tiny", 70)):
+        rows = {r["variant"]: r for r in report["results"] if r["model"] == model}
+        assert set(rows) == expected, model
+        for r in rows.values():
+            assert r["error"] is None, r
+            assert r["size"] == [side, side] and r["requested_size"] == [64, 64] and r["batch"] == 2
+            assert r["latency_ms"] > 0 and r["images_per_s"] > 0 and r["runs"] >= 2 and r["cpu_ms"] > 0
+            assert r["flops"] > 0 and r["tflops"] > 0
+            assert r["output_shape"] == [2, side, side] and r["output_finite"]
+            assert r["implementations"]
+    da = {r["variant"]: r for r in report["results"] if r["model"] == "da2-tiny"}
+    assert da["reference"]["backbone"] == "da2-small" and da["fused"]["fused_path"]["verified"] is False
+    assert da["reference"]["implementations"]["dpt_fast::attention"] == {"reference": 4}  # its four blocks
+    if "hf-sdpa" in da:
+        assert da["hf-sdpa"]["implementations"] == {
+            "transformers": {"DepthAnythingForDepthEstimation(backbone attn_implementation=sdpa)": 1}}
+        assert "| da2-tiny | 70x70 | 2 | hf-sdpa |" in proc.stdout
+    variants = {r["variant"]: r for r in report["results"] if r["model"] == "tiny"}
     assert set(variants["fused"]["speedup"]) >= {"reference"}
     ran = variants["reference"]["implementations"]
     assert set(ran) == {"dpt_fast::attention", "dpt_fast::reassemble", "dpt_fast::residual_conv_unit"}
@@ -113,6 +124,48 @@ def test_flop_count_scales_with_batch_and_size():
     assert bench.count_flops("tiny", 1, (64, 64), train=True) > 2 * one  # forward + backward
 
 
+def test_bench_models_read_their_facts_from_specs():
+    from dpt_fast import specs
+    assert bench.model_spec("large") is specs.get("dpt-large") and bench.model_spec("hybrid") is specs.get("dpt-hybrid")
+    assert bench.hf_config("large").neck_hidden_sizes == list(specs.get("dpt-large").reassemble_widths)
+    for name in ("da2-small", "da2-large"):
+        spec, config = specs.get(name), bench.hf_config(name)
+        assert bench.model_spec(name) == spec and bench.input_multiple(name) == 14
+        assert config.backbone_config.out_indices == [t + 1 for t in spec.taps]
+        assert config.neck_hidden_sizes == list(spec.reassemble_widths) and config.fusion_hidden_size == spec.features
+        assert config.reassemble_hidden_size == config.backbone_config.hidden_size == spec.embed_dim
+        assert config.backbone_config.patch_size == config.patch_size == 14
+        assert config.backbone_config.num_attention_heads == spec.num_heads
+    tiny = bench.model_spec("da2-tiny")
+    assert (tiny.embed_dim, tiny.depth, tiny.num_heads, tiny.taps) == (64, 4, 1, (0, 1, 2, 3))
+
+
+def test_depth_anything_baseline_matches_the_architecture():
+    pytest.importorskip("transformers")
+    hf = bench.build_hf("da2-tiny", "cpu", torch.float32, train=False)
+    ours = bench.build_model("da2-tiny", "cpu", torch.float32, train=False)
+    # the same architecture: as many weights (transformers splits qkv in three, and keeps the 64-wide mask
+    # token as a parameter where dpt-fast has a buffer)
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    assert count(ours) + 64 == count(hf)
+    assert bench.hf_attention(hf) == "DepthAnythingForDepthEstimation(backbone attn_implementation=sdpa)"
+    import argparse
+    args = argparse.Namespace(train=False, compile_mode="max-autotune", warmup=0, runs=1, max_time=0.0)
+    r = bench.run_variant("hf-sdpa", "da2-tiny", torch.randn(1, 3, 28, 56), args, torch.device("cpu"), torch.float32,
+                          None, None)
+    assert r["error"] is None and r["output_shape"] == [1, 28, 56]  # non-square runs (unlike HF's DPT)
+
+
+def test_depth_anything_flops_count_the_dinov2_and_its_decoder():
+    one = bench.count_flops("da2-tiny", 1, (70, 70), train=False)
+    assert one > 0 and bench.count_flops("da2-tiny", 2, (70, 70), train=False) == 2 * one
+    # DA-V2 Small at 518 x 518: 1370 tokens through 12 blocks of width 384 -- about 2 * 21.6M * 1369 MACs
+    # in the encoder alone, plus the decoder
+    small = bench.count_flops("da2-small", 1, (518, 518), train=False)
+    assert 60e9 < small < 200e9
+    assert bench.count_flops("da2-large", 1, (518, 518), train=False) > 8 * small
+
+
 def test_parse_sizes_and_batches():
     assert bench.parse_configs("384,1536,4k", None) == [("384", (384, 384), 16), ("1536", (1536, 1536), 1),
                                                         ("4k", (2160, 3840), 1)]
@@ -135,7 +188,8 @@ def test_bench_skip_pairs(tmp_path):
     assert cli.main(["bench", "--tiny", "--device", "cpu", "--sizes", "64,96", "--skip", "tiny@96",
                      "--variants", "reference", "--runs", "1", "--warmup", "0", "--out", str(tmp_path)]) == 0
     report = json.loads(next(tmp_path.glob("*.json")).read_text())
-    assert {r["size_label"] for r in report["results"]} == {"64"}
+    assert {(r["model"], r["size_label"]) for r in report["results"]} == {("tiny", "64"), ("da2-tiny", "64"),
+                                                                          ("da2-tiny", "96")}
     assert report["settings"]["skipped_pairs"] == ["tiny@96"]
     assert torch.get_num_threads() == threads  # a CPU run's one thread (--threads) is restored afterwards
 
@@ -186,7 +240,7 @@ def test_verify_fused_flags_any_reference_call_and_missing_ops():
 def test_bench_budget_and_compile_cap_are_recorded(tmp_path):
     # a compile capped at 1 s (--compile-timeout-s) is recorded as skipped (no fallback), and a spent
     # budget skips the rest
-    args = ["bench", "--tiny", "--device", "cpu", "--sizes", "64", "--runs", "1", "--warmup", "0",
+    args = ["bench", "--tiny", "--models", "tiny", "--device", "cpu", "--sizes", "64", "--runs", "1", "--warmup", "0",
             "--variants", "reference,reference+compile", "--compile-timeout-s", "1", "--out", str(tmp_path / "a")]
     assert cli.main(args) == 0
     report = json.loads(next((tmp_path / "a").glob("*.json")).read_text())
