@@ -30,11 +30,16 @@ in an explicit warm-up call before timing). The JSON (--out; rewritten after eve
 keeps its measurements) records device, torch/triton/timm versions, date, git commit, the measured
 matmul peak and dpt_fast.implementations_ran(), which must show the Triton path and never the reference.
 Rows run most important first (kernel rows at N = 577, 2305, 4097, 9217, the block rows there, then the
-rest); no new row starts after --budget-s seconds. --smoke runs the same code on the CPU with tiny
+rest); no new row starts after --budget-s seconds.
+
+--preset da replaces the default rows with the shapes Depth Anything runs (head dim 64; 6, 12 and 16 heads
+for DINOv2 S, B and L): N = 1370 (518 x 518, a 37 x 37 patch grid and the class token) at batch 1 and 16,
+and N = 10002 (a 1022 x 1918 video frame, 73 x 137 patches and the class token) at batch 1. --smoke runs the same code on the CPU with tiny
 shapes and float32 (Triton interpreter): a dry run for the tests, never a measurement.
 
     python benchmarks/bench_attention.py --out benchmarks/results/attention-H100-2025-01-01.json
     python benchmarks/bench_attention.py --sizes 577 4097 --no-block --out /tmp/attn.json
+    python benchmarks/bench_attention.py --preset da --out benchmarks/results/attention-da-H100.json
 """
 from __future__ import annotations
 
@@ -48,6 +53,13 @@ import harness  # noqa: E402
 
 DEFAULT_SIZES = (577, 1370, 2305, 4097, 9217, 16385, 32401)
 SDPA_BACKENDS = ("flash", "efficient", "cudnn", "math")
+# Depth Anything V2 (DINOv2 ViT-S/B/L, head dim 64): (tokens, batch, heads) of 518 x 518 images at batch 1
+# and 16, and of one 1022 x 1918 video frame.
+DA_TOKENS_518 = 37 * 37 + 1
+DA_TOKENS_FRAME = (1022 // 14) * (1918 // 14) + 1
+DA_HEADS = (6, 12, 16)
+DA_CASES = tuple((n, b, h) for n, b in ((DA_TOKENS_518, 1), (DA_TOKENS_518, 16), (DA_TOKENS_FRAME, 1))
+                 for h in DA_HEADS)
 
 
 def parse_args(argv=None):
@@ -55,7 +67,10 @@ def parse_args(argv=None):
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="JSON results path (directories are created)")
     p.add_argument("--sizes", type=int, nargs="+", default=list(DEFAULT_SIZES), help="token counts N")
-    p.add_argument("--heads", type=int, default=16)
+    p.add_argument("--heads", type=int, default=16, help="heads of every --sizes/--extra row (default 16)")
+    p.add_argument("--preset", choices=("da",), default=None,
+                   help="da: Depth Anything's rows instead of --sizes/--extra (N 1370 at batch 1 and 16, N 10002 "
+                        "at batch 1; 6, 12 and 16 heads)")
     p.add_argument("--head-dim", type=int, default=64)
     p.add_argument("--dtype", choices=("bf16", "fp16"), default="bf16")
     p.add_argument("--tokens", type=int, default=65536, help="batch = max(1, round(tokens / N))")
@@ -84,6 +99,9 @@ def block_flops(batch, tokens, heads, head_dim):
 
 
 def cases(args):
+    """[(tokens, batch, heads)] of the run: --preset's rows, or --sizes and --extra at --heads."""
+    if args.preset == "da":
+        return list(args.preset_cases)
     sizes = list(args.sizes)
     out = [(n, max(1, round(args.tokens / n))) for n in sizes]
     for spec in args.extra:
@@ -94,16 +112,16 @@ def cases(args):
         n = max(sizes) if n == "max" else int(n)
         if (n, int(b)) not in out:
             out.append((n, int(b)))
-    return out
+    return [(n, b, args.heads) for n, b in out]
 
 
-def task_order(kernel_cases, block_cases, first=(577, 2305, 4097, 9217)):
+def task_order(kernel_cases, block_cases, first=(577, 2305, 4097, 9217, DA_TOKENS_518)):
     """Most important rows first, so that a run cut short by its budget still answers the targets:
     the kernel rows at `first` token counts, the block rows there, then the remaining kernel rows, then
-    the remaining block rows."""
+    the remaining block rows. Cases are (tokens, batch, heads)."""
     def split(kind, items):
-        head = [(kind, n, b) for n, b in items if n in first]
-        return head, [(kind, n, b) for n, b in items if n not in first]
+        head = [(kind, *case) for case in items if case[0] in first]
+        return head, [(kind, *case) for case in items if case[0] not in first]
     k_head, k_tail = split("kernel", kernel_cases)
     b_head, b_tail = split("block", block_cases)
     return k_head + b_head + k_tail + b_tail
@@ -129,8 +147,12 @@ def main(argv=None):
     if args.smoke:  # the interpreter's bf16 dots are wrong: float32; shapes in the seconds range
         dev, dtype, args.dtype = "cpu", torch.float32, "fp32"
         args.sizes, args.extra, args.heads, args.tokens = [17, 40], ["17x3"], 2, 64
-    heads, head_dim = args.heads, args.head_dim
-    run = harness.KernelBenchmark("attention", args, dev, dtype, dtype=args.dtype, heads=heads, head_dim=head_dim)
+    # --preset da: Depth Anything's rows; --smoke keeps their layout (varying heads, two batches) at toy sizes
+    args.preset_cases = ([(17, 1, 1), (17, 3, 2), (40, 1, 2)] if args.smoke else list(DA_CASES)) if args.preset else []
+    head_dim = args.head_dim
+    run = harness.KernelBenchmark("attention", args, dev, dtype, dtype=args.dtype,
+                                  heads=sorted({c[2] for c in cases(args)}) if args.preset else args.heads,
+                                  head_dim=head_dim, preset=args.preset)
     report, peak = run.report, run.ceilings["matmul_tflops"]
     report.update(kernel=[], block=[])
     ops_required = ("dpt_fast::attention", "dpt_fast::attention_backward")
@@ -142,8 +164,8 @@ def main(argv=None):
         return flop / (ms * 1e-3) / 1e12
 
     def save():  # rows in token order, then the JSON
-        report["kernel"].sort(key=lambda r: (r["tokens"], -r["batch"]))
-        report["block"].sort(key=lambda r: (r["tokens"], -r["batch"]))
+        report["kernel"].sort(key=lambda r: (r["tokens"], -r["batch"], r["heads"]))
+        report["block"].sort(key=lambda r: (r["tokens"], -r["batch"], r["heads"]))
         run.save()
 
     def account(row, ran):
@@ -165,12 +187,12 @@ def main(argv=None):
         res["fwd_bwd"] = bench_ms(lambda: torch.autograd.grad(fwd(), leaves, grad))
         return res, out_ref
 
-    def kernel_row(tokens, batch):
+    def kernel_row(tokens, batch, heads):
         width = 3 * heads * head_dim
         qkv = torch.randn(batch, tokens, width, device=dev, dtype=dtype)
         grad = torch.randn(batch, tokens, heads * head_dim, device=dev, dtype=dtype)
         flop = attention_flops(batch, tokens, heads, head_dim)
-        row = {"tokens": tokens, "batch": batch, "flops": flop, "ms": {}, "tflops": {}, "errors": {}}
+        row = {"tokens": tokens, "batch": batch, "heads": heads, "flops": flop, "ms": {}, "tflops": {}, "errors": {}}
 
         def make_ours():
             x = qkv.clone().requires_grad_(True)
@@ -235,12 +257,12 @@ def main(argv=None):
                                            for k, v in outputs.items() if k != "dpt_fast"}
         row["dpt_fast_output_finite"] = bool(torch.isfinite(outputs["dpt_fast"]).all())
         report["kernel"].append(row)
-        print(f"N={tokens} B={batch}: ours fwd {row['tflops']['dpt_fast']['fwd']} TFLOP/s, "
+        print(f"N={tokens} B={batch} H={heads}: ours fwd {row['tflops']['dpt_fast']['fwd']} TFLOP/s, "
               f"vs best SDPA {row['vs_best_sdpa']}" + ("" if row["fused_path"]["verified"] else
                                                        f"  NOT THE FUSED PATH: {row['fused_path']['problems']}"),
               flush=True)
 
-    def block_row(tokens, batch, Attention):
+    def block_row(tokens, batch, heads, Attention):
         dim = heads * head_dim
         attn = Attention(dim, num_heads=heads, qkv_bias=True).to(device=dev, dtype=dtype)
         attn.fused_attn = True
@@ -248,7 +270,7 @@ def main(argv=None):
         x0 = torch.randn(batch, tokens, dim, device=dev, dtype=dtype)
         grad = torch.randn(batch, tokens, dim, device=dev, dtype=dtype)
         flop = block_flops(batch, tokens, heads, head_dim)
-        row = {"tokens": tokens, "batch": batch, "flops": flop, "ms": {}}
+        row = {"tokens": tokens, "batch": batch, "heads": heads, "flops": flop, "ms": {}}
 
         def ours(x):
             return attn.proj(ops.attention(attn.qkv(x), attn.num_heads, attn.scale))
@@ -272,7 +294,7 @@ def main(argv=None):
                                   for m in ("fwd", "fwd_bwd")}
         row["max_abs_diff_vs_timm"] = (outs["dpt_fast"].float() - outs["timm"].float()).abs().max().item()
         report["block"].append(row)
-        print(f"block N={tokens} B={batch}: speedup vs timm {row['speedup_vs_timm']}"
+        print(f"block N={tokens} B={batch} H={heads}: speedup vs timm {row['speedup_vs_timm']}"
               + ("" if row["fused_path"]["verified"] else f"  NOT THE FUSED PATH: {row['fused_path']['problems']}"),
               flush=True)
 
@@ -284,16 +306,17 @@ def main(argv=None):
             report["notes"].append("timm not installed: no block table")
     all_cases = cases(args)
     tasks = task_order(all_cases, [] if Attention is None else all_cases)
-    report["planned"] = [f"{kind} N={n} B={b}" for kind, n, b in tasks]
+    report["planned"] = [f"{kind} N={n} B={b} H={h}" for kind, n, b, h in tasks]
     save()
-    for kind, tokens, batch in tasks:
-        label = f"{kind} N={tokens} B={batch}"
+    for kind, tokens, batch, heads in tasks:
+        label = f"{kind} N={tokens} B={batch} H={heads}"
         if run.elapsed() > args.budget_s:
             report["notes"].append(f"skipped: time budget (--budget-s {args.budget_s:.0f}) spent: {label}")
             print(f"[budget] skipped {label}", flush=True)
             save()
             continue
-        run.attempt(label, lambda: kernel_row(tokens, batch) if kind == "kernel" else block_row(tokens, batch, Attention))
+        run.attempt(label, lambda: (kernel_row(tokens, batch, heads) if kind == "kernel"
+                                    else block_row(tokens, batch, heads, Attention)))
         save()
 
     from dpt_fast.kernels import attention as kernels
@@ -315,21 +338,23 @@ def markdown(report):
              f"torch {report['versions']['torch']}, triton {report['versions']['triton']}, {report['date']}; "
              f"measured {report['dtype']} matmul peak {report['matmul_peak_tflops']} TFLOP/s",
              "",
-             "| N | B | pass | dpt_fast TFLOP/s | flash | efficient | cudnn | math | best SDPA | ours / best | of peak |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| N | B | H | pass | dpt_fast TFLOP/s | flash | efficient | cudnn | math | best SDPA | ours / best | of peak |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in report["kernel"]:
         for mode in ("fwd", "bwd", "fwd_bwd"):
             cells = [str(row["tflops"].get(v, {}).get(mode, "-")) for v in ("dpt_fast",) + SDPA_BACKENDS]
-            lines.append(f"| {row['tokens']} | {row['batch']} | {mode} | " + " | ".join(cells)
+            lines.append(f"| {row['tokens']} | {row['batch']} | {row.get('heads', report['heads'])} | {mode} | "
+                         + " | ".join(cells)
                          + f" | {row['best_sdpa'].get(mode, '-')} | {row['vs_best_sdpa'].get(mode, '-')}x"
                          + f" | {_pct(row['fraction_of_matmul_peak'][mode])} |"
                          + ("" if row["fused_path"]["verified"] else " (reference ran)"))
     if report["block"]:
         lines += ["", "Attention block (qkv Linear -> attention -> proj) vs timm Attention (fused_attn, SDPA)", "",
-                  "| N | B | pass | timm ms | dpt_fast ms | speedup |", "|---|---|---|---|---|---|"]
+                  "| N | B | H | pass | timm ms | dpt_fast ms | speedup |", "|---|---|---|---|---|---|---|"]
         for row in report["block"]:
             for mode in ("fwd", "fwd_bwd"):
-                lines.append(f"| {row['tokens']} | {row['batch']} | {mode} | {row['ms']['timm'][mode]:.3f} | "
+                lines.append(f"| {row['tokens']} | {row['batch']} | {row.get('heads', report['heads'])} | {mode} | "
+                             f"{row['ms']['timm'][mode]:.3f} | "
                              f"{row['ms']['dpt_fast'][mode]:.3f} | {row['speedup_vs_timm'][mode]}x |"
                              + ("" if row["fused_path"]["verified"] else " (reference ran)"))
     if report["notes"]:

@@ -26,6 +26,10 @@ baselines, most important first (forward at 1024^2 and 1536^2, all four stages b
 
     python benchmarks/bench_reassemble.py --out benchmarks/results/reassemble-H100-2025-01-01.json
     python benchmarks/bench_reassemble.py --sizes 1024 --models large --no-compile --out /tmp/r.json
+    python benchmarks/bench_reassemble.py --preset da --out benchmarks/results/reassemble-da-H100.json
+
+--preset da times Depth Anything V2's decoder inputs instead: DINOv2 S/B/L tokens (class token ignored, the
+widths and resampling of dpt_fast.specs) on the 37 x 37 patch grid of a 518 x 518 image (patch 14).
 """
 from __future__ import annotations
 
@@ -39,15 +43,27 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # harness.py beside this script, however it is run
 import harness  # noqa: E402
 
+from dpt_fast import specs  # noqa: E402
+
 MODELS = {  # name: (token width D, [(stage, readout, resample, features), ...])
     "large": (1024, [(1, "project", "up4", 256), (2, "project", "up2", 512), (3, "project", "none", 1024),
                      (4, "project", "down2", 1024)]),
     "hybrid": (768, [(3, "project", "none", 768), (4, "project", "down2", 768)]),
 }
+PATCH = {"large": 16, "hybrid": 16}  # pixels per token: the grid of a size is size // patch
+DA_MODELS = ("da2-small", "da2-base", "da2-large")
+for _name in DA_MODELS:  # Depth Anything V2's four stages, from the table of architecture facts
+    _spec = specs.get(_name)
+    MODELS[_name] = (_spec.embed_dim, [(i + 1, _spec.readout, resample, width) for i, (resample, width)
+                                       in enumerate(zip(_spec.resample, _spec.reassemble_widths))])
+    PATCH[_name] = _spec.patch_size
+PRESETS = {"da": {"models": ",".join(DA_MODELS), "sizes": "518"}}
 SMOKE_MODELS = {  # --smoke: the same stage kinds at widths the Triton interpreter runs in a moment
     "large": (32, [(1, "project", "up4", 8), (2, "project", "up2", 16), (3, "project", "none", 32),
                    (4, "project", "down2", 32)]),
     "hybrid": (32, [(3, "project", "none", 16), (4, "project", "down2", 16)]),
+    **{name: (32, [(1, "ignore", "up4", 8), (2, "ignore", "up2", 8), (3, "ignore", "none", 16),
+                   (4, "ignore", "down2", 16)]) for name in DA_MODELS},
 }
 
 
@@ -140,7 +156,11 @@ def parse_args(argv=None):
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", help="write the results as JSON here (rewritten after every row)")
     ap.add_argument("--models", default="large,hybrid", help="comma list of: " + ", ".join(MODELS))
-    ap.add_argument("--sizes", default="384,1024,1536", help="square input sizes in pixels (multiples of 16)")
+    ap.add_argument("--sizes", default="384,1024,1536", help="square input sizes in pixels (multiples of the "
+                    "model's patch: 16 DPT, 14 Depth Anything)")
+    ap.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                    help="da: --models " + PRESETS["da"]["models"] + " --sizes " + PRESETS["da"]["sizes"]
+                         + " (the 37 x 37 grid)")
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--stages", default="1,2,3,4,all", help="stages to time separately, and 'all' (the chain)")
     ap.add_argument("--modes", default="fwd,fwd+bwd")
@@ -156,6 +176,8 @@ def parse_args(argv=None):
     ap.add_argument("--smoke", action="store_true", help="CPU dry run of the code path (tiny token grids, "
                     "float32, Triton interpreter, compile capped at 2 s); no measurement")
     args = ap.parse_args(argv)
+    if args.preset:
+        args.models, args.sizes = PRESETS[args.preset]["models"], PRESETS[args.preset]["sizes"]
     for m in args.models.split(","):
         if m not in MODELS:
             ap.error(f"unknown model {m!r}; choose from {', '.join(MODELS)}")
@@ -196,7 +218,7 @@ def main(argv=None):
         dim, specs = models[model]
         stage_mods = {n: EagerStage(dim, f, ro, rs).to(dev, dtype) for n, ro, rs, f in specs}
         for size in map(int, args.sizes.split(",")):
-            g = size // 16
+            g = size // PATCH[model]
             tokens = {n: torch.randn(args.batch, 1 + g * g, dim, device=dev, dtype=dtype) for n in stage_mods}
             for label in want_stages:
                 names = list(stage_mods) if label == "all" else [int(label)] if int(label) in stage_mods else []
