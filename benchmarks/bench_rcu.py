@@ -25,6 +25,11 @@ The JSON is rewritten after every row.
 
     python benchmarks/bench_rcu.py --out benchmarks/results/rcu-H100-2025-01-01.json
     python benchmarks/bench_rcu.py --maps 96,384 --batches 8 --no-compile --out /tmp/rcu.json
+    python benchmarks/bench_rcu.py --preset da --out benchmarks/results/rcu-da-H100.json
+
+--channels sets the width (default 256, DPT's); --preset da runs Depth Anything V2's fusion blocks
+instead: 64, 128 and 256 channels (S, B, L) on the maps of a 518 x 518 image (19, 37, 74 and 148 per side:
+the 37 x 37 patch grid, its stride-2 stage and its x2 and x4 stages), batches 1 and 16.
 """
 from __future__ import annotations
 
@@ -40,6 +45,8 @@ import harness  # noqa: E402
 
 CHANNELS = 256
 DEFAULT_MAPS, DEFAULT_BATCHES = "24,48,96,192,384,768", "1,8"
+# Depth Anything V2 S/B/L fusion widths and the fusion maps of a 518 x 518 input (patch grid 37)
+PRESETS = {"da": {"channels": "64,128,256", "maps": "19,37,74,148", "batches": "1,16"}}
 
 
 class EagerRCU(nn.Module):
@@ -98,6 +105,9 @@ def parse_args(argv=None):
     ap.add_argument("--out", help="write the results as JSON here (rewritten after every row)")
     ap.add_argument("--maps", default=DEFAULT_MAPS, help="square feature-map sizes (pixels per side)")
     ap.add_argument("--batches", default=DEFAULT_BATCHES)
+    ap.add_argument("--channels", default=str(CHANNELS), help="comma-separated widths (default 256)")
+    ap.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                    help="da: --channels 64,128,256 --maps 19,37,74,148 --batches 1,16 (Depth Anything V2)")
     ap.add_argument("--modes", default="fwd,fwd+bwd")
     ap.add_argument("--compile-mode", default="max-autotune", help="torch.compile mode of the baseline")
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
@@ -110,11 +120,14 @@ def parse_args(argv=None):
     ap.add_argument("--smoke", action="store_true", help="CPU dry run of the code path (float32, the reference "
                     "serves, maps 8 and 12 and batches 1 and 2 unless given, compile capped at 2 s); no measurement")
     args = ap.parse_args(argv)
+    if args.preset:
+        args.channels, args.maps, args.batches = (PRESETS[args.preset][k] for k in ("channels", "maps", "batches"))
     try:
         args.map_list = [int(v) for v in args.maps.split(",")]
         args.batch_list = [int(v) for v in args.batches.split(",")]
+        args.channel_list = [int(v) for v in args.channels.split(",")]
     except ValueError:
-        ap.error("--maps and --batches take comma-separated integers")
+        ap.error("--maps, --batches and --channels take comma-separated integers")
     for mode in args.modes.split(","):
         if mode not in ("fwd", "fwd+bwd"):
             ap.error(f"unknown mode {mode!r}: fwd, fwd+bwd")
@@ -138,9 +151,12 @@ def main(argv=None):
             args.map_list = [8, 12]
         if args.batches == DEFAULT_BATCHES:
             args.batch_list = [1, 2]
+        if args.preset:  # the preset's layout (several widths, two batches) at interpreter sizes
+            args.map_list, args.batch_list, args.channel_list = [5], [1, 2], [8, 16]
         args.compile_timeout_s, args.budget_s = min(args.compile_timeout_s, 2.0), 120.0
     run = harness.KernelBenchmark("rcu", args, dev, dtype, rcu_cuda_kernel_registered=cuda_kernel_registered(),
-                                  channels=CHANNELS, memory_format="channels_last")
+                                  channels=args.channel_list if len(args.channel_list) > 1 else args.channel_list[0],
+                                  memory_format="channels_last")
     report, ceilings = run.report, run.ceilings
     report["results"] = []
     if not cuda_kernel_registered():
@@ -149,26 +165,29 @@ def main(argv=None):
     ops_required = {"fwd": ("dpt_fast::residual_conv_unit",),
                     "fwd+bwd": ("dpt_fast::residual_conv_unit", "dpt_fast::residual_conv_unit_backward")}
 
-    pair = EagerPair(CHANNELS).to(dev, dtype).to(memory_format=cl)
-    with torch.no_grad():  # trained-like scales keep activations O(1)
-        for p in pair.parameters():
-            p.copy_(torch.randn_like(p) * ((9 * CHANNELS) ** -0.5 if p.dim() == 4 else 0.1))
-    params = list(pair.parameters())
+    pairs = {}  # channels -> the eager pair of that width
+    for width in args.channel_list:
+        pairs[width] = EagerPair(width).to(dev, dtype).to(memory_format=cl)
+        with torch.no_grad():  # trained-like scales keep activations O(1)
+            for p in pairs[width].parameters():
+                p.copy_(torch.randn_like(p) * ((9 * width) ** -0.5 if p.dim() == 4 else 0.1))
     modes = args.modes.split(",")
 
-    def inputs(batch, size, requires_grad):
-        mk = lambda: torch.randn(batch, CHANNELS, size, size, device=dev, dtype=dtype)  # noqa: E731
+    def inputs(batch, size, requires_grad, channels):
+        mk = lambda: torch.randn(batch, channels, size, size, device=dev, dtype=dtype)  # noqa: E731
         return [mk().contiguous(memory_format=cl).requires_grad_(requires_grad) for _ in range(2)]
 
-    def run_case(batch, size, mode):
-        x0, skip = inputs(batch, size, mode == "fwd+bwd")
+    def run_case(batch, size, mode, channels):
+        pair = pairs[channels]
+        params = list(pair.parameters())
+        x0, skip = inputs(batch, size, mode == "fwd+bwd", channels)
         grad_inputs = [x0, skip, *params] if mode == "fwd+bwd" else None
         dpt_fast.implementations_ran(reset=True)
         with torch.no_grad(), dpt_fast.use_backend("fused"):
             ref, out = pair(x0, skip), fused_pair(pair, x0, skip)
         grad = torch.randn_like(ref).contiguous(memory_format=cl) if mode == "fwd+bwd" else None
         err = ((out.float() - ref.float()).norm() / ref.float().norm()).item()
-        row = {"size": size, "batch": batch, "mode": mode, "channels": CHANNELS,
+        row = {"size": size, "batch": batch, "mode": mode, "channels": channels,
                "fused_rel_l2_err_vs_eager": err, "fused_output_finite": bool(torch.isfinite(out).all()),
                "fused_out_channels_last": out.is_contiguous(memory_format=cl)}
         del ref, out
@@ -178,7 +197,7 @@ def main(argv=None):
                                               scale_to_call=True)
         run.account(row, dpt_fast.implementations_ran(reset=True), ops_required[mode])
         row["speedup_vs_eager"] = row["eager_ms"] / row["fused_ms"]
-        flops, nbytes = count(batch, size)
+        flops, nbytes = count(batch, size, channels)
         if mode == "fwd+bwd":
             flops *= 3  # dgrad + wgrad; the fused backward also recomputes conv1 (not counted)
             nbytes = None
@@ -195,25 +214,26 @@ def main(argv=None):
     # 1. eager and fused rows: forward of every case first, then forward+backward
     rows_deadline = args.budget_s * (1.0 if args.no_compile else 1.0 - args.compile_share)
     pending = []
-    for mode in modes:
+    for mode, channels in ((m, c) for m in modes for c in args.channel_list):
         for size in args.map_list:
             for batch in args.batch_list:
-                label = f"{size}^2 batch {batch} {mode}"
+                label = f"{size}^2 batch {batch} {mode}" + (f" {channels} channels" if channels != CHANNELS else "")
                 if run.elapsed() > rows_deadline:
                     report["notes"].append(f"skipped: time budget for eager/fused rows spent: {label}")
                     continue
-                row = run.attempt(label, lambda: run_case(batch, size, mode))
+                row = run.attempt(label, lambda: run_case(batch, size, mode, channels))
                 if row is None:
                     continue
                 report["results"].append(row)
-                print(f"{size:4d}^2 b{batch} {mode:7s} eager {row['eager_ms']:9.3f} ms  fused {row['fused_ms']:9.3f} ms"
+                print(f"{size:4d}^2 b{batch} c{channels} {mode:7s} eager {row['eager_ms']:9.3f} ms  fused {row['fused_ms']:9.3f} ms"
                       f"  x{row['speedup_vs_eager']:.2f}  {row['fused_tflops']:.0f} TFLOP/s"
                       f"  err {row['fused_rel_l2_err_vs_eager']:.1e}"
                       + ("" if row["fused_path"]["verified"] else f"  NOT THE FUSED PATH: {row['fused_path']['problems']}"),
                       flush=True)
                 run.save()
                 if not args.no_compile:
-                    pending.append((compile_priority(batch, size, mode, args.batch_list), row, batch, size, mode))
+                    pending.append((compile_priority(batch, size, mode, args.batch_list), row, batch, size, mode,
+                                    channels))
 
     # 2. compiled baselines, most important first, each compile capped, within the time budget
     if pending:
@@ -223,13 +243,13 @@ def main(argv=None):
     def forget():
         compiled.clear()
 
-    for _, row, batch, size, mode in sorted(pending, key=lambda p: p[0]):
-        if "pair" not in compiled:
-            compiled["pair"] = torch.compile(pair, mode=args.compile_mode, dynamic=False)
-        compiled_pair = compiled["pair"]
-        x0, skip = inputs(batch, size, mode == "fwd+bwd")
-        grad_inputs = [x0, skip, *params] if mode == "fwd+bwd" else None
-        grad = (torch.randn(batch, CHANNELS, size, size, device=dev, dtype=dtype).contiguous(memory_format=cl)
+    for _, row, batch, size, mode, channels in sorted(pending, key=lambda p: p[:1] + p[-1:]):
+        if channels not in compiled:
+            compiled[channels] = torch.compile(pairs[channels], mode=args.compile_mode, dynamic=False)
+        compiled_pair = compiled[channels]
+        x0, skip = inputs(batch, size, mode == "fwd+bwd", channels)
+        grad_inputs = [x0, skip, *pairs[channels].parameters()] if mode == "fwd+bwd" else None
+        grad = (torch.randn(batch, channels, size, size, device=dev, dtype=dtype).contiguous(memory_format=cl)
                 if mode == "fwd+bwd" else None)
         run.time_compiled(row, lambda: harness.time_ms(lambda: compiled_pair(x0, skip), grad_inputs, grad,
                                                        compiled=True, device=dev, scale_to_call=True),
@@ -245,15 +265,17 @@ def markdown(report):
              f"channels_last; torch {report['versions']['torch']}, {report['date']}; measured ceilings "
              f"{report['ceilings']['matmul_tflops']} TFLOP/s, {report['ceilings']['copy_tbps']} TB/s",
              "",
-             "| map | batch | mode | eager ms | compiled ms | fused ms | vs eager | vs compiled | fused TFLOP/s |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| map | batch | channels | mode | eager ms | compiled ms | fused ms | vs eager | vs compiled | fused TFLOP/s |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     order = {"fwd": 0, "fwd+bwd": 1}
-    for r in sorted(report["results"], key=lambda r: (r["size"], r["batch"], order.get(r["mode"], 2))):
+    for r in sorted(report["results"], key=lambda r: (r.get("channels", 0), r["size"], r["batch"],
+                                                      order.get(r["mode"], 2))):
         c = f"{r['compiled_ms']:.3f}" if r.get("compiled_ms") is not None else (
             "over budget" if "over budget" in r.get("compiled_note", "") else "-")
         vc = f"{r['speedup_vs_compiled']:.2f}x" if r.get("speedup_vs_compiled") else "-"
         mark = "" if r["fused_path"]["verified"] else " (reference ran)"
-        lines.append(f"| {r['size']}^2 | {r['batch']} | {r['mode']} | {r['eager_ms']:.3f} | {c} | {r['fused_ms']:.3f}{mark} | "
+        lines.append(f"| {r['size']}^2 | {r['batch']} | {r.get('channels', report['channels'])} | {r['mode']} | "
+                     f"{r['eager_ms']:.3f} | {c} | {r['fused_ms']:.3f}{mark} | "
                      f"{r['speedup_vs_eager']:.2f}x | {vc} | {r['fused_tflops']:.0f} |")
     if report["notes"]:
         lines += [""] + [f"- {n}" for n in report["notes"]]

@@ -313,6 +313,34 @@ def test_smoke_runs_record_what_ran(smoke_outputs):
     assert train["fused"]["fused_path"]["verified"] is False  # bf16 autocast on CPU: the reference served
 
 
+def test_smoke_runs_of_the_depth_anything_presets(tmp_path):
+    # --preset da: several head counts / widths and batches in one run, each row saying which
+    if not backend.triton_interpreting():
+        pytest.skip("the --smoke runs use the Triton interpreter (CPU-only machines)")
+    att, rea, rcu = (_script(f"bench_{n}") for n in ("attention", "reassemble", "rcu"))
+    assert att.DA_TOKENS_518 == 1370 and att.DA_TOKENS_FRAME == 10002
+    assert {(n, b) for n, b, _ in att.DA_CASES} == {(1370, 1), (1370, 16), (10002, 1)}
+    assert {h for _, _, h in att.DA_CASES} == {6, 12, 16}
+    assert rea.MODELS["da2-large"] == (1024, [(1, "ignore", "up4", 256), (2, "ignore", "up2", 512),
+                                              (3, "ignore", "none", 1024), (4, "ignore", "down2", 1024)])
+    assert rea.PATCH["da2-small"] == 14 and rcu.PRESETS["da"]["channels"] == "64,128,256"
+    assert att.main(["--smoke", "--preset", "da", "--no-block", "--out", str(tmp_path / "a.json")]) == 0
+    doc = json.loads((tmp_path / "a.json").read_text())
+    assert {(r["tokens"], r["batch"], r["heads"]) for r in doc["kernel"]} == {(17, 1, 1), (17, 3, 2)}
+    assert all(r["fused_path"]["verified"] for r in doc["kernel"]) and "| 17 | 3 | 2 | fwd |" in att.markdown(doc)
+    assert rea.main(["--smoke", "--preset", "da", "--no-compile", "--stages", "all",
+                     "--out", str(tmp_path / "r.json")]) == 0
+    rows = json.loads((tmp_path / "r.json").read_text())["results"]
+    assert {r["model"] for r in rows} == {"da2-small"} and all(r["fused_path"]["verified"] for r in rows)
+    assert all(s["readout"] == "ignore" for r in rows for s in r["stages"])
+    assert all(r["fused_max_rel_err_vs_eager"] < 1e-4 for r in rows)
+    assert rcu.main(["--smoke", "--preset", "da", "--no-compile", "--modes", "fwd",
+                     "--out", str(tmp_path / "c.json")]) == 1  # the reference serves on a CPU
+    rows = json.loads((tmp_path / "c.json").read_text())["results"]
+    assert {(r["channels"], r["batch"]) for r in rows} == {(8, 1), (8, 2), (16, 1), (16, 2)}
+    assert all(r["fused_rel_l2_err_vs_eager"] < 1e-4 for r in rows)
+
+
 def test_render_results_refuses_non_gpu_and_renders_a_dry_run_elsewhere(smoke_outputs, tmp_path):
     render = _script("render_results")
     out, _ = smoke_outputs
