@@ -29,8 +29,8 @@ Times are medians of triton.testing.do_bench (CUDA events, warm-up excluded; Tri
 in an explicit warm-up call before timing). The JSON (--out; rewritten after every row so a run cut short
 keeps its measurements) records device, torch/triton/timm versions, date, git commit, the measured
 matmul peak and dpt_fast.implementations_ran(), which must show the Triton path and never the reference.
-Rows run most important first (kernel rows at N = 577, 2305, 4097, 9217, the block rows there, then the
-rest); no new row starts after --budget-s seconds.
+Rows run most important first (kernel rows at N = 577, 1370, 2305, 4097, 9217, the block rows there, then
+the rest); no new row starts after --budget-s seconds.
 
 --preset da replaces the default rows with the shapes Depth Anything runs (head dim 64; 6, 12 and 16 heads
 for DINOv2 S, B and L): N = 1370 (518 x 518, a 37 x 37 patch grid and the class token) at batch 1 and 16,

@@ -12,7 +12,13 @@ is downloaded):
                      F.scaled_dot_product_attention on the split heads, as timm's ViT does): what a user
                      gets from compiling the original architecture
   hf-sdpa            Hugging Face transformers' DPTForDepthEstimation, attn_implementation="sdpa", random
-                     init from a DPTConfig matching the model (when transformers is installed)
+                     init from a DPTConfig matching the model; for Depth Anything its
+                     DepthAnythingForDepthEstimation with the DINOv2 backbone on SDPA (when transformers is
+                     installed). Its weights are its own random init, not dpt-fast's.
+
+Models (--models): DPT ("large", "hybrid", "base", "tiny") and Depth Anything V2 ("da2-small", "da2-base",
+"da2-large", "da2-tiny"), with their facts (widths, taps, patch size, input multiple) from dpt_fast.specs;
+an input is padded up to the model's multiple (32 DPT, 14 Depth Anything).
 
 Latency is the median of timed runs (CUDA events on GPU, perf_counter on CPU) after warm-up; the first
 call's time (compilation included) is reported separately. Every dpt-fast variant of a configuration runs
