@@ -14,7 +14,9 @@ is downloaded):
   hf-sdpa            Hugging Face transformers' DPTForDepthEstimation, attn_implementation="sdpa", random
                      init from a DPTConfig matching the model; for Depth Anything its
                      DepthAnythingForDepthEstimation with the DINOv2 backbone on SDPA (when transformers is
-                     installed). Its weights are its own random init, not dpt-fast's.
+                     installed). Depth Anything: every variant, this one included, runs the same weights
+                     (transformers' seeded init, converted), so all compute the same function; DPT: its
+                     own random init.
 
 Models (--models): DPT ("large", "hybrid", "base", "tiny") and Depth Anything V2 ("da2-small", "da2-base",
 "da2-large", "da2-tiny"), with their facts (widths, taps, patch size, input multiple) from dpt_fast.specs;
@@ -401,12 +403,49 @@ def inline_plain_ops(attention: str = "sdpa"):
     return use_backend("inline", inline_attention=attention)
 
 
+def _seeded_hf_model(name: str):
+    """transformers' model of `name` on the CPU in fp32, initialised from seed 0 (the same every call)."""
+    config = hf_config(name)
+    torch.manual_seed(0)
+    if is_depth_anything(name):
+        from transformers import DepthAnythingForDepthEstimation
+        return DepthAnythingForDepthEstimation._from_config(
+            config, attn_implementation={"": "eager", "backbone_config": "sdpa"})
+    from transformers import DPTForDepthEstimation
+    try:  # the hybrid's BiT backbone has no SDPA path: eager there, SDPA in the transformer
+        return DPTForDepthEstimation._from_config(config, attn_implementation={"": "sdpa", "backbone_config": "eager"})
+    except (ValueError, TypeError, KeyError):
+        return DPTForDepthEstimation._from_config(config, attn_implementation="sdpa")
+
+
+@functools.lru_cache(maxsize=1)
+def shared_depth_anything_weights(name: str) -> dict | None:
+    """The weights every variant of the Depth Anything `name` runs, hf-sdpa included: transformers' seeded
+    init converted to dpt-fast's layout (dpt_fast.depth_anything_weights), on the CPU in fp32. None
+    without transformers (dpt-fast's variants then share their own seeded init)."""
+    if _version("transformers") is None:
+        return None
+    from .depth_anything_weights import hf_state_dict_to_original, original_state_dict_to_model
+    state, unknown = hf_state_dict_to_original(_seeded_hf_model(name).state_dict())
+    if unknown:
+        raise RuntimeError(f"transformers' keys without a dpt-fast name: {unknown[:3]}")
+    return original_state_dict_to_model(state)
+
+
 def build_model(name: str, device, dtype, train: bool):
-    """dpt-fast's model called `name` in MODELS (DPTDepthModel or DepthAnythingModel), random weights."""
+    """dpt-fast's model called `name` in MODELS (DPTDepthModel or DepthAnythingModel), random weights:
+    DPT its seeded init; Depth Anything transformers' seeded init (shared_depth_anything_weights) with
+    transformers' position-embedding resize, so that it and hf-sdpa compute the same function."""
     from .models import DPTDepthModel
     from .models.depth_anything import DepthAnythingModel
+    shared = None if str(device) == "meta" or not is_depth_anything(name) else shared_depth_anything_weights(name)
     with torch.device(device):
-        model = (DepthAnythingModel if is_depth_anything(name) else DPTDepthModel)(**MODELS[name])
+        if is_depth_anything(name):
+            model = DepthAnythingModel(**MODELS[name], **({"pos_embed_rule": "bicubic_size"} if shared else {}))
+        else:
+            model = DPTDepthModel(**MODELS[name])
+    if shared is not None:
+        model.load_state_dict(shared, strict=True)
     model.to(dtype)
     return model.train(train)
 
@@ -420,12 +459,10 @@ def build_hf(name: str, device, dtype, train: bool, image_size: int | None = Non
     DINOv2 backbone runs SDPA (the model class itself declines attn_implementation="sdpa"; its attention
     is all in the backbone). image_size: the run's (square) input size -- HF's hybrid embeddings refuse any
     other size, and its position embeddings are then made for that grid (the resize becomes an identity)."""
-    config = hf_config(name, image_size)
-    if is_depth_anything(name):
-        from transformers import DepthAnythingForDepthEstimation
-        model = DepthAnythingForDepthEstimation._from_config(
-            config, attn_implementation={"": "eager", "backbone_config": "sdpa"})
+    if is_depth_anything(name):  # the weights dpt-fast's variants run (shared_depth_anything_weights)
+        model = _seeded_hf_model(name)
     else:
+        config = hf_config(name, image_size)
         from transformers import DPTForDepthEstimation
         try:  # the hybrid's BiT backbone has no SDPA path: eager there, SDPA in the transformer
             model = DPTForDepthEstimation._from_config(config, attn_implementation={"": "sdpa",

@@ -149,6 +149,11 @@ def test_depth_anything_baseline_matches_the_architecture():
     count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
     assert count(ours) + 64 == count(hf)
     assert bench.hf_attention(hf) == "DepthAnythingForDepthEstimation(backbone attn_implementation=sdpa)"
+    # and the same weights: dpt-fast's variants run transformers' seeded init, converted
+    x = torch.randn(1, 3, 70, 98)
+    with torch.no_grad(), use_backend("reference"):
+        ours_out, hf_out = ours.eval()(x), hf.eval()(pixel_values=x).predicted_depth
+    assert ((ours_out - hf_out).norm() / hf_out.norm()).item() < 1e-4
     import argparse
     args = argparse.Namespace(train=False, compile_mode="max-autotune", warmup=0, runs=1, max_time=0.0)
     r = bench.run_variant("hf-sdpa", "da2-tiny", torch.randn(1, 3, 28, 56), args, torch.device("cpu"), torch.float32,
