@@ -173,6 +173,86 @@ def _on_cpu(model: nn.Module, dtype: torch.dtype) -> nn.Module:
     return copy.deepcopy(model).to(device="cpu", dtype=dtype)
 
 
+# --- TF "same" padding made static ----------------------------------------------------------------
+
+def _same_pads(module: nn.Module) -> tuple[int, int, int, int]:
+    """F.pad's (left, right, top, bottom) of TF "same" padding for an input divisible by the stride: then
+    (ceil(x / s) - 1) * s + (k - 1) * d + 1 - x is the constant (k - 1) * d + 1 - s, split with the
+    smaller half first (timm's pad_same)."""
+    def total(k, s, d):
+        return max((k - 1) * d + 1 - s, 0)
+    (kh, kw), (sh, sw), (dh, dw) = (nn.modules.utils._pair(v) for v in (module.kernel_size, module.stride,
+                                                                        module.dilation))
+    ph, pw = total(kh, sh, dh), total(kw, sw, dw)
+    return (pw // 2, pw - pw // 2, ph // 2, ph - ph // 2)
+
+
+class _StaticSamePad(nn.Module):
+    """A timm 'same'-padded convolution or max pool whose padding is fixed (`_same_pads`) instead of
+    computed from the input size. The dynamic form is exact but leaves ceil/max size expressions that
+    the tracer simplifies through every later operator (a DPT-Hybrid trace did not finish in 20 minutes
+    on 2 CPUs); at the exported sizes (multiples of the input multiple, so every ResNet stage's input
+    is divisible by its stride) both forms are equal. The wrapped module keeps its own arithmetic (the
+    weight standardisation of StdConv2dSame); only the padding changes."""
+
+    def __init__(self, same: nn.Module, kind: str):
+        super().__init__()
+        self.same, self.kind, self.pads = same, kind, _same_pads(same)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        import torch.nn.functional as F
+        if self.kind == "maxpool":
+            m = self.same
+            x = F.pad(x, self.pads, value=-float("inf"))
+            return F.max_pool2d(x, m.kernel_size, m.stride, 0, m.dilation, m.ceil_mode)
+        x = F.pad(x, self.pads)
+        if self.kind == "stdconv":  # its forward without the dynamic pad (same_pad is off while wrapped)
+            return self.same(x)
+        m = self.same
+        return F.conv2d(x, m.weight, m.bias, m.stride, 0, m.dilation, m.groups)
+
+
+def _dynamic_same_kind(module: nn.Module) -> str | None:
+    """Which timm dynamic-'same' layer `module` is (None for anything else, static 'same' included)."""
+    try:
+        from timm.layers.conv2d_same import Conv2dSame
+        from timm.layers.pool2d_same import MaxPool2dSame
+        from timm.layers.std_conv import StdConv2dSame
+    except ImportError:
+        return None
+    if isinstance(module, StdConv2dSame):
+        return "stdconv" if module.same_pad else None
+    if isinstance(module, Conv2dSame):
+        return "conv"
+    if isinstance(module, MaxPool2dSame):
+        return "maxpool"
+    return None
+
+
+@contextlib.contextmanager
+def static_same_padding(model: nn.Module):
+    """Within the block, every timm dynamic-'same' convolution and max pool of `model` is replaced in
+    place by its statically padded form (`_StaticSamePad`); the originals are put back afterwards.
+    Valid for inputs whose height and width are multiples of `input_multiple(model)`."""
+    swapped = []
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            kind = _dynamic_same_kind(child)
+            if kind is not None:
+                swapped.append((parent, name, child, kind))
+    try:
+        for parent, name, child, kind in swapped:
+            setattr(parent, name, _StaticSamePad(child, kind))
+            if kind == "stdconv":
+                child.same_pad = False
+        yield len(swapped)
+    finally:
+        for parent, name, child, kind in swapped:
+            setattr(parent, name, child)
+            if kind == "stdconv":
+                child.same_pad = True
+
+
 @contextlib.contextmanager
 def _export_mode(model: nn.Module):
     """eval mode, no autograd, inline operators; the model's training flag is restored afterwards."""
@@ -193,7 +273,7 @@ def export_program(model: nn.Module, dtype: torch.dtype = torch.float32, batch: 
     model = _on_cpu(model, dtype)
     wrapper = ExportedForward(model)
     example = torch.randn(traced_shape(model, batch), dtype=dtype)
-    with _export_mode(model):
+    with _export_mode(model), static_same_padding(model):
         try:
             program = torch.export.export(wrapper, (example,), dynamic_shapes=_dynamic_shapes(model), strict=False)
         except Exception as exc:  # name the part that failed, keep the tracer's message

@@ -1,7 +1,7 @@
 """dpt_fast.export: ONNX and torch.export programs with symbolic batch, height and width.
 
-For a tiny DPT (depth), a DPT-Hybrid-shaped segmentation model (the hybrid's ResNet-50 stages, a tiny ViT;
-opt-in, see HYBRID_REASON) and a tiny Depth Anything V2: traced once at one size; the ONNX file holds standard ONNX operators only
+For a tiny DPT (depth), a DPT-Hybrid-shaped segmentation model (the hybrid's ResNet-50 stages with TF "same"
+padding, a tiny ViT) and a tiny Depth Anything V2: traced once at one size; the ONNX file holds standard ONNX operators only
 (opset >= 18); ONNX Runtime and the saved pt2 program equal eager PyTorch within 1e-4 (fp32, relative to
 the output's largest value) at three other sizes, square and non-square, batch 1 and 3; the output has the
 input's size. One export per model (module-scoped fixtures), reused by every test.
@@ -36,15 +36,7 @@ def _build(name):
     return randomize_(model, matrix_std=0.05).eval()
 
 
-# The hybrid's trace is opt-in: tracing its ResNet-50 stages (TF "same" padding computed from the input
-# size) with symbolic sizes leaves size expressions that sympy simplifies for every later op, over 20 minutes
-# on 2 CPUs, far over CI's budget.
-HYBRID_REASON = ("tracing the hybrid's ResNet-50 stages with symbolic sizes takes over 20 minutes on 2 CPUs; "
-                 "DPT_FAST_TEST_HYBRID_EXPORT=1 runs it")
-MODELS = ["dpt",
-          pytest.param("hybrid-segmentation", marks=pytest.mark.skipif(
-              os.environ.get("DPT_FAST_TEST_HYBRID_EXPORT") != "1", reason=HYBRID_REASON)),
-          "depth-anything"]
+MODELS = ["dpt", "hybrid-segmentation", "depth-anything"]
 
 
 @pytest.fixture(scope="module", params=MODELS)
@@ -206,3 +198,19 @@ def test_aoti_package_runs_without_dpt_fast(tmp_path):
     proc = E.aoti_runs_without_dpt_fast(tmp_path / "dpt.pt2", shape=(3, 3, 96, 160))
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip() == "(3, 96, 160) True"
+
+
+def test_static_same_padding_equals_the_dynamic_one_and_is_undone():
+    """The hybrid's ResNet stages pad TF-"same" from the input size; export swaps in fixed pads (valid at
+    multiples of 32). Both forms agree exactly at several multiples, and the original layers come back."""
+    model = _build("hybrid-segmentation")
+    before = [(type(m), getattr(m, "same_pad", None)) for m in model.modules()]
+    with torch.no_grad():
+        for height, width in [(32, 64), (96, 32), (160, 224)]:
+            x = torch.randn(2, 3, height, width)
+            dynamic = model(x)
+            with E.static_same_padding(model) as swapped:
+                static = model(x)
+            assert swapped == 6  # stem conv, stem max pool, first conv2 and downsample of stages 2 and 3
+            assert torch.equal(static, dynamic), (height, width)
+    assert [(type(m), getattr(m, "same_pad", None)) for m in model.modules()] == before
