@@ -206,8 +206,8 @@ def test_static_same_padding_equals_the_dynamic_one_and_is_undone():
     model = _build("hybrid-segmentation")
     before = [(type(m), getattr(m, "same_pad", None)) for m in model.modules()]
     with torch.no_grad():
-        for height, width in [(32, 64), (96, 32), (160, 224)]:
-            x = torch.randn(2, 3, height, width)
+        for height, width in [(32, 64), (96, 32)]:
+            x = torch.randn(1, 3, height, width)
             dynamic = model(x)
             with E.static_same_padding(model) as swapped:
                 static = model(x)
