@@ -71,6 +71,7 @@ from .cli_args import BENCH_MODELS as MODELS
 from .cli_args import BENCH_TINY_DEFAULTS as TINY_DEFAULTS
 from .cli_args import BENCH_VARIANTS as VARIANTS
 from .cli_args import add_bench_arguments as add_arguments  # noqa: F401 -- `dpt-fast bench`'s options
+from .fileio import atomic_write_bytes
 
 
 
@@ -368,11 +369,7 @@ def verify_fused(ran: dict, required=()) -> dict:
 
 def write_json(path, obj) -> None:
     """Write `obj` as JSON atomically (a run killed mid-write keeps the previous complete file)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1, default=str) + "\n")
-    os.replace(tmp, path)
+    atomic_write_bytes(path, (json.dumps(obj, indent=1, default=str) + "\n").encode())
 
 
 def record_failure(result: dict, error: Exception) -> None:

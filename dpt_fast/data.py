@@ -37,57 +37,23 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
+from .image_io import IMAGE_EXTENSIONS, read_pfm, write_pfm  # one list of image suffixes, one PFM reader/writer
 from .transforms import MEAN, STD
 
 __all__ = ["FolderDataset", "SyntheticDataset", "TrainStream", "StreamSampler", "augment", "read_pfm",
            "write_pfm", "read_array", "build_datasets", "IGNORE_INDEX"]
 
 IGNORE_INDEX = 255
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 TARGET_EXTENSIONS = (".png", ".pfm", ".npy")
 
 
 # --- file formats ----------------------------------------------------------------------------------
-
-def read_pfm(path) -> np.ndarray:
-    """A PFM file as float32 [H, W] (or [H, W, 3]), top row first."""
-    with open(path, "rb") as f:
-        header = f.readline().strip()
-        if header not in (b"PF", b"Pf"):
-            raise ValueError(f"{path}: not a PFM file (header {header[:8]!r})")
-        dims = f.readline()
-        while dims.startswith(b"#"):
-            dims = f.readline()
-        match = re.match(rb"^\s*(\d+)\s+(\d+)\s*$", dims)
-        if not match:
-            raise ValueError(f"{path}: malformed PFM dimensions {dims[:32]!r}")
-        width, height = int(match.group(1)), int(match.group(2))
-        scale = float(f.readline().strip())
-        endian = "<" if scale < 0 else ">"
-        channels = 3 if header == b"PF" else 1
-        data = np.fromfile(f, dtype=endian + "f4", count=width * height * channels)
-    if data.size != width * height * channels:
-        raise ValueError(f"{path}: truncated PFM ({data.size} of {width * height * channels} values)")
-    shape = (height, width, 3) if channels == 3 else (height, width)
-    return np.ascontiguousarray(np.flipud(data.reshape(shape))).astype(np.float32)
-
-
-def write_pfm(path, array: np.ndarray) -> None:
-    """Write a float [H, W] (or [H, W, 3]) array as little-endian PFM."""
-    array = np.asarray(array, dtype=np.float32)
-    color = array.ndim == 3
-    with open(path, "wb") as f:
-        f.write(b"PF\n" if color else b"Pf\n")
-        f.write(f"{array.shape[1]} {array.shape[0]}\n-1\n".encode())
-        np.flipud(array).astype("<f4").tofile(f)
-
 
 def read_array(path) -> np.ndarray:
     """A single-channel map from .png (8/16-bit, as stored), .pfm or .npy, as float32 [H, W]."""

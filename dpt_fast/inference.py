@@ -61,7 +61,7 @@ __all__ = ["predict_images", "Summary", "Predictor", "Writer", "Reporter", "Usag
            "Job", "collect_inputs", "plan_jobs", "check_outputs", "shard", "FORMAT_SUFFIX", "OutputManifest",
            "MANIFEST_NAME", "Plan", "model_digest", "file_fingerprint"]
 
-SIZE_MULTIPLE = 32
+SIZE_MULTIPLE = DPT_PREPROCESSING.multiple  # tiles and rescaled sizes of DPT inputs
 FALLBACK_TILE = 1024  # tile size used when a single image does not fit in memory and no tile was given
 
 DEPTH_FORMATS = ("png16", "pfm", "npy", "color")

@@ -22,9 +22,12 @@ import threading
 from datetime import timedelta
 from pathlib import Path
 
+from .distributed import process_place
+from .specs import DPT_PREPROCESSING
+
 FALLBACK_TILE = 1024
-SIZE_MULTIPLE = 32
-DEPTH_SIZE, SEGMENTATION_SIZE = 384, 480  # dpt_fast.transforms' defaults, without importing torch here
+SIZE_MULTIPLE = DPT_PREPROCESSING.multiple
+DEPTH_SIZE, SEGMENTATION_SIZE = DPT_PREPROCESSING.size, 480  # dpt_fast.transforms' defaults, without torch
 
 WEIGHTS_HELP = """\
 --model is a checkpoint file or folder; any of these works:
@@ -122,12 +125,11 @@ def parse_size(text: str | None, segmentation: bool, default: int | None = None)
 
 def distributed_env() -> tuple[int, int, int]:
     """(rank, world size, local rank) from torchrun's environment (1 process when unset)."""
-    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
-    rank = int(os.environ.get("RANK", "0") or 0)
-    local = int(os.environ.get("LOCAL_RANK", str(rank)) or 0)
-    if world < 1 or not 0 <= rank < world:
-        raise _usage_error(f"RANK={rank} and WORLD_SIZE={world} are inconsistent")
-    return rank, world, local
+    try:
+        place = process_place()
+    except ValueError as e:
+        raise _usage_error(str(e)) from None
+    return place.rank, place.world, place.local_rank
 
 
 def _init_group(world: int) -> bool:

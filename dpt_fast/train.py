@@ -63,12 +63,13 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from . import backend, specs
+from . import backend, fileio, specs
 from .cli_args import add_train_arguments as add_arguments
 from .cli_args import features_arg, int_list, train_parser
 from .data import StreamSampler, TrainStream, build_datasets
+from .distributed import process_place
 from .losses import ScaleShiftInvariantLoss, align_least_squares, gradient_matching_loss, segmentation_loss, silog_loss
-from .models import RELEASED_BACKBONES, DepthAnythingModel, DPTDepthModel, DPTSegmentationModel, build_model
+from .models import DepthAnythingModel, DPTDepthModel, DPTSegmentationModel, build_model
 from .weights import load_model, save_model
 
 __all__ = ["add_arguments", "main", "train", "estimate_metric_alignment", "param_groups", "CHECKPOINT_FORMAT",
@@ -222,9 +223,8 @@ def _resume_settings(recorded: dict, given: dict) -> argparse.Namespace:
 
 class _Dist:
     def __init__(self, requested_device: str):
-        self.world = int(os.environ.get("WORLD_SIZE", "1"))
-        self.rank = int(os.environ.get("RANK", "0"))
-        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        place = process_place()  # LOCAL_RANK unset: RANK, as dpt-fast predict reads it
+        self.world, self.rank, local_rank = place.world, place.rank, place.local_rank
         if requested_device == "auto":
             requested_device = "cuda" if torch.cuda.is_available() else "cpu"
         device = torch.device(requested_device)
@@ -332,7 +332,7 @@ def _build_model(args, checkpoint) -> nn.Module:
         spec = specs.get(args.arch)
         if spec.family == "depth_anything":
             return DepthAnythingModel(args.arch, taps=args.hooks)
-        backbone = next(name for name, b in RELEASED_BACKBONES.items() if b.timm_name == spec.encoder)
+        backbone = spec.dpt_backbone  # the name DPT's backbone= argument knows the entry by
         common = dict(backbone=backbone, hooks=args.hooks)
         return DPTDepthModel(**common) if args.task == "depth" else DPTSegmentationModel(args.num_classes, **common)
     common = dict(backbone=args.backbone, hooks=args.hooks, features=args.features, readout=args.readout,
@@ -445,27 +445,22 @@ def _set_rng_state(state: dict, device) -> None:
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
-# the temporary files of _write_atomic in an output folder: ".NAME.tmp-PID"
-_TEMPORARY = re.compile(r"^\.(checkpoint\.pt|metrics\.jsonl|args\.json)\.tmp-\d+$")
+# the temporary files of _write_atomic in an output folder (dpt_fast.fileio's ".NAME.PID-RANDOM.tmp", and
+# ".NAME.tmp-PID" of earlier versions)
+_TEMPORARY = re.compile(r"^\.(checkpoint\.pt|metrics\.jsonl|args\.json)\.(tmp-\d+|\d+-[0-9a-f]{8}\.tmp)$")
 # and those of dpt_fast.save_model in OUT/model
-_MODEL_TEMPORARY = re.compile(r"^\.?(model\.safetensors|config\.json)\.tmp(-\d+)?$")
+_MODEL_TEMPORARY = re.compile(r"^\.?(model\.safetensors|config\.json)(\.tmp(-\d+)?|\.\d+-[0-9a-f]{8}\.tmp)$")
 
 
 def _write_atomic(path: Path, write) -> None:
     """write(file) into a temporary file in the same folder, flushed to disk, then os.replace: `path`
     holds the old or the new content, never a part. A failed or interrupted write (a full disk,
     a second Ctrl-C) removes its temporary file rather than leaving it to fill the disk."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
+    def to_file(tmp: Path) -> None:
+        with open(tmp, "xb") as f:
             write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+
+    fileio.atomic_write(path, to_file, durable=True)
 
 
 def save_atomic(obj, path: Path) -> None:

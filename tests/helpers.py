@@ -45,6 +45,19 @@ def extension_gpu(fn):
     return pytest.mark.gpu(needs_extension(fn))
 
 
+# --- fixtures ------------------------------------------------------------------------------------
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One intra-op thread for the tests of a module that imports this fixture (it is autouse there): on
+    2 shared cores, OpenMP threads spinning against other processes make a training step several times
+    slower than one thread."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 # --- README examples ------------------------------------------------------------------------------
 
 README = Path(__file__).resolve().parents[1] / "README.md"

@@ -16,6 +16,7 @@ import dpt_fast
 from dpt_fast import train as trainer
 from dpt_fast.data import SyntheticDataset, TrainStream
 from dpt_fast.losses import ScaleShiftInvariantLoss
+from helpers import one_thread  # noqa: F401 (autouse: one intra-op thread)
 
 # vit_tiny (3 heads of 64) tapped at its first four blocks (the later eight are never run) keeps a
 # CPU step well under a second; everything else is the full DPT.
@@ -52,16 +53,6 @@ def test_sixty_steps_on_synthetic_data_lower_the_loss(trained_run):
     assert last < 0.75 * first, (first, last)
     record = _metrics(out)[-1]
     assert record["lr"] == 1e-3 and record["backbone_lr"] == pytest.approx(1e-4) and record["images_per_s"] > 0
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: on 2 shared cores, OpenMP threads spinning against other processes make a
-    step several times slower than one thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 class _CtrlCAt:

@@ -20,19 +20,12 @@ from dpt_fast import train as trainer
 from dpt_fast.data import SyntheticDataset, TrainStream
 from dpt_fast.losses import silog_loss
 from dpt_fast.models import DepthAnythingModel, DPTDepthModel
+from helpers import one_thread  # noqa: F401 (autouse: one intra-op thread)
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 TAPS = [0, 1, 3, 4]
 RUN = dict(data=["synthetic"], hooks=TAPS, size=56, batch_size=4, num_workers=0, backend="reference", device="cpu",
            log_every=1, progress=False)
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _tiny(metric=False, seed=0):

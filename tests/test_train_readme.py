@@ -11,18 +11,9 @@ import torch
 import dpt_fast
 from dpt_fast import train as trainer
 from dpt_fast.data import SyntheticDataset, TrainStream
+from helpers import one_thread  # noqa: F401 (autouse: one intra-op thread)
 
 README = Path(__file__).resolve().parents[1] / "README.md"
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: on 2 shared cores, OpenMP threads spinning against other processes make a
-    step several times slower than one thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _readme_train_example() -> list[str]:

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from dpt_fast import train as trainer
+from helpers import one_thread  # noqa: F401 (autouse: one intra-op thread)
 
 TINY = dict(data=["synthetic"], backbone="vit_tiny_patch16_224", hooks=[0, 1, 2, 3], features=32, size=64,
             num_workers=0, backend="reference", device="cpu", progress=False, batch_size=2, lr=1e-3)
@@ -18,14 +19,6 @@ TINY = dict(data=["synthetic"], backbone="vit_tiny_patch16_224", hooks=[0, 1, 2,
 TINY_FLAGS = ["--data", "synthetic", "--backbone", "vit_tiny_patch16_224", "--hooks", "0,1,2,3", "--features", "32",
               "--size", "64", "--num-workers", "0", "--backend", "reference", "--device", "cpu", "--no-progress",
               "--batch-size", "2", "--lr", "1e-3"]
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _metrics(out):
