@@ -294,14 +294,20 @@ class DepthAnythingModel(nn.Module):
         # metric: sigmoid x max_depth; a relative head has max_depth 1 (transformers' configs may scale it)
         return out * self.max_depth if self.metric or self.max_depth != 1.0 else out
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self.check_input(x)
+    def prepare_input(self, x: torch.Tensor):
+        """`x` in the weights' dtype (unless autocast decides) and the size it runs at: each side rounded to
+        the nearest multiple of the patch (these models read padded borders as near, so they resize)."""
         param = self.pretrained.cls_token
         if x.dtype != param.dtype and not torch.is_autocast_enabled(x.device.type):
             x = x.to(param.dtype)
         height, width = x.shape[-2:]
         p = self.patch_size
-        run_h, run_w = max(p, round(height / p) * p), max(p, round(width / p) * p)
+        return x, (max(p, round(height / p) * p), max(p, round(width / p) * p))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.check_input(x)
+        x, (run_h, run_w) = self.prepare_input(x)
+        height, width = x.shape[-2:]
         if (run_h, run_w) == (height, width):
             return self.forward_raw(x)
         x = F.interpolate(x, size=(run_h, run_w), mode="bilinear", align_corners=False)

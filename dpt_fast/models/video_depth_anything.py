@@ -239,12 +239,8 @@ class VideoDepthAnythingModel(DepthAnythingModel):
         if clips.shape[1] > self.num_frames:
             raise ValueError(f"a clip holds at most {self.num_frames} frames, got {clips.shape[1]}")
         self.check_input(clips[:, 0])
-        param = self.pretrained.cls_token
-        if clips.dtype != param.dtype and not torch.is_autocast_enabled(clips.device.type):
-            clips = clips.to(param.dtype)
+        clips, (run_h, run_w) = self.prepare_input(clips)
         height, width = clips.shape[-2:]
-        p = self.patch_size
-        run_h, run_w = max(p, round(height / p) * p), max(p, round(width / p) * p)
         if (run_h, run_w) == (height, width):
             return self.forward_raw(clips)
         batch, frames = clips.shape[:2]

@@ -217,7 +217,21 @@ def _codec_available(av, name: str) -> bool:
         return False
 
 
-class VideoWriter:
+class _FinishOnExit:
+    """`with` support for writers: close() (the file appears under its name) on success, abort() (nothing
+    left behind) when the block raised."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+
+class VideoWriter(_FinishOnExit):
     """Encode frames of one kind into a video file, atomically (a temporary name, renamed on close).
 
     kind="rgb": uint8 [H, W, 3] (numpy) or [3, H, W] (tensor) frames; H.264 yuv420p (libx264, CRF
@@ -328,14 +342,6 @@ class VideoWriter:
         except FileNotFoundError:
             pass
 
-    def __enter__(self):
-        return self
-
-    def __exit__(self, exc_type, exc, tb):
-        if exc_type is None:
-            self.close()
-        else:
-            self.abort()
 
 
 def quantize_depth(depth, value_range: tuple[float, float] | None = None) -> np.ndarray:
@@ -360,7 +366,7 @@ def dequantize_depth(codes: np.ndarray, value_range: tuple[float, float]) -> np.
     return low + codes.astype(np.float64) / 65535.0 * (high - low)
 
 
-class DepthVideoWriter:
+class DepthVideoWriter(_FinishOnExit):
     """Float depth maps -> a coloured preview video and/or a 16-bit depth video.
 
     color_path (.mp4): each frame coloured with `cmap`. depth16_path (.mkv): FFV1 gray16le codes.
@@ -420,14 +426,6 @@ class DepthVideoWriter:
         for _, writer in self.writers:
             writer.abort()
 
-    def __enter__(self):
-        return self
-
-    def __exit__(self, exc_type, exc, tb):
-        if exc_type is None:
-            self.close()
-        else:
-            self.abort()
 
 
 def read_depth16_video(path) -> tuple[Iterator[np.ndarray], tuple[float, float] | None]:
