@@ -343,7 +343,6 @@ class VideoWriter(_FinishOnExit):
             pass
 
 
-
 def quantize_depth(depth, value_range: tuple[float, float] | None = None) -> np.ndarray:
     """Float [H, W] -> uint16 [H, W]: `value_range` (low, high) maps linearly onto 0..65535 (values
     outside clip); None normalises this frame by its own min and max (as the image outputs do)."""
@@ -425,7 +424,6 @@ class DepthVideoWriter(_FinishOnExit):
     def abort(self) -> None:
         for _, writer in self.writers:
             writer.abort()
-
 
 
 def read_depth16_video(path) -> tuple[Iterator[np.ndarray], tuple[float, float] | None]:
