@@ -726,21 +726,62 @@ def _settings(given: dict, out: Path, main_process: bool) -> tuple[dict | None, 
 
 
 def _train(args, env: _Dist, device, out: Path, checkpoint: dict | None) -> dict:
+    """The run itself, in the order its random draws must keep (a resumed run repeats them exactly)."""
     if env.main:
         out.mkdir(parents=True, exist_ok=True)
     env.barrier()
+    _seed_everything(args.seed)  # the same initial weights on every rank (DDP also broadcasts them from rank 0)
+    _settle_num_classes(args, checkpoint)
+    model = _build_model(args, checkpoint)
+    _apply_recipe(args, model)
+    datasets, inputs = _training_data(args, model)
+    stream = TrainStream(datasets, args.size, seed=args.seed, keys=_keys(args), scale_range=args.scale_range,
+                         flip=args.flip, ignore_index=args.ignore_index, **inputs)
+    _place_model(model, args, device)
+    if _needs_metric_alignment(args, model, checkpoint):
+        _align_to_metric(model, args, datasets, inputs, env)
+    # DDP needs it; one process does it too, so that the optimizer's parameter groups, and so its
+    # checkpointed state, are the same whatever the number of processes (--resume on another count).
+    frozen = _freeze_unused(model, device)
+    optimizer, scheduler = _optimizer_and_schedule(args, model)
+    net = _wrap_for_processes(model, args, env, device)
+    run = _Run(args, env, device, out, model, optimizer, scheduler)
+    log = _restore_progress(run, checkpoint)
+    if env.main:
+        _record_start(run, datasets, frozen)
+    loader = _loader(stream, run)
+    bar = _progress_bar(run)
+    metrics_file = open(out / "metrics.jsonl", "a") if env.main else None
+    try:
+        last_loss = _train_and_save(run, net, loader, _LogWindow(run, log), bar, metrics_file)
+    finally:
+        if bar is not None:
+            bar.close()
+        if metrics_file is not None:
+            metrics_file.close()
+    return {"step": run.step, "loss": last_loss, "out": str(out), "checkpoint": str(out / "checkpoint.pt"),
+            "model": model}
 
-    # the same initial weights on every rank (DDP also broadcasts them from rank 0)
-    random.seed(args.seed)
-    np.random.seed(args.seed)
-    torch.manual_seed(args.seed)
+
+# --- setting up a run ---------------------------------------------------------------------------------
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _settle_num_classes(args, checkpoint: dict | None) -> None:
+    """A new segmentation model needs its class count: synthetic data state theirs, folders do not."""
     if args.task == "segmentation" and args.num_classes is None and not args.init and checkpoint is None:
         if all(str(d).split(":")[0] == "synthetic" for d in args.data):
             args.num_classes = SYNTHETIC_CLASSES
         else:
             raise UsageError("--num-classes is needed to build a segmentation model for folder datasets")
-    model = _build_model(args, checkpoint)
-    _apply_recipe(args, model)
+
+
+def _training_data(args, model: nn.Module) -> tuple[list, dict]:
+    """The datasets of --data, and how the model wants its inputs made (TrainStream's keyword arguments)."""
     num_classes = getattr(model, "num_classes", None) or SYNTHETIC_CLASSES
     try:
         datasets = build_datasets(args.data, args.task, synthetic_resolution=math.ceil(args.size * 1.25),
@@ -750,29 +791,36 @@ def _train(args, env: _Dist, device, out: Path, checkpoint: dict | None) -> dict
     preprocessing = _preprocessing(model)
     # the model's normalisation; Depth Anything crops lie inside the image (it reads padding as near)
     inputs = dict(mean=preprocessing.mean, std=preprocessing.std, cover=isinstance(model, DepthAnythingModel))
-    stream = TrainStream(datasets, args.size, seed=args.seed, keys=_keys(args), scale_range=args.scale_range,
-                         flip=args.flip, ignore_index=args.ignore_index, **inputs)
+    return datasets, inputs
 
+
+def _place_model(model: nn.Module, args, device) -> None:
     model.to(device)
     if args.channels_last:
         model.to(memory_format=torch.channels_last)
     model.channels_last = args.channels_last
     model.pretrained.grad_checkpointing = args.grad_checkpointing
 
-    if (args.task == "depth" and args.depth_loss == "silog" and checkpoint is None and isinstance(model, DPTDepthModel)
-            and not model.invert):  # a relative DPT learns metres through one alignment first
-        align_stream = TrainStream(datasets, args.size, seed=args.seed + 7919, keys=_keys(args), flip=False, **inputs)
-        batch = max(1, min(args.batch_size, args.align_samples))
-        batches = (torch.utils.data.default_collate([align_stream[i] for i in range(s, min(s + batch, args.align_samples))])
-                   for s in range(0, args.align_samples, batch))
-        scale, shift = estimate_metric_alignment(model, batches)
-        apply_metric_alignment(model, scale, shift)
-        if env.main:
-            print(f"metric alignment of the initial model: scale {scale:.6g}, shift {shift:.6g}", file=sys.stderr)
 
-    # DDP needs it; one process does it too, so that the optimizer's parameter groups, and so its
-    # checkpointed state, are the same whatever the number of processes (--resume on another count).
-    frozen = _freeze_unused(model, device)
+def _needs_metric_alignment(args, model: nn.Module, checkpoint: dict | None) -> bool:
+    """A relative DPT learns metres through one alignment first (a fresh run's, not a resumed one's)."""
+    return (args.task == "depth" and args.depth_loss == "silog" and checkpoint is None
+            and isinstance(model, DPTDepthModel) and not model.invert)
+
+
+def _align_to_metric(model: nn.Module, args, datasets: list, inputs: dict, env: _Dist) -> None:
+    # its own stream (another seed, no flips): the training stream's samples stay those of a run without it
+    align_stream = TrainStream(datasets, args.size, seed=args.seed + 7919, keys=_keys(args), flip=False, **inputs)
+    batch = max(1, min(args.batch_size, args.align_samples))
+    batches = (torch.utils.data.default_collate([align_stream[i] for i in range(s, min(s + batch, args.align_samples))])
+               for s in range(0, args.align_samples, batch))
+    scale, shift = estimate_metric_alignment(model, batches)
+    apply_metric_alignment(model, scale, shift)
+    if env.main:
+        print(f"metric alignment of the initial model: scale {scale:.6g}, shift {shift:.6g}", file=sys.stderr)
+
+
+def _optimizer_and_schedule(args, model: nn.Module):
     groups = param_groups(model, args.lr, args.backbone_lr)
     if args.optimizer == "adam":
         optimizer = torch.optim.Adam(groups, lr=args.lr, weight_decay=args.weight_decay)
@@ -780,8 +828,12 @@ def _train(args, env: _Dist, device, out: Path, checkpoint: dict | None) -> dict
         optimizer = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.999), weight_decay=args.weight_decay)
     else:
         optimizer = torch.optim.SGD(groups, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_factor(args))
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_factor(args))
 
+
+def _wrap_for_processes(model: nn.Module, args, env: _Dist, device) -> nn.Module:
+    """What the steps call: the model itself, under DDP (with synchronised batch norm on GPUs) when there
+    are several processes, compiled with --compile. The checkpoint always saves the bare model."""
     net = model
     if env.distributed:
         if device.type == "cuda" and any(isinstance(m, nn.BatchNorm2d) for m in model.modules()):
@@ -789,133 +841,203 @@ def _train(args, env: _Dist, device, out: Path, checkpoint: dict | None) -> dict
         net = nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
     if args.compile:
         net = torch.compile(net)
+    return net
 
-    step, samples, log = 0, 0, {}
-    if checkpoint is not None:
-        log = checkpoint.get("log") or {}  # the logging window the checkpoint fell into
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        scheduler.load_state_dict(checkpoint["scheduler"])
-        step, samples = checkpoint["step"], checkpoint["samples"]
-        states = checkpoint["rng"]
-        if len(states) == env.world:
-            _set_rng_state(states[env.rank], device)
-        else:  # another number of processes: the data stay exact, dropout masks cannot
-            torch.manual_seed(args.seed + 1000003 * step + env.rank)
-    else:
-        torch.manual_seed(args.seed + env.rank)  # dropout differs between ranks
 
-    if env.main:
-        settings = json.dumps(vars(args), indent=2, default=str) + "\n"
-        _write_atomic(out / "args.json", lambda f: f.write(settings.encode()))
-        _trim_metrics(out / "metrics.jsonl", step)  # lines after the checkpoint (or of a run without one)
-        n_params = sum(p.numel() for p in model.parameters())
-        print(f"dpt-fast train: {type(model).__name__} {model.config.get('arch') or model.config.get('backbone')} "
-              f"({n_params / 1e6:.1f}M params, {args.depth_loss if args.task == 'depth' else 'cross-entropy'} loss), "
-              f"{' + '.join(map(repr, datasets))}, {env.world} process(es) on {device}, "
-              f"{'from step ' + str(step) if step else 'from scratch' if not args.init else 'from ' + args.init}"
-              + (f"; {len(frozen)} unused parameters frozen" if frozen else ""), file=sys.stderr)
+class _Run:
+    """What a checkpoint saves of a run, and where: settings, processes, model, optimiser, schedule, and
+    how far it has come (steps done, samples drawn from the stream)."""
 
-    def save():
-        rng = env.gather(_rng_state(device))  # every rank's, so that dropout resumes exactly too
-        # what the next metrics line needs: the losses since the last one (averaged over the ranks, whose
-        # mean the line shows), so that a resumed run logs what an uninterrupted one does
-        window = {"loss_sum": env.mean(loss_sum).detach().cpu().clone(), "steps": logged_steps,
-                  "elapsed_s": elapsed_before + time.perf_counter() - start}
-        if env.main:
-            save_atomic({"format": CHECKPOINT_FORMAT, "model": model.state_dict(), "config": model.config,
-                         "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                         "step": step, "samples": samples, "global_batch": args.batch_size, "rng": rng,
-                         "world": env.world, "args": vars(args), "log": window}, out / "checkpoint.pt")
-        env.barrier()
+    def __init__(self, args, env: _Dist, device, out: Path, model: nn.Module, optimizer, scheduler):
+        self.args, self.env, self.device, self.out = args, env, device, out
+        self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
+        self.step = self.samples = 0
 
-    local_batch = args.batch_size // env.world
-    sampler = StreamSampler(args.batch_size, start_sample=samples, rank=env.rank, world=env.world)
-    loader = torch.utils.data.DataLoader(stream, batch_size=local_batch, sampler=sampler,
-                                         num_workers=args.num_workers, pin_memory=device.type == "cuda",
-                                         worker_init_fn=_ignore_interrupts, drop_last=True,
-                                         # its own generator: creating the iterator must not draw from the
-                                         # global RNG whose state a checkpoint restores (dropout)
-                                         generator=torch.Generator().manual_seed(args.seed))
-    loss_fn = _loss_fn(args, model)
+    def save(self, window: _LogWindow) -> None:
+        """Write OUT/checkpoint.pt atomically (rank 0; every rank takes part in gathering its state)."""
+        rng = self.env.gather(_rng_state(self.device))  # every rank's, so that dropout resumes exactly too
+        log = window.state()
+        if self.env.main:
+            save_atomic({"format": CHECKPOINT_FORMAT, "model": self.model.state_dict(), "config": self.model.config,
+                         "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                         "step": self.step, "samples": self.samples, "global_batch": self.args.batch_size,
+                         "rng": rng, "world": self.env.world, "args": vars(self.args), "log": log},
+                        self.out / "checkpoint.pt")
+        self.env.barrier()
+
+
+def _restore_progress(run: _Run, checkpoint: dict | None) -> dict:
+    """Continue where the checkpoint stopped (optimiser, schedule, step, stream position, RNG states) or
+    seed a fresh run's dropout; returns the logging window the checkpoint fell into."""
+    env = run.env
+    if checkpoint is None:
+        torch.manual_seed(run.args.seed + env.rank)  # dropout differs between ranks
+        return {}
+    run.optimizer.load_state_dict(checkpoint["optimizer"])
+    run.scheduler.load_state_dict(checkpoint["scheduler"])
+    run.step, run.samples = checkpoint["step"], checkpoint["samples"]
+    states = checkpoint["rng"]
+    if len(states) == env.world:
+        _set_rng_state(states[env.rank], run.device)
+    else:  # another number of processes: the data stay exact, dropout masks cannot
+        torch.manual_seed(run.args.seed + 1000003 * run.step + env.rank)
+    return checkpoint.get("log") or {}
+
+
+def _record_start(run: _Run, datasets: list, frozen: list[str]) -> None:
+    """args.json, metrics.jsonl cut back to the checkpoint's step, and the run's one-line description."""
+    args, model, step = run.args, run.model, run.step
+    settings = json.dumps(vars(args), indent=2, default=str) + "\n"
+    _write_atomic(run.out / "args.json", lambda f: f.write(settings.encode()))
+    _trim_metrics(run.out / "metrics.jsonl", step)  # lines after the checkpoint (or of a run without one)
+    n_params = sum(p.numel() for p in model.parameters())
+    loss = args.depth_loss if args.task == "depth" else "cross-entropy"
+    start = "from step " + str(step) if step else "from scratch" if not args.init else "from " + args.init
+    print(f"dpt-fast train: {type(model).__name__} {model.config.get('arch') or model.config.get('backbone')} "
+          f"({n_params / 1e6:.1f}M params, {loss} loss), {' + '.join(map(repr, datasets))}, "
+          f"{run.env.world} process(es) on {run.device}, {start}"
+          + (f"; {len(frozen)} unused parameters frozen" if frozen else ""), file=sys.stderr)
+
+
+def _loader(stream: TrainStream, run: _Run) -> torch.utils.data.DataLoader:
+    """This process's share of each global batch, from the stream position the run has reached."""
+    args, env = run.args, run.env
+    sampler = StreamSampler(args.batch_size, start_sample=run.samples, rank=env.rank, world=env.world)
+    return torch.utils.data.DataLoader(stream, batch_size=args.batch_size // env.world, sampler=sampler,
+                                       num_workers=args.num_workers, pin_memory=run.device.type == "cuda",
+                                       worker_init_fn=_ignore_interrupts, drop_last=True,
+                                       # its own generator: creating the iterator must not draw from the
+                                       # global RNG whose state a checkpoint restores (dropout)
+                                       generator=torch.Generator().manual_seed(args.seed))
+
+
+def _progress_bar(run: _Run):
+    show = run.args.progress if run.args.progress is not None else sys.stderr.isatty()
+    if not (run.env.main and show and run.step < run.args.steps):
+        return None
+    from tqdm import tqdm
+    return tqdm(total=run.args.steps, initial=run.step, unit="step", dynamic_ncols=True)
+
+
+# --- the steps ----------------------------------------------------------------------------------------
+
+class _LogWindow:
+    """The steps since the last metrics line: their summed loss (a line shows its mean over the steps and
+    the ranks) and timing. A checkpoint stores it, so that a resumed run logs what an uninterrupted one
+    does."""
+
+    def __init__(self, run: _Run, saved: dict):
+        self.env, self.device, self.batch_size = run.env, run.device, run.args.batch_size
+        self.loss_sum = saved["loss_sum"].to(self.device) if "loss_sum" in saved else self._zero()
+        self.steps, self.timed_steps = int(saved.get("steps", 0)), 0
+        self.elapsed_before = float(saved.get("elapsed_s", 0.0))
+        self.tick = self.start = time.perf_counter()
+
+    def _zero(self) -> torch.Tensor:
+        return torch.zeros((), device=self.device)
+
+    def add(self, loss: torch.Tensor) -> None:
+        self.loss_sum += loss.detach()
+        self.steps += 1
+        self.timed_steps += 1
+
+    def close(self, step: int, lrs: list[float]) -> dict:
+        """The metrics line of the window ending at `step` (lrs: the rates that step used); a new window
+        starts."""
+        mean_loss = float(self.env.mean(self.loss_sum) / self.steps)
+        now = time.perf_counter()
+        record = {"step": step, "loss": mean_loss, "lr": lrs[1], "backbone_lr": lrs[0],
+                  "images_per_s": self.timed_steps * self.batch_size / max(now - self.tick, 1e-9),
+                  "elapsed_s": self.elapsed_before + now - self.start}
+        self.loss_sum, self.tick = self._zero(), now
+        self.steps = self.timed_steps = 0
+        return record
+
+    def state(self) -> dict:
+        """What a checkpoint keeps: the window's loss (averaged over the ranks), its steps, the time so far."""
+        return {"loss_sum": self.env.mean(self.loss_sum).detach().cpu().clone(), "steps": self.steps,
+                "elapsed_s": self.elapsed_before + time.perf_counter() - self.start}
+
+
+def _step_function(run: _Run, net: nn.Module, loss_fn):
+    """One optimiser step on a batch from the loader: returns its loss and the learning rates it used."""
+    args, device = run.args, run.device
     autocast = torch.autocast(device.type, dtype=torch.bfloat16,
                               enabled=args.precision == "bf16" or (args.precision == "auto" and device.type == "cuda"))
     memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
-    trainable = [p for p in model.parameters() if p.requires_grad]
+    trainable = [p for p in run.model.parameters() if p.requires_grad]
 
-    show_bar = args.progress if args.progress is not None else sys.stderr.isatty()
-    bar = None
-    if env.main and show_bar and step < args.steps:
-        from tqdm import tqdm
-        bar = tqdm(total=args.steps, initial=step, unit="step", dynamic_ncols=True)
-    metrics_file = open(out / "metrics.jsonl", "a") if env.main else None
+    def step(batch: dict) -> tuple[torch.Tensor, list[float]]:
+        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+        images = batch["image"].contiguous(memory_format=memory_format)
+        with autocast:
+            output = net(images)
+        loss = loss_fn(output, batch)
+        run.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if args.clip_grad > 0:
+            torch.nn.utils.clip_grad_norm_(trainable, args.clip_grad)
+        run.optimizer.step()
+        lrs = [group["lr"] for group in run.optimizer.param_groups]  # the rates this step used
+        run.scheduler.step()
+        run.step, run.samples = run.step + 1, run.samples + args.batch_size
+        return loss, lrs
+    return step
 
+
+def _train_and_save(run: _Run, net: nn.Module, loader, window: _LogWindow, bar, metrics_file) -> float:
+    """Steps up to --steps, a metrics line every --log-every, a checkpoint every --save-every and at a stop
+    request; then the final checkpoint and OUT/model. Returns the last logged loss."""
+    args, env = run.args, run.env
+    one_step = _step_function(run, net, _loss_fn(args, run.model))
+    last_loss = float("nan")
     net.train()
-    loss_sum = log["loss_sum"].to(device) if "loss_sum" in log else torch.zeros((), device=device)
-    logged_steps, timed_steps, last_loss = int(log.get("steps", 0)), 0, float("nan")
-    elapsed_before = float(log.get("elapsed_s", 0.0))
-    tick, start = time.perf_counter(), time.perf_counter()
-    data = iter(loader) if step < args.steps else None
+    data = iter(loader) if run.step < args.steps else None
     try:
         with _StopRequest() as stop:
-            while step < args.steps:
-                batch = next(data)
-                batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-                images = batch["image"].contiguous(memory_format=memory_format)
-                with autocast:
-                    output = net(images)
-                loss = loss_fn(output, batch)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                if args.clip_grad > 0:
-                    torch.nn.utils.clip_grad_norm_(trainable, args.clip_grad)
-                optimizer.step()
-                lrs = [group["lr"] for group in optimizer.param_groups]  # the rates this step used
-                scheduler.step()
-                step, samples = step + 1, samples + args.batch_size
-                loss_sum += loss.detach()
-                logged_steps += 1
-                timed_steps += 1
+            while run.step < args.steps:
+                loss, lrs = one_step(next(data))
+                window.add(loss)
                 if bar is not None:
                     bar.update(1)
-                if step % args.log_every == 0 or step == args.steps:
-                    mean_loss = float(env.mean(loss_sum) / logged_steps)
-                    now = time.perf_counter()
-                    record = {"step": step, "loss": mean_loss, "lr": lrs[1], "backbone_lr": lrs[0],
-                              "images_per_s": timed_steps * args.batch_size / max(now - tick, 1e-9),
-                              "elapsed_s": elapsed_before + now - start}
-                    if metrics_file is not None:
-                        metrics_file.write(json.dumps(record) + "\n")
-                        metrics_file.flush()
-                    if bar is not None:
-                        bar.set_postfix(loss=f"{mean_loss:.4f}", img_s=f"{record['images_per_s']:.1f}")
-                    last_loss, loss_sum, tick = mean_loss, torch.zeros((), device=device), now
-                    logged_steps = timed_steps = 0
-                    if not math.isfinite(mean_loss):
-                        raise FloatingPointError(f"loss is {mean_loss} at step {step}; last checkpoint kept")
+                if run.step % args.log_every == 0 or run.step == args.steps:
+                    last_loss = _write_metrics_line(window.close(run.step, lrs), metrics_file, bar)
                 if env.any(stop.requested):  # every rank stops after the same step
                     if env.main:
-                        print(f"\ninterrupted: saving the checkpoint at step {step}", file=sys.stderr)
-                    save()
+                        print(f"\ninterrupted: saving the checkpoint at step {run.step}", file=sys.stderr)
+                    run.save(window)
                     raise KeyboardInterrupt
-                if args.save_every and step % args.save_every == 0 and step < args.steps:
-                    save()
+                if args.save_every and run.step % args.save_every == 0 and run.step < args.steps:
+                    run.save(window)
             # still under the stop handler: a Ctrl-C or SIGTERM now waits for the checkpoint and model/
-            save()
+            run.save(window)
             if env.main:
-                try:
-                    save_model(model, out / "model")
-                except BaseException:
-                    _remove_stale_temporaries(out)
-                    raise
+                _save_final_model(run)
             if stop.requested and env.main:
                 print("\nstop requested during the final save: the run is complete", file=sys.stderr)
     finally:
-        if bar is not None:
-            bar.close()
-        if metrics_file is not None:
-            metrics_file.close()
-        del data
-    return {"step": step, "loss": last_loss, "out": str(out), "checkpoint": str(out / "checkpoint.pt"), "model": model}
+        del data  # the loader's worker processes end here, even when an exception's traceback lives on
+    return last_loss
+
+
+def _write_metrics_line(record: dict, metrics_file, bar) -> float:
+    """Append the line (rank 0), show it on the bar; a loss that is not finite ends the run."""
+    if metrics_file is not None:
+        metrics_file.write(json.dumps(record) + "\n")
+        metrics_file.flush()
+    if bar is not None:
+        bar.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{record['images_per_s']:.1f}")
+    if not math.isfinite(record["loss"]):
+        raise FloatingPointError(f"loss is {record['loss']} at step {record['step']}; last checkpoint kept")
+    return record["loss"]
+
+
+def _save_final_model(run: _Run) -> None:
+    try:
+        save_model(run.model, run.out / "model")
+    except BaseException:
+        _remove_stale_temporaries(run.out)
+        raise
 
 
 def _given_flags(parser: argparse.ArgumentParser, argv) -> dict:
