@@ -986,11 +986,127 @@ def _load_average() -> float | None:
         return None
 
 
+def _new_report(args, device, env: dict, ceilings: dict, models, configs, skip_pairs, variants, skipped,
+                load_start) -> dict:
+    """The report before its first row: the machine, the command line's settings and the ceilings."""
+    return {
+        "benchmark": "e2e_train" if args.train else "e2e_inference",
+        "environment": env,
+        "settings": {"models": models, "sizes": [c[0] for c in configs],
+                     "skipped_pairs": sorted("@".join(p) for p in skip_pairs), "variants": variants,
+                     "skipped_variants": skipped, "train": args.train, "compile_mode": args.compile_mode,
+                     "compile_timeout_s": getattr(args, "compile_timeout_s", None),
+                     "compile_fallback_mode": getattr(args, "compile_fallback_mode", None),
+                     "budget_s": getattr(args, "budget_s", None), "warmup": args.warmup, "runs": args.runs,
+                     "max_time_s": args.max_time, "tiny": args.tiny},
+        "timing": {"method": timing_method(device), "threads": torch.get_num_threads(),
+                   "interop_threads": torch.get_num_interop_threads(),
+                   "load_average": {"start": load_start, "end": None} if load_start is not None else None},
+        "ceilings": ceilings,
+        "matmul_peak_tflops": ceilings["matmul_tflops"],
+        "results": [],
+        "notes": [],
+        "complete": False,
+    }
+
+
+def _task_groups(models, configs, skip_pairs, variants, device) -> list[list[tuple]]:
+    """The (model, configuration, variant) tasks of a run in the order they run, grouped into what is timed
+    together.
+
+    The order, so that a run cut short by --budget-s still answers the targets: dpt-fast fused and HF of every
+    configuration, then the reference under torch.compile (minutes each), then the reference eager, then fused
+    under torch.compile. On a CPU the eager variants of a configuration form one group, timed in turns
+    (time_interleaved): a shared machine's load changes over a run, and timing them one after the other would
+    hand that change to whichever ran later. On a GPU each variant is a group of its own, in the order above
+    (the budget's priorities)."""
+    tasks = [(m, cfg, v) for cfg in configs for m in models for v in variants if v in ("fused", "hf-sdpa")]
+    for later in ("reference+compile", "reference", "fused+compile"):
+        tasks += [(m, cfg, later) for cfg in configs for m in models if later in variants]
+    tasks = [t for t in tasks if (t[0], t[1][0]) not in skip_pairs]
+    groups: dict = {}
+    for t in tasks:
+        interleave = device.type == "cpu" and t[2] not in COMPILE_VARIANTS
+        groups.setdefault((t[0], t[1], "eager") if interleave else t, []).append(t)
+    return list(groups.values())
+
+
+def _skipped_by_budget(variants: list[str], budget: float, compile_mode: str) -> list[dict]:
+    """The rows of variants that a spent --budget-s leaves no time for."""
+    rows = []
+    for variant in variants:
+        r = {"variant": variant, "error": f"skipped: time budget (--budget-s {budget:.0f}) spent"}
+        if variant in COMPILE_VARIANTS:
+            r["compile_mode"] = compile_mode
+        rows.append(r)
+    return rows
+
+
+def _flop_count(model_name: str, label: str, batch: int, padded: tuple[int, int], train: bool) -> int | None:
+    """count_flops, or None (said on stderr) where counting fails: the configuration is timed all the same."""
+    try:
+        return count_flops(model_name, batch, padded, train)
+    except Exception as e:  # noqa: BLE001
+        print(f"dpt-fast bench: FLOP count failed for {model_name} {label}: {e}", file=sys.stderr)
+        return None
+
+
+def _run_alone(variant: str, model_name: str, x: torch.Tensor, args, device, dtype, flops, peak,
+               time_left) -> dict:
+    """One variant built, timed and released on its own (run_variant). A compiled variant's first call is
+    capped by --compile-timeout-s; one over it is tried again under --compile-fallback-mode while the budget
+    leaves more than 10 s, the first attempt kept in the row as `primary_compile`."""
+    compile_timeout = getattr(args, "compile_timeout_s", None)
+    fallback_mode = getattr(args, "compile_fallback_mode", None)
+    is_compiled = variant in COMPILE_VARIANTS
+    if is_compiled:
+        warm_up_compiler(device)
+    r = run_variant(variant, model_name, x, args, device, dtype, flops, peak, time_limit_s=time_left(),
+                    compile_mode=args.compile_mode if is_compiled else None,
+                    first_call_limit_s=compile_timeout if is_compiled else None)
+    if r.get("timed_out") == "compile" and fallback_mode and fallback_mode != args.compile_mode:
+        remaining = time_left()
+        if remaining is None or remaining > 10:
+            first = r
+            r = run_variant(variant, model_name, x, args, device, dtype, flops, peak, time_limit_s=remaining,
+                            compile_mode=fallback_mode)
+            r["primary_compile"] = {"mode": args.compile_mode, "error": first["error"], "wall_s": first["wall_s"]}
+    return r
+
+
+def _measure_group(group: list[tuple], args, device, dtype, peak, time_left, flop_counts: dict) -> list[dict]:
+    """The rows of one group of _task_groups, each with the fields of its configuration and its FLOP count
+    (flop_counts: the counts so far, by model, padded size and batch). time_left() is the budget's rest."""
+    model_name, (label, size, batch), _ = group[0]
+    variants = [v for _, _, v in group]
+    multiple = input_multiple(model_name)
+    padded = (math.ceil(size[0] / multiple) * multiple, math.ceil(size[1] / multiple) * multiple)
+    meta = {"model": model_name, "backbone": MODELS[model_name].get("backbone") or MODELS[model_name]["arch"],
+            "size_label": label,
+            "size": list(padded), "requested_size": list(size), "batch": batch}
+    if time_left() is not None and time_left() <= 1:
+        rows, flops = _skipped_by_budget(variants, getattr(args, "budget_s", None), args.compile_mode), None
+    else:
+        key = (model_name, padded, batch)
+        if key not in flop_counts:
+            flop_counts[key] = _flop_count(model_name, label, batch, padded, args.train)
+        flops = flop_counts[key]
+        generator = torch.Generator(device="cpu").manual_seed(0)
+        x = torch.randn(batch, 3, *padded, generator=generator).to(device=device, dtype=dtype)
+        if len(group) > 1:
+            rows = _run_interleaved(variants, model_name, x, args, device, dtype, flops, peak, time_left)
+        else:
+            rows = [_run_alone(variants[0], model_name, x, args, device, dtype, flops, peak, time_left)]
+        del x
+    for r in rows:
+        r.update(meta)
+        r["flops"] = flops
+    return rows
+
+
 def _measure(args, models, configs, skip_pairs, variants, device, dtype, started) -> int:
     """Every (model, size, variant) task of a validated command line: the JSON, table and plot."""
     budget = getattr(args, "budget_s", None)
-    compile_timeout = getattr(args, "compile_timeout_s", None)
-    fallback_mode = getattr(args, "compile_fallback_mode", None)
     torch.manual_seed(0)
     load_start = _load_average()
     env = environment(device, dtype)
@@ -1005,25 +1121,8 @@ def _measure(args, models, configs, skip_pairs, variants, device, dtype, started
     out.mkdir(parents=True, exist_ok=True)
     stem = f"{_slug(env['device'])}-{_dt.datetime.now().strftime('%Y%m%d-%H%M%S')}" + ("-train" if args.train else "")
     json_path, md_path, png_path = out / f"{stem}.json", out / f"{stem}.md", out / f"{stem}.png"
-    results: list[dict] = []
-    report = {
-        "benchmark": "e2e_train" if args.train else "e2e_inference",
-        "environment": env,
-        "settings": {"models": models, "sizes": [c[0] for c in configs],
-                     "skipped_pairs": sorted("@".join(p) for p in skip_pairs), "variants": variants,
-                     "skipped_variants": skipped, "train": args.train, "compile_mode": args.compile_mode,
-                     "compile_timeout_s": compile_timeout, "compile_fallback_mode": fallback_mode,
-                     "budget_s": budget, "warmup": args.warmup, "runs": args.runs, "max_time_s": args.max_time,
-                     "tiny": args.tiny},
-        "timing": {"method": timing_method(device), "threads": torch.get_num_threads(),
-                   "interop_threads": torch.get_num_interop_threads(),
-                   "load_average": {"start": load_start, "end": None} if load_start is not None else None},
-        "ceilings": ceilings,
-        "matmul_peak_tflops": peak,
-        "results": results,
-        "notes": [],
-        "complete": False,
-    }
+    report = _new_report(args, device, env, ceilings, models, configs, skip_pairs, variants, skipped, load_start)
+    results = report["results"]
 
     def save() -> None:  # after every row: a run cut short keeps what it measured
         add_ratios(results)
@@ -1035,81 +1134,18 @@ def _measure(args, models, configs, skip_pairs, variants, device, dtype, started
         write_json(json_path, report)
         md_path.write_text(markdown_table(report))
 
-    # Order, so that a run cut short by --budget-s still answers the targets: dpt-fast fused and HF of every
-    # configuration, then the reference under torch.compile (minutes each), then the reference eager, then
-    # fused under torch.compile.
-    tasks = [(m, cfg, v) for cfg in configs for m in models for v in variants if v in ("fused", "hf-sdpa")]
-    for later in ("reference+compile", "reference", "fused+compile"):
-        tasks += [(m, cfg, later) for cfg in configs for m in models if later in variants]
-    tasks = [t for t in tasks if (t[0], t[1][0]) not in skip_pairs]
-    # On a CPU the eager variants of a configuration are timed in turns (time_interleaved): a shared machine's
-    # load changes over a run, and timing them one after the other would hand that change to whichever ran
-    # later. On a GPU each variant runs alone, in the order above (the budget's priorities).
-    groups: dict = {}
-    for t in tasks:
-        interleave = device.type == "cpu" and t[2] not in COMPILE_VARIANTS
-        groups.setdefault((t[0], t[1], "eager") if interleave else t, []).append(t)
-    flop_counts: dict = {}
-
-    def emit(r: dict, meta: dict, flops) -> None:
-        r.update(meta)
-        r["flops"] = flops
-        results.append(r)
-        save()
-        status = r["error"] or (f"{r['latency_ms']:.2f} ms, {r['images_per_s']:.3g} img/s, "
-                                f"{_fmt(r.get('tflops'), '.3g')} TFLOP/s")
-        print(f"  {r['model']:7s} {r['size'][0]}x{r['size'][1]} b{r['batch']} {r['variant']:18s} {status}",
-              file=sys.stderr)
-
     def time_left():
         return None if budget is None else budget - (time.perf_counter() - started)
 
-    for group in groups.values():
-        model_name, (label, size, batch), _ = group[0]
-        multiple = input_multiple(model_name)
-        padded = (math.ceil(size[0] / multiple) * multiple, math.ceil(size[1] / multiple) * multiple)
-        meta = {"model": model_name, "backbone": MODELS[model_name].get("backbone") or MODELS[model_name]["arch"],
-                "size_label": label,
-                "size": list(padded), "requested_size": list(size), "batch": batch}
-        if time_left() is not None and time_left() <= 1:
-            for _, _, variant in group:
-                r = {"variant": variant, "error": f"skipped: time budget (--budget-s {budget:.0f}) spent"}
-                if variant in COMPILE_VARIANTS:
-                    r["compile_mode"] = args.compile_mode
-                emit(r, meta, None)
-            continue
-        key = (model_name, padded, batch)
-        if key not in flop_counts:
-            try:
-                flop_counts[key] = count_flops(model_name, batch, padded, args.train)
-            except Exception as e:  # noqa: BLE001
-                print(f"dpt-fast bench: FLOP count failed for {model_name} {label}: {e}", file=sys.stderr)
-                flop_counts[key] = None
-        flops = flop_counts[key]
-        generator = torch.Generator(device="cpu").manual_seed(0)
-        x = torch.randn(batch, 3, *padded, generator=generator).to(device=device, dtype=dtype)
-        if len(group) > 1:
-            for r in _run_interleaved([v for _, _, v in group], model_name, x, args, device, dtype, flops, peak,
-                                      time_left):
-                emit(r, meta, flops)
-            del x
-            continue
-        variant = group[0][2]
-        is_compiled = variant in COMPILE_VARIANTS
-        if is_compiled:
-            warm_up_compiler(device)
-        r = run_variant(variant, model_name, x, args, device, dtype, flops, peak, time_limit_s=time_left(),
-                        compile_mode=args.compile_mode if is_compiled else None,
-                        first_call_limit_s=compile_timeout if is_compiled else None)
-        if r.get("timed_out") == "compile" and fallback_mode and fallback_mode != args.compile_mode:
-            remaining = time_left()
-            if remaining is None or remaining > 10:
-                first = r
-                r = run_variant(variant, model_name, x, args, device, dtype, flops, peak, time_limit_s=remaining,
-                                compile_mode=fallback_mode)
-                r["primary_compile"] = {"mode": args.compile_mode, "error": first["error"], "wall_s": first["wall_s"]}
-        del x
-        emit(r, meta, flops)
+    flop_counts: dict = {}
+    for group in _task_groups(models, configs, skip_pairs, variants, device):
+        for r in _measure_group(group, args, device, dtype, peak, time_left, flop_counts):
+            results.append(r)
+            save()
+            status = r["error"] or (f"{r['latency_ms']:.2f} ms, {r['images_per_s']:.3g} img/s, "
+                                    f"{_fmt(r.get('tflops'), '.3g')} TFLOP/s")
+            print(f"  {r['model']:7s} {r['size'][0]}x{r['size'][1]} b{r['batch']} {r['variant']:18s} {status}",
+                  file=sys.stderr)
     report["complete"] = True
     save()
     table = markdown_table(report)
