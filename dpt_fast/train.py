@@ -343,19 +343,10 @@ def _build_model(args, checkpoint) -> nn.Module:
 
 
 def _load_init(path, hooks=None) -> nn.Module:
-    """A model to fine-tune: a training checkpoint of this module, or anything dpt_fast.weights.load_model
-    reads (original .pt/.pth, Hugging Face folder, dpt_fast folder). `hooks` are the taps of a Depth
+    """A model to fine-tune: anything dpt_fast.weights.load_model reads (a training checkpoint of this
+    module, original .pt/.pth, Hugging Face folder, dpt_fast folder). `hooks` are the taps of a Depth
     Anything release-layout file whose encoder is none of the released sizes (its keys cannot tell them)."""
-    if Path(path).is_file():
-        try:  # memory-mapped and weights-only: cheap and safe to peek at whatever the file is
-            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except Exception:
-            obj = None
-        if isinstance(obj, dict) and obj.get("format") == CHECKPOINT_FORMAT:
-            model = build_model(obj["config"])
-            model.load_state_dict(obj["model"])
-            return model
-    from .depth_anything_weights import recognizes
+    from .depth_anything_weights import recognizes  # never a training checkpoint: those record their taps
     if hooks and recognizes(path):
         return load_model(path, taps=list(hooks))
     return load_model(path)

@@ -285,3 +285,14 @@ def test_root_silog_is_the_square_root_of_silog():
     d = torch.log(pred[mask]) - torch.log(target[mask])
     torch.testing.assert_close(silog_loss(pred, target, mask, reduction="batch", root=True),
                                (d.pow(2).mean() - 0.5 * d.mean() ** 2).sqrt())
+
+
+def test_init_of_a_depth_anything_training_checkpoint_starts_from_its_weights_and_config(tmp_path):
+    first = trainer.train(RUN, init=_release_file(tmp_path, metric=True), steps=2, out=str(tmp_path / "a"))
+    # --hooks given again: a training checkpoint records its taps, the flag must not re-read its keys
+    second = trainer.train(RUN, init=str(tmp_path / "a" / "checkpoint.pt"), steps=0, out=str(tmp_path / "b"))
+    model = second["model"]
+    assert isinstance(model, DepthAnythingModel) and model.metric and model.config == first["model"].config
+    trained = first["model"].state_dict()
+    for name, value in model.state_dict().items():
+        torch.testing.assert_close(value, trained[name], rtol=0, atol=0, msg=name)
