@@ -110,8 +110,10 @@ def hf_dpt_config(arch: specs.ArchitectureSpec) -> dict:
 
 # The BiT of DPT-Hybrid (ResNet-50 stem + 3 stages), as transformers' DPTConfig builds it.
 _HYBRID = specs.dpt_backbone("vitb_rn50_384")
-_HYBRID_VIT = dict(zip(("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
-                        "patch_size", "image_size"), _hf_dims(_HYBRID)))
+# DPTConfig's names of the ViT dimensions, in _hf_dims's order.
+_VIT_FIELDS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "patch_size",
+               "image_size")
+_HYBRID_VIT = dict(zip(_VIT_FIELDS, _hf_dims(_HYBRID)))
 _HYBRID_BIT = {"layer_type": "bottleneck", "depths": list(_HYBRID.hybrid_resnet_depths), "embedding_size": 64,
                "num_groups": 32, "hidden_act": "relu", "width_factor": 1, "num_channels": 3, "output_stride": 32}
 
@@ -200,19 +202,11 @@ def hf_model_class(cfg: dict, state_dict_keys=None) -> str:
                             "'architectures' and the keys have no recognisable head")
 
 
-def hf_config_to_model_config(cfg: dict, model_class: str | None = None) -> dict:
-    """A transformers DPTConfig (as the dict in config.json) -> dpt_fast model config (for build_model).
-
-    Every field used is type- and range-checked first (upper bounds from `dpt_fast.config_validation`),
-    so a malformed config gives an HFConversionError naming the field, never a TypeError or an attempt
-    to build a model of absurd size."""
-    _check(isinstance(cfg, dict) and is_hf_dpt_config(cfg),
-           f"not a Hugging Face DPT config (model_type={cfg.get('model_type') if isinstance(cfg, dict) else cfg!r})")
-    model_class = model_class or hf_model_class(cfg)
-    get = cfg.get
-    f = _Fields(cfg)
-    hybrid = f.bool("is_hybrid", False)
-    backbone_cfg = f.object("backbone_config")
+def _refuse_other_architectures(f: _Fields, hybrid: bool, backbone_cfg: dict | None) -> None:
+    """Refuse the settings of a DPT other than the original: a backbone_config that is not the hybrid's BiT,
+    an activation other than exact GELU, no qkv bias, other than RGB input, a head that reads another map
+    and add_projection."""
+    get = f.cfg.get
     if not hybrid and (backbone_cfg is not None or get("backbone") is not None):
         kind = backbone_cfg.get("model_type") if isinstance(backbone_cfg, dict) else get("backbone")
         raise HFConversionError(f"DPT with a {kind!r} backbone (backbone_config; the DINOv2/BEiT/Swin DPT "
@@ -226,6 +220,90 @@ def hf_config_to_model_config(cfg: dict, model_class: str | None = None) -> dict
     _check(not f.bool("add_projection", False),
            "add_projection=True (an extra 3x3 conv + ReLU before the depth head) is not part of the "
            "original DPT and not supported by dpt_fast")
+
+
+def _vit_dims(f: _Fields) -> tuple[int, int, int, int, int, int]:
+    """The ViT's (hidden, layers, heads, intermediate, patch, image), each checked, as _hf_dims orders them."""
+    hidden = f.int("hidden_size", 768, 1, MAX_WIDTH)
+    heads = f.int("num_attention_heads", 12, 1, MAX_HEADS)
+    _check(hidden % heads == 0, f"hidden_size={hidden} is not a multiple of num_attention_heads={heads}")
+    dims = (hidden, f.int("num_hidden_layers", 12, 1, MAX_DEPTH), heads,
+            f.int("intermediate_size", 3072, 1, int(MAX_WIDTH * MAX_MLP_RATIO)),
+            f.square("patch_size", 16, 1, 64), f.square("image_size", 384, 16, MAX_IMAGE_SIZE))
+    _check(dims[3] <= MAX_MLP_RATIO * hidden, f"intermediate_size={dims[3]} is over {MAX_MLP_RATIO:g} x "
+                                              f"hidden_size={hidden}")
+    return dims
+
+
+def _check_hybrid(f: _Fields, dims, readout: str, factors: list[float], backbone_cfg: dict | None) -> None:
+    """A DPT-hybrid config against dpt_fast's vitb_rn50_384: its ViT, readout and resampling, the ResNet
+    stages it takes (neck_ignore_stages, backbone_featmap_shape) and the BiT of backbone_config."""
+    get = f.cfg.get
+    found = dict(zip(_VIT_FIELDS, dims))
+    _check(found == _HYBRID_VIT, f"DPT-hybrid with ViT {found}: dpt_fast's hybrid is vitb_rn50_384 "
+                                 f"({_HYBRID_VIT})")
+    _check(readout == "project", f"readout_type={readout!r}: DPT-hybrid uses 'project'")
+    _check(factors[2:] == [1.0, 0.5], f"reassemble_factors={factors}: the hybrid's ViT stages resample "
+                                       "by 1 and 0.5")
+    _check(f.list("neck_ignore_stages", [0, 1]) == [0, 1],
+           f"neck_ignore_stages={get('neck_ignore_stages')}: the hybrid takes stages 1-2 from the ResNet")
+    featmap = get("backbone_featmap_shape") or [1, 1024, 24, 24]
+    _check(isinstance(featmap, list) and len(featmap) == 4 and featmap[1] == 1024,
+           f"backbone_featmap_shape={featmap}: ResNet-50 stage 3 has 1024 channels")
+    _check_bit(dict(backbone_cfg or {}))
+
+
+def _check_bit(bit: dict) -> None:
+    """A hybrid's backbone_config: the BiT ResNet-50 that timm's vit_base_r50_s16_384 computes exactly."""
+    _check(bit.get("model_type", "bit") == "bit", f"hybrid backbone_config model_type="
+                                                  f"{bit.get('model_type')!r}: only BiT is supported")
+    for key, want in _HYBRID_BIT.items():
+        if key in bit:
+            have = list(bit[key]) if isinstance(bit[key], (list, tuple)) else bit[key]
+            _check(have == want, f"backbone_config.{key}={have!r}: DPT-hybrid's ResNet-50 has {want!r}")
+    if "hidden_sizes" in bit:
+        sizes = bit["hidden_sizes"]
+        _check(isinstance(sizes, list) and sizes[:3] == [256, 512, 1024],
+               f"backbone_config.hidden_sizes={sizes}: ResNet-50 stages are 256, 512, 1024")
+    padding = bit.get("global_padding", "same")
+    _check(isinstance(padding, str) and padding.lower() == "same",
+           f"backbone_config.global_padding={padding!r}: timm's vit_base_r50_s16_384 uses TF 'SAME' padding")
+    _check(bit.get("embedding_dynamic_padding", True) is True,
+           "backbone_config.embedding_dynamic_padding=False: timm's stem max-pool pads 'SAME'")
+    outs = bit.get("out_features")
+    _check(outs is None or outs == ["stage1", "stage2", "stage3"],
+           f"backbone_config.out_features={outs}: DPT-hybrid reads stage1, stage2, stage3")
+
+
+def _head_arguments(f: _Fields, model_class: str) -> dict:
+    """The head's constructor arguments: the depth head's output mapping, or the segmentation head's classes
+    (len(id2label), else num_labels)."""
+    if model_class == "DPTDepthModel":
+        # HF's depth head always ends with a ReLU; it never inverts.
+        return dict(non_negative=True, scale=1.0, shift=0.0, invert=False)
+    id2label = f.object("id2label")
+    if id2label:
+        _check(len(id2label) <= MAX_CLASSES, f"id2label has {len(id2label)} labels; at most {MAX_CLASSES}")
+        num = len(id2label)
+    else:
+        num = f.int("num_labels", 2, 1, MAX_CLASSES)
+    return {"num_classes": num}
+
+
+def hf_config_to_model_config(cfg: dict, model_class: str | None = None) -> dict:
+    """A transformers DPTConfig (as the dict in config.json) -> dpt_fast model config (for build_model).
+
+    Every field used is type- and range-checked first (upper bounds from `dpt_fast.config_validation`),
+    so a malformed config gives an HFConversionError naming the field, never a TypeError or an attempt
+    to build a model of absurd size."""
+    _check(isinstance(cfg, dict) and is_hf_dpt_config(cfg),
+           f"not a Hugging Face DPT config (model_type={cfg.get('model_type') if isinstance(cfg, dict) else cfg!r})")
+    model_class = model_class or hf_model_class(cfg)
+    get = cfg.get
+    f = _Fields(cfg)
+    hybrid = f.bool("is_hybrid", False)
+    backbone_cfg = f.object("backbone_config")
+    _refuse_other_architectures(f, hybrid, backbone_cfg)
     readout = get("readout_type", "project")
     _check(readout in ("ignore", "add", "project"), f"readout_type={readout!r}: must be 'ignore', 'add' or 'project'")
     factors = [float(x) for x in f._get("reassemble_factors", [4, 2, 1, 0.5],
@@ -238,51 +316,13 @@ def hf_config_to_model_config(cfg: dict, model_class: str | None = None) -> dict
     indices = f.ints("backbone_out_indices", None, 4, 0, MAX_DEPTH - 1, distinct=True)
     neck = f.ints("neck_hidden_sizes", [96, 192, 384, 768], 4, 1, MAX_WIDTH)
     fusion = f.int("fusion_hidden_size", 256, 1, MAX_WIDTH)
-    hidden = f.int("hidden_size", 768, 1, MAX_WIDTH)
-    heads = f.int("num_attention_heads", 12, 1, MAX_HEADS)
-    _check(hidden % heads == 0, f"hidden_size={hidden} is not a multiple of num_attention_heads={heads}")
-    dims = (hidden, f.int("num_hidden_layers", 12, 1, MAX_DEPTH), heads,
-            f.int("intermediate_size", 3072, 1, int(MAX_WIDTH * MAX_MLP_RATIO)),
-            f.square("patch_size", 16, 1, 64), f.square("image_size", 384, 16, MAX_IMAGE_SIZE))
-    _check(dims[3] <= MAX_MLP_RATIO * hidden, f"intermediate_size={dims[3]} is over {MAX_MLP_RATIO:g} x "
-                                              f"hidden_size={hidden}")
-    names = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "patch_size",
-             "image_size")
+    dims = _vit_dims(f)
     layer_norm_eps = 1e-12 if get("layer_norm_eps") is None else f.number("layer_norm_eps", None, 0.0, 1.0,
                                                                             lo_open=True)
 
     vit_kwargs = None
     if hybrid:
-        found = dict(zip(names, dims))
-        _check(found == _HYBRID_VIT, f"DPT-hybrid with ViT {found}: dpt_fast's hybrid is vitb_rn50_384 "
-                                     f"({_HYBRID_VIT})")
-        _check(readout == "project", f"readout_type={readout!r}: DPT-hybrid uses 'project'")
-        _check(factors[2:] == [1.0, 0.5], f"reassemble_factors={factors}: the hybrid's ViT stages resample "
-                                           "by 1 and 0.5")
-        _check(f.list("neck_ignore_stages", [0, 1]) == [0, 1],
-               f"neck_ignore_stages={get('neck_ignore_stages')}: the hybrid takes stages 1-2 from the ResNet")
-        featmap = get("backbone_featmap_shape") or [1, 1024, 24, 24]
-        _check(isinstance(featmap, list) and len(featmap) == 4 and featmap[1] == 1024,
-               f"backbone_featmap_shape={featmap}: ResNet-50 stage 3 has 1024 channels")
-        bit = dict(backbone_cfg or {})
-        _check(bit.get("model_type", "bit") == "bit", f"hybrid backbone_config model_type="
-                                                      f"{bit.get('model_type')!r}: only BiT is supported")
-        for key, want in _HYBRID_BIT.items():
-            if key in bit:
-                have = list(bit[key]) if isinstance(bit[key], (list, tuple)) else bit[key]
-                _check(have == want, f"backbone_config.{key}={have!r}: DPT-hybrid's ResNet-50 has {want!r}")
-        if "hidden_sizes" in bit:
-            sizes = bit["hidden_sizes"]
-            _check(isinstance(sizes, list) and sizes[:3] == [256, 512, 1024],
-                   f"backbone_config.hidden_sizes={sizes}: ResNet-50 stages are 256, 512, 1024")
-        padding = bit.get("global_padding", "same")
-        _check(isinstance(padding, str) and padding.lower() == "same",
-               f"backbone_config.global_padding={padding!r}: timm's vit_base_r50_s16_384 uses TF 'SAME' padding")
-        _check(bit.get("embedding_dynamic_padding", True) is True,
-               "backbone_config.embedding_dynamic_padding=False: timm's stem max-pool pads 'SAME'")
-        outs = bit.get("out_features")
-        _check(outs is None or outs == ["stage1", "stage2", "stage3"],
-               f"backbone_config.out_features={outs}: DPT-hybrid reads stage1, stage2, stage3")
+        _check_hybrid(f, dims, readout, factors, backbone_cfg)
         backbone = _HYBRID.dpt_backbone
         hooks = [0, 1] + sorted(indices[2:])
         _check(max(hooks[2:]) < dims[1], f"backbone_out_indices={indices} reach past {dims[1]} layers")
@@ -304,17 +344,7 @@ def hf_config_to_model_config(cfg: dict, model_class: str | None = None) -> dict
               "layer_norm_eps": float(layer_norm_eps)}
     if vit_kwargs:
         config["vit_kwargs"] = vit_kwargs
-    if model_class == "DPTDepthModel":
-        # HF's depth head always ends with a ReLU; it never inverts.
-        config.update(non_negative=True, scale=1.0, shift=0.0, invert=False)
-    else:
-        id2label = f.object("id2label")
-        if id2label:
-            _check(len(id2label) <= MAX_CLASSES, f"id2label has {len(id2label)} labels; at most {MAX_CLASSES}")
-            num = len(id2label)
-        else:
-            num = f.int("num_labels", 2, 1, MAX_CLASSES)
-        config["num_classes"] = num
+    config.update(_head_arguments(f, model_class))
     return config
 
 
