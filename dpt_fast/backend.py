@@ -15,7 +15,7 @@ are not operator calls).
 from __future__ import annotations
 
 import collections
-import contextlib
+import functools
 import threading
 
 BACKENDS = ("reference", "fused", "inline")
@@ -43,8 +43,25 @@ def set_backend(name: str) -> None:
     _default_backend = name
 
 
-class use_backend(contextlib.ContextDecorator):
-    """Choose the backend of the calling thread: `with dpt_fast.use_backend("reference"): ...`, or
+_THREAD_CHOICE = ("backend", "inline_attention")
+
+
+def _thread_choice() -> tuple:
+    return tuple(getattr(_local, attr, None) for attr in _THREAD_CHOICE)
+
+
+def _put_thread_choice(values: tuple) -> None:
+    for attr, value in zip(_THREAD_CHOICE, values):
+        if value is None:
+            if hasattr(_local, attr):
+                delattr(_local, attr)
+        else:
+            setattr(_local, attr, value)
+
+
+class use_backend:
+    """Choose the backend of the calling thread: `with dpt_fast.use_backend("reference"): ...`,
+    `@dpt_fast.use_backend("reference")` on a function (each call runs under it), or
     `dpt_fast.use_backend("fused")` as a plain setter. Other threads are not affected (use
     `set_backend` to change the default of every thread). `inline_attention` ("matmul" or "sdpa")
     picks the attention form of the "inline" backend."""
@@ -54,19 +71,35 @@ class use_backend(contextlib.ContextDecorator):
             raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
         if inline_attention not in INLINE_ATTENTION:
             raise ValueError(f"inline_attention must be one of {INLINE_ATTENTION}, got {inline_attention!r}")
-        self._previous = getattr(_local, "backend", None), getattr(_local, "inline_attention", None)
-        _local.backend, _local.inline_attention = name, inline_attention
+        self._choice = (name, inline_attention)
+        # set at once, so that the plain-setter form works; the first `with` block adopts this setting
+        self._restore = [_thread_choice()]
+        self._set_by_init = True
+        _put_thread_choice(self._choice)
 
     def __enter__(self):
+        if self._set_by_init:
+            self._set_by_init = False
+        else:  # the same object entered again: set anew, restore what that block found
+            self._restore.append(_thread_choice())
+            _put_thread_choice(self._choice)
         return self
 
     def __exit__(self, *exc):
-        for attr, previous in zip(("backend", "inline_attention"), self._previous):
-            if previous is None:
-                delattr(_local, attr)
-            else:
-                setattr(_local, attr, previous)
+        _put_thread_choice(self._restore.pop())
         return False
+
+    def __call__(self, func):
+        if self._set_by_init:  # a decorator chooses for its calls, not for the code that defines them
+            self._set_by_init = False
+            _put_thread_choice(self._restore.pop())
+        name, inline = self._choice
+
+        @functools.wraps(func)
+        def under_backend(*args, **kwargs):
+            with use_backend(name, inline):
+                return func(*args, **kwargs)
+        return under_backend
 
 
 def triton_interpreting() -> bool:

@@ -225,6 +225,25 @@ def test_use_backend_is_a_context_manager_and_per_thread():
         use_backend("cudnn")
 
 
+def test_use_backend_as_a_decorator_chooses_for_each_call_only():
+    assert get_backend() == "fused"
+
+    @use_backend("reference")
+    def inside():
+        return get_backend()
+    assert get_backend() == "fused"  # defining it changes nothing
+    assert inside() == "reference" and inside() == "reference"
+    assert get_backend() == "fused"
+    setter = use_backend("inline")  # the plain-setter form
+    assert get_backend() == "inline"
+    with setter:
+        pass
+    assert get_backend() == "fused"
+    with setter:  # the same object entered again sets it again
+        assert get_backend() == "inline"
+    assert get_backend() == "fused"
+
+
 @pytest.mark.parametrize("readout", ["ignore", "add", "project"])
 @pytest.mark.parametrize("resample", ["up4", "up2", "none", "down2"])
 def test_reassemble_backward_passes_gradcheck(readout, resample):
