@@ -66,7 +66,7 @@ import torch
 import triton
 import triton.language as tl
 
-try:  # host-side TMA descriptors (triton >= 3.4; the GPU image has 3.6)
+try:  # host-side TMA descriptors: triton >= 3.4 (sm_90a builds checked with triton 3.6 to 3.9)
     from triton.tools.tensor_descriptor import TensorDescriptor
 except ImportError:  # pragma: no cover - older triton: pointer kernels only
     TensorDescriptor = None
