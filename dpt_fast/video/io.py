@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import os
 import re
-import uuid
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -26,14 +25,14 @@ from typing import Iterator
 import numpy as np
 import torch
 
+from ..fileio import temporary_path
 from ..image_io import colormap_lut, is_image_name, read_image
+from ..input_files import VIDEO_EXTENSIONS, is_video_name  # noqa: F401 (part of this module's API)
 
 __all__ = ["Frame", "VideoReadError", "VideoFile", "FrameFolder", "open_sequence", "is_video_name",
            "natural_key", "VideoWriter", "DepthVideoWriter", "quantize_depth", "dequantize_depth",
            "VIDEO_EXTENSIONS", "RANGE_TAG", "read_depth16_video"]
 
-VIDEO_EXTENSIONS = (".mp4", ".mov", ".m4v", ".mkv", ".webm", ".avi", ".mpg", ".mpeg", ".ts", ".mts",
-                    ".m2ts", ".wmv", ".flv", ".3gp", ".ogv")
 # Metadata tag of a 16-bit depth video holding the fixed value range its codes map to ("low high").
 RANGE_TAG = "DPT_FAST_RANGE"
 
@@ -47,10 +46,6 @@ class Frame:
     index: int            # position in the sequence, from 0
     time: float | None    # presentation time in seconds (None for a folder read without an fps)
     image: torch.Tensor   # uint8 RGB [3, H, W]
-
-
-def is_video_name(path) -> bool:
-    return str(path).lower().endswith(VIDEO_EXTENSIONS)
 
 
 def natural_key(name: str):
@@ -261,7 +256,7 @@ class VideoWriter(_FinishOnExit):
         if self.fps <= 0:
             raise ValueError(f"fps must be positive, got {fps}")
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._tmp = self.path.parent / f".{self.path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp"
+        self._tmp = temporary_path(self.path)  # fileio.stale_temporaries finds it after a kill
         self._container = av.open(str(self._tmp), "w", format=_FORMATS[suffix])
         self._av = av
         self._stream = None
