@@ -15,6 +15,16 @@ from pathlib import Path
 
 from . import image_io
 
+# Video files by name (dpt_fast.video reads them; the names are here so that choosing inputs needs no
+# video library).
+VIDEO_EXTENSIONS = (".mp4", ".mov", ".m4v", ".mkv", ".webm", ".avi", ".mpg", ".mpeg", ".ts", ".mts",
+                    ".m2ts", ".wmv", ".flv", ".3gp", ".ogv")
+
+
+def is_video_name(path) -> bool:
+    return str(path).lower().endswith(VIDEO_EXTENSIONS)
+
+
 FORMAT_SUFFIX = {"png16": ".png", "png": ".png", "pfm": ".pfm", "npy": ".npy", "color": "-color.png"}
 
 
@@ -145,11 +155,6 @@ def collect_inputs(inputs, exclude=None, skipped: list | None = None
     return list(found.values()), problems
 
 
-def _is_video_name(name) -> bool:
-    from .video.io import is_video_name  # the list of video extensions; no PyAV import
-    return is_video_name(name)
-
-
 def collect_videos(inputs, exclude=None, sequence: bool = False, skipped: list | None = None
                    ) -> tuple[list[tuple[Path, str]], list[tuple[str, str]]]:
     """INPUT arguments -> ([(video file or frame folder, relative name)], [(argument, problem)]).
@@ -175,8 +180,8 @@ def collect_videos(inputs, exclude=None, sequence: bool = False, skipped: list |
                                  for f in path.iterdir())
                 return add(path, path.resolve().name) if has_frames else 0
             return sum(add(f, f.relative_to(path).as_posix()) for f in _walk(path, exclude, skipped,
-                                                                           accept=_is_video_name))
-        if _is_video_name(path.name) and _is_regular(path):
+                                                                           accept=is_video_name))
+        if is_video_name(path.name) and _is_regular(path):
             rel = path.relative_to(rel_base).as_posix() if rel_base not in (None, Path(".")) else path.name
             return add(path, rel)
         return 0
@@ -193,7 +198,7 @@ def collect_videos(inputs, exclude=None, sequence: bool = False, skipped: list |
             if not take(path, None):
                 problems.append((arg, "the folder holds no image files directly inside (the frames of --sequence)"
                                  if sequence else
-                                 "the folder holds no video files (" + ", ".join(_video_extensions()) + ")"))
+                                 "the folder holds no video files (" + ", ".join(VIDEO_EXTENSIONS) + ")"))
         elif os.path.lexists(path):
             if not take(path, None):
                 problems.append((arg, "not a folder of frames or a video file" if sequence else
@@ -201,11 +206,6 @@ def collect_videos(inputs, exclude=None, sequence: bool = False, skipped: list |
         else:
             problems.append((arg, "no such file or directory"))
     return list(found.values()), problems
-
-
-def _video_extensions() -> tuple[str, ...]:
-    from .video.io import VIDEO_EXTENSIONS
-    return VIDEO_EXTENSIONS
 
 
 # --- output names --------------------------------------------------------------------------------

@@ -20,6 +20,12 @@ ABOVE_MODELS = ("dpt_fast.weights", "dpt_fast.depth_anything_weights", "dpt_fast
 # Leaves and the checkpoint readers below the models: they never import the models (or anything above).
 BELOW_MODELS = ("dpt_fast.specs", "dpt_fast.env", "dpt_fast.fileio", "dpt_fast.config_validation",
                 "dpt_fast.hf_convert", "dpt_fast.checkpoints")
+# The batch-inference engine under the commands and video/: choosing inputs, planning and recording
+# outputs, a process's place in a run. They never import video/ (a lazy import would hide the circle)
+# or a command.
+ENGINE = ("dpt_fast.inference", "dpt_fast.input_files", "dpt_fast.output_manifest", "dpt_fast.distributed")
+ABOVE_ENGINE = ("dpt_fast.video", "dpt_fast.predict", "dpt_fast.train", "dpt_fast.bench", "dpt_fast.export",
+                "dpt_fast.export_cli", "dpt_fast.cli", "dpt_fast.cli_args")
 
 
 def module_name(path: Path) -> str:
@@ -76,3 +82,14 @@ def test_lower_layers_never_import_the_models_or_above(lower):
 
 def test_specs_is_a_leaf():
     assert _graph()["dpt_fast.specs"] == set()
+
+
+@pytest.mark.parametrize("engine", ENGINE)
+def test_the_inference_engine_never_imports_video_or_the_commands(engine):
+    imports = _graph()[engine]
+    bad = sorted(m for m in imports if _within(m, ABOVE_ENGINE))
+    assert not bad, f"{engine} imports {bad}"
+
+
+def test_distributed_is_a_leaf():
+    assert _graph()["dpt_fast.distributed"] == set()
