@@ -24,6 +24,7 @@ import os
 import re
 import warnings
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -149,6 +150,21 @@ def _file_max_depth(name: str) -> float | None:
     return None
 
 
+def _dinov2_size(dim: int, depth: int) -> str | None:
+    """The released DINOv2 size (small, base, large, giant) with this width and depth, or None."""
+    return next((s for s, (_, d, n, *_rest) in specs.DINOV2_ENCODERS.items() if (d, n) == (dim, depth)), None)
+
+
+def _dinov2_kwargs(state: dict, dim: int, depth: int) -> dict:
+    """timm ViT arguments of a DINOv2 encoder of none of the released sizes, from its weights."""
+    # DINOv2 heads are 64 wide at every size
+    vit_kwargs = {"embed_dim": dim, "depth": depth, "num_heads": max(1, dim // 64)}
+    hidden = state.get("pretrained.blocks.0.mlp.fc1.weight")
+    if hidden is not None and hidden.shape[0] != 4 * dim:
+        vit_kwargs["mlp_ratio"] = hidden.shape[0] / dim
+    return vit_kwargs
+
+
 def _checked_taps(taps, source) -> list[int]:
     if (not isinstance(taps, (list, tuple)) or len(taps) != 4
             or not all(isinstance(t, int) and not isinstance(t, bool) for t in taps)):
@@ -191,18 +207,14 @@ def infer_config(state: dict, filename: str | None = None, overrides: dict | Non
     if metric and max_depth is None:
         raise CheckpointError(f"{source}: a metric model needs max_depth= (20 for Hypersim, 80 for Virtual KITTI)")
 
-    size = next((s for s, (_, d, n, *_rest) in specs.DINOV2_ENCODERS.items() if (d, n) == (dim, depth)), None)
+    size = _dinov2_size(dim, depth)
     arch = overrides.pop("arch", None)
     vit_kwargs = overrides.pop("vit_kwargs", None)
     if arch is None:
         if size is None or (version == 1 and size == "giant"):
             arch = "da2-small"  # any Depth Anything entry: the encoder comes from vit_kwargs below
             if vit_kwargs is None:
-                # DINOv2 heads are 64 wide at every size
-                vit_kwargs = {"embed_dim": dim, "depth": depth, "num_heads": max(1, dim // 64)}
-                hidden = state.get("pretrained.blocks.0.mlp.fc1.weight")
-                if hidden is not None and hidden.shape[0] != 4 * dim:
-                    vit_kwargs["mlp_ratio"] = hidden.shape[0] / dim
+                vit_kwargs = _dinov2_kwargs(state, dim, depth)
             if "taps" not in overrides:
                 raise CheckpointError(
                     f"{source}: a DINOv2 encoder with width {dim} and {depth} blocks is none of the released "
@@ -284,15 +296,35 @@ def _square_size(fields: _Fields, key: str, default: int) -> int:
     return value
 
 
-def hf_config_to_model_config(cfg: dict, where: str = CONFIG_NAME) -> dict:
-    """transformers' DepthAnythingConfig (a config.json dict) -> a DepthAnythingModel config."""
-    top = _Fields(cfg, where)
-    backbone_cfg = cfg.get("backbone_config")
-    if not isinstance(backbone_cfg, dict):
-        raise CheckpointError(f"{where}: no backbone_config object (a Depth Anything config names its DINOv2 "
-                              "encoder there; timm or named backbones are not supported)")
-    if cfg.get("backbone") not in (None, ""):
-        raise CheckpointError(f"{where}: backbone={cfg['backbone']!r}: only backbone_config (DINOv2) is supported")
+class _DINOv2(NamedTuple):
+    """The DINOv2 encoder that a backbone_config describes; `stages` are its tapped layers, 1-based."""
+    dim: int
+    depth: int
+    heads: int
+    mlp_ratio: float
+    eps: float
+    image_size: int
+    patch: int
+    swiglu: bool
+    stages: list[int]
+
+
+def _tapped_stages(bb: _Fields, depth: int, where: str) -> list[int]:
+    """The four layers (1-based) that backbone_config taps: out_indices, else out_features ("stageN")."""
+    if "out_indices" in bb.cfg:
+        return bb.int_list("out_indices", None, 4, low=1, high=depth)
+    names = bb.cfg.get("out_features")
+    if (not isinstance(names, list) or len(names) != 4
+            or not all(isinstance(n, str) and re.fullmatch(r"stage\d+", n) for n in names)):
+        raise CheckpointError(f"{where}: backbone_config needs out_indices (four stages), got {names!r}")
+    stages = [int(n[5:]) for n in names]
+    if not all(1 <= s <= depth for s in stages):
+        raise CheckpointError(f"{where}: out_features {names} reach past the {depth} layers")
+    return stages
+
+
+def _dinov2_encoder(backbone_cfg: dict, where: str) -> _DINOv2:
+    """backbone_config, checked to be a DINOv2 that Depth Anything's timm ViT computes exactly."""
     bb = _Fields(backbone_cfg, f"{where} backbone_config")
     bb.choice("model_type", None, ("dinov2",))
     dim = bb.int("hidden_size", 768)
@@ -314,16 +346,49 @@ def hf_config_to_model_config(cfg: dict, where: str = CONFIG_NAME) -> dict:
         raise CheckpointError(f"{where}: apply_layernorm false is not supported (Depth Anything norms its taps)")
     if bb.int("num_register_tokens", 0, low=0) != 0:
         raise CheckpointError(f"{where}: register tokens are not supported")
-    if "out_indices" in backbone_cfg:
-        stages = bb.int_list("out_indices", None, 4, low=1, high=depth)
-    else:
-        names = backbone_cfg.get("out_features")
-        if (not isinstance(names, list) or len(names) != 4
-                or not all(isinstance(n, str) and re.fullmatch(r"stage\d+", n) for n in names)):
-            raise CheckpointError(f"{where}: backbone_config needs out_indices (four stages), got {names!r}")
-        stages = [int(n[5:]) for n in names]
-        if not all(1 <= s <= depth for s in stages):
-            raise CheckpointError(f"{where}: out_features {names} reach past the {depth} layers")
+    stages = _tapped_stages(bb, depth, where)
+    return _DINOv2(dim, depth, heads, mlp_ratio, eps, image_size, patch, swiglu, stages)
+
+
+def _entry_and_vit_kwargs(encoder: _DINOv2, taps: list[int], where: str) -> tuple[str, dict]:
+    """The Depth Anything entry of dpt_fast.specs for this encoder and taps, and the timm ViT arguments in
+    which the encoder differs from the entry's. V1 and V2 differ in their taps only; an encoder of none of
+    the released sizes gets any entry, its dimensions all in the arguments."""
+    size = _dinov2_size(encoder.dim, encoder.depth)
+    arch = "da2-small"
+    if size is not None:
+        arch = specs.depth_anything(2, size).name
+        if size != "giant" and taps == list(specs.depth_anything(1, size).taps):
+            arch = specs.depth_anything(1, size).name
+    vit_kwargs = {}
+    if size is None:
+        vit_kwargs.update(embed_dim=encoder.dim, depth=encoder.depth, num_heads=encoder.heads)
+    spec = specs.get(arch)
+    if encoder.heads != spec.num_heads and size is not None:
+        vit_kwargs["num_heads"] = encoder.heads
+    if encoder.mlp_ratio != 4.0 and not encoder.swiglu:
+        vit_kwargs["mlp_ratio"] = encoder.mlp_ratio
+    if encoder.swiglu != (size == "giant"):
+        raise CheckpointError(f"{where}: use_swiglu_ffn={encoder.swiglu} with hidden_size {encoder.dim}: SwiGLU "
+                              "is supported for the giant encoder only")
+    if encoder.image_size != 518:
+        vit_kwargs["img_size"] = encoder.image_size
+    if encoder.patch != 14:
+        vit_kwargs["patch_size"] = encoder.patch
+    return arch, vit_kwargs
+
+
+def hf_config_to_model_config(cfg: dict, where: str = CONFIG_NAME) -> dict:
+    """transformers' DepthAnythingConfig (a config.json dict) -> a DepthAnythingModel config."""
+    top = _Fields(cfg, where)
+    backbone_cfg = cfg.get("backbone_config")
+    if not isinstance(backbone_cfg, dict):
+        raise CheckpointError(f"{where}: no backbone_config object (a Depth Anything config names its DINOv2 "
+                              "encoder there; timm or named backbones are not supported)")
+    if cfg.get("backbone") not in (None, ""):
+        raise CheckpointError(f"{where}: backbone={cfg['backbone']!r}: only backbone_config (DINOv2) is supported")
+    encoder = _dinov2_encoder(backbone_cfg, where)
+    dim, patch = encoder.dim, encoder.patch
 
     if top.int("patch_size", patch) != patch:
         raise CheckpointError(f"{where}: patch_size {cfg['patch_size']} differs from the backbone's {patch}")
@@ -342,32 +407,12 @@ def hf_config_to_model_config(cfg: dict, where: str = CONFIG_NAME) -> dict:
     kind = top.choice("depth_estimation_type", "relative", ("relative", "metric"))
     max_depth = 1.0 if cfg.get("max_depth") is None else top.number("max_depth", None)
 
-    size = next((s for s, (_, d, n, *_rest) in specs.DINOV2_ENCODERS.items() if (d, n) == (dim, depth)), None)
-    taps = [s - 1 for s in stages]
-    arch = "da2-small"  # for other sizes: any Depth Anything entry, the encoder is in vit_kwargs
-    if size is not None:  # V1 and V2 differ in their taps only
-        arch = specs.depth_anything(2, size).name
-        if size != "giant" and taps == list(specs.depth_anything(1, size).taps):
-            arch = specs.depth_anything(1, size).name
-    vit_kwargs = {}
-    if size is None:
-        vit_kwargs.update(embed_dim=dim, depth=depth, num_heads=heads)
-    spec = specs.get(arch)
-    if heads != spec.num_heads and size is not None:
-        vit_kwargs["num_heads"] = heads
-    if mlp_ratio != 4.0 and not swiglu:
-        vit_kwargs["mlp_ratio"] = mlp_ratio
-    if swiglu != (size == "giant"):
-        raise CheckpointError(f"{where}: use_swiglu_ffn={swiglu} with hidden_size {dim}: SwiGLU is supported "
-                              "for the giant encoder only")
-    if image_size != 518:
-        vit_kwargs["img_size"] = image_size
-    if patch != 14:
-        vit_kwargs["patch_size"] = patch
+    taps = [s - 1 for s in encoder.stages]
+    arch, vit_kwargs = _entry_and_vit_kwargs(encoder, taps, where)
     config = {"model_class": "DepthAnythingModel", "arch": arch, "taps": taps,
               "features": features, "out_channels": widths, "use_clstoken": False, "metric": kind == "metric",
               "max_depth": max_depth, "head_hidden": head_hidden, "pos_embed_rule": "bicubic_size",
-              "layer_norm_eps": eps}
+              "layer_norm_eps": encoder.eps}
     if vit_kwargs:
         config["vit_kwargs"] = vit_kwargs
     return config
