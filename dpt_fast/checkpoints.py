@@ -286,6 +286,36 @@ def _shape(sd: dict, key: str, source) -> tuple:
     return tuple(sd[key].shape)
 
 
+_VIT = "pretrained.model."  # the timm ViT's keys in the original layout
+
+
+def _released_backbone(keys: list[str], embed: int, depth: int, patch: int, tokens: int, hybrid: bool,
+                       source) -> str:
+    """The released DPT backbone whose encoder has these dimensions (a hybrid: and these ResNet stages); an
+    encoder of none of them is a CheckpointError that asks for backbone= and hooks=."""
+    if hybrid:
+        stages = _count_indexed(keys, _VIT + "patch_embed.backbone.stages.")
+        blocks = [len(_count_indexed(keys, f"{_VIT}patch_embed.backbone.stages.{s}.blocks.")) for s in stages]
+        backbone = _known_backbone(embed, depth, patch, tokens, True, blocks)
+        if backbone is None:
+            known = {name: (a.embed_dim, a.depth, a.position_tokens, list(a.hybrid_resnet_depths))
+                     for name, a in specs.dpt_backbones().items() if a.hybrid}
+            raise CheckpointError(
+                f"{source}: a ViT-hybrid with embed_dim={embed}, depth={depth}, {tokens} position tokens and ResNet "
+                f"stages of {blocks} blocks is not a released DPT hybrid ({known}); pass "
+                "backbone='<timm hybrid ViT name>' and hooks=[...] to load_model")
+        return backbone
+    backbone = _known_backbone(embed, depth, patch, tokens, False)
+    if backbone is None:
+        raise CheckpointError(
+            f"{source}: a ViT with embed_dim={embed}, depth={depth}, patch {patch} and {tokens} position "
+            f"tokens is not one of the released DPT backbones ({', '.join(specs.dpt_backbones())}), and the "
+            "original format does not record a timm model name or hooks, so they cannot be inferred from the "
+            "keys: pass backbone='<timm ViT name>' and hooks=[four block indices] to load_model "
+            "(dpt_fast's own format, written by dpt_fast.save_model, records both)")
+    return backbone
+
+
 def infer_original_config(state_dict: dict, filename: str | None = None, overrides: dict | None = None,
                           source=None) -> dict:
     """The model config (for `dpt_fast.build_model`) of an original-layout state dict.
@@ -311,35 +341,17 @@ def infer_original_config(state_dict: dict, filename: str | None = None, overrid
         raise CheckpointError(f"{source}: scratch.output_conv is neither DPT's depth head (conv 0, 2, 4 -> 1 "
                               f"channel) nor its segmentation head (conv 0, BN 1, conv 4 + auxlayer)")
 
-    # Backbone.
-    vit = "pretrained.model."
-    hybrid = any(k.startswith(vit + "patch_embed.backbone.") for k in keys)
-    embed = _shape(sd, vit + "patch_embed.proj.weight", source)[0]
-    depth = len(_count_indexed(keys, vit + "blocks."))
-    patch = _shape(sd, vit + "patch_embed.proj.weight", source)[-1]
-    tokens = _shape(sd, vit + "pos_embed", source)[1]
+    # Backbone: the one overrides name, else the released one with the encoder's dimensions (read either way:
+    # a state dict without them is not a complete checkpoint).
+    hybrid = any(k.startswith(_VIT + "patch_embed.backbone.") for k in keys)
+    embed = _shape(sd, _VIT + "patch_embed.proj.weight", source)[0]
+    depth = len(_count_indexed(keys, _VIT + "blocks."))
+    patch = _shape(sd, _VIT + "patch_embed.proj.weight", source)[-1]
+    tokens = _shape(sd, _VIT + "pos_embed", source)[1]
     if "backbone" in overrides:
         backbone = overrides["backbone"]
-    elif hybrid:
-        stages = _count_indexed(keys, vit + "patch_embed.backbone.stages.")
-        blocks = [len(_count_indexed(keys, f"{vit}patch_embed.backbone.stages.{s}.blocks.")) for s in stages]
-        backbone = _known_backbone(embed, depth, patch, tokens, True, blocks)
-        if backbone is None:
-            known = {name: (a.embed_dim, a.depth, a.position_tokens, list(a.hybrid_resnet_depths))
-                     for name, a in specs.dpt_backbones().items() if a.hybrid}
-            raise CheckpointError(
-                f"{source}: a ViT-hybrid with embed_dim={embed}, depth={depth}, {tokens} position tokens and ResNet "
-                f"stages of {blocks} blocks is not a released DPT hybrid ({known}); pass "
-                "backbone='<timm hybrid ViT name>' and hooks=[...] to load_model")
     else:
-        backbone = _known_backbone(embed, depth, patch, tokens, False)
-        if backbone is None:
-            raise CheckpointError(
-                f"{source}: a ViT with embed_dim={embed}, depth={depth}, patch {patch} and {tokens} position "
-                f"tokens is not one of the released DPT backbones ({', '.join(specs.dpt_backbones())}), and the "
-                "original format does not record a timm model name or hooks, so they cannot be inferred from the "
-                "keys: pass backbone='<timm ViT name>' and hooks=[four block indices] to load_model "
-                "(dpt_fast's own format, written by dpt_fast.save_model, records both)")
+        backbone = _released_backbone(keys, embed, depth, patch, tokens, hybrid, source)
 
     # Widths: Reassemble outputs (inputs of layerN_rn) and the fusion width (their outputs).
     rn = [_shape(sd, f"scratch.layer{i}_rn.weight", source) for i in range(1, 5)]
