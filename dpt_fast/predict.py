@@ -22,7 +22,8 @@ import threading
 from datetime import timedelta
 from pathlib import Path
 
-from .distributed import process_place
+from . import distributed
+from .distributed import Place, process_place, rendezvous_set
 from .specs import DPT_PREPROCESSING
 
 FALLBACK_TILE = 1024
@@ -123,12 +124,15 @@ def parse_size(text: str | None, segmentation: bool, default: int | None = None)
     return size
 
 
+def _place():
+    """This process's place in the run (dpt_fast.distributed); garbage in torchrun's variables is a usage error."""
+    from .inference import UsageError
+    return process_place(error=UsageError)
+
+
 def distributed_env() -> tuple[int, int, int]:
     """(rank, world size, local rank) from torchrun's environment (1 process when unset)."""
-    try:
-        place = process_place()
-    except ValueError as e:
-        raise _usage_error(str(e)) from None
+    place = _place()
     return place.rank, place.world, place.local_rank
 
 
@@ -140,26 +144,21 @@ def _init_group(world: int) -> bool:
         return False
     if dist.is_initialized():
         return True
-    if "MASTER_ADDR" not in os.environ:
+    if not rendezvous_set():
         return False
     # Ranks finish at different times; the final all_reduce must wait for the slowest shard.
     dist.init_process_group("gloo", timeout=timedelta(days=7))
     return True
 
 
-def pick_device(requested: str | None, local_rank: int):
-    import torch
-    if requested in (None, "", "auto"):
-        if torch.cuda.is_available():
-            return torch.device("cuda", local_rank % torch.cuda.device_count())
-        return torch.device("cpu")
-    device = torch.device(requested)
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise _usage_error(f"--device {requested}: CUDA is not available on this machine")
-        if device.index is None:
-            device = torch.device("cuda", local_rank % torch.cuda.device_count())
-    return device
+def pick_device(requested: str | None, place: Place):
+    """The device for --device (dpt_fast.distributed.pick_device: under torchrun, cuda:LOCAL_RANK);
+    one it cannot use is a usage error."""
+    from .inference import UsageError
+    try:
+        return distributed.pick_device(requested, place, error=UsageError)
+    except UsageError as e:
+        raise UsageError(f"--{e}") from None
 
 
 def _default_workers(device, local_world: int) -> int:
@@ -354,7 +353,8 @@ def _run(args: argparse.Namespace, stop: StopRequest) -> int:
     out_dir = Path(args.out).expanduser()
     from . import inference
     from .image_io import MAX_IMAGE_PIXELS
-    rank, world, local_rank = distributed_env()
+    place = _place()
+    rank, world = place.rank, place.world
     show = args.progress if args.progress is not None else sys.stderr.isatty()
     reporter = inference.Reporter(prefix="dpt-fast predict: ", progress=show and rank == 0,
                                   desc=f"predict (rank 0 of {world})" if world > 1 else "predict")
@@ -363,7 +363,7 @@ def _run(args: argparse.Namespace, stop: StopRequest) -> int:
     # inputs first: a usage error costs no model loading
     videos = _video_inputs(args, out_dir, log, inference)
     if videos is not None:
-        return _run_videos(args, stop, videos, out_dir, reporter, show, rank, world, local_rank)
+        return _run_videos(args, stop, videos, out_dir, reporter, show, place)
     if args.temporal_align or args.fps is not None:
         raise _usage_error(f"--{'temporal-align' if args.temporal_align else 'fps'} applies to videos; the inputs "
                            "are images (use --sequence to take folders of frames as videos)")
@@ -377,7 +377,7 @@ def _run(args: argparse.Namespace, stop: StopRequest) -> int:
             log(f"skipped: {path}: {why}")
 
     import torch
-    device = pick_device(args.device, local_rank)
+    device = pick_device(args.device, place)
     if device.type == "cuda":
         torch.cuda.set_device(device)  # streams and events then live where the work runs
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}.get(
@@ -405,8 +405,7 @@ def _run(args: argparse.Namespace, stop: StopRequest) -> int:
     settings = inference.settings_record(inference.file_fingerprint(args.model), size, segmentation, dtype,
                                          args.tile, args.tile_overlap, args.label_offset,
                                          extra=inference.model_output(model))
-    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)) or 1)
-    workers = args.num_workers if args.num_workers is not None else _default_workers(device, local_world)
+    workers = args.num_workers if args.num_workers is not None else _default_workers(device, place.local_world)
     if stop.is_set():
         log("stopped before any image was processed")
         return EXIT_FOR_SIGNAL.get(stop.signum, 130)
@@ -460,8 +459,7 @@ def _video_output(model, model_path) -> tuple[bool, dict]:
     return fields.get("output") == "metric_depth", fields
 
 
-def _run_videos(args, stop: StopRequest, videos, out_dir: Path, reporter, show: bool, rank: int, world: int,
-                local_rank: int) -> int:
+def _run_videos(args, stop: StopRequest, videos, out_dir: Path, reporter, show: bool, place: Place) -> int:
     """Videos (or --sequence folders of frames): one process per video, resumable per video."""
     import time
 
@@ -481,7 +479,8 @@ def _run_videos(args, stop: StopRequest, videos, out_dir: Path, reporter, show: 
     if args.fps is not None and not args.fps > 0:
         raise _usage_error(f"--fps must be positive, got {args.fps}")
     formats = parse_video_formats(args.format)
-    device = pick_device(args.device, local_rank)
+    rank, world = place.rank, place.world
+    device = pick_device(args.device, place)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}.get(

@@ -67,7 +67,7 @@ from . import backend, fileio, specs
 from .cli_args import add_train_arguments as add_arguments
 from .cli_args import features_arg, int_list, train_parser
 from .data import StreamSampler, TrainStream, build_datasets
-from .distributed import process_place
+from .distributed import pick_device, process_place
 from .losses import ScaleShiftInvariantLoss, align_least_squares, gradient_matching_loss, segmentation_loss, silog_loss
 from .models import DepthAnythingModel, DPTDepthModel, DPTSegmentationModel, build_model
 from .weights import load_model, save_model
@@ -224,12 +224,8 @@ def _resume_settings(recorded: dict, given: dict) -> argparse.Namespace:
 class _Dist:
     def __init__(self, requested_device: str):
         place = process_place()  # LOCAL_RANK unset: RANK, as dpt-fast predict reads it
-        self.world, self.rank, local_rank = place.world, place.rank, place.local_rank
-        if requested_device == "auto":
-            requested_device = "cuda" if torch.cuda.is_available() else "cpu"
-        device = torch.device(requested_device)
-        if device.type == "cuda" and device.index is None:
-            device = torch.device("cuda", local_rank if self.world > 1 else torch.cuda.current_device())
+        self.world, self.rank = place.world, place.rank
+        device = pick_device(requested_device, place, error=UsageError)  # the rule predict follows too
         if device.type == "cuda":
             torch.cuda.set_device(device)
         self.device = device
@@ -618,7 +614,7 @@ def train(args=None, **overrides) -> dict:
     if given.get("resume") not in (None, "auto") and "out" not in given:  # --resume CKPT: continue beside it
         given["out"] = str(Path(given["resume"]).parent)
     out = Path(given.get("out") or _defaults()["out"])
-    main_process = int(os.environ.get("RANK", "0")) == 0
+    main_process = process_place(error=UsageError).main
     created = main_process and not out.exists()
     if main_process:
         try:
@@ -1049,7 +1045,7 @@ def main(argv=None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
-    if int(os.environ.get("RANK", "0")) == 0:
+    if process_place().main:  # train() has read it already: a bad value was a usage error there
         print(f"done: step {result['step']}, loss {result['loss']:.5f}, checkpoint {result['checkpoint']}",
               file=sys.stderr)
     return 0
