@@ -3,13 +3,15 @@
     python benchmarks/render_results.py FOLDER_OR_FILE...        (the output folders of the GPU runs)
 
 reads every benchmark JSON among the inputs (benchmarks/gpu_quick.py's environment.json, bench_attention.py,
-bench_reassemble.py, bench_rcu.py, bench_train.py, `dpt-fast bench`) and the GPU tests' junit XML, merges them per device and date into
-benchmarks/results/<device>-<date>.json (merging into that file when it exists: a stage run again
-replaces its benchmark; end-to-end rows are merged row by row, a measured row never replaced by a
-skipped one), evaluates the targets of issues 3-7 (met / not met / incomplete / not measured / not
-verified; "incomplete": every row measured meets it, but rows it covers were skipped, failed or never
-reached, so it is not called met), and rewrites the generated part of benchmarks/RESULTS.md (between
-its BEGIN/END markers) from every merged file in the results folder, newest first.
+bench_reassemble.py, bench_rcu.py, bench_train.py, `dpt-fast bench`) and the GPU tests' junit XML, merges
+them per device and date into benchmarks/results/<device>-<date>.json (merging into that file when it
+exists: a stage run again replaces its benchmark; end-to-end rows are merged row by row, a measured row
+never replaced by a skipped one), evaluates the performance targets of each area (attention, Reassemble,
+residual conv unit, training step, end to end: the *_targets functions below, listed in RESULTS.md) as
+met / not met / incomplete / not measured / not verified ("incomplete": every row measured meets it, but
+rows it covers were skipped, failed or never reached, so it is not called met), and rewrites the
+generated part of benchmarks/RESULTS.md (between its BEGIN/END markers) from every merged file in the
+results folder, newest first.
 
 Only GPU measurements are accepted: an input recorded on a CPU, under TRITON_INTERPRET=1 or by a
 --smoke dry run is refused (exit status 2) unless --allow-non-gpu is given, and then only with an
@@ -35,7 +37,11 @@ NO_RESULTS = ("**No GPU measurement exists yet.** The fused kernels have been ch
               "only (Triton interpreter; the CUDA extension compiled but never executed), and no speed claim is "
               "made.")
 KINDS = ("environment", "attention", "reassemble", "rcu", "train", "e2e_inference", "e2e_train")
-TARGET_DEVICE = "H100"  # the issues state their targets for an H100
+TARGET_DEVICE = "H100"  # every target is stated for an H100, bf16, one run
+# the areas with performance targets, in the order they are listed, and the benchmark that measures each
+AREAS = {"attention": ("attention", "bench_attention.py"), "reassemble": ("Reassemble", "bench_reassemble.py"),
+         "rcu": ("residual conv unit", "bench_rcu.py"), "train": ("training step", "bench_train.py"),
+         "e2e_inference": ("end to end", "dpt-fast bench")}
 
 
 # --- reading -------------------------------------------------------------------------------------
@@ -192,13 +198,13 @@ def merge(stored: dict | None, docs: list[tuple[Path, dict]], junits: list[tuple
 
 # --- targets -------------------------------------------------------------------------------------
 
-def _target(issue, text, threshold, values, *, higher=True, verified=True, note="", missing="", gaps=()):
-    """values: [(ratio, label)] of the rows the target covers; gaps: rows it covers that produced no value
+def _target(area, text, threshold, values, *, higher=True, verified=True, note="", missing="", gaps=()):
+    """area: what the target is about (AREAS); values: [(ratio, label)] of the rows the target covers; gaps: rows it covers that produced no value
     (skipped, failed, out of memory, no baseline, a run cut short): with any, a target the measured rows
     meet is "incomplete", never "met"."""
     values = [(v, label) for v, label in values if v is not None]
     gaps = list(gaps)
-    entry = {"issue": issue, "target": text, "threshold": threshold, "rows": len(values), "note": note,
+    entry = {"area": area, "target": text, "threshold": threshold, "rows": len(values), "note": note,
              "missing_rows": gaps}
     if not values:
         entry.update(status="not measured", worst=None, worst_row=None, detail=missing or "no row measured")
@@ -239,32 +245,37 @@ def _verified(rows) -> bool:
     return all((r.get("fused_path") or {}).get("verified", False) for r in rows)
 
 
+def _attention_row(r: dict) -> str:
+    """An attention row's name: tokens, batch and, where the benchmark recorded it per row, heads."""
+    return f"N={r['tokens']} B={r['batch']}" + (f" H={r['heads']}" if r.get("heads") is not None else "")
+
+
 def attention_targets(doc: dict) -> list[dict]:
     rows = doc.get("kernel", [])
 
     def ratios(mode, pick):
         sel = [r for r in rows if pick(r["tokens"]) and r.get("vs_best_sdpa", {}).get(mode) is not None]
-        return sel, [(r["vs_best_sdpa"][mode], f"N={r['tokens']} B={r['batch']} (best SDPA: "
-                      f"{r['best_sdpa'][mode]})") for r in sel]
+        return sel, [(r["vs_best_sdpa"][mode], f"{_attention_row(r)} (best SDPA: {r['best_sdpa'][mode]})")
+                     for r in sel]
     out = []
     for text, mode, pick, thr in (("forward >= 1.0x the best SDPA backend, N >= 2305", "fwd", lambda n: n >= 2305, 1.0),
                                   ("forward >= 0.9x the best SDPA backend, N = 577", "fwd", lambda n: n == 577, 0.9),
                                   ("forward+backward >= 1.0x the best SDPA backend", "fwd_bwd", lambda n: True, 1.0)):
         sel, vals = ratios(mode, pick)
         gaps = _gaps(doc, _note_matches(r"\bkernel N=(\d+)", lambda n, pick=pick: pick(int(n))))
-        gaps += [f"N={r['tokens']} B={r['batch']}: no SDPA backend ran" for r in rows
+        gaps += [f"{_attention_row(r)}: no SDPA backend ran" for r in rows
                  if pick(r["tokens"]) and r.get("vs_best_sdpa", {}).get(mode) is None]
-        out.append(_target(3, text, thr, vals, verified=_verified(sel), gaps=gaps))
+        out.append(_target("attention", text, thr, vals, verified=_verified(sel), gaps=gaps))
     blocks = doc.get("block", [])
     for mode, name in (("fwd", "forward"), ("fwd_bwd", "forward+backward")):
         sel = [r for r in blocks if r.get("speedup_vs_timm", {}).get(mode) is not None]
-        out.append(_target(3, f"attention block >= 1.1x timm's Attention, {name}", 1.1,
-                           [(r["speedup_vs_timm"][mode], f"N={r['tokens']} B={r['batch']}") for r in sel],
+        out.append(_target("attention", f"attention block >= 1.1x timm's Attention, {name}", 1.1,
+                           [(r["speedup_vs_timm"][mode], _attention_row(r)) for r in sel],
                            verified=_verified(sel), gaps=_gaps(doc, lambda n: " block N=" in n)))
     return out
 
 
-def _eager_and_compiled_targets(issue, doc, label, note_row, big_from, eager, vs_compiled, fwd_bwd,
+def _eager_and_compiled_targets(area, doc, label, note_row, big_from, eager, vs_compiled, fwd_bwd,
                                 never_slower_at=None):
     """The targets bench_reassemble.py and bench_rcu.py share: forward vs eager and vs torch.compile at
     sizes >= big_from, (optionally never slower than eager at one size), forward+backward vs eager.
@@ -279,9 +290,9 @@ def _eager_and_compiled_targets(issue, doc, label, note_row, big_from, eager, vs
     no_compiled = [f"{label(r)}: no compiled baseline" for r in fwd_big if not r.get("speedup_vs_compiled")]
     big_gaps = gaps(lambda s, m: m == "fwd" and s >= big_from)
     out = [
-        _target(issue, eager[0], eager[1], [(r["speedup_vs_eager"], label(r)) for r in fwd_big],
+        _target(area, eager[0], eager[1], [(r["speedup_vs_eager"], label(r)) for r in fwd_big],
                 verified=_verified(fwd_big), gaps=big_gaps),
-        _target(issue, vs_compiled[0], vs_compiled[1], [(r["speedup_vs_compiled"], label(r)) for r in compiled],
+        _target(area, vs_compiled[0], vs_compiled[1], [(r["speedup_vs_compiled"], label(r)) for r in compiled],
                 verified=_verified(compiled),
                 note=(f"{len(no_compiled)} of {len(fwd_big)} rows without a compiled baseline (over budget)"
                       if no_compiled and compiled else ""),
@@ -290,17 +301,17 @@ def _eager_and_compiled_targets(issue, doc, label, note_row, big_from, eager, vs
     if never_slower_at is not None:
         size, text = never_slower_at
         small = [r for r in rows if r["size"] == size]
-        out.append(_target(issue, text, 1.0, [(r["speedup_vs_eager"], f"{label(r)} {r['mode']}") for r in small],
+        out.append(_target(area, text, 1.0, [(r["speedup_vs_eager"], f"{label(r)} {r['mode']}") for r in small],
                            verified=_verified(small), gaps=gaps(lambda s, m: s == size)))
     fb = [r for r in rows if r["mode"] == "fwd+bwd"]
-    out.append(_target(issue, fwd_bwd[0], fwd_bwd[1], [(r["speedup_vs_eager"], label(r)) for r in fb],
+    out.append(_target(area, fwd_bwd[0], fwd_bwd[1], [(r["speedup_vs_eager"], label(r)) for r in fb],
                        verified=_verified(fb), gaps=gaps(lambda s, m: m == "fwd+bwd")))
     return out
 
 
 def reassemble_targets(doc: dict) -> list[dict]:
     return _eager_and_compiled_targets(
-        4, doc, lambda r: f"{r['model']} {r['size']}^2 stage {r['stage']}",
+        "Reassemble", doc, lambda r: f"{r['model']} {r['size']}^2 stage {r['stage']}",
         r" (\d+) stage \S+ (fwd\+bwd|fwd)\b", 1024,  # notes: "<model> <size> stage <label> <mode>"
         ("forward >= 2x the eager chain at 1024^2 and above", 2.0),
         ("forward >= 1.3x torch.compile of the chain at 1024^2 and above", 1.3),
@@ -308,22 +319,30 @@ def reassemble_targets(doc: dict) -> list[dict]:
         never_slower_at=(384, "never slower than eager at 384^2 (forward and forward+backward)"))
 
 
+RCU_TARGET_CHANNELS = 256  # the width of DPT's fusion blocks, at which the RCU targets are stated
+
+
 def rcu_targets(doc: dict) -> list[dict]:
+    """The RCU targets over the rows at RCU_TARGET_CHANNELS (rows without a width are at it); rows of other
+    widths (bench_rcu.py --preset da, --channels) are shown in the table but are not what the targets state."""
+    at_width = {**doc, "results": [r for r in doc.get("results", [])
+                                   if r.get("channels", RCU_TARGET_CHANNELS) == RCU_TARGET_CHANNELS],
+                "notes": [n for n in doc.get("notes", []) if not re.search(r"\^2 batch \d+ \S+ \d+ channels\b", n)]}
     return _eager_and_compiled_targets(
-        5, doc, lambda r: f"{r['size']}^2 batch {r['batch']}",
-        r"(\d+)\^2 batch \d+ (fwd\+bwd|fwd)\b", 96,  # notes: "<size>^2 batch <batch> <mode>"
+        "residual conv unit", at_width, lambda r: f"{r['size']}^2 batch {r['batch']}",
+        r"(\d+)\^2 batch \d+ (fwd\+bwd|fwd)\b", 96,  # notes: "<size>^2 batch <batch> <mode>[ <c> channels]"
         ("forward >= 1.5x eager (cuDNN) at maps of 96^2 and larger", 1.5),
         ("forward >= 1.2x torch.compile at maps of 96^2 and larger", 1.2),
         ("forward+backward >= 1.2x eager", 1.2))
 
 
-TRAIN_MODELS = ("DPT-Hybrid", "DPT-Large")  # bench_train.py's labels of the models issue 6 names
+TRAIN_MODELS = ("DPT-Hybrid", "DPT-Large")  # bench_train.py's labels of the models the targets name
 
 
 def train_targets(doc: dict) -> list[dict]:
     out = []
     rows = doc.get("results", [])
-    for model in dict.fromkeys(list(TRAIN_MODELS) + [r["model"] for r in rows]):  # the issue's models, then any other
+    for model in dict.fromkeys(list(TRAIN_MODELS) + [r["model"] for r in rows]):  # the targets' models, then any other
         by = {r["variant"]: r for r in rows if r["model"] == model and r.get("step_ms")}
         fused, ref = by.get("fused"), by.get("reference")
         both = fused is not None and ref is not None
@@ -331,8 +350,8 @@ def train_targets(doc: dict) -> list[dict]:
         speed = [(ref["step_ms"] / fused["step_ms"], f"{model} batch {fused['batch']}")] if both else []
         memory = ([(fused["peak_memory_gib"] / ref["peak_memory_gib"], f"{model} batch {fused['batch']}")]
                   if both and fused.get("peak_memory_gib") and ref.get("peak_memory_gib") else [])
-        out.append(_target(6, f"{model}: training step >= 1.4x the reference eager", 1.4, speed, verified=verified))
-        out.append(_target(6, f"{model}: peak memory <= 0.7x the reference eager", 0.7, memory, higher=False,
+        out.append(_target("training step", f"{model}: training step >= 1.4x the reference eager", 1.4, speed, verified=verified))
+        out.append(_target("training step", f"{model}: peak memory <= 0.7x the reference eager", 0.7, memory, higher=False,
                            verified=verified))
     return out
 
@@ -374,14 +393,14 @@ def e2e_targets(doc: dict) -> list[dict]:
               and r["variant"] in ("fused", "fused+compile") and r.get("mfu") is not None]
     best4k = max(four_k, key=lambda r: r["mfu"]) if four_k else None
     return [
-        _target(7, "end to end >= 1.6x HF transformers' DPT (sdpa): Large and Hybrid, 384^2 b16 and 1536^2 b1", 1.6,
+        _target("end to end", "end to end >= 1.6x HF transformers' DPT (sdpa): Large and Hybrid, 384^2 b16 and 1536^2 b1", 1.6,
                 vs_hf, verified=_verified(verified_hf),
                 gaps=[f"{MODEL_LABELS[m]} {s}^2 b{b}" for m, s, b in E2E_CONFIGS if (m, s, b) not in have_hf]),
-        _target(7, "end to end >= 1.25x torch.compile(max-autotune) of the reference, same configurations", 1.25,
+        _target("end to end", "end to end >= 1.25x torch.compile(max-autotune) of the reference, same configurations", 1.25,
                 vs_compile, verified=_verified(verified_c), note="; ".join(notes),
                 missing="no max-autotune compile of the reference finished",
                 gaps=[f"{MODEL_LABELS[m]} {s}^2 b{b}" for m, s, b in E2E_CONFIGS if (m, s, b) not in have_compile]),
-        _target(7, "DPT-Large at 4K: model FLOP utilisation >= 50% of the measured bf16 matmul peak", 0.5,
+        _target("end to end", "DPT-Large at 4K: model FLOP utilisation >= 50% of the measured bf16 matmul peak", 0.5,
                 [(best4k["mfu"], f"DPT-Large 4K ({best4k['variant']})")] if best4k else [],
                 verified=_verified([best4k]) if best4k else True),
     ]
@@ -390,15 +409,13 @@ def e2e_targets(doc: dict) -> list[dict]:
 def evaluate_targets(run: dict) -> list[dict]:
     b = run["benchmarks"]
     out = []
-    for kind, fn, issue, what in (("attention", attention_targets, 3, "bench_attention.py"),
-                                  ("reassemble", reassemble_targets, 4, "bench_reassemble.py"),
-                                  ("rcu", rcu_targets, 5, "bench_rcu.py"),
-                                  ("train", train_targets, 6, "bench_train.py"),
-                                  ("e2e_inference", e2e_targets, 7, "dpt-fast bench")):
+    targets_of = {"attention": attention_targets, "reassemble": reassemble_targets, "rcu": rcu_targets,
+                  "train": train_targets, "e2e_inference": e2e_targets}
+    for kind, (area, what) in AREAS.items():
         if kind in b:
-            out += fn(b[kind])
+            out += targets_of[kind](b[kind])
         else:
-            out.append({"issue": issue, "target": f"(all targets of issue {issue})", "status": "not measured",
+            out.append({"area": area, "target": f"(every {area} target)", "status": "not measured",
                         "worst": None, "worst_row": None, "rows": 0, "note": "", "detail": f"{what} did not run"})
     device = run.get("device") or ""
     for t in out:
@@ -424,30 +441,37 @@ def _status(t):
 
 
 def render_run(run: dict, fixture: bool = False) -> str:
-    v = run.get("versions") or {}
+    """One run's section of RESULTS.md: what ran where, the targets, then each benchmark's table."""
     b = run["benchmarks"]
     lines = [f"### {run.get('device')}, {run.get('date')}", ""]
     if fixture:
         lines += ["**NOT A GPU MEASUREMENT: rendered from a fixture or dry run (--allow-non-gpu).**", ""]
+    lines += _run_facts(run) + _targets_table(run["targets"])
+    for kind, render in (("attention", _attention_tables), ("reassemble", _reassemble_table), ("rcu", _rcu_table),
+                         ("train", _train_table), ("e2e_inference", _e2e_table)):
+        if kind in b:
+            lines += render(b[kind])
+    return "\n".join(lines)
+
+
+def _run_facts(run: dict) -> list[str]:
+    """The run's device, versions, measured ceilings, benchmarks and GPU tests, as a list."""
+    v = run.get("versions") or {}
+    b = run["benchmarks"]
     gpu = run.get("gpu") or {}
-    lines.append(f"- device: {run.get('device')}" + (f" ({gpu.get('memory_gib')} GiB, sm_{gpu.get('capability', '').replace('.', '')}, "
-                                                     f"{gpu.get('multiprocessors')} SMs)" if gpu else ""))
-    lines.append(f"- torch {v.get('torch')}, triton {v.get('triton')}, CUDA {v.get('cuda')}, cuDNN {v.get('cudnn')}, "
-                 f"timm {v.get('timm')}, transformers {v.get('transformers')}, python {v.get('python')}, "
-                 f"dpt_fast {v.get('dpt_fast')} (commit {', '.join(run.get('git_commits') or ['?'])})")
-    ceilings = [(k, d["ceilings"]) for k, d in b.items() if isinstance(d.get("ceilings"), dict)]
+    lines = [f"- device: {run.get('device')}" + (f" ({gpu.get('memory_gib')} GiB, sm_{gpu.get('capability', '').replace('.', '')}, "
+                                                 f"{gpu.get('multiprocessors')} SMs)" if gpu else ""),
+             f"- torch {v.get('torch')}, triton {v.get('triton')}, CUDA {v.get('cuda')}, cuDNN {v.get('cudnn')}, "
+             f"timm {v.get('timm')}, transformers {v.get('transformers')}, python {v.get('python')}, "
+             f"dpt_fast {v.get('dpt_fast')} (commit {', '.join(run.get('git_commits') or ['?'])})"]
+    ceilings = [d["ceilings"] for d in b.values() if isinstance(d.get("ceilings"), dict)]
     if ceilings:
-        mm = [c["matmul_tflops"] for _, c in ceilings if c.get("matmul_tflops")]
-        cp = [c["copy_tbps"] for _, c in ceilings if c.get("copy_tbps")]
+        mm = [c["matmul_tflops"] for c in ceilings if c.get("matmul_tflops")]
+        cp = [c["copy_tbps"] for c in ceilings if c.get("copy_tbps")]
         lines.append(f"- measured ceilings (each benchmark process measures its own): bf16 matmul "
                      f"{_f(min(mm) if mm else None, '.0f')}-{_f(max(mm) if mm else None, '.0f')} TFLOP/s, "
                      f"copy {_f(min(cp) if cp else None, '.2f')}-{_f(max(cp) if cp else None, '.2f')} TB/s")
-    ran = []
-    for kind in KINDS:
-        if kind in b:
-            d = b[kind]
-            complete = d.get("complete", True)
-            ran.append(f"{kind}{'' if complete else ' (cut short)'}")
+    ran = [kind + ("" if b[kind].get("complete", True) else " (cut short)") for kind in KINDS if kind in b]
     lines.append(f"- what ran: {', '.join(ran) if ran else 'no benchmark'}; sources: {', '.join(run.get('sources', []))}")
     t = run.get("gpu_tests")
     status = (b.get("environment") or {}).get("gpu_tests_exit_status")
@@ -458,93 +482,127 @@ def render_run(run: dict, fixture: bool = False) -> str:
                      + (" -- STOPPED at the stage's time budget: the rest did not run" if status == 124 else ""))
     else:
         lines.append("- GPU tests: no junit XML among the inputs")
-    lines += ["", "#### Targets (issues 3-7)", "",
-              "| issue | target | worst measured | status | worst row / note |", "|---|---|---|---|---|"]
-    for tg in run["targets"]:
+    return lines
+
+
+def _targets_table(targets: list[dict]) -> list[str]:
+    lines = ["", "#### Targets", "",
+             "| area | target | worst measured | status | worst row / note |", "|---|---|---|---|---|"]
+    for tg in targets:
         worst = "-" if tg["worst"] is None else (f"{tg['worst']:.0%}" if "utilisation" in tg["target"] else f"{tg['worst']:.2f}x")
         note = "; ".join(x for x in (tg.get("worst_row") or "", tg.get("note") or "", tg.get("detail") or "") if x)
-        lines.append(f"| {tg['issue']} | {tg['target']} | {worst} | {_status(tg)} | {note} |")
+        lines.append(f"| {tg['area']} | {tg['target']} | {worst} | {_status(tg)} | {note} |")
+    return lines
 
-    if "attention" in b:
-        d = b["attention"]
-        lines += ["", f"#### Attention (issue 3): {d.get('dtype')}, {d.get('heads')} heads, head dim {d.get('head_dim')}; "
-                  f"TFLOP/s of dpt_fast and of each SDPA backend; ours / best SDPA", "",
-                  "| N | B | pass | dpt_fast | flash | efficient | cudnn | math | ours / best | of matmul peak |",
-                  "|---|---|---|---|---|---|---|---|---|---|"]
-        for r in d.get("kernel", []):
-            for mode in ("fwd", "bwd", "fwd_bwd"):
-                cells = [_f(r["tflops"].get(k, {}).get(mode), ".0f") for k in ("dpt_fast", "flash", "efficient", "cudnn", "math")]
-                frac = (r.get("fraction_of_matmul_peak") or {}).get(mode)
-                mark = "" if (r.get("fused_path") or {}).get("verified", True) else " (reference ran)"
-                lines.append(f"| {r['tokens']} | {r['batch']} | {mode} | " + " | ".join(cells)
-                             + f" | {_x(r.get('vs_best_sdpa', {}).get(mode))} ({r.get('best_sdpa', {}).get(mode, '-')})"
-                             + f" | {_f(frac, '.0%')}{mark} |")
-        if d.get("block"):
-            lines += ["", "Attention block (qkv Linear, attention, proj) against timm's Attention (SDPA):", "",
-                      "| N | B | timm fwd ms | ours fwd ms | fwd | timm fwd+bwd ms | ours fwd+bwd ms | fwd+bwd |",
-                      "|---|---|---|---|---|---|---|---|"]
-            for r in d["block"]:
-                ms, s = r["ms"], r["speedup_vs_timm"]
-                lines.append(f"| {r['tokens']} | {r['batch']} | {ms['timm']['fwd']:.3f} | {ms['dpt_fast']['fwd']:.3f} | "
-                             f"{_x(s['fwd'])} | {ms['timm']['fwd_bwd']:.3f} | {ms['dpt_fast']['fwd_bwd']:.3f} | {_x(s['fwd_bwd'])} |")
-    for kind, title in (("reassemble", "Reassemble (issue 4): ms, bf16, batch 1"),
-                        ("rcu", "Residual conv unit pair (issue 5): ms, bf16, 256 channels, channels_last")):
-        if kind not in b:
-            continue
-        d = b[kind]
-        first = "| model | size | stage | mode |" if kind == "reassemble" else "| map | batch | mode |"
-        lines += ["", f"#### {title}", "",
-                  first + " eager | compiled | fused | vs eager | vs compiled | fused TFLOP/s | fused TB/s |",
-                  "|" + "---|" * (first.count("|") - 1 + 7)]
-        order = {"fwd": 0, "fwd+bwd": 1}
-        key = ((lambda r: (r["model"], r["size"], str(r["stage"]), order.get(r["mode"], 2))) if kind == "reassemble"
-               else (lambda r: (r["size"], r["batch"], order.get(r["mode"], 2))))
-        for r in sorted(d.get("results", []), key=key):
-            head = (f"| {r['model']} | {r['size']} | {r['stage']} | {r['mode']} |" if kind == "reassemble"
-                    else f"| {r['size']}^2 | {r['batch']} | {r['mode']} |")
-            comp = _f(r.get("compiled_ms"), ".3f") if r.get("compiled_ms") is not None else (
-                "over budget" if "over budget" in (r.get("compiled_note") or "") else "-")
-            mark = "" if (r.get("fused_path") or {}).get("verified", True) else " (reference ran)"
-            lines.append(f"{head} {r['eager_ms']:.3f} | {comp} | {r['fused_ms']:.3f}{mark} | {_x(r['speedup_vs_eager'])} | "
-                         f"{_x(r.get('speedup_vs_compiled'))} | {_f(r.get('fused_tflops'), '.0f')} | {_f(r.get('fused_tbps'), '.2f')} |")
-    if "train" in b:
-        d = b["train"]
-        lines += ["", f"#### Training step (issue 6): {d.get('size')}^2, bf16 autocast, Adam; compile mode {d.get('compile_mode')}", "",
-                  "| model | variant | batch | step ms | images/s | peak GiB | TFLOP/s | MFU | vs reference |",
+
+def _listed(value) -> str:
+    """A benchmark setting that may be one value or a list of them (a --preset's head counts, widths)."""
+    return "/".join(map(str, value)) if isinstance(value, list) else str(value)
+
+
+def _fused_mark(r: dict) -> str:
+    return "" if (r.get("fused_path") or {}).get("verified", True) else " (reference ran)"
+
+
+def _attention_tables(d: dict) -> list[str]:
+    lines = ["", f"#### Attention: {d.get('dtype')}, {_listed(d.get('heads'))} heads, head dim {d.get('head_dim')}; "
+             f"TFLOP/s of dpt_fast and of each SDPA backend; ours / best SDPA", "",
+             "| N | B | H | pass | dpt_fast | flash | efficient | cudnn | math | ours / best | of matmul peak |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in d.get("kernel", []):
+        heads = r.get("heads", d.get("heads"))
+        for mode in ("fwd", "bwd", "fwd_bwd"):
+            cells = [_f(r["tflops"].get(k, {}).get(mode), ".0f") for k in ("dpt_fast", "flash", "efficient", "cudnn", "math")]
+            frac = (r.get("fraction_of_matmul_peak") or {}).get(mode)
+            lines.append(f"| {r['tokens']} | {r['batch']} | {heads} | {mode} | " + " | ".join(cells)
+                         + f" | {_x(r.get('vs_best_sdpa', {}).get(mode))} ({r.get('best_sdpa', {}).get(mode, '-')})"
+                         + f" | {_f(frac, '.0%')}{_fused_mark(r)} |")
+    if d.get("block"):
+        lines += ["", "Attention block (qkv Linear, attention, proj) against timm's Attention (SDPA):", "",
+                  "| N | B | H | timm fwd ms | ours fwd ms | fwd | timm fwd+bwd ms | ours fwd+bwd ms | fwd+bwd |",
                   "|---|---|---|---|---|---|---|---|---|"]
-        for r in d.get("results", []):
-            ref = next((x for x in d["results"] if x["model"] == r["model"] and x["variant"] == "reference"
-                        and x.get("step_ms")), None)
-            variant = r["variant"] + (f" ({r['compile_mode']})" if r.get("compile_mode") else "")
-            if r.get("fused_path") and not r["fused_path"].get("verified"):
-                variant += " (reference ran)"
-            if not r.get("step_ms"):
-                lines.append(f"| {r['model']} | {variant} | {r.get('batch')} | {r.get('error')} | | | | | |")
-                continue
-            lines.append(f"| {r['model']} | {variant} | {r['batch']} | {r['step_ms']:.1f} | {r['images_per_s']:.1f} | "
-                         f"{_f(r.get('peak_memory_gib'))} | {_f(r.get('tflops'), '.0f')} | {_f(r.get('mfu'), '.0%')} | "
-                         f"{_x(ref['step_ms'] / r['step_ms']) if ref else '-'} |")
-    if "e2e_inference" in b:
-        d = b["e2e_inference"]
-        lines += ["", "#### End to end inference (issue 7, `dpt-fast bench`): latency ms (speed-up of the best "
-                  "dpt-fast variant over each baseline in the target rows above)", "",
-                  "| model | size | batch | variant | latency ms | img/s | TFLOP/s | MFU | peak GiB | operators ran |",
-                  "|---|---|---|---|---|---|---|---|---|---|"]
-        order = {name: i for i, name in enumerate(("fused", "fused+compile", "reference", "reference+compile", "hf-sdpa"))}
-        for r in sorted(d.get("results", []), key=lambda r: (r["model"], r["size"][0] * r["size"][1], order.get(r["variant"], 9))):
-            size = f"{r['size'][0]}x{r['size'][1]}"
-            variant = r["variant"] + (f" ({r['compile_mode']})" if r.get("compile_mode") else "")
-            if r.get("fused_path") and not r["fused_path"].get("verified"):
-                variant += " (reference ran)"
-            if not r.get("latency_ms"):
-                lines.append(f"| {r['model']} | {size} | {r['batch']} | {variant} | {r.get('error')} | | | | | |")
-                continue
-            impls = ", ".join(f"{op.replace('dpt_fast::', '')}:{'+'.join(sorted(c))}"
-                              for op, c in sorted((r.get("implementations") or {}).items()))
-            lines.append(f"| {r['model']} | {size} | {r['batch']} | {variant} | {r['latency_ms']:.2f} | "
-                         f"{r['images_per_s']:.2f} | {_f(r.get('tflops'), '.0f')} | {_f(r.get('mfu'), '.0%')} | "
-                         f"{_f(r.get('peak_memory_gib'))} | {impls} |")
-    return "\n".join(lines)
+        for r in d["block"]:
+            ms, s = r["ms"], r["speedup_vs_timm"]
+            lines.append(f"| {r['tokens']} | {r['batch']} | {r.get('heads', d.get('heads'))} | {ms['timm']['fwd']:.3f} | "
+                         f"{ms['dpt_fast']['fwd']:.3f} | {_x(s['fwd'])} | {ms['timm']['fwd_bwd']:.3f} | "
+                         f"{ms['dpt_fast']['fwd_bwd']:.3f} | {_x(s['fwd_bwd'])} |")
+    return lines
+
+
+_MODE_ORDER = {"fwd": 0, "fwd+bwd": 1}
+_CONV_COLUMNS = " eager | compiled | fused | vs eager | vs compiled | fused TFLOP/s | fused TB/s |"
+
+
+def _conv_row_cells(r: dict) -> str:
+    """The measured cells Reassemble and RCU rows share: ms of eager, compiled and fused, the ratios, rates."""
+    comp = _f(r.get("compiled_ms"), ".3f") if r.get("compiled_ms") is not None else (
+        "over budget" if "over budget" in (r.get("compiled_note") or "") else "-")
+    return (f" {r['eager_ms']:.3f} | {comp} | {r['fused_ms']:.3f}{_fused_mark(r)} | {_x(r['speedup_vs_eager'])} | "
+            f"{_x(r.get('speedup_vs_compiled'))} | {_f(r.get('fused_tflops'), '.0f')} | {_f(r.get('fused_tbps'), '.2f')} |")
+
+
+def _reassemble_table(d: dict) -> list[str]:
+    batch = (d.get("args") or {}).get("batch", 1)
+    lines = ["", f"#### Reassemble: ms, {d.get('dtype')}, batch {batch}", "",
+             "| model | size | stage | mode |" + _CONV_COLUMNS, "|---|---|---|---|" + "---|" * 7]
+    for r in sorted(d.get("results", []), key=lambda r: (r["model"], r["size"], str(r["stage"]),
+                                                         _MODE_ORDER.get(r["mode"], 2))):
+        lines.append(f"| {r['model']} | {r['size']} | {r['stage']} | {r['mode']} |" + _conv_row_cells(r))
+    return lines
+
+
+def _rcu_table(d: dict) -> list[str]:
+    lines = ["", f"#### Residual conv unit pair: ms, {d.get('dtype')}, channels_last (targets: rows at "
+             f"{RCU_TARGET_CHANNELS} channels)", "",
+             "| map | batch | channels | mode |" + _CONV_COLUMNS, "|---|---|---|---|" + "---|" * 7]
+    for r in sorted(d.get("results", []), key=lambda r: (r.get("channels", RCU_TARGET_CHANNELS), r["size"], r["batch"],
+                                                         _MODE_ORDER.get(r["mode"], 2))):
+        lines.append(f"| {r['size']}^2 | {r['batch']} | {r.get('channels', RCU_TARGET_CHANNELS)} | {r['mode']} |"
+                     + _conv_row_cells(r))
+    return lines
+
+
+def _variant_name(r: dict) -> str:
+    """A training or end-to-end row's variant, with its compile mode and a mark when the reference ran."""
+    variant = r["variant"] + (f" ({r['compile_mode']})" if r.get("compile_mode") else "")
+    if r.get("fused_path") and not r["fused_path"].get("verified"):
+        variant += " (reference ran)"
+    return variant
+
+
+def _train_table(d: dict) -> list[str]:
+    lines = ["", f"#### Training step: {d.get('size')}^2, bf16 autocast, Adam; compile mode {d.get('compile_mode')}", "",
+             "| model | variant | batch | step ms | images/s | peak GiB | TFLOP/s | MFU | vs reference |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in d.get("results", []):
+        ref = next((x for x in d["results"] if x["model"] == r["model"] and x["variant"] == "reference"
+                    and x.get("step_ms")), None)
+        if not r.get("step_ms"):
+            lines.append(f"| {r['model']} | {_variant_name(r)} | {r.get('batch')} | {r.get('error')} | | | | | |")
+            continue
+        lines.append(f"| {r['model']} | {_variant_name(r)} | {r['batch']} | {r['step_ms']:.1f} | {r['images_per_s']:.1f} | "
+                     f"{_f(r.get('peak_memory_gib'))} | {_f(r.get('tflops'), '.0f')} | {_f(r.get('mfu'), '.0%')} | "
+                     f"{_x(ref['step_ms'] / r['step_ms']) if ref else '-'} |")
+    return lines
+
+
+def _e2e_table(d: dict) -> list[str]:
+    lines = ["", "#### End to end inference (`dpt-fast bench`): latency ms (speed-up of the best "
+             "dpt-fast variant over each baseline in the target rows above)", "",
+             "| model | size | batch | variant | latency ms | img/s | TFLOP/s | MFU | peak GiB | operators ran |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    order = {name: i for i, name in enumerate(("fused", "fused+compile", "reference", "reference+compile", "hf-sdpa"))}
+    for r in sorted(d.get("results", []), key=lambda r: (r["model"], r["size"][0] * r["size"][1], order.get(r["variant"], 9))):
+        size = f"{r['size'][0]}x{r['size'][1]}"
+        if not r.get("latency_ms"):
+            lines.append(f"| {r['model']} | {size} | {r['batch']} | {_variant_name(r)} | {r.get('error')} | | | | | |")
+            continue
+        impls = ", ".join(f"{op.replace('dpt_fast::', '')}:{'+'.join(sorted(c))}"
+                          for op, c in sorted((r.get("implementations") or {}).items()))
+        lines.append(f"| {r['model']} | {size} | {r['batch']} | {_variant_name(r)} | {r['latency_ms']:.2f} | "
+                     f"{r['images_per_s']:.2f} | {_f(r.get('tflops'), '.0f')} | {_f(r.get('mfu'), '.0%')} | "
+                     f"{_f(r.get('peak_memory_gib'))} | {impls} |")
+    return lines
 
 
 def render_markdown(results_dir: Path, fixture: bool = False) -> str:
@@ -631,7 +689,7 @@ def main(argv=None) -> int:
         met = sum(t["status"] == "met" for t in run["targets"])
         print(f"render_results: wrote {path} ({len(group)} benchmark file(s); targets met: {met} of {len(run['targets'])})")
         for t in run["targets"]:
-            print(f"  issue {t['issue']}: {t['target']}: {t['status']}"
+            print(f"  {t['area']}: {t['target']}: {t['status']}"
                   + (f" (worst {t['worst']} at {t['worst_row']})" if t.get("worst") is not None else ""))
     write_markdown(md_path, render_markdown(results_dir, fixture=bool(refused)))
     print(f"render_results: rewrote the generated part of {md_path}")
