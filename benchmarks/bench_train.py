@@ -29,7 +29,7 @@ process. It is rewritten after every variant.
     python benchmarks/bench_train.py --out benchmarks/results/train-H100-2025-01-01.json
     python benchmarks/bench_train.py --models hybrid --variants fused,reference --steps 5
 
-Issue 6 targets (H100, bf16): fused step time >= 1.4x faster than reference eager, peak memory <= 0.7x.
+Training targets (H100, bf16): fused step time >= 1.4x faster than reference eager, peak memory <= 0.7x.
 """
 from __future__ import annotations
 

@@ -3,8 +3,8 @@
 The model runs on the meta device (shapes only) under torch's MemTracker, which adds up every tensor
 live between operators. The fused operators allocate nothing else that grows with the image except
 their outputs and the attention's log-sum-exp, so this is the inference peak up to the kernels' small
-scratch and the allocator's rounding: an estimate for issue 7's "a 4K frame on one 80 GB GPU without
-tiling", not a measurement (that is the GPU suite's job).
+scratch and the allocator's rounding: an estimate for the goal that `dpt-fast predict --size native`
+runs a 4K frame on one 80 GB GPU without tiling, not a measurement (that is the GPU suite's job).
 """
 import pytest
 import torch
