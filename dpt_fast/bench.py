@@ -923,7 +923,8 @@ def _slug(text: str) -> str:
 
 # --- the command ---------------------------------------------------------------------------------
 
-def run(args: argparse.Namespace) -> int:
+def _fill_defaults(args: argparse.Namespace) -> None:
+    """--tiny's settings where the command line gives none, then the full run's defaults."""
     if args.tiny:
         args.models = args.models or TINY_DEFAULTS["models"]
         args.sizes = args.sizes or TINY_DEFAULTS["sizes"]
@@ -934,32 +935,44 @@ def run(args: argparse.Namespace) -> int:
     args.sizes = args.sizes or "384,1024,1536,4k"
     args.warmup = 3 if args.warmup is None else args.warmup
     args.runs = 50 if args.runs is None else args.runs
+
+
+def _selection(args: argparse.Namespace):
+    """What the command line asks to measure: (models, configurations, skipped model@size pairs, device,
+    variants). A ValueError says what is wrong; a CUDA device is made the current one."""
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    unknown = [m for m in models if m not in MODELS]
+    if unknown:
+        raise ValueError(f"unknown model(s) {', '.join(unknown)}; choose from {', '.join(MODELS)}")
+    configs = parse_configs(args.sizes, args.batch)
+    skip_pairs = {tuple(p.strip().split("@", 1)) for p in (getattr(args, "skip", None) or "").split(",")
+                  if p.strip()}
+    malformed = [p for p in skip_pairs if len(p) != 2 or p[0] not in MODELS
+                 or p[1] not in {c[0] for c in configs}]
+    if malformed:
+        raise ValueError(f"--skip {', '.join('@'.join(p) for p in malformed)}: each entry is MODEL@SIZE "
+                         f"with a model of --models and a size of --sizes")
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("CUDA is not available on this machine")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if args.variants:
+        variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+        bad = [v for v in variants if v not in VARIANTS]
+        if bad:
+            raise ValueError(f"unknown variant(s) {', '.join(bad)}; choose from {', '.join(VARIANTS)}")
+    else:
+        variants = [v for v in VARIANTS if device.type == "cuda" or v not in COMPILE_VARIANTS]
+    return models, configs, skip_pairs, device, variants
+
+
+def run(args: argparse.Namespace) -> int:
+    """`dpt-fast bench` on parsed arguments; returns the exit status (2: a usage error)."""
+    _fill_defaults(args)
     started = time.perf_counter()
     try:
-        models = [m.strip() for m in args.models.split(",") if m.strip()]
-        unknown = [m for m in models if m not in MODELS]
-        if unknown:
-            raise ValueError(f"unknown model(s) {', '.join(unknown)}; choose from {', '.join(MODELS)}")
-        configs = parse_configs(args.sizes, args.batch)
-        skip_pairs = {tuple(p.strip().split("@", 1)) for p in (getattr(args, "skip", None) or "").split(",")
-                      if p.strip()}
-        malformed = [p for p in skip_pairs if len(p) != 2 or p[0] not in MODELS
-                     or p[1] not in {c[0] for c in configs}]
-        if malformed:
-            raise ValueError(f"--skip {', '.join('@'.join(p) for p in malformed)}: each entry is MODEL@SIZE "
-                             f"with a model of --models and a size of --sizes")
-        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError("CUDA is not available on this machine")
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-        if args.variants:
-            variants = [v.strip() for v in args.variants.split(",") if v.strip()]
-            bad = [v for v in variants if v not in VARIANTS]
-            if bad:
-                raise ValueError(f"unknown variant(s) {', '.join(bad)}; choose from {', '.join(VARIANTS)}")
-        else:
-            variants = [v for v in VARIANTS if device.type == "cuda" or v not in COMPILE_VARIANTS]
+        models, configs, skip_pairs, device, variants = _selection(args)
     except ValueError as e:
         print(f"dpt-fast bench: {e}", file=sys.stderr)
         return 2
