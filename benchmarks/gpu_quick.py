@@ -1,5 +1,5 @@
-"""The one-call GPU proof: correctness of every fused kernel on the GPU, then the benchmark rows that decide
-the targets, in at most eight minutes and eight result files.
+"""The quick GPU check: correctness of every fused kernel on the GPU, then the benchmark rows that decide
+the targets, in one pass of under ten minutes on an H100/H200 that writes one small file per section.
 
     python benchmarks/gpu_quick.py --out OUT [--budget-s 450]     (or: bash benchmarks/gpu_suite.sh quick)
     python benchmarks/gpu_quick.py --out OUT --smoke              (CPU dry run of the same script; CI runs it)
@@ -27,7 +27,7 @@ From the start (once dpt_fast is importable), two background jobs: the CUDA exte
 Triton compilations (one per autotune config) land in Triton's on-disk cache while the tests run; it is
 stopped before the first timed row.
 
-Files under --out (at most 8; each rewritten as its section goes, so a run cut short keeps what it did):
+Files under --out (each rewritten, atomically, as its section goes, so a run cut short keeps what it did):
 gpu-quick.log, environment.json (with the sections' status), junit-gpu-quick.xml (all GPU tests),
 attention.json, reassemble.json, rcu.json, e2e.json. `python benchmarks/render_results.py OUT` turns them
 into benchmarks/results/<device>-<date>.json and the tables of benchmarks/RESULTS.md.
@@ -53,6 +53,9 @@ import zipfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # dpt_fast.fileio from this checkout, before the install section has run
+from dpt_fast.fileio import atomic_write, atomic_write_bytes  # noqa: E402 -- plain Python, imports no torch
+
 SM90_GENCODE = "-gencode=arch=compute_90a,code=sm_90a"
 
 # GPU test selections (pytest -k), most telling first; the every-config and torch.compile tests stay in the
@@ -115,9 +118,7 @@ class Run:
 
 
 def _write_json(path: Path, doc) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(doc, indent=1, default=str))
-    os.replace(tmp, path)
+    atomic_write_bytes(path, json.dumps(doc, indent=1, default=str).encode())
 
 
 # --- processes -----------------------------------------------------------------------------------
@@ -267,7 +268,8 @@ def merge_junit(run: Run, parts: dict[str, Path]) -> None:
         for suite in ([tree] if tree.tag == "testsuite" else list(tree.iter("testsuite"))):
             suite.set("name", name)
             root.append(suite)
-    ET.ElementTree(root).write(run.out / "junit-gpu-quick.xml", encoding="utf-8", xml_declaration=True)
+    atomic_write(run.out / "junit-gpu-quick.xml",
+                 lambda tmp: ET.ElementTree(root).write(tmp, encoding="utf-8", xml_declaration=True))
 
 
 def pytest_cmd(run: Run, tests: tuple[str, str], junit: Path) -> list[str]:
@@ -390,7 +392,7 @@ def e2e_section(run: Run, seconds: float) -> str:
     tail(run, log_path, 30)
     found = sorted(folder.glob("*.json"))
     if found:
-        shutil.copyfile(found[-1], run.out / "e2e.json")
+        atomic_write(run.out / "e2e.json", lambda tmp: shutil.copyfile(found[-1], tmp))
     note = f"{'cut at the cap' if rc is None else f'exit {rc}'}: {summary_line(log_path)}"
     if rc not in (0, None) or not found:
         raise RuntimeError(note)

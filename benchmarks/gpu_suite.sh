@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# The GPU runs of dpt-fast, as stages of at most ~8 minutes each (STAGE_BUDGET_S, default 420 s for tests and
-# 480 s for the others, wall time, build included):
+# The GPU runs of dpt-fast, as stages that each stop within a wall-time budget (STAGE_BUDGET_S, default 420 s for
+# tests and 480 s for the others, build included), so that each stage can be run, or rerun, on its own:
 #
-#   bash benchmarks/gpu_suite.sh quick     everything that matters in one ~8-minute run: environment and
-#                                          ceilings, the kernels' GPU correctness tests, the CUDA extension
+#   bash benchmarks/gpu_suite.sh quick     everything that matters in one pass of under ten minutes:
+#                                          environment and ceilings, the kernels' GPU correctness tests, the CUDA extension
 #                                          (built in the background, sm_90a) and its tests, the benchmark rows
 #                                          that decide the targets, DPT-Large end to end
 #                                          (benchmarks/gpu_quick.py; extra arguments are passed to it)
@@ -27,7 +27,7 @@
 # The tests stage also leaves the built extension as $OUT/_C.<python tag>.so: copied to dpt_fast/, a later
 # stage on a fresh machine of the same image loads it instead of building (2-4 minutes).
 #
-# Everything goes under $OUT (default ./gpu-out), at most 8 files a stage: suite-<stage>.log,
+# Everything goes under $OUT (default ./gpu-out), a few files a stage: suite-<stage>.log,
 # environment.json (versions, measured ceilings), each benchmark's JSON (rewritten after every row, so a
 # stage cut short still keeps its measurements), the end-to-end bench's .md/.png, the tests' junit XML. Then:
 #   python benchmarks/render_results.py <the stages' output folders>

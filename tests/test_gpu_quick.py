@@ -1,6 +1,7 @@
-"""benchmarks/gpu_quick.py, the one-call GPU proof, as a CPU dry run (--smoke): every section runs (the
-Triton interpreter, tiny shapes, the GPU tests collected and skipped, no extension build), the files it
-promises are written, at most eight, and render_results.py refuses them as not measured on a GPU."""
+"""benchmarks/gpu_quick.py, the quick GPU check, as a CPU dry run (--smoke): every section runs (the
+Triton interpreter, tiny shapes, the GPU tests collected and skipped, no extension build), exactly the
+files its docstring lists are written (no temporary file left), and render_results.py refuses them as not
+measured on a GPU."""
 from __future__ import annotations
 
 import json
@@ -13,16 +14,15 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def test_smoke_run_writes_every_section_and_at_most_eight_files(tmp_path):
+def test_smoke_run_writes_every_section_and_the_files_it_lists(tmp_path):
     out = tmp_path / "out"
     env = {k: v for k, v in os.environ.items() if k not in ("DPT_FAST_AUTOTUNE",)}
     proc = subprocess.run([sys.executable, "benchmarks/gpu_quick.py", "--smoke", "--out", str(out),
                            "--budget-s", "1500"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)
     log = proc.stdout + proc.stderr
     files = sorted(p.name for p in out.iterdir())
-    assert len(files) <= 8, files
-    assert {"gpu-quick.log", "environment.json", "junit-gpu-quick.xml", "attention.json", "reassemble.json",
-            "rcu.json", "e2e.json"} <= set(files), (files, log[-3000:])
+    assert set(files) == {"gpu-quick.log", "environment.json", "junit-gpu-quick.xml", "attention.json",
+                          "reassemble.json", "rcu.json", "e2e.json"}, (files, log[-3000:])
     doc = json.loads((out / "environment.json").read_text())
     assert doc["benchmark"] == "environment" and doc["smoke"] is True
     sections = {s["section"]: s for s in doc["quick"]["sections"]}
