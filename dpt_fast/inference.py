@@ -51,12 +51,12 @@ from .input_files import (FORMAT_SUFFIX, Job, UsageError, check_outputs, collect
 from .output_manifest import (MANIFEST_NAME, OutputConflict, OutputManifest, Plan, file_fingerprint,  # noqa: F401
                               model_digest, plan_work, settings_record)
 from .specs import DPT_PREPROCESSING, Preprocessing
-from .transforms import (DEPTH_SIZE, LABEL_OFFSET, _to_multiple, depth_anything_preprocess,
-                         depth_anything_target_size, normalize_depth, preprocess, resize_prediction,
-                         segmentation_labels, target_size)
+from .transforms import (DEPTH_SIZE, LABEL_OFFSET, SEGMENTATION_SIZE, depth_anything_preprocess,
+                         depth_anything_target_size, nearest_multiple, normalize_depth, preprocess,
+                         resize_prediction, segmentation_labels, target_size)
 
 __all__ = ["predict_images", "Summary", "Predictor", "Writer", "Reporter", "UsageError", "DEPTH_FORMATS",
-           "SEGMENTATION_FORMATS",
+           "SEGMENTATION_FORMATS", "is_segmentation",
            # from dpt_fast.input_files and dpt_fast.output_manifest
            "Job", "collect_inputs", "plan_jobs", "check_outputs", "shard", "FORMAT_SUFFIX", "OutputManifest",
            "MANIFEST_NAME", "Plan", "model_digest", "file_fingerprint"]
@@ -226,7 +226,7 @@ class Predictor:
         Anything each side is resized, bicubically, to the nearest multiple of 14, as its preprocessing does)."""
         rule = self.preprocessing
         if self.size is None and self.depth_anything:
-            return (_to_multiple(height, rule.multiple), _to_multiple(width, rule.multiple))
+            return (nearest_multiple(height, rule.multiple), nearest_multiple(width, rule.multiple))
         if self.size is None:
             return (height, width)
         if self.depth_anything:
@@ -624,7 +624,8 @@ def run_jobs(predictor: Predictor, jobs: list[Job], *, writer: Writer, reporter:
     return summary
 
 
-def _is_segmentation(model) -> bool:
+def is_segmentation(model) -> bool:
+    """Whether `model` predicts class labels (a DPTSegmentationModel) rather than depth."""
     return hasattr(model, "num_classes") or "Segmentation" in type(model).__name__
 
 
@@ -669,9 +670,8 @@ def predict_images(model, inputs, out_dir, *, size=None, formats=None, device=No
     rank/world: this process's share of the inputs (input i goes to rank i % world).
     Raises UsageError for inputs that do not exist or hold no images, and for bad options.
     """
-    from .transforms import SEGMENTATION_SIZE
     reporter = reporter or Reporter()
-    segmentation = _is_segmentation(model)
+    segmentation = is_segmentation(model)
     param = next(model.parameters())
     device = torch.device(device) if device is not None else param.device
     if size is None:

@@ -24,11 +24,10 @@ from pathlib import Path
 
 from . import distributed
 from .distributed import Place, process_place, rendezvous_set
-from .specs import DPT_PREPROCESSING
+from .specs import DPT_PREPROCESSING, DPT_SEGMENTATION_SIZE
 
-FALLBACK_TILE = 1024
 SIZE_MULTIPLE = DPT_PREPROCESSING.multiple
-DEPTH_SIZE, SEGMENTATION_SIZE = DPT_PREPROCESSING.size, 480  # dpt_fast.transforms' defaults, without torch
+DEPTH_SIZE, SEGMENTATION_SIZE = DPT_PREPROCESSING.size, DPT_SEGMENTATION_SIZE  # from specs: --help imports no torch
 
 WEIGHTS_HELP = """\
 --model is a checkpoint file or folder; any of these works:
@@ -61,7 +60,7 @@ DTYPES = ("bf16", "fp16", "fp32")
 # does not import torch).
 _LIBRARY_NAMES = {"Job", "Predictor", "Writer", "ImageFiles", "OutputManifest", "UsageError", "collect_inputs",
                   "plan_jobs", "check_outputs", "shard", "write_outputs", "DEPTH_FORMATS", "SEGMENTATION_FORMATS",
-                  "FORMAT_SUFFIX", "_tile_starts", "_ramp", "_OutOfMemory"}
+                  "FORMAT_SUFFIX", "FALLBACK_TILE", "_tile_starts", "_ramp", "_OutOfMemory"}
 
 
 def __getattr__(name):
@@ -390,7 +389,7 @@ def _run(args: argparse.Namespace, stop: StopRequest) -> int:
         log(f"{args.model} is a Video Depth Anything model: it takes videos (video files, or folders of frames "
             "with --sequence), not single images")
         return 2
-    segmentation = inference._is_segmentation(model)
+    segmentation = inference.is_segmentation(model)
     if not segmentation and dtype != torch.float32:
         _keep_head_float32(model)
     size = parse_size(args.size, segmentation, inference.model_preprocessing(model).size)
@@ -490,7 +489,7 @@ def _run_videos(args, stop: StopRequest, videos, out_dir: Path, reporter, show: 
     model = _load_model(args, device, None, log)
     if model is None:
         return 2
-    if inference._is_segmentation(model):
+    if inference.is_segmentation(model):
         log(f"{args.model} is a segmentation model: videos take depth models")
         return 2
     video_model = is_video_model(model)

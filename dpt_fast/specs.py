@@ -56,6 +56,8 @@ class Preprocessing:
 
 DPT_PREPROCESSING = Preprocessing((0.5, 0.5, 0.5), (0.5, 0.5, 0.5), 384, 32, "minimal")
 DEPTH_ANYTHING_PREPROCESSING = Preprocessing(IMAGENET_MEAN, IMAGENET_STD, 518, 14, "lower_bound")
+# DPT's segmentation models (ADE20K) run at 480 pixels, otherwise as DPT_PREPROCESSING.
+DPT_SEGMENTATION_SIZE = 480
 
 
 @dataclass(frozen=True)

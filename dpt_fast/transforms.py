@@ -11,15 +11,16 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .specs import DEPTH_ANYTHING_PREPROCESSING, DPT_PREPROCESSING
+from .specs import DEPTH_ANYTHING_PREPROCESSING, DPT_PREPROCESSING, DPT_SEGMENTATION_SIZE
 
 DEPTH_SIZE = DPT_PREPROCESSING.size
-SEGMENTATION_SIZE = 480
+SEGMENTATION_SIZE = DPT_SEGMENTATION_SIZE
 MEAN, STD = DPT_PREPROCESSING.mean, DPT_PREPROCESSING.std  # per channel (R, G, B)
 
 
-def _to_multiple(x: float, multiple: int) -> int:
-    """Nearest multiple (ties to even, as numpy's round), never 0."""
+def nearest_multiple(x: float, multiple: int) -> int:
+    """The multiple of `multiple` nearest to `x` (ties to even, as numpy's round), never 0: the side a
+    model runs an input of side `x` at."""
     y = round(x / multiple) * multiple
     return y if y > 0 else math.ceil(x / multiple) * multiple
 
@@ -35,7 +36,7 @@ def target_size(height: int, width: int, size: int = DEPTH_SIZE, multiple: int =
             scale_h = scale_w
         else:
             scale_w = scale_h
-    return _to_multiple(scale_h * height, multiple), _to_multiple(scale_w * width, multiple)
+    return nearest_multiple(scale_h * height, multiple), nearest_multiple(scale_w * width, multiple)
 
 
 def to_float_image(images: torch.Tensor) -> torch.Tensor:
@@ -73,7 +74,7 @@ def _resize_and_normalize(images, size, multiple: int, preprocessing, fit) -> to
     x = to_float_image(images)
     height, width = x.shape[-2:]
     if size is None:
-        out_size = (_to_multiple(height, multiple), _to_multiple(width, multiple))
+        out_size = (nearest_multiple(height, multiple), nearest_multiple(width, multiple))
     elif isinstance(size, int):
         out_size = fit(height, width)
     else:

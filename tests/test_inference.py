@@ -251,3 +251,21 @@ def test_cudnn_autotune_is_scoped_to_the_run():
     assert torch.backends.cudnn.benchmark is before  # the process's setting is left as it was
     with inference._cudnn_autotune(torch.device("cpu"), not before):
         assert torch.backends.cudnn.benchmark is before
+
+
+def test_native_size_is_the_size_depth_anything_runs_at():
+    """Rounding to the patch multiple is written once (transforms.nearest_multiple): the engine's
+    processed size at native resolution is the size DepthAnythingModel.prepare_input runs the image at."""
+    from types import SimpleNamespace
+
+    from dpt_fast import DepthAnythingModel
+    from dpt_fast.specs import DEPTH_ANYTHING_PREPROCESSING
+    from dpt_fast.transforms import nearest_multiple
+    stub = SimpleNamespace(pretrained=SimpleNamespace(cls_token=torch.zeros(1)), patch_size=14)
+    predictor = inference.Predictor(torch.nn.Identity(), "cpu", size=None,
+                                    preprocessing=DEPTH_ANYTHING_PREPROCESSING)
+    for side in (1, 6, 7, 8, 21, 35, 40, 518, 531):
+        _, (run_h, run_w) = DepthAnythingModel.prepare_input(stub, torch.zeros(1, 3, side, 2 * side))
+        assert (run_h, run_w) == predictor.processed_size(side, 2 * side)
+        assert run_h == nearest_multiple(side, 14) and run_h % 14 == 0 and run_h > 0
+    assert nearest_multiple(21, 14) == 28 and nearest_multiple(35, 14) == 28  # ties to even, as numpy

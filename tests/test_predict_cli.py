@@ -15,16 +15,11 @@ from PIL import Image
 
 from dpt_fast import DPTDepthModel, inference, predict
 from dpt_fast.weights import save_model
-from model_helpers import TINY, randomize_
+from helpers import model_dir  # noqa: F401 (a fixture)
+from model_helpers import TINY
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 FAST = ["--backend", "reference", "--num-workers", "0", "--size", "64"]
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    torch.manual_seed(0)
-    return save_model(randomize_(DPTDepthModel(**TINY), matrix_std=0.05), tmp_path_factory.mktemp("m") / "tiny")
 
 
 def _photo(path, h=40, w=50, seed=0):

@@ -10,19 +10,14 @@ from PIL import Image
 
 pytest.importorskip("av")
 
-from dpt_fast import DPTDepthModel, predict, use_backend  # noqa: E402
+from dpt_fast import predict, use_backend  # noqa: E402
 from dpt_fast.video import TemporalAligner, model_predictor  # noqa: E402
 from dpt_fast.video.io import FrameFolder, VideoFile, VideoWriter, read_depth16_video  # noqa: E402
-from dpt_fast.weights import load_model, save_model  # noqa: E402
-from model_helpers import TINY, randomize_  # noqa: E402
+from dpt_fast.weights import load_model  # noqa: E402
+from helpers import model_dir  # noqa: E402,F401 (a fixture)
+from model_helpers import randomize_  # noqa: E402
 
 FAST = ["--backend", "reference", "--num-workers", "0", "--size", "64"]
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    torch.manual_seed(0)
-    return save_model(randomize_(DPTDepthModel(**TINY), matrix_std=0.05), tmp_path_factory.mktemp("m") / "tiny")
 
 
 def _video(path, frames=5, seed=0):

@@ -29,6 +29,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .. import ops, specs
 from ..config_validation import validate_vit_kwargs
+from ..transforms import nearest_multiple
 from .backbone import DPTAttention
 from .blocks import FeatureFusionBlock
 from .heads import DEPTH_HEAD_INITIAL_BIAS
@@ -301,8 +302,7 @@ class DepthAnythingModel(nn.Module):
         if x.dtype != param.dtype and not torch.is_autocast_enabled(x.device.type):
             x = x.to(param.dtype)
         height, width = x.shape[-2:]
-        p = self.patch_size
-        return x, (max(p, round(height / p) * p), max(p, round(width / p) * p))
+        return x, (nearest_multiple(height, self.patch_size), nearest_multiple(width, self.patch_size))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.check_input(x)
