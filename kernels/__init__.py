@@ -16,7 +16,6 @@ import contextlib
 # while probing for an unrelated distribution; a relative import would make that probe raise.
 from dpt_fast import env
 
-AUTOTUNE_ENV = "DPT_FAST_AUTOTUNE"
 AUTOTUNE_MODES = env.AUTOTUNE_MODES
 
 
