@@ -524,7 +524,7 @@ def test_gpu_suite_is_valid_bash_and_its_benchmark_arguments_parse(tmp_path):
                                       "--compile-timeout-s", "100", "--out", str(tmp_path), "--budget-s", "200"])
     assert args.budget_s == 200 and args.compile_fallback_mode == "default"
     assert bench.parse_configs(args.sizes, None)[-1] == ("4k", (2160, 3840), 1)
-    # each stage returns at most 8 files: log, extension, environment, junit (tests);
+    # each stage writes a few files: log, extension, environment, junit (tests);
     # log + 3 JSON (kernels); log + bench JSON/MD/PNG + train JSON (e2e)
     assert "STAGE_BUDGET_S:-420" in text and "STAGE_BUDGET_S:-480" in text and 'tee "$OUT/suite-$stage.log"' in text
 
