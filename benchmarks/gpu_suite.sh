@@ -25,7 +25,8 @@
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #     --platform manylinux2014_x86_64 -d .whl nvidia-cutlass==4.2.0.0
 # The tests stage also leaves the built extension as $OUT/_C.<python tag>.so: copied to dpt_fast/, a later
-# stage on a fresh machine of the same image loads it instead of building (2-4 minutes).
+# stage on another machine with the same Python, torch and CUDA versions loads it instead of building
+# (2-4 minutes).
 #
 # Everything goes under $OUT (default ./gpu-out), a few files a stage: suite-<stage>.log,
 # environment.json (versions, measured ceilings), each benchmark's JSON (rewritten after every row, so a
@@ -88,7 +89,7 @@ PY
   echo "build finished $(( SECONDS - T0 )) s into the stage"
 }
 
-export_extension() {  # for later stages on a fresh machine
+export_extension() {  # for later stages on another machine with the same versions
   local so
   so=$(python -c "import sysconfig; print('dpt_fast/_C' + sysconfig.get_config_var('EXT_SUFFIX'))")
   [ -f "$so" ] || return 0
