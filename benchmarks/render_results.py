@@ -1,4 +1,4 @@
-"""Turn the files a GPU run of benchmarks/gpu_suite.sh returned into the project's results.
+"""Turn the files a GPU run of benchmarks/gpu_quick.py or gpu_suite.sh wrote into the project's results.
 
     python benchmarks/render_results.py FOLDER_OR_FILE...        (the output folders of the GPU runs)
 
@@ -644,7 +644,7 @@ def write_markdown(path: Path, generated: str) -> None:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("inputs", nargs="*", type=Path, help="folders or files a GPU run returned")
+    ap.add_argument("inputs", nargs="*", type=Path, help="folders or files a GPU run wrote")
     ap.add_argument("--results-dir", type=Path, default=None, help=f"default {DEFAULT_RESULTS.relative_to(ROOT)}")
     ap.add_argument("--markdown", type=Path, default=None, help=f"default {DEFAULT_MARKDOWN.relative_to(ROOT)}")
     ap.add_argument("--allow-non-gpu", action="store_true",
