@@ -152,7 +152,7 @@ def _mode() -> str:
         return "auto"
     if value in ("0", "1"):
         return value
-    raise SystemExit(f"dpt_fast setup: {ENV} must be 0, 1 or unset, got {os.environ[ENV]!r}")
+    raise SystemExit(f"dpt_fast setup: {ENV} must be 0, 1, auto or unset, got {os.environ[ENV]!r}")
 
 
 class CMakeExtension(Extension):
