@@ -25,7 +25,8 @@ from .hf_convert import HFConversionError
 __all__ = ["detect_format", "read_state_dict", "unwrap_state_dict", "infer_original_config",
            "released_file_settings", "load_state_dict_into", "fit_state_dict", "read_checkpoint",
            "describe_config", "CheckpointError", "RELEASED_FILES", "FORMAT", "FORMAT_VERSION", "CONFIG_NAME",
-           "WEIGHTS_NAME"]
+           "WEIGHTS_NAME", "read_json", "load_safetensors", "torch_load_weights_only", "read_hf_state_dict",
+           "confined_file"]
 
 FORMAT = "dpt_fast"
 FORMAT_VERSION = 1
@@ -79,7 +80,8 @@ class CheckpointError(ValueError):
 
 # ------------------------------------------------------------------------------------ detection
 
-def _read_json(path: Path) -> dict:
+def read_json(path: Path) -> dict:
+    """The JSON object in the file at `path`, else a CheckpointError naming the file and what is wrong."""
     try:
         with open(path, encoding="utf-8") as f:
             data = json.load(f)
@@ -100,7 +102,7 @@ def detect_format(path) -> tuple[str, Path, dict | None]:
         raise FileNotFoundError(f"no such file or directory: '{p}' (expected an original-release .pt file, a "
                                 "Hugging Face DPT directory or a directory written by dpt_fast.save_model)")
     if p.is_file() and (p.name == CONFIG_NAME or (p.suffix == ".safetensors" and (p.parent / CONFIG_NAME).is_file())):
-        cfg = _read_json(p.parent / CONFIG_NAME)
+        cfg = read_json(p.parent / CONFIG_NAME)
         if cfg.get("format") == FORMAT or hf_convert.is_hf_dpt_config(cfg):
             p = p.parent
     if p.is_dir():
@@ -108,7 +110,7 @@ def detect_format(path) -> tuple[str, Path, dict | None]:
         if not cfg_path.is_file():
             raise CheckpointError(f"{p} is a directory without {CONFIG_NAME}: expected a Hugging Face DPT "
                                   "directory or one written by dpt_fast.save_model (or pass the .pt file itself)")
-        cfg = _read_json(cfg_path)
+        cfg = read_json(cfg_path)
         if cfg.get("format") == FORMAT:
             return FORMAT, p, cfg
         if hf_convert.is_hf_dpt_config(cfg):
@@ -136,7 +138,8 @@ def _weights_only_reason(error: BaseException) -> str:
     return _first_line(error)
 
 
-def _load_safetensors(path: Path, device="cpu") -> dict:
+def load_safetensors(path: Path, device="cpu") -> dict:
+    """The tensors of a .safetensors file on `device`, else a CheckpointError (corrupt or another format)."""
     from safetensors.torch import load_file
     try:
         return load_file(str(path), device=str(device))
@@ -144,7 +147,9 @@ def _load_safetensors(path: Path, device="cpu") -> dict:
         raise CheckpointError(f"{path} is corrupt or not a safetensors file ({_first_line(e)})") from None
 
 
-def _torch_load(path: Path):
+def torch_load_weights_only(path: Path):
+    """The object of a PyTorch file, read with torch.load(weights_only=True) onto the CPU (nothing in it
+    is executed), else a CheckpointError: refused pickled objects, or a corrupt file."""
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
@@ -195,8 +200,8 @@ def read_state_dict(path) -> dict:
     """An original-format checkpoint file -> its state dict (safe: weights_only / safetensors)."""
     path = Path(path)
     if path.suffix == ".safetensors":
-        return unwrap_state_dict(_load_safetensors(path), path)
-    return unwrap_state_dict(_torch_load(path), path)
+        return unwrap_state_dict(load_safetensors(path), path)
+    return unwrap_state_dict(torch_load_weights_only(path), path)
 
 
 def _allowed_roots(root: Path) -> list[Path]:
@@ -210,7 +215,7 @@ def _allowed_roots(root: Path) -> list[Path]:
     return roots
 
 
-def _confined(root: Path, path: Path, source) -> Path:
+def confined_file(root: Path, path: Path, source) -> Path:
     """`path`, once checked to be a regular file that really lies inside the model folder `root`
     (links followed), else a CheckpointError: a folder from a stranger may not make the loader read
     other files of this machine, nor block on a FIFO or a device."""
@@ -238,16 +243,16 @@ def _shard_path(root: Path, name, index_path: Path) -> Path:
     path = root.joinpath(*parts)
     if not path.exists() and not path.is_symlink():
         raise CheckpointError(f"{index_path} names the shard {name}, which is missing")
-    return _confined(root, path, index_path)
+    return confined_file(root, path, index_path)
 
 
-def _read_hf_state_dict(root: Path) -> dict:
+def read_hf_state_dict(root: Path) -> dict:
     """The raw (HF-keyed) state dict of a Hugging Face model directory, sharded or not."""
-    for index_name, loader in (("model.safetensors.index.json", _load_safetensors),
-                               ("pytorch_model.bin.index.json", _torch_load)):
+    for index_name, loader in (("model.safetensors.index.json", load_safetensors),
+                               ("pytorch_model.bin.index.json", torch_load_weights_only)):
         index_path = root / index_name
         if index_path.is_file() or index_path.is_symlink():
-            weight_map = _read_json(_confined(root, index_path, root)).get("weight_map")
+            weight_map = read_json(confined_file(root, index_path, root)).get("weight_map")
             if not isinstance(weight_map, dict) or not weight_map:
                 raise CheckpointError(f"{index_path}: \"weight_map\" must be an object mapping tensor names "
                                       "to shard files")
@@ -260,10 +265,10 @@ def _read_hf_state_dict(root: Path) -> dict:
                     raise CheckpointError(f"{index_path}: the tensor {twice} is in more than one shard")
                 state.update(part)
             return state
-    for name, loader in (("model.safetensors", _load_safetensors), ("pytorch_model.bin", _torch_load)):
+    for name, loader in (("model.safetensors", load_safetensors), ("pytorch_model.bin", torch_load_weights_only)):
         path = root / name
         if path.exists() or path.is_symlink():
-            return unwrap_state_dict(loader(_confined(root, path, root)), path)
+            return unwrap_state_dict(loader(confined_file(root, path, root)), path)
     raise CheckpointError(f"{root}: a Hugging Face DPT config but no weights (model.safetensors, "
                           "pytorch_model.bin or a sharded index)")
 
@@ -454,18 +459,18 @@ def read_checkpoint(path, overrides: dict, infer: bool = True) -> tuple[str, Pat
         weights = root / WEIGHTS_NAME
         if not weights.exists() and not weights.is_symlink():
             raise CheckpointError(f"{root}: {WEIGHTS_NAME} is missing")
-        state = _load_safetensors(_confined(root, weights, root))
+        state = load_safetensors(confined_file(root, weights, root))
     elif fmt == "huggingface":
         try:
             # Check the config before reading weights; the keys decide the head only without 'architectures'.
-            raw = None if meta.get("architectures") or not infer else _read_hf_state_dict(root)
+            raw = None if meta.get("architectures") or not infer else read_hf_state_dict(root)
             if infer:
                 model_class = hf_convert.hf_model_class(meta, None if raw is None else raw.keys())
                 config = {**_validated(hf_convert.hf_config_to_model_config(meta, model_class),
                                        root / CONFIG_NAME), **overrides}
             else:
                 config = None
-            raw = _read_hf_state_dict(root) if raw is None else raw
+            raw = read_hf_state_dict(root) if raw is None else raw
             state, unknown = hf_convert.hf_state_dict_to_original(raw)
         except HFConversionError as e:
             raise CheckpointError(f"{root}: Hugging Face DPT: {e}") from None
@@ -475,7 +480,7 @@ def read_checkpoint(path, overrides: dict, infer: bool = True) -> tuple[str, Pat
         if meta.get("use_auxiliary_head") is False:
             fill["fill_prefixes"] = ("auxlayer.",)  # training-only head: the model's own init
     else:
-        obj = _load_safetensors(root) if root.suffix == ".safetensors" else _torch_load(root)
+        obj = load_safetensors(root) if root.suffix == ".safetensors" else torch_load_weights_only(root)
         state = unwrap_state_dict(obj, root)
         recorded = _training_checkpoint_config(obj)
         if not infer:
@@ -505,7 +510,3 @@ def load_state_dict_into(model: nn.Module, path) -> None:
     state = fit_state_dict(model, state, fmt=fmt, source=root, config=config, **fill)
     model.load_state_dict(state, strict=True)
 
-
-# The names these helpers had when they were private to dpt_fast.weights.
-_fit = fit_state_dict
-_read = read_checkpoint

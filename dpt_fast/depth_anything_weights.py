@@ -30,8 +30,8 @@ import torch
 from torch import nn
 
 from . import specs
-from .checkpoints import (CONFIG_NAME, CheckpointError, _fit, _load_safetensors, _read_hf_state_dict, _read_json,
-                          _torch_load, unwrap_state_dict)
+from .checkpoints import (CONFIG_NAME, CheckpointError, fit_state_dict, load_safetensors, read_hf_state_dict,
+                          read_json, torch_load_weights_only, unwrap_state_dict)
 
 __all__ = ["recognizes", "load", "infer_config", "hf_config_to_model_config", "hf_state_dict_to_original"]
 
@@ -498,19 +498,19 @@ def _read(path, overrides: dict) -> tuple[Path, dict, dict]:
     """(resolved path, model config, state dict in the model's layout)."""
     p = _folder_of(Path(os.fspath(path)).expanduser())
     if p.is_dir():
-        cfg = _read_json(p / CONFIG_NAME)
+        cfg = read_json(p / CONFIG_NAME)
         config = {**hf_config_to_model_config(cfg, str(p / CONFIG_NAME))}
         for key in ("version", "arch"):
             if key in overrides:
                 raise CheckpointError(f"{p}: {key}= does not apply to a transformers folder (its config.json "
                                       "describes the model)")
         config.update(overrides)
-        raw = _read_hf_state_dict(p)
+        raw = read_hf_state_dict(p)
         state, unknown = hf_state_dict_to_original(raw)
         for key in unknown:  # reported as unexpected keys, under their transformers names
             state[key] = raw[key]
         return p, config, original_state_dict_to_model(state)
-    obj = _load_safetensors(p) if p.suffix == ".safetensors" else _torch_load(p)
+    obj = load_safetensors(p) if p.suffix == ".safetensors" else torch_load_weights_only(p)
     state = unwrap_state_dict(obj, p)
     config = infer_config(state, filename=p.name, overrides=overrides, source=p)
     return p, config, original_state_dict_to_model(state)
@@ -533,7 +533,7 @@ def load(path, device=None, dtype=None, **overrides) -> nn.Module:
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{root}: cannot build DepthAnythingModel from {config}: {e}") from None
     fmt = "Depth Anything original-release" if root.is_file() else "Depth Anything transformers"
-    state = _fit(model, state, fmt=fmt, source=root, config=config, fill_keys=("pretrained.mask_token",))
+    state = fit_state_dict(model, state, fmt=fmt, source=root, config=config, fill_keys=("pretrained.mask_token",))
     model.to_empty(device=device if device is not None else "cpu")
     model.load_state_dict(state, strict=True)
     if dtype is not None:

@@ -47,17 +47,13 @@ from torch import nn
 
 from . import fileio
 from .checkpoints import (CONFIG_NAME, FORMAT, FORMAT_LABELS, FORMAT_VERSION, RELEASED_FILES,  # noqa: F401
-                          WEIGHTS_NAME, CheckpointError, _confined, _load_safetensors, _read_hf_state_dict,
-                          _read_json, _torch_load, describe_config, detect_format, fit_state_dict,
+                          WEIGHTS_NAME, CheckpointError, describe_config, detect_format, fit_state_dict,
                           infer_original_config, load_state_dict_into, read_checkpoint, read_state_dict,
                           released_file_settings, unwrap_state_dict)
 
 __all__ = ["load_model", "save_model", "load_state_dict_into", "detect_format", "read_state_dict",
            "unwrap_state_dict", "infer_original_config", "released_file_settings", "CheckpointError", "RELEASED_FILES",
            "FORMAT", "FORMAT_VERSION"]
-
-# The names of dpt_fast.checkpoints' helpers when they were private to this module.
-_fit, _read = fit_state_dict, read_checkpoint
 
 
 def _build(config: dict, on_meta: bool = True) -> nn.Module:

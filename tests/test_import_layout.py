@@ -2,11 +2,27 @@
 test command) or a script run from the repository root also finds it as a top-level "kernels" package.
 transformers imports a top-level "kernels" when probing for the unrelated hub-kernels distribution: that
 import must not raise, or every transformers model fails to build from the repository root."""
+import ast
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_no_module_imports_a_private_name_of_another():
+    """A helper that another module needs has a public, documented name: `from .x import _y` would tie the
+    importer to what x may change freely. (The compiled extension keeps torch's customary name, _C.)"""
+    found = []
+    for path in sorted(Path(ROOT, "dpt_fast").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), str(path))):
+            if isinstance(node, (ast.Import, ast.ImportFrom)):
+                private = [a.name for a in node.names
+                           if any(part.startswith("_") and not part.startswith("__") and part != "_C"
+                                  for part in a.name.split("."))]
+                found += [f"{path.relative_to(ROOT)}:{node.lineno} {name}" for name in private]
+    assert not found, found
 
 
 def test_transformers_builds_a_model_from_the_repository_root():

@@ -288,11 +288,11 @@ def load_video_depth_anything(path, device=None, dtype=None, **overrides) -> Vid
     """
     from pathlib import Path
 
-    from ..checkpoints import CheckpointError, _fit, _torch_load, unwrap_state_dict
+    from ..checkpoints import CheckpointError, fit_state_dict, torch_load_weights_only, unwrap_state_dict
     p = Path(path).expanduser()
     if not p.is_file():
         raise CheckpointError(f"{p}: no such file")
-    state = unwrap_state_dict(_torch_load(p), p)
+    state = unwrap_state_dict(torch_load_weights_only(p), p)
     if not any(k.startswith("head.motion_modules.") for k in state):
         raise CheckpointError(f"{p}: not a Video Depth Anything checkpoint (no head.motion_modules.* keys)")
     if "encoder" not in overrides:
@@ -305,7 +305,8 @@ def load_video_depth_anything(path, device=None, dtype=None, **overrides) -> Vid
             model = VideoDepthAnythingModel(**overrides)
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{p}: cannot build VideoDepthAnythingModel({overrides}): {e}") from None
-    state = _fit(model, state, fmt="original", source=p, config=model.config, fill_keys=("pretrained.mask_token",))
+    state = fit_state_dict(model, state, fmt="original", source=p, config=model.config,
+                           fill_keys=("pretrained.mask_token",))
     model.to_empty(device=device if device is not None else "cpu")
     model.load_state_dict(state, strict=True)
     if dtype is not None:
