@@ -5,21 +5,28 @@ through `atomic_write`: the content is written to a hidden temporary file in the
 `.<name>.<pid>-<8 hex>.tmp`, which is then renamed over the destination with `os.replace`. A reader
 therefore sees the old file or the new one, never a part; an interrupted write removes its temporary
 file, and one killed outright leaves a temporary file that `stale_temporaries` finds once its writing
-process is gone. New files get the mode of any new file (0666 less the umask).
+process is gone (and `remove_stale_temporaries` deletes, in the older namings too). New files get the
+mode of any new file (0666 less the umask).
 """
 from __future__ import annotations
 
 import os
 import re
+import time
 import uuid
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable
 
 __all__ = ["atomic_write", "atomic_write_bytes", "temporary_path", "TEMPORARY_NAME", "stale_temporaries",
-           "process_alive", "new_file_mode"]
+           "remove_stale_temporaries", "process_alive", "new_file_mode"]
 
 # The name of a temporary file: the final name, the writing process's id, 8 random hex digits.
 TEMPORARY_NAME = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)-[0-9a-f]{8}\.tmp$")
+# The names older dpt_fast versions gave them: ".NAME.tmp-PID" (training) and ".NAME.tmp-PID-RANDOM"
+# (save_model), and the fixed "NAME.tmp", which names no process. Too plain to be told apart from a user's
+# files, they are recognised only for the final names a caller lists.
+_OLDER_TEMPORARY_NAME = re.compile(r"^\.(?P<name>.+?)\.tmp-(?P<pid>\d+)(?:-\w+)?$")
+_FIXED_TEMPORARY_NAME = re.compile(r"^\.?(?P<name>.+)\.tmp$")
 
 
 def temporary_path(path) -> Path:
@@ -67,15 +74,65 @@ def stale_temporaries(folder, recursive: bool = True) -> list[Path]:
     """The temporary files of `atomic_write` under `folder` (recursively unless told otherwise; links
     not followed) whose writing process no longer runs on this machine: leftovers of a killed run,
     safe to delete."""
+    return _stale(folder, None, recursive=recursive, lock_held=False)
+
+
+def remove_stale_temporaries(folder, names: Iterable[str] | None = None, *, recursive: bool = False,
+                             min_age_s: float = 0.0, lock_held: bool = False) -> list[Path]:
+    """Delete the temporary files that killed writes left in `folder` (not its subfolders unless
+    `recursive`); returns their paths, sorted.
+
+    `names`: the final file names whose temporary files may go, recognised in atomic_write's naming and
+    in those of older versions (".NAME.tmp-PID", ".NAME.tmp-PID-RANDOM", the fixed "NAME.tmp"); None: the
+    temporary files of any name, in atomic_write's naming only. A file whose writing process still runs
+    on this machine is never deleted. `lock_held`: the caller holds a lock that keeps every other writer
+    of these names out of `folder`, so a process id in a name that runs now is a reused one and only this
+    process's own files are kept. `min_age_s` spares files modified less than that many seconds ago (a
+    process id of another machine sharing the folder says nothing here). Links are neither followed nor
+    deleted."""
+    now = time.time()
+    removed = []
+    for path in _stale(folder, None if names is None else frozenset(names), recursive=recursive,
+                       lock_held=lock_held):
+        try:
+            if min_age_s > 0 and now - os.lstat(path).st_mtime < min_age_s:
+                continue
+            path.unlink()
+        except FileNotFoundError:  # removed meanwhile (by another process cleaning the same folder)
+            continue
+        removed.append(path)
+    return removed
+
+
+def _stale(folder, names: frozenset | None, *, recursive: bool, lock_held: bool) -> list[Path]:
+    """The temporary files (regular files, not links) under `folder` whose writer cannot be running."""
     found = []
-    for root, dirs, files in os.walk(folder):
+    for root, _, files in os.walk(folder):
         for name in files:
-            match = TEMPORARY_NAME.match(name)
-            if match and not process_alive(int(match.group("pid"))):
-                found.append(Path(root) / name)
+            is_temporary, pid = _temporary_writer(name, names)
+            path = Path(root) / name
+            if not is_temporary or path.is_symlink() or not path.is_file():
+                continue
+            if pid is None or (pid != os.getpid() and (lock_held or not process_alive(pid))):
+                found.append(path)
         if not recursive:
             break
     return sorted(found)
+
+
+def _temporary_writer(file_name: str, names: frozenset | None) -> tuple[bool, int | None]:
+    """(whether `file_name` is the temporary file of a write to one of `names` -- any name when None, in
+    atomic_write's naming only --, the id of its writing process, None when the name does not tell)."""
+    match = TEMPORARY_NAME.match(file_name)
+    if match and (names is None or match["name"] in names):
+        return True, int(match["pid"])
+    if names is None:
+        return False, None
+    match = _OLDER_TEMPORARY_NAME.match(file_name)
+    if match and match["name"] in names:
+        return True, int(match["pid"])
+    match = _FIXED_TEMPORARY_NAME.match(file_name)
+    return bool(match and match["name"] in names), None
 
 
 def new_file_mode() -> int:

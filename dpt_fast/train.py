@@ -46,7 +46,6 @@ import json
 import math
 import os
 import random
-import re
 import signal
 import sys
 import threading
@@ -64,6 +63,7 @@ import torch.distributed as dist
 from torch import nn
 
 from . import backend, fileio, specs
+from .checkpoints import CONFIG_NAME, WEIGHTS_NAME
 from .cli_args import add_train_arguments as add_arguments
 from .cli_args import features_arg, int_list, train_parser
 from .data import StreamSampler, TrainStream, build_datasets
@@ -432,11 +432,9 @@ def _set_rng_state(state: dict, device) -> None:
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
-# the temporary files of _write_atomic in an output folder (dpt_fast.fileio's ".NAME.PID-RANDOM.tmp", and
-# ".NAME.tmp-PID" of earlier versions)
-_TEMPORARY = re.compile(r"^\.(checkpoint\.pt|metrics\.jsonl|args\.json)\.(tmp-\d+|\d+-[0-9a-f]{8}\.tmp)$")
-# and those of dpt_fast.save_model in OUT/model
-_MODEL_TEMPORARY = re.compile(r"^\.?(model\.safetensors|config\.json)(\.tmp(-\d+)?|\.\d+-[0-9a-f]{8}\.tmp)$")
+# the files _write_atomic writes in an output folder, and (save_model's) in OUT/model
+_OUTPUT_FILES = ("checkpoint.pt", "metrics.jsonl", "args.json")
+_MODEL_FILES = (WEIGHTS_NAME, CONFIG_NAME)
 
 
 def _write_atomic(path: Path, write) -> None:
@@ -458,15 +456,9 @@ def save_atomic(obj, path: Path) -> None:
 def _remove_stale_temporaries(out: Path) -> list[str]:
     """Delete what interrupted saves of an earlier run left in `out` (and out/model). Called only
     while holding the folder's lock, so no other training process is writing them."""
-    removed = []
-    for folder, pattern in ((out, _TEMPORARY), (out / "model", _MODEL_TEMPORARY)):
-        if not folder.is_dir():
-            continue
-        for entry in folder.iterdir():
-            if pattern.match(entry.name) and entry.is_file() and not entry.is_symlink():
-                entry.unlink(missing_ok=True)
-                removed.append(str(entry))
-    return removed
+    removed = fileio.remove_stale_temporaries(out, _OUTPUT_FILES, lock_held=True)
+    removed += fileio.remove_stale_temporaries(out / "model", _MODEL_FILES, lock_held=True)
+    return [str(path) for path in removed]
 
 
 class _FolderLock:

@@ -115,21 +115,6 @@ def load_model(path, device=None, dtype=None, **model_kwargs) -> nn.Module:
 
 # ------------------------------------------------------------------------------------------ saving
 
-def _remove_stale_temporaries(directory: Path) -> None:
-    """Delete the temporary files that an earlier save_model into `directory` left when its process was
-    killed (their writer is no longer running), including those named as older dpt_fast versions
-    named them (".NAME.tmp-PID-RANDOM" and the fixed "NAME.tmp")."""
-    for path in fileio.stale_temporaries(directory, recursive=False):
-        if fileio.TEMPORARY_NAME.match(path.name)["name"] in (WEIGHTS_NAME, CONFIG_NAME):
-            path.unlink(missing_ok=True)
-    for final in (WEIGHTS_NAME, CONFIG_NAME):
-        (directory / f"{final}.tmp").unlink(missing_ok=True)
-        for path in directory.glob(f".{final}.tmp-*"):
-            pid = path.name[len(f".{final}.tmp-"):].split("-", 1)[0]
-            if pid.isdigit() and not fileio.process_alive(int(pid)) and path.is_file():
-                path.unlink(missing_ok=True)
-
-
 def save_model(model: nn.Module, directory) -> Path:
     """Write `model` as dpt_fast's format: directory/config.json (model.config + format marker and
     version) and directory/model.safetensors (the state dict, dtypes as they are). Returns the
@@ -152,7 +137,8 @@ def save_model(model: nn.Module, directory) -> Path:
         raise ValueError(f"model.config is not JSON-serialisable: {e}") from None
     directory = Path(os.fspath(directory)).expanduser()
     directory.mkdir(parents=True, exist_ok=True)
-    _remove_stale_temporaries(directory)
+    # what an earlier save into `directory` left when its process was killed (its writer no longer runs)
+    fileio.remove_stale_temporaries(directory, (WEIGHTS_NAME, CONFIG_NAME))
     tensors, seen = {}, set()
     for key, value in model.state_dict().items():
         value = value.detach().to("cpu").contiguous()

@@ -63,6 +63,46 @@ def test_stale_temporaries_are_those_of_dead_writers(tmp_path):
     assert fileio.TEMPORARY_NAME.match(fileio.temporary_path(tmp_path / "x.npy").name)["name"] == "x.npy"
 
 
+def test_remove_stale_temporaries_takes_the_listed_names_in_every_naming_and_spares_live_writers(tmp_path):
+    dead, live = _dead_pid(), os.getppid()
+    stale = [f".model.safetensors.{dead}-0123abcd.tmp", f".model.safetensors.tmp-{dead}",
+             f".config.json.tmp-{dead}-k3x_9q1z", "model.safetensors.tmp", ".config.json.tmp"]
+    kept = [f".model.safetensors.{live}-0123abcd.tmp", f".config.json.tmp-{live}-k3x_9q1z",
+            f".model.safetensors.{os.getpid()}-0123abcd.tmp",  # this process's own write
+            f".notes.txt.tmp-{dead}", "notes.tmp", f".notes.txt.{dead}-0123abcd.tmp",  # names not listed
+            "model.safetensors", "config.json", ".model.safetensors.bak"]
+    for name in stale + kept:
+        (tmp_path / name).write_bytes(b"0")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / f".config.json.{dead}-0123abcd.tmp").write_bytes(b"0")
+    (tmp_path / f".model.safetensors.tmp-{dead}-link").symlink_to(tmp_path / "model.safetensors")
+
+    removed = fileio.remove_stale_temporaries(tmp_path, ["model.safetensors", "config.json"])
+    assert removed == sorted(tmp_path / name for name in stale)
+    assert sorted(os.listdir(tmp_path)) == sorted(kept + ["sub", f".model.safetensors.tmp-{dead}-link"])
+    assert (tmp_path / "sub" / f".config.json.{dead}-0123abcd.tmp").exists()  # not recursive
+
+
+def test_remove_stale_temporaries_under_a_lock_takes_every_other_process_s_files(tmp_path):
+    other, own = f".args.json.tmp-{os.getppid()}", f".args.json.{os.getpid()}-0123abcd.tmp"
+    for name in (other, own):
+        (tmp_path / name).write_bytes(b"0")
+    assert fileio.remove_stale_temporaries(tmp_path, ["args.json"], lock_held=True) == [tmp_path / other]
+    assert os.listdir(tmp_path) == [own]
+
+
+def test_remove_stale_temporaries_of_any_name_takes_only_atomic_write_s_and_spares_recent_ones(tmp_path):
+    dead = _dead_pid()
+    old, recent = tmp_path / "a" / f".x.npy.{dead}-0123abcd.tmp", tmp_path / f".y.png.{dead}-0123abcd.tmp"
+    old.parent.mkdir()
+    for path in (old, recent, tmp_path / "x.npy.tmp", tmp_path / f".x.npy.tmp-{dead}"):
+        path.write_bytes(b"0")
+    os.utime(old, (0, 0))
+    assert fileio.remove_stale_temporaries(tmp_path, recursive=True, min_age_s=3600) == [old]
+    assert fileio.remove_stale_temporaries(tmp_path, recursive=True) == [recent]
+    assert sorted(os.listdir(tmp_path)) == [f".x.npy.tmp-{dead}", "a", "x.npy.tmp"]
+
+
 def test_pfm_round_trip_and_robust_reading(tmp_path):
     values = np.arange(12, dtype=np.float32).reshape(3, 4)
     image_io.write_pfm(tmp_path / "a.pfm", values)
