@@ -15,3 +15,23 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords and not torch.cuda.is_available():
             item.add_marker(skip_gpu)
+
+
+# --- fixtures any test may request by name (autouse ones live in helpers.py: a module opts in by importing)
+
+@pytest.fixture
+def meta_only_builds(monkeypatch):
+    """Fails the test if load_model builds a model anywhere but on the meta device; the list of the
+    devices models were built on."""
+    import dpt_fast.models
+    real = dpt_fast.models.build_model
+    devices = []
+
+    def build_model(config):
+        devices.append(torch.empty(0).device.type)
+        if devices[-1] != "meta":
+            raise AssertionError("a model was built in memory before the weights were checked")
+        return real(config)
+
+    monkeypatch.setattr(dpt_fast.models, "build_model", build_model)
+    return devices

@@ -37,7 +37,3 @@ def hf_model(version: int = 2, metric: bool = False, max_depth: int = 20, seed: 
 def hf_predict(model, x):
     with torch.no_grad():
         return model(pixel_values=x).predicted_depth
-
-
-def rel(a, b) -> float:
-    return ((a - b).norm() / b.norm()).item()

@@ -1,6 +1,7 @@
 """Markers and helpers the test files share (not part of the package)."""
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import re
@@ -47,15 +48,38 @@ def extension_gpu(fn):
 
 # --- fixtures ------------------------------------------------------------------------------------
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread for the tests of a module that imports this fixture (it is autouse there): on
-    2 shared cores, OpenMP threads spinning against other processes make a training step several times
-    slower than one thread."""
+@contextlib.contextmanager
+def single_thread():
+    """One intra-op thread inside the block: on 2 shared cores, OpenMP threads spinning against other
+    processes make a training step several times slower than one thread."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """single_thread() for each test of a module that imports this fixture (it is autouse there)."""
+    with single_thread():
+        yield
+
+
+@pytest.fixture(autouse=True)
+def reference_backend():
+    """Operators on their reference implementations for the tests of a module that imports this fixture
+    (it is autouse there): such a module tests models or weights, not the kernels."""
+    with dpt_fast.use_backend("reference"):
+        yield
+
+
+# --- comparisons ----------------------------------------------------------------------------------
+
+def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    """|a - b| / |b| in the L2 norm, computed in float64 so that the measure adds no rounding of its own."""
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
 # --- README examples ------------------------------------------------------------------------------

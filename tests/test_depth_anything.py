@@ -12,18 +12,12 @@ from dpt_fast import specs, transforms
 from dpt_fast.models.depth_anything import DepthAnythingModel, resize_position_grid
 from dpt_fast.weights import CheckpointError
 
-from da_helpers import GRID, IMAGE_SIZE, OUT_INDICES, hf_model, hf_predict, rel
+from da_helpers import IMAGE_SIZE, OUT_INDICES, hf_model, hf_predict
+from helpers import relative_error
+# autouse: operators on the reference backend (tests/test_depth_anything_fused.py runs the kernels)
+from helpers import reference_backend  # noqa: F401
 
 pytest.importorskip("transformers")
-
-
-
-@pytest.fixture(autouse=True)
-def _reference_backend():
-    """Operators on their reference implementations: this file tests the model, not the kernels
-    (tests/test_depth_anything_fused.py runs the kernels)."""
-    with dpt_fast.use_backend("reference"):
-        yield
 
 
 SQUARE = (IMAGE_SIZE, IMAGE_SIZE)     # the trained grid: no position-embedding resize
@@ -76,7 +70,7 @@ def test_transformers_folder_matches_transformers(tmp_path, version, metric):
             out = model(x)
         assert out.shape == expected.shape == (batch, *size)
         assert expected.std() > 1e-2 * expected.abs().mean()  # not a flat map: the comparison means something
-        assert rel(out, expected) < 1e-4, size
+        assert relative_error(out, expected) < 1e-4, size
 
 
 def test_position_rule_changes_numbers_off_the_trained_grid(tmp_path):
@@ -91,7 +85,7 @@ def test_position_rule_changes_numbers_off_the_trained_grid(tmp_path):
         x = torch.randn(1, 3, *SQUARE)
         assert torch.equal(hf_rule(x), original_rule(x))
         x = torch.randn(1, 3, *NON_SQUARE)
-        assert rel(original_rule(x), hf_rule(x)) > 1e-3
+        assert relative_error(original_rule(x), hf_rule(x)) > 1e-3
 
 
 @pytest.mark.parametrize("metric", [False, True])
@@ -104,11 +98,11 @@ def test_original_file_follows_the_original_rule(tmp_path, metric):
     assert model.metric == metric and model.max_depth == (80.0 if metric else 1.0)  # from the file name
     x = torch.randn(1, 3, *SQUARE)
     with torch.no_grad():
-        assert rel(model(x), hf_predict(hf, x)) < 1e-4
+        assert relative_error(model(x), hf_predict(hf, x)) < 1e-4
     _with_original_rule(hf)
     x = torch.randn(2, 3, *NON_SQUARE)
     with torch.no_grad():
-        assert rel(model(x), hf_predict(hf, x)) < 1e-4
+        assert relative_error(model(x), hf_predict(hf, x)) < 1e-4
 
 
 def test_use_clstoken_readout_projects_the_class_token(tmp_path):
@@ -135,7 +129,7 @@ def test_use_clstoken_readout_projects_the_class_token(tmp_path):
             read.append(torch.cat((t[:, :1], F.gelu(F.linear(torch.cat((t[:, 1:], cls), -1), w, b))), dim=1))
         maps = plain.depth_head.reassemble(read, gh, gw)
         expected = plain.depth_head(maps, gh, gw).squeeze(1)
-        assert rel(model(x), expected) < 1e-5
+        assert relative_error(model(x), expected) < 1e-5
 
 
 # ------------------------------------------------------------------------ the original's position rule
@@ -421,7 +415,7 @@ def test_real_size_small_matches_transformers(tmp_path):
         expected = hf_predict(hf, x)
         assert expected.std() > 0
         with torch.no_grad():
-            assert rel(model(x), expected) < 1e-4
+            assert relative_error(model(x), expected) < 1e-4
 
 
 def test_giant_swiglu_names_map_to_timm():

@@ -17,10 +17,11 @@ import torch
 transformers = pytest.importorskip("transformers")
 from transformers import DPTConfig, DPTForDepthEstimation, DPTForSemanticSegmentation  # noqa: E402
 
-from dpt_fast import use_backend  # noqa: E402
 from dpt_fast.hf_convert import (HF_VIT_TABLE, HFConversionError, hf_config_to_model_config,  # noqa: E402
                                  hf_state_dict_to_original)
 from dpt_fast.weights import CheckpointError, load_model  # noqa: E402
+from helpers import relative_error  # noqa: E402
+from helpers import reference_backend  # noqa: E402,F401 (autouse: operators on the reference backend)
 
 TOL = 1e-4
 
@@ -29,12 +30,6 @@ TINY = dict(hidden_size=192, num_hidden_layers=12, num_attention_heads=3, interm
             image_size=224, patch_size=16)
 HYBRID = dict(is_hybrid=True, backbone_out_indices=[2, 5, 8, 11], neck_hidden_sizes=[256, 512, 768, 768],
               reassemble_factors=[1, 1, 1, 0.5])
-
-
-@pytest.fixture(autouse=True)
-def _reference_backend():
-    with use_backend("reference"):
-        yield
 
 
 def _randomize(model, seed=0):
@@ -64,10 +59,6 @@ def _center_depth_head(model, size):
     hook.remove()
 
 
-def _rel(a, b):
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
-
-
 def _save(model, path):
     model.eval()
     model.save_pretrained(path)
@@ -84,7 +75,7 @@ def _compare_depth(hf, ours, x):
         out = ours(x)
     assert out.shape == ref.shape
     assert (ref > 0).float().mean() > 0.1  # not vacuous
-    return _rel(out, ref)
+    return relative_error(out, ref)
 
 
 @pytest.mark.parametrize("readout", ["project", "add", "ignore"])
@@ -145,7 +136,7 @@ def test_segmentation_matches_hf(tmp_path):
         ref = hf(pixel_values=x).logits  # [B, C, H, W]: HF's head ends with the x2 upsample, as ours
         out = ours(x)
     assert out.shape == ref.shape == (2, 7, 64, 64)
-    _rel_ok(_rel(out, ref))
+    _rel_ok(relative_error(out, ref))
     # The auxiliary head (training only) carries HF's weights too.
     for i in (0, 1, 4):
         for name, value in hf.auxiliary_head.head[i].state_dict().items():
@@ -177,7 +168,7 @@ def test_segmentation_without_auxiliary_head(tmp_path):
     ours = load_model(_save(hf, tmp_path / "hf"))
     x = _input(64, batch=1)
     with torch.no_grad():
-        _rel_ok(_rel(ours(x), hf(pixel_values=x).logits))
+        _rel_ok(relative_error(ours(x), hf(pixel_values=x).logits))
 
 
 def test_mismatched_hf_checkpoint_names_format_and_keys(tmp_path):
@@ -350,10 +341,9 @@ def test_sharded_folder_and_hub_cache_links_load(tmp_path):
         load_model(snapshot)
 
 
-def test_config_not_matching_weights_is_refused_before_any_allocation(tmp_path, monkeypatch):
+def test_config_not_matching_weights_is_refused_before_any_allocation(tmp_path, meta_only_builds):
     """A segmentation folder without an auxiliary head (whose filling needs a built model) and a
     config.json wider than its weights: refused on the meta device, never built in memory."""
-    import dpt_fast.models
     torch.manual_seed(0)
     hf = DPTForSemanticSegmentation(DPTConfig(**TINY, neck_hidden_sizes=[32] * 4, fusion_hidden_size=32,
                                               use_auxiliary_head=False, num_labels=3))
@@ -361,14 +351,6 @@ def test_config_not_matching_weights_is_refused_before_any_allocation(tmp_path, 
     cfg = json.loads((path / "config.json").read_text())
     cfg.update(fusion_hidden_size=4096, neck_hidden_sizes=[4096] * 4)
     (path / "config.json").write_text(json.dumps(cfg))
-    real, devices = dpt_fast.models.build_model, []
-
-    def build_model(config):
-        devices.append(torch.empty(0).device.type)
-        assert devices[-1] == "meta", "a model was built in memory before the weights were checked"
-        return real(config)
-
-    monkeypatch.setattr(dpt_fast.models, "build_model", build_model)
     with pytest.raises(CheckpointError, match="does not fit the model .*the model has .* values, the file"):
         load_model(path)
-    assert devices == ["meta"]
+    assert meta_only_builds == ["meta"]

@@ -14,20 +14,14 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-import dpt_fast.models
-from dpt_fast import DPTDepthModel, use_backend
+from dpt_fast import DPTDepthModel
 from dpt_fast.config_validation import VIT_KWARGS, validate_model_config
 from dpt_fast.hf_convert import HFConversionError, hf_config_to_model_config
 from dpt_fast.weights import CheckpointError, load_model, save_model
+from helpers import reference_backend  # noqa: F401 (autouse: operators on the reference backend)
 
 VIT = dict(embed_dim=32, depth=4, num_heads=2, img_size=64)
 TINY = dict(backbone="vit_base_patch16_384", hooks=[0, 1, 2, 3], features=16, vit_kwargs=VIT)
-
-
-@pytest.fixture(autouse=True)
-def _reference_backend():
-    with use_backend("reference"):
-        yield
 
 
 class _Payload:
@@ -224,22 +218,6 @@ def test_malformed_hf_config_gives_one_clear_error(tmp_path, fields, words):
     with pytest.raises(CheckpointError, match=words) as info:
         load_model(_hf_folder(tmp_path, _hf_config(**fields)))
     assert "\n" not in str(info.value) and info.value.__cause__ is None
-
-
-@pytest.fixture
-def meta_only_builds(monkeypatch):
-    """Fails the test if load_model builds a model anywhere but on the meta device."""
-    real = dpt_fast.models.build_model
-    devices = []
-
-    def build_model(config):
-        devices.append(torch.empty(0).device.type)
-        if devices[-1] != "meta":
-            raise AssertionError("a model was built in memory before the weights were checked")
-        return real(config)
-
-    monkeypatch.setattr(dpt_fast.models, "build_model", build_model)
-    return devices
 
 
 @pytest.mark.parametrize("aux", [True, False])

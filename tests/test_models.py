@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from dpt_fast import DPTDepthModel, DPTSegmentationModel, backend, build_model, use_backend
+from helpers import relative_error
 from model_helpers import TINY
 from model_helpers import randomize_ as _randomize_
 
@@ -92,10 +93,6 @@ def original_forward(model, x):
     return s.output_conv(path)
 
 
-def _rel_err(a, b):
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
-
-
 @pytest.mark.parametrize("backend", ["reference", "fused"])
 def test_tiny_depth_model_matches_the_original_forward(backend):
     model = _randomize_(DPTDepthModel(**TINY)).eval()
@@ -104,14 +101,14 @@ def test_tiny_depth_model_matches_the_original_forward(backend):
         out = model(x)
         expected = original_forward(model, x).squeeze(1)
     assert out.shape == (2, 64, 96)
-    assert _rel_err(out, expected) < 1e-5
+    assert relative_error(out, expected) < 1e-5
 
 
 def test_hybrid_depth_model_matches_the_original_forward():
     model = _randomize_(DPTDepthModel(backbone="vitb_rn50_384", non_negative=False), seed=1).eval()
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
-        assert _rel_err(model(x), original_forward(model, x).squeeze(1)) < 1e-5
+        assert relative_error(model(x), original_forward(model, x).squeeze(1)) < 1e-5
 
 
 def test_segmentation_model_with_batch_norm_matches_the_original_forward_and_trains_with_aux():
@@ -119,7 +116,7 @@ def test_segmentation_model_with_batch_norm_matches_the_original_forward_and_tra
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         logits = model(x)
-        assert _rel_err(logits, original_forward(model, x)) < 1e-5
+        assert relative_error(logits, original_forward(model, x)) < 1e-5
     model.train()
     logits, aux = model(x)
     assert logits.shape == (2, 5, 64, 64) and aux.shape == (2, 5, 32, 32)

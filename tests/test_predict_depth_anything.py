@@ -9,7 +9,8 @@ from PIL import Image
 
 from dpt_fast import DepthAnythingModel, image_io, predict, use_backend
 from dpt_fast.transforms import depth_anything_preprocess, resize_prediction
-from da_helpers import hf_model, hf_predict, rel
+from da_helpers import hf_model, hf_predict
+from helpers import relative_error
 from model_helpers import randomize_
 
 FAST = ["--backend", "reference", "--num-workers", "0", "--size", "42"]
@@ -87,7 +88,7 @@ def test_transformers_folder_matches_transformers(tmp_path, capsys):
     assert rc == 0, capsys.readouterr().err
     for photo in sorted(photos.iterdir()):
         expected = _expected(lambda x: hf_predict(hf, x), photo)
-        assert rel(torch.from_numpy(np.load(out / f"{photo.stem}.npy")), torch.from_numpy(expected)) < 1e-4
+        assert relative_error(torch.from_numpy(np.load(out / f"{photo.stem}.npy")), torch.from_numpy(expected)) < 1e-4
     assert {r["settings"]["output"] for r in _records(out)} == {"relative_disparity"}
 
 

@@ -16,7 +16,9 @@ import dpt_fast
 from dpt_fast import train as trainer
 from dpt_fast.data import SyntheticDataset, TrainStream
 from dpt_fast.losses import ScaleShiftInvariantLoss
+from helpers import single_thread
 from helpers import one_thread  # noqa: F401 (autouse: one intra-op thread)
+from train_helpers import SignalAt, run_metrics, run_state
 
 # vit_tiny (3 heads of 64) tapped at its first four blocks (the later eight are never run) keeps a
 # CPU step well under a second; everything else is the full DPT.
@@ -24,52 +26,23 @@ TINY = dict(data=["synthetic"], backbone="vit_tiny_patch16_224", hooks=[0, 1, 2,
             num_workers=0, backend="reference", device="cpu", log_every=1, progress=False)
 
 
-def _metrics(out):
-    return [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
-
-
-def _state(out):
-    return torch.load(os.path.join(out, "checkpoint.pt"), map_location="cpu", weights_only=True)
-
-
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory):
     """60 steps of the paper's depth loss on synthetic data (also the init of the fine-tuning test)."""
     out = tmp_path_factory.mktemp("trained")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with single_thread():  # a module fixture: the autouse one_thread covers only the tests
         result = trainer.train(TINY, steps=60, batch_size=4, lr=1e-3, out=str(out))
-    finally:
-        torch.set_num_threads(threads)
     return out, result
 
 
 def test_sixty_steps_on_synthetic_data_lower_the_loss(trained_run):
     out, result = trained_run
-    losses = [r["loss"] for r in _metrics(out)]
+    losses = [r["loss"] for r in run_metrics(out)]
     assert len(losses) == 60 and result["step"] == 60
     first, last = sum(losses[:10]) / 10, sum(losses[-10:]) / 10
     assert last < 0.75 * first, (first, last)
-    record = _metrics(out)[-1]
+    record = run_metrics(out)[-1]
     assert record["lr"] == 1e-3 and record["backbone_lr"] == pytest.approx(1e-4) and record["images_per_s"] > 0
-
-
-class _CtrlCAt:
-    """Wraps the trainer's loss so that its n-th call sends this process SIGINT (Ctrl-C mid-step)."""
-
-    def __init__(self, n):
-        self.n, self.calls, self.original = n, 0, trainer._loss_fn
-
-    def __call__(self, args, model):
-        inner = self.original(args, model)
-
-        def loss(*a):
-            self.calls += 1
-            if self.calls == self.n:
-                os.kill(os.getpid(), signal.SIGINT)
-            return inner(*a)
-        return loss
 
 
 @pytest.mark.parametrize("task", ["depth", "segmentation"])
@@ -79,10 +52,10 @@ def test_interrupted_and_resumed_run_equals_the_uninterrupted_run(tmp_path, monk
     whole = trainer.train(options, out=str(tmp_path / "whole"))
 
     handler = signal.getsignal(signal.SIGINT)
-    monkeypatch.setattr(trainer, "_loss_fn", _CtrlCAt(8))  # Ctrl-C during step 8: it finishes, then saves
+    monkeypatch.setattr(trainer, "_loss_fn", SignalAt(8))  # Ctrl-C during step 8: it finishes, then saves
     with pytest.raises(KeyboardInterrupt):
         trainer.train(options, out=str(tmp_path / "parts"))
-    assert _state(tmp_path / "parts")["step"] == 8 and _state(tmp_path / "parts")["samples"] == 16
+    assert run_state(tmp_path / "parts")["step"] == 8 and run_state(tmp_path / "parts")["samples"] == 16
     assert signal.getsignal(signal.SIGINT) is handler  # the trainer's handler is gone
     monkeypatch.undo()
     resumed = trainer.train(options, out=str(tmp_path / "parts"), resume="auto")
@@ -92,8 +65,8 @@ def test_interrupted_and_resumed_run_equals_the_uninterrupted_run(tmp_path, monk
     for name in expected:
         torch.testing.assert_close(actual[name], expected[name], rtol=0, atol=1e-6, msg=name)
     # the same batches after the resume: the same per-step losses, logged once each
-    whole_losses = [(r["step"], r["loss"], r["lr"]) for r in _metrics(tmp_path / "whole")]
-    parts_losses = [(r["step"], r["loss"], r["lr"]) for r in _metrics(tmp_path / "parts")]
+    whole_losses = [(r["step"], r["loss"], r["lr"]) for r in run_metrics(tmp_path / "whole")]
+    parts_losses = [(r["step"], r["loss"], r["lr"]) for r in run_metrics(tmp_path / "parts")]
     assert [s for s, _, _ in parts_losses] == list(range(1, 13))
     for (step, a, lr_a), (_, b, lr_b) in zip(whole_losses, parts_losses):
         assert a == pytest.approx(b, rel=1e-5, abs=1e-7), step
@@ -122,7 +95,7 @@ def test_two_process_ddp_matches_single_process_gradients(tmp_path):
     run = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert "2 process(es)" in run.stderr
-    ddp = _state(tmp_path / "ddp")["model"]
+    ddp = run_state(tmp_path / "ddp")["model"]
 
     compared = 0
     largest = max((p0 - single[n]).abs().max().item() for n, p0 in initial.items() if p0.is_floating_point())
@@ -143,9 +116,9 @@ def test_two_process_ddp_matches_single_process_gradients(tmp_path):
 
     # the 2-process checkpoint resumes in one process: same optimizer parameter groups whatever the count
     resumed = trainer.train(options, steps=2, out=str(tmp_path / "ddp"), resume="auto")
-    assert resumed["step"] == 2 and [r["step"] for r in _metrics(tmp_path / "ddp")] == [1, 2]
-    groups = [len(g["params"]) for g in _state(tmp_path / "single")["optimizer"]["param_groups"]]
-    assert groups == [len(g["params"]) for g in _state(tmp_path / "ddp")["optimizer"]["param_groups"]]
+    assert resumed["step"] == 2 and [r["step"] for r in run_metrics(tmp_path / "ddp")] == [1, 2]
+    groups = [len(g["params"]) for g in run_state(tmp_path / "single")["optimizer"]["param_groups"]]
+    assert groups == [len(g["params"]) for g in run_state(tmp_path / "ddp")["optimizer"]["param_groups"]]
 
 
 def test_a_fresh_run_never_overwrites_an_earlier_runs_checkpoint(tmp_path):
@@ -169,7 +142,7 @@ def test_resume_drops_metrics_after_the_checkpoint_and_a_line_cut_short(tmp_path
 def test_segmentation_run_decays_the_learning_rate_polynomially(tmp_path):
     seg = trainer.train(TINY, task="segmentation", steps=3, batch_size=2, out=str(tmp_path))
     assert isinstance(seg["model"], dpt_fast.DPTSegmentationModel) and seg["model"].num_classes == 8
-    lrs = [r["lr"] for r in _metrics(tmp_path)]
+    lrs = [r["lr"] for r in run_metrics(tmp_path)]
     assert lrs == pytest.approx([2e-3 * (1 - s / 3) ** 0.9 for s in range(3)])  # poly decay, power 0.9
 
 
@@ -177,14 +150,14 @@ def test_metric_fine_tuning_aligns_the_initial_model_then_trains(trained_run, tm
     init = os.path.join(trained_run[0], "checkpoint.pt")
     result = trainer.train(TINY, init=init, depth_loss="silog", align_samples=8, steps=2, batch_size=2,
                            out=str(tmp_path))
-    config = _state(tmp_path)["config"]
+    config = run_state(tmp_path)["config"]
     assert config["invert"] is True and config["scale"] > 0 and result["model"].invert
     rebuilt = dpt_fast.build_model(config)
-    rebuilt.load_state_dict(_state(tmp_path)["model"])
+    rebuilt.load_state_dict(run_state(tmp_path)["model"])
     with torch.no_grad():
         depth = rebuilt.eval()(torch.randn(1, 3, 64, 64))
     assert (depth > 0).all() and torch.isfinite(depth).all()
-    assert all(math.isfinite(r["loss"]) for r in _metrics(tmp_path))
+    assert all(math.isfinite(r["loss"]) for r in run_metrics(tmp_path))
 
 
 class _AffineStub(nn.Module):
@@ -222,15 +195,15 @@ def test_command_line(tmp_path, capsys):
                          "--out", str(tmp_path)]) == 0
     saved = json.loads((tmp_path / "args.json").read_text())
     assert saved["hooks"] == [0, 1, 2, 3] and saved["grad_checkpointing"] is True
-    assert saved["features"] == [16, 24, 32, 48] and _state(tmp_path)["config"]["fusion_features"] == 32
+    assert saved["features"] == [16, 24, 32, 48] and run_state(tmp_path)["config"]["fusion_features"] == 32
     exported = dpt_fast.load_model(tmp_path / "model").state_dict()  # the final model, dpt_fast's format
-    for name, value in _state(tmp_path)["model"].items():
+    for name, value in run_state(tmp_path)["model"].items():
         assert torch.equal(exported[name], value), name
 
 
 def test_bf16_autocast_training_step(tmp_path):
     result = trainer.train(TINY, precision="bf16", steps=2, batch_size=2, out=str(tmp_path))
-    assert all(math.isfinite(r["loss"]) for r in _metrics(tmp_path)) and result["step"] == 2
+    assert all(math.isfinite(r["loss"]) for r in run_metrics(tmp_path)) and result["step"] == 2
 
 
 @pytest.mark.gpu

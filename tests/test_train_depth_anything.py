@@ -4,11 +4,8 @@ the encoder's own learning rate, the model's normalisation and input multiple, a
 The model is a tiny DINOv2 (64 wide, one 64-wide head, five blocks) under a narrow decoder, written as an
 original-release file; its encoder is none of the released sizes, so --hooks gives its taps."""
 import json
-import os
 import re
 import shlex
-import signal
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,9 +17,10 @@ from dpt_fast import train as trainer
 from dpt_fast.data import SyntheticDataset, TrainStream
 from dpt_fast.losses import silog_loss
 from dpt_fast.models import DepthAnythingModel, DPTDepthModel
+from helpers import README
 from helpers import one_thread  # noqa: F401 (autouse: one intra-op thread)
+from train_helpers import SignalAt, run_metrics
 
-README = Path(__file__).resolve().parents[1] / "README.md"
 TAPS = [0, 1, 3, 4]
 RUN = dict(data=["synthetic"], hooks=TAPS, size=56, batch_size=4, num_workers=0, backend="reference", device="cpu",
            log_every=1, progress=False)
@@ -42,10 +40,6 @@ def _release_file(folder, metric=False):
     return str(folder / name)
 
 
-def _metrics(out):
-    return [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
-
-
 def _fell(losses, fraction):
     first, last = np.mean(losses[:8]), np.mean(losses[-8:])
     assert last < fraction * first, (first, last)
@@ -56,12 +50,12 @@ def test_init_of_a_relative_release_file_learns_with_the_encoder_ten_times_slowe
     result = trainer.train(RUN, init=init, steps=40, lr=1e-3, out=str(tmp_path / "run"))
     model = result["model"]
     assert isinstance(model, DepthAnythingModel) and not model.metric
-    _fell([r["loss"] for r in _metrics(tmp_path / "run")], 0.7)
+    _fell([r["loss"] for r in run_metrics(tmp_path / "run")], 0.7)
 
     args = json.loads((tmp_path / "run" / "args.json").read_text())
     assert args["optimizer"] == "adamw" and args["schedule"] == "poly" and args["weight_decay"] == 0.01
     assert args["depth_loss"] == "ssitrim" and args["backbone_lr"] == pytest.approx(1e-4)
-    first = _metrics(tmp_path / "run")[0]
+    first = run_metrics(tmp_path / "run")[0]
     assert first["lr"] == 1e-3 and first["backbone_lr"] == pytest.approx(1e-4)
     # the encoder group is the whole DINOv2 (pretrained.*), the decoder group everything else
     groups = trainer.param_groups(model, 1.0, 0.1)
@@ -103,7 +97,7 @@ def test_init_of_a_metric_release_file_trains_metres_with_silog(tmp_path, monkey
     model = result["model"]
     assert model.metric and model.max_depth == 20.0 and not hasattr(model, "invert")
     assert json.loads((tmp_path / "run" / "args.json").read_text())["depth_loss"] == "silog"
-    _fell([r["loss"] for r in _metrics(tmp_path / "run")], 0.8)
+    _fell([r["loss"] for r in run_metrics(tmp_path / "run")], 0.8)
 
     # the loss sees the prediction in metres against depth = 1 / disparity, the original's root form,
     # without the pixels beyond max_depth
@@ -142,7 +136,7 @@ def test_the_readme_fresh_arch_line_learns_and_its_output_varies(tmp_path):
     flags[flags.index("--out") + 1] = str(tmp_path / "run")
     assert trainer.main([*flags, "--num-workers", "0", "--backend", "reference", "--device", "cpu",
                          "--log-every", "1", "--no-progress"]) == 0
-    _fell([r["loss"] for r in _metrics(tmp_path / "run")], 0.8)
+    _fell([r["loss"] for r in run_metrics(tmp_path / "run")], 0.8)
     model = dpt_fast.load_model(tmp_path / "run" / "model").eval()
     assert isinstance(model, DepthAnythingModel) and model.config["arch"] == "da2-small"
     size = int(flags[flags.index("--size") + 1])
@@ -223,18 +217,8 @@ def test_losses_that_do_not_fit_the_model_are_refused(tmp_path):
 def test_resumed_depth_anything_run_equals_the_uninterrupted_run(tmp_path, monkeypatch):
     options = dict(RUN, init=_release_file(tmp_path, metric=True), steps=6, batch_size=2, lr=1e-3, save_every=2)
     whole = trainer.train(options, out=str(tmp_path / "whole"))
-    loss_fn = trainer._loss_fn
-
-    def stopping_after_step_3(args, model):
-        inner, calls = loss_fn(args, model), []
-
-        def loss(*a):
-            calls.append(1)
-            if len(calls) == 3:
-                os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C: step 3 finishes, then the run saves and stops
-            return inner(*a)
-        return loss
-    monkeypatch.setattr(trainer, "_loss_fn", stopping_after_step_3)
+    # Ctrl-C during step 3: the step finishes, then the run saves and stops
+    monkeypatch.setattr(trainer, "_loss_fn", SignalAt(3))
     with pytest.raises(KeyboardInterrupt):
         trainer.train(options, out=str(tmp_path / "parts"))
     monkeypatch.undo()
@@ -243,8 +227,8 @@ def test_resumed_depth_anything_run_equals_the_uninterrupted_run(tmp_path, monke
     expected, actual = whole["model"].state_dict(), resumed["model"].state_dict()
     for name in expected:
         torch.testing.assert_close(actual[name], expected[name], rtol=0, atol=1e-6, msg=name)
-    whole_losses = [(r["step"], r["loss"], r["lr"]) for r in _metrics(tmp_path / "whole")]
-    parts_losses = [(r["step"], r["loss"], r["lr"]) for r in _metrics(tmp_path / "parts")]
+    whole_losses = [(r["step"], r["loss"], r["lr"]) for r in run_metrics(tmp_path / "whole")]
+    parts_losses = [(r["step"], r["loss"], r["lr"]) for r in run_metrics(tmp_path / "parts")]
     assert [s for s, _, _ in parts_losses] == list(range(1, 7))
     for (step, a, lr_a), (_, b, lr_b) in zip(whole_losses, parts_losses):
         assert a == pytest.approx(b, rel=1e-5, abs=1e-7), step

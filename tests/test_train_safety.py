@@ -12,6 +12,7 @@ import torch
 
 from dpt_fast import train as trainer
 from helpers import one_thread  # noqa: F401 (autouse: one intra-op thread)
+from train_helpers import SignalAt, run_metrics, run_state
 
 TINY = dict(data=["synthetic"], backbone="vit_tiny_patch16_224", hooks=[0, 1, 2, 3], features=32, size=64,
             num_workers=0, backend="reference", device="cpu", progress=False, batch_size=2, lr=1e-3)
@@ -19,34 +20,6 @@ TINY = dict(data=["synthetic"], backbone="vit_tiny_patch16_224", hooks=[0, 1, 2,
 TINY_FLAGS = ["--data", "synthetic", "--backbone", "vit_tiny_patch16_224", "--hooks", "0,1,2,3", "--features", "32",
               "--size", "64", "--num-workers", "0", "--backend", "reference", "--device", "cpu", "--no-progress",
               "--batch-size", "2", "--lr", "1e-3"]
-
-
-def _metrics(out):
-    return [json.loads(line) for line in open(out / "metrics.jsonl")]
-
-
-def _state(out):
-    return torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=True)
-
-
-class _SignalAt:
-    """Wraps the trainer's loss so that its n-th call sends this process `sig`, or raises `error`
-    (standing for a SIGKILL: nothing of the trainer runs after it)."""
-
-    def __init__(self, n, sig=signal.SIGINT, error=None):
-        self.n, self.sig, self.error, self.calls, self.original = n, sig, error, 0, trainer._loss_fn
-
-    def __call__(self, args, model):
-        inner = self.original(args, model)
-
-        def loss(*a):
-            self.calls += 1
-            if self.calls == self.n:
-                if self.error is not None:
-                    raise self.error
-                os.kill(os.getpid(), self.sig)
-            return inner(*a)
-        return loss
 
 
 def _one_line_error(capsys, *words):
@@ -73,7 +46,7 @@ def test_sigterm_during_the_final_save_still_ends_with_checkpoint_and_model(tmp_
         result = trainer.train(TINY, steps=2, save_every=0, out=str(tmp_path))
     finally:
         signal.signal(signal.SIGTERM, previous)
-    assert result["step"] == 2 and _state(tmp_path)["step"] == 2
+    assert result["step"] == 2 and run_state(tmp_path)["step"] == 2
     assert (tmp_path / "model" / "config.json").exists()
     assert signal.getsignal(signal.SIGTERM) is previous  # the trainer's handler is gone afterwards
 
@@ -99,7 +72,7 @@ def test_a_second_run_on_a_folder_in_use_is_refused_and_a_dead_ones_lock_is_not(
         holder.wait()
     assert lock.exists()
     assert trainer.main([*TINY_FLAGS, "--steps", "1", "--out", str(out)]) == 0
-    assert _state(out)["step"] == 1 and not lock.exists()  # released (and removed) at the end
+    assert run_state(out)["step"] == 1 and not lock.exists()  # released (and removed) at the end
 
 
 def test_failed_save_removes_its_temporary_file_and_keeps_the_checkpoint(tmp_path, monkeypatch):
@@ -132,18 +105,18 @@ def test_resume_after_a_kill_before_the_first_save_restarts_with_the_recorded_se
     whole = tmp_path / "whole"
     trainer.train(TINY, steps=4, log_every=1, out=str(whole))
     parts = tmp_path / "parts"
-    monkeypatch.setattr(trainer, "_loss_fn", _SignalAt(3, error=SystemExit(137)))  # killed in step 3
+    monkeypatch.setattr(trainer, "_loss_fn", SignalAt(3, error=SystemExit(137)))  # killed in step 3
     with pytest.raises(SystemExit):
         trainer.train(TINY, steps=4, log_every=1, save_every=0, out=str(parts))
     monkeypatch.undo()
-    assert [r["step"] for r in _metrics(parts)] == [1, 2] and not (parts / "checkpoint.pt").exists()
+    assert [r["step"] for r in run_metrics(parts)] == [1, 2] and not (parts / "checkpoint.pt").exists()
     capsys.readouterr()
 
     # `dpt-fast train --resume --out OUT`: the settings, --data included, come from OUT/args.json
     assert trainer.main(["--resume", "--out", str(parts), "--save-every", "0"]) == 0
     assert "stopped before its first save" in capsys.readouterr().err
-    assert [r["step"] for r in _metrics(parts)] == [1, 2, 3, 4]  # no step twice
-    assert [r["loss"] for r in _metrics(parts)] == [r["loss"] for r in _metrics(whole)]
+    assert [r["step"] for r in run_metrics(parts)] == [1, 2, 3, 4]  # no step twice
+    assert [r["loss"] for r in run_metrics(parts)] == [r["loss"] for r in run_metrics(whole)]
 
 
 def test_resumed_and_extended_runs_log_and_compute_what_an_uninterrupted_run_does(tmp_path, monkeypatch):
@@ -152,21 +125,21 @@ def test_resumed_and_extended_runs_log_and_compute_what_an_uninterrupted_run_doe
     expected = trainer.train(options, steps=12, out=str(whole))["model"].state_dict()
 
     parts = tmp_path / "parts"
-    monkeypatch.setattr(trainer, "_loss_fn", _SignalAt(3))  # Ctrl-C in step 3, between two metrics lines
+    monkeypatch.setattr(trainer, "_loss_fn", SignalAt(3))  # Ctrl-C in step 3, between two metrics lines
     with pytest.raises(KeyboardInterrupt):
         trainer.train(options, steps=10, out=str(parts))
     monkeypatch.undo()
-    assert _state(parts)["step"] == 3 and not (parts / "metrics.jsonl").read_text()
+    assert run_state(parts)["step"] == 3 and not (parts / "metrics.jsonl").read_text()
     # README: `dpt-fast train --resume --out OUT` continues it; `--steps` extends a finished run
     assert trainer.main(["--resume", "--out", str(parts)]) == 0
-    assert _state(parts)["step"] == 10
+    assert run_state(parts)["step"] == 10
     assert trainer.main(["--resume", "--out", str(parts), "--steps", "12"]) == 0
 
-    logged = [(r["step"], r["loss"], r["lr"]) for r in _metrics(parts)]
+    logged = [(r["step"], r["loss"], r["lr"]) for r in run_metrics(parts)]
     assert [s for s, _, _ in logged] == [5, 10, 12]
-    assert logged == [(r["step"], r["loss"], r["lr"]) for r in _metrics(whole)]
-    assert _metrics(parts)[-1]["elapsed_s"] > _metrics(parts)[0]["elapsed_s"]  # the clock continues too
-    resumed = _state(parts)["model"]
+    assert logged == [(r["step"], r["loss"], r["lr"]) for r in run_metrics(whole)]
+    assert run_metrics(parts)[-1]["elapsed_s"] > run_metrics(parts)[0]["elapsed_s"]  # the clock continues too
+    resumed = run_state(parts)["model"]
     for name, value in expected.items():
         assert torch.equal(resumed[name], value), name
     recorded = json.loads((parts / "args.json").read_text())
@@ -187,10 +160,10 @@ def test_resume_refuses_options_that_contradict_the_recorded_run(tmp_path, capsy
     # repeating a recorded value, or changing how the run executes, is fine
     assert trainer.main(["--resume", "--out", str(tmp_path), "--data", "synthetic", "--size", "64", "--steps", "2",
                          "--num-workers", "0", "--log-every", "1"]) == 0
-    assert _state(tmp_path)["step"] == 2
+    assert run_state(tmp_path)["step"] == 2
     # --resume CKPT without --out continues in the checkpoint's folder
     assert trainer.main(["--resume", str(tmp_path / "checkpoint.pt"), "--steps", "3"]) == 0
-    assert _state(tmp_path)["step"] == 3 and [r["step"] for r in _metrics(tmp_path)] == [1, 2, 3]
+    assert run_state(tmp_path)["step"] == 3 and [r["step"] for r in run_metrics(tmp_path)] == [1, 2, 3]
 
 
 def test_expected_failures_end_with_one_line_and_status_2(tmp_path, capsys):

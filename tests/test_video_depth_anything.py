@@ -11,16 +11,12 @@ import dpt_fast
 from dpt_fast.models.video_depth_anything import VideoDepthAnythingModel, window_predictor
 from dpt_fast.video.windows import INFER_LEN, windowed_video_depth
 
+from helpers import one_thread  # noqa: F401 (autouse: one intra-op thread, many tiny calls)
+from helpers import reference_backend  # noqa: F401 (autouse: the model, not the kernels, is under test)
 from model_helpers import randomize_
 
 TINY_VDA = dict(encoder="vits", taps=[0, 1, 2, 3], features=32, out_channels=[32, 32, 64, 64],
                 vit_kwargs=dict(embed_dim=64, depth=4, num_heads=1))
-
-
-@pytest.fixture(autouse=True)
-def _reference_backend():
-    with dpt_fast.use_backend("reference"):  # the model, not the kernels, is under test here
-        yield
 
 
 @pytest.fixture(scope="module")
@@ -149,7 +145,7 @@ def restated_forward(model, clips, caches=None, states=None):
     return out.squeeze(1).unflatten(0, (b, t))
 
 
-def test_fp32_parity_with_the_published_forward(tiny, one_thread):
+def test_fp32_parity_with_the_published_forward(tiny):
     clips = torch.randn(2, 5, 3, 42, 56, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         got = tiny(clips)
@@ -159,7 +155,7 @@ def test_fp32_parity_with_the_published_forward(tiny, one_thread):
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
 
 
-def test_temporal_modules_mix_frames_and_only_within_a_clip(tiny, one_thread):
+def test_temporal_modules_mix_frames_and_only_within_a_clip(tiny):
     clips = torch.randn(2, 4, 3, 28, 28, generator=torch.Generator().manual_seed(2))
     changed = clips.clone()
     changed[0, 3] += 1.0  # a different last frame in the first clip
@@ -180,7 +176,7 @@ def test_fresh_temporal_modules_start_as_the_identity():
         torch.testing.assert_close(module(x, 3), x)
 
 
-def test_whole_video_through_the_windowed_procedure(tiny, one_thread):
+def test_whole_video_through_the_windowed_procedure(tiny):
     rng = np.random.default_rng(0)
     frames = [torch.from_numpy(rng.integers(0, 256, (3, 30, 40), dtype=np.uint8)) for _ in range(INFER_LEN + 5)]
     predict = window_predictor(tiny, lambda f: dpt_fast.transforms.depth_anything_preprocess(f, size=28)[0])
@@ -239,15 +235,7 @@ def restated_streaming(model, inputs):
     return outputs
 
 
-@pytest.fixture
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # many tiny calls: thread hand-offs would cost more than the work
-    yield
-    torch.set_num_threads(threads)
-
-
-def test_streaming_mode_matches_the_published_one(tiny, one_thread):
+def test_streaming_mode_matches_the_published_one(tiny):
     from dpt_fast.models.video_depth_anything import VideoDepthAnythingStream
     rng = np.random.default_rng(3)
     # 43 frames: from frame 42 on, the cache list's entry 1 is a real frame (the first 31 deletions

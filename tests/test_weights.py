@@ -20,8 +20,9 @@ import pytest
 import timm
 import torch
 
-from dpt_fast import DPTDepthModel, DPTSegmentationModel, use_backend
+from dpt_fast import DPTDepthModel, DPTSegmentationModel
 from dpt_fast.weights import CheckpointError, infer_original_config, load_model, save_model
+from helpers import reference_backend  # noqa: F401 (autouse: operators on the reference backend)
 
 TIMM_NAMES = {"vitb16_384": "vit_base_patch16_384", "vitl16_384": "vit_large_patch16_384",
               "vitb_rn50_384": "vit_base_r50_s16_384"}
@@ -39,12 +40,6 @@ RELEASED = {
 }
 
 TINY = dict(backbone="vit_tiny_patch16_224", hooks=[2, 5, 8, 11])
-
-
-@pytest.fixture(autouse=True)
-def _reference_backend():
-    with use_backend("reference"):
-        yield
 
 
 # ------------------------------------------------------------------ the release's key inventory
