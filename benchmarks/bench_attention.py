@@ -53,6 +53,7 @@ import harness  # noqa: E402
 
 DEFAULT_SIZES = (577, 1370, 2305, 4097, 9217, 16385, 32401)
 SDPA_BACKENDS = ("flash", "efficient", "cudnn", "math")
+OPS_REQUIRED = ("dpt_fast::attention", "dpt_fast::attention_backward")  # what every row must call
 # Depth Anything V2 (DINOv2 ViT-S/B/L, head dim 64): (tokens, batch, heads) of 518 x 518 images at batch 1
 # and 16, and of one 1022 x 1918 video frame.
 DA_TOKENS_518 = 37 * 37 + 1
@@ -84,7 +85,7 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-# --- helpers (torch/triton imported in main, so --help works anywhere) ---------------------------
+# --- the steps of a run (torch and triton imported inside them, so --help works anywhere) ----------
 
 def attention_flops(batch, tokens, heads, head_dim):
     forward = 4.0 * batch * heads * tokens * tokens * head_dim
@@ -132,201 +133,258 @@ def main(argv=None):
     refused = harness.refuse_without_gpu("bench_attention.py", args.smoke)
     if refused is not None:
         return refused
+    run = start_run(args, *device_and_dtype(args))
+    block = None if args.no_block else timm_attention(run.report)
+    all_cases = cases(args)
+    tasks = task_order(all_cases, [] if block is None else all_cases)
+    run.report["planned"] = [f"{kind} N={n} B={b} H={h}" for kind, n, b, h in tasks]
+    save(run)
+    measure_tasks(run, tasks, block)
+    record_kernel_choices(run.report)
+    save(run)
+    return run.finish(run.report["kernel"] + run.report["block"], markdown, "Triton")
 
+
+def device_and_dtype(args):
+    """cuda and --dtype; --smoke: the CPU, float32 (the interpreter's bf16 dots are wrong) and shapes in the
+    seconds range (args changed to say so). Sets args.preset_cases: --preset's rows, kept in the report's args."""
     import torch
-    import torch.nn.functional as F
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    import dpt_fast
-    from dpt_fast import ops
-
-    backends = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
-                "cudnn": SDPBackend.CUDNN_ATTENTION, "math": SDPBackend.MATH}
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
     dev = "cuda"
-    if args.smoke:  # the interpreter's bf16 dots are wrong: float32; shapes in the seconds range
+    if args.smoke:
         dev, dtype, args.dtype = "cpu", torch.float32, "fp32"
         args.sizes, args.extra, args.heads, args.tokens = [17, 40], ["17x3"], 2, 64
     # --preset da: Depth Anything's rows; --smoke keeps their layout (varying heads, two batches) at toy sizes
     args.preset_cases = ([(17, 1, 1), (17, 3, 2)] if args.smoke else list(DA_CASES)) if args.preset else []
-    head_dim = args.head_dim
-    run = harness.KernelBenchmark("attention", args, dev, dtype, dtype=args.dtype,
+    return dev, dtype
+
+
+def start_run(args, device, dtype):
+    run = harness.KernelBenchmark("attention", args, device, dtype, dtype=args.dtype,
                                   heads=sorted({c[2] for c in cases(args)}) if args.preset else args.heads,
-                                  head_dim=head_dim, preset=args.preset)
-    report, peak = run.report, run.ceilings["matmul_tflops"]
-    report.update(kernel=[], block=[])
-    ops_required = ("dpt_fast::attention", "dpt_fast::attention_backward")
+                                  head_dim=args.head_dim, preset=args.preset)
+    run.report.update(kernel=[], block=[])
+    return run
 
-    def bench_ms(fn):
-        return harness.median_ms(fn, dev, warmup_ms=25, rep_ms=100)
 
-    def tflops(flop, ms):
-        return flop / (ms * 1e-3) / 1e12
+def timm_attention(report):
+    """timm's Attention class for the block table; None (and a note) when timm is not installed."""
+    try:
+        from timm.layers import Attention
+    except ImportError:
+        report["notes"].append("timm not installed: no block table")
+        return None
+    return Attention
 
-    def save():  # rows in token order, then the JSON
-        report["kernel"].sort(key=lambda r: (r["tokens"], -r["batch"], r["heads"]))
-        report["block"].sort(key=lambda r: (r["tokens"], -r["batch"], r["heads"]))
-        run.save()
 
-    def account(row, ran):
-        run.account(row, ran, ops_required)
+def save(run):
+    """The rows in token order, then the JSON."""
+    for table in ("kernel", "block"):
+        run.report[table].sort(key=lambda r: (r["tokens"], -r["batch"], r["heads"]))
+    run.save()
 
-    def time_variant(make, grad):
-        """make() -> (forward callable, leaves). Returns {fwd, bwd, fwd_bwd} in ms and one forward output."""
-        fwd, leaves = make()
-        with torch.no_grad():
-            out_ref = fwd()  # warm-up: Triton autotuning / backend selection happen here
-        out = fwd()
-        torch.autograd.grad(out, leaves, grad)  # warm-up of the backward (autotuning)
-        res = {}
-        with torch.no_grad():
-            res["fwd"] = bench_ms(fwd)
-        out = fwd()
-        res["bwd"] = bench_ms(lambda: torch.autograd.grad(out, leaves, grad, retain_graph=True))
-        out = None
-        res["fwd_bwd"] = bench_ms(lambda: torch.autograd.grad(fwd(), leaves, grad))
-        return res, out_ref
 
-    def kernel_row(tokens, batch, heads):
-        width = 3 * heads * head_dim
-        qkv = torch.randn(batch, tokens, width, device=dev, dtype=dtype)
-        grad = torch.randn(batch, tokens, heads * head_dim, device=dev, dtype=dtype)
-        flop = attention_flops(batch, tokens, heads, head_dim)
-        row = {"tokens": tokens, "batch": batch, "heads": heads, "flops": flop, "ms": {}, "tflops": {}, "errors": {}}
-
-        def make_ours():
-            x = qkv.clone().requires_grad_(True)
-            return (lambda: ops.attention(x, heads)), [x]
-
-        dpt_fast.implementations_ran(reset=True)
-        with dpt_fast.use_backend("fused"):
-            times, ours_out = time_variant(make_ours, grad)
-        account(row, dpt_fast.implementations_ran(reset=True))
-        row["ms"]["dpt_fast"] = times
-        outputs = {"dpt_fast": ours_out}
-
-        for name in SDPA_BACKENDS:
-            if name == "math":
-                need = 16 * batch * heads * tokens * tokens  # fp32 scores, probabilities and their grads
-                free = torch.cuda.mem_get_info()[0] if dev == "cuda" else 2**34
-                if tokens > args.math_max_tokens or need > 0.6 * free:
-                    row["errors"][name] = f"not run: N^2 scores need ~{need / 2**30:.0f} GiB (free {free / 2**30:.0f})"
-                    continue
-
-            def make_sdpa(backend=backends[name], contiguous=False):
-                views = qkv.view(batch, tokens, 3, heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-                # strided views of the packed qkv, as timm's split leaves them (or [B, H, N, D] copies)
-                q, k, v = ((t.contiguous() if contiguous else t).detach().requires_grad_(True) for t in views)
-
-                def fwd():
-                    with sdpa_kernel(backend):
-                        return F.scaled_dot_product_attention(q, k, v)
-                return fwd, [q, k, v]
-
-            sdpa_grad = grad.view(batch, tokens, heads, head_dim).transpose(1, 2)
-            out = None
-            for contiguous in (False, True):  # a backend refusing the strided views gets contiguous q, k, v
-                try:
-                    times, out = time_variant(lambda: make_sdpa(contiguous=contiguous), sdpa_grad)
-                    if contiguous:
-                        row["errors"][name + "_strided"] = "refused strided q/k/v views; timed on contiguous copies"
-                    break
-                except (RuntimeError, torch.cuda.OutOfMemoryError) as err:  # backend cannot serve this input
-                    row["errors"][name] = f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"
-                    harness.empty_cache(dev)
-            if out is None:
-                continue
-            row["errors"].pop(name, None)
-            row["ms"][name] = times
-            outputs[name] = out.transpose(1, 2).reshape(batch, tokens, heads * head_dim)
-            del out
-
-        for variant, times in row["ms"].items():
-            row["tflops"][variant] = {m: round(tflops(flop[m], t), 1) for m, t in times.items()}
-        sdpa_rows = {k: v for k, v in row["ms"].items() if k != "dpt_fast"}
-        row["best_sdpa"], row["vs_best_sdpa"] = {}, {}
-        for mode in ("fwd", "bwd", "fwd_bwd"):
-            if sdpa_rows:
-                best = min(sdpa_rows, key=lambda k: sdpa_rows[k][mode])
-                row["best_sdpa"][mode] = best
-                row["vs_best_sdpa"][mode] = round(sdpa_rows[best][mode] / row["ms"]["dpt_fast"][mode], 3)
-        row["fraction_of_matmul_peak"] = {m: (round(row["tflops"]["dpt_fast"][m] / peak, 3) if peak else None)
-                                          for m in flop}
-        # forward outputs of every SDPA backend against ours (bf16 rounding level expected)
-        row["max_abs_diff_vs_dpt_fast"] = {k: (v.float() - outputs["dpt_fast"].float()).abs().max().item()
-                                           for k, v in outputs.items() if k != "dpt_fast"}
-        row["dpt_fast_output_finite"] = bool(torch.isfinite(outputs["dpt_fast"]).all())
-        report["kernel"].append(row)
-        print(f"N={tokens} B={batch} H={heads}: ours fwd {row['tflops']['dpt_fast']['fwd']} TFLOP/s, "
-              f"vs best SDPA {row['vs_best_sdpa']}" + ("" if row["fused_path"]["verified"] else
-                                                       f"  NOT THE FUSED PATH: {row['fused_path']['problems']}"),
-              flush=True)
-
-    def block_row(tokens, batch, heads, Attention):
-        dim = heads * head_dim
-        attn = Attention(dim, num_heads=heads, qkv_bias=True).to(device=dev, dtype=dtype)
-        attn.fused_attn = True
-        params = list(attn.parameters())
-        x0 = torch.randn(batch, tokens, dim, device=dev, dtype=dtype)
-        grad = torch.randn(batch, tokens, dim, device=dev, dtype=dtype)
-        flop = block_flops(batch, tokens, heads, head_dim)
-        row = {"tokens": tokens, "batch": batch, "heads": heads, "flops": flop, "ms": {}}
-
-        def ours(x):
-            return attn.proj(ops.attention(attn.qkv(x), attn.num_heads, attn.scale))
-
-        outs = {}
-        for name, fn in (("timm", attn), ("dpt_fast", ours)):
-            x = x0.clone().requires_grad_(True)
-            dpt_fast.implementations_ran(reset=True)
-            with dpt_fast.use_backend("fused"):
-                with torch.no_grad():
-                    outs[name] = fn(x)
-                torch.autograd.grad(fn(x), [x, *params], grad)  # warm-up
-                with torch.no_grad():
-                    fwd = bench_ms(lambda: fn(x))
-                fwd_bwd = bench_ms(lambda: torch.autograd.grad(fn(x), [x, *params], grad))
-            if name == "dpt_fast":
-                account(row, dpt_fast.implementations_ran(reset=True))
-            row["ms"][name] = {"fwd": fwd, "fwd_bwd": fwd_bwd}
-        row["tflops"] = {k: {m: round(tflops(flop[m], t), 1) for m, t in v.items()} for k, v in row["ms"].items()}
-        row["speedup_vs_timm"] = {m: round(row["ms"]["timm"][m] / row["ms"]["dpt_fast"][m], 3)
-                                  for m in ("fwd", "fwd_bwd")}
-        row["max_abs_diff_vs_timm"] = (outs["dpt_fast"].float() - outs["timm"].float()).abs().max().item()
-        report["block"].append(row)
-        print(f"block N={tokens} B={batch} H={heads}: speedup vs timm {row['speedup_vs_timm']}"
-              + ("" if row["fused_path"]["verified"] else f"  NOT THE FUSED PATH: {row['fused_path']['problems']}"),
-              flush=True)
-
-    Attention = None
-    if not args.no_block:
-        try:
-            from timm.layers import Attention
-        except ImportError:
-            report["notes"].append("timm not installed: no block table")
-    all_cases = cases(args)
-    tasks = task_order(all_cases, [] if Attention is None else all_cases)
-    report["planned"] = [f"{kind} N={n} B={b} H={h}" for kind, n, b, h in tasks]
-    save()
+def measure_tasks(run, tasks, block):
+    """Each (kind, tokens, batch, heads) task in order, through run.attempt (a failing row is noted and the run
+    goes on); none starts after --budget-s."""
+    args = run.args
     for kind, tokens, batch, heads in tasks:
         label = f"{kind} N={tokens} B={batch} H={heads}"
         if run.elapsed() > args.budget_s:
-            report["notes"].append(f"skipped: time budget (--budget-s {args.budget_s:.0f}) spent: {label}")
+            run.report["notes"].append(f"skipped: time budget (--budget-s {args.budget_s:.0f}) spent: {label}")
             print(f"[budget] skipped {label}", flush=True)
-            save()
+            save(run)
             continue
-        run.attempt(label, lambda: (kernel_row(tokens, batch, heads) if kind == "kernel"
-                                    else block_row(tokens, batch, heads, Attention)))
-        save()
+        run.attempt(label, lambda: (kernel_row(run, tokens, batch, heads) if kind == "kernel"
+                                    else block_row(run, tokens, batch, heads, block)))
+        save(run)
 
+
+def record_kernel_choices(report):
+    """The configs the autotuner chose and which kernels launched (the TMA or the pointer ones)."""
     from dpt_fast.kernels import attention as kernels
     report["autotuned_configs"] = {  # {kernel: {(N, head dim, dtypes...): chosen config}}
         name: {str(key): str(cfg) for key, cfg in getattr(getattr(kernels, name, None), "cache", {}).items()}
         for name in ("_attention_fwd", "_attention_bwd_dkdv", "_attention_bwd_dq",
                      "_attention_fwd_tma", "_attention_bwd_dkdv_tma", "_attention_bwd_dq_tma")}
     report["attention_kernel_launches"] = kernels.kernel_launches()  # whether the TMA or the pointer kernels ran
-    save()
-    return run.finish(report["kernel"] + report["block"], markdown, "Triton")
+
+
+def tflops(flop, ms):
+    return flop / (ms * 1e-3) / 1e12
+
+
+def time_variant(run, make, grad):
+    """make() -> (forward callable, leaves). Returns {fwd, bwd, fwd_bwd} in ms and one forward output."""
+    import torch
+    fwd, leaves = make()
+    with torch.no_grad():
+        out_ref = fwd()  # warm-up: Triton autotuning / backend selection happen here
+    out = fwd()
+    torch.autograd.grad(out, leaves, grad)  # warm-up of the backward (autotuning)
+    res = {}
+    with torch.no_grad():
+        res["fwd"] = harness.median_ms(fwd, run.device)
+    out = fwd()
+    res["bwd"] = harness.median_ms(lambda: torch.autograd.grad(out, leaves, grad, retain_graph=True), run.device)
+    out = None
+    res["fwd_bwd"] = harness.median_ms(lambda: torch.autograd.grad(fwd(), leaves, grad), run.device)
+    return res, out_ref
+
+
+def kernel_row(run, tokens, batch, heads):
+    """One kernel-table row: ours and every SDPA backend on the same packed qkv, their TFLOP/s, the best SDPA
+    backend per pass, and the forward outputs compared."""
+    import torch
+    head_dim = run.args.head_dim
+    qkv = torch.randn(batch, tokens, 3 * heads * head_dim, device=run.device, dtype=run.dtype)
+    grad = torch.randn(batch, tokens, heads * head_dim, device=run.device, dtype=run.dtype)
+    flop = attention_flops(batch, tokens, heads, head_dim)
+    row = {"tokens": tokens, "batch": batch, "heads": heads, "flops": flop, "ms": {}, "tflops": {}, "errors": {}}
+    outputs = {"dpt_fast": time_ours(run, row, qkv, grad, heads)}
+    for name in SDPA_BACKENDS:
+        out = time_sdpa(run, row, name, qkv, grad)
+        if out is not None:
+            outputs[name] = out
+    summarise_kernel_row(row, flop, outputs, run.ceilings["matmul_tflops"])
+    run.report["kernel"].append(row)
+    print(f"N={tokens} B={batch} H={heads}: ours fwd {row['tflops']['dpt_fast']['fwd']} TFLOP/s, "
+          f"vs best SDPA {row['vs_best_sdpa']}" + harness.fused_path_remark(row), flush=True)
+
+
+def time_ours(run, row, qkv, grad, heads):
+    """dpt_fast.ops.attention on the fused backend: row["ms"]["dpt_fast"] and what served it. Returns the
+    forward output."""
+    import dpt_fast
+    from dpt_fast import ops
+
+    def make_ours():
+        x = qkv.clone().requires_grad_(True)
+        return (lambda: ops.attention(x, heads)), [x]
+
+    dpt_fast.implementations_ran(reset=True)
+    with dpt_fast.use_backend("fused"):
+        times, ours_out = time_variant(run, make_ours, grad)
+    run.account(row, dpt_fast.implementations_ran(reset=True), OPS_REQUIRED)
+    row["ms"]["dpt_fast"] = times
+    return ours_out
+
+
+def math_blocker(run, batch, tokens, heads):
+    """Why the math backend is not run for this shape (its N^2 fp32 tensors), or None."""
+    import torch
+    need = 16 * batch * heads * tokens * tokens  # fp32 scores, probabilities and their grads
+    free = torch.cuda.mem_get_info()[0] if run.device == "cuda" else 2**34
+    if tokens > run.args.math_max_tokens or need > 0.6 * free:
+        return f"not run: N^2 scores need ~{need / 2**30:.0f} GiB (free {free / 2**30:.0f})"
+    return None
+
+
+def time_sdpa(run, row, name, qkv, grad):
+    """One SDPA backend on strided q, k, v views of the packed qkv (contiguous copies when it refuses the
+    views): row["ms"][name], or row["errors"][name] saying why not. Returns the forward output as
+    [B, N, H*D], or None."""
+    import torch
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    batch, tokens, heads, head_dim = row["batch"], row["tokens"], row["heads"], run.args.head_dim
+    if name == "math":
+        blocker = math_blocker(run, batch, tokens, heads)
+        if blocker:
+            row["errors"][name] = blocker
+            return None
+    backend = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
+               "cudnn": SDPBackend.CUDNN_ATTENTION, "math": SDPBackend.MATH}[name]
+
+    def make_sdpa(contiguous):
+        views = qkv.view(batch, tokens, 3, heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        # strided views of the packed qkv, as timm's split leaves them (or [B, H, N, D] copies)
+        q, k, v = ((t.contiguous() if contiguous else t).detach().requires_grad_(True) for t in views)
+
+        def fwd():
+            with sdpa_kernel(backend):
+                return F.scaled_dot_product_attention(q, k, v)
+        return fwd, [q, k, v]
+
+    sdpa_grad = grad.view(batch, tokens, heads, head_dim).transpose(1, 2)
+    out = None
+    for contiguous in (False, True):  # a backend refusing the strided views gets contiguous q, k, v
+        try:
+            times, out = time_variant(run, lambda: make_sdpa(contiguous), sdpa_grad)
+            if contiguous:
+                row["errors"][name + "_strided"] = "refused strided q/k/v views; timed on contiguous copies"
+            break
+        except (RuntimeError, torch.cuda.OutOfMemoryError) as err:  # backend cannot serve this input
+            row["errors"][name] = f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"
+            harness.empty_cache(run.device)
+    if out is None:
+        return None
+    row["errors"].pop(name, None)
+    row["ms"][name] = times
+    return out.transpose(1, 2).reshape(batch, tokens, heads * head_dim)
+
+
+def summarise_kernel_row(row, flop, outputs, peak):
+    """TFLOP/s of every variant, the best SDPA backend per pass and ours against it, the fraction of the
+    matmul peak, and each SDPA forward output's largest difference from ours (bf16 rounding level expected)."""
+    import torch
+    for variant, times in row["ms"].items():
+        row["tflops"][variant] = {m: round(tflops(flop[m], t), 1) for m, t in times.items()}
+    sdpa_rows = {k: v for k, v in row["ms"].items() if k != "dpt_fast"}
+    row["best_sdpa"], row["vs_best_sdpa"] = {}, {}
+    for mode in ("fwd", "bwd", "fwd_bwd"):
+        if sdpa_rows:
+            best = min(sdpa_rows, key=lambda k: sdpa_rows[k][mode])
+            row["best_sdpa"][mode] = best
+            row["vs_best_sdpa"][mode] = round(sdpa_rows[best][mode] / row["ms"]["dpt_fast"][mode], 3)
+    row["fraction_of_matmul_peak"] = {m: (round(row["tflops"]["dpt_fast"][m] / peak, 3) if peak else None)
+                                      for m in flop}
+    row["max_abs_diff_vs_dpt_fast"] = {k: (v.float() - outputs["dpt_fast"].float()).abs().max().item()
+                                       for k, v in outputs.items() if k != "dpt_fast"}
+    row["dpt_fast_output_finite"] = bool(torch.isfinite(outputs["dpt_fast"]).all())
+
+
+def block_row(run, tokens, batch, heads, Attention):
+    """One block-table row: timm's Attention (SDPA) against the same weights run as qkv Linear ->
+    dpt_fast.ops.attention -> proj, forward and forward+backward."""
+    import torch
+
+    import dpt_fast
+    from dpt_fast import ops
+    dev, dtype, head_dim = run.device, run.dtype, run.args.head_dim
+    dim = heads * head_dim
+    attn = Attention(dim, num_heads=heads, qkv_bias=True).to(device=dev, dtype=dtype)
+    attn.fused_attn = True
+    params = list(attn.parameters())
+    x0 = torch.randn(batch, tokens, dim, device=dev, dtype=dtype)
+    grad = torch.randn(batch, tokens, dim, device=dev, dtype=dtype)
+    flop = block_flops(batch, tokens, heads, head_dim)
+    row = {"tokens": tokens, "batch": batch, "heads": heads, "flops": flop, "ms": {}}
+
+    def ours(x):
+        return attn.proj(ops.attention(attn.qkv(x), attn.num_heads, attn.scale))
+
+    outs = {}
+    for name, fn in (("timm", attn), ("dpt_fast", ours)):
+        x = x0.clone().requires_grad_(True)
+        dpt_fast.implementations_ran(reset=True)
+        with dpt_fast.use_backend("fused"):
+            with torch.no_grad():
+                outs[name] = fn(x)
+            torch.autograd.grad(fn(x), [x, *params], grad)  # warm-up
+            with torch.no_grad():
+                fwd = harness.median_ms(lambda: fn(x), dev)
+            fwd_bwd = harness.median_ms(lambda: torch.autograd.grad(fn(x), [x, *params], grad), dev)
+        if name == "dpt_fast":
+            run.account(row, dpt_fast.implementations_ran(reset=True), OPS_REQUIRED)
+        row["ms"][name] = {"fwd": fwd, "fwd_bwd": fwd_bwd}
+    row["tflops"] = {k: {m: round(tflops(flop[m], t), 1) for m, t in v.items()} for k, v in row["ms"].items()}
+    row["speedup_vs_timm"] = {m: round(row["ms"]["timm"][m] / row["ms"]["dpt_fast"][m], 3)
+                              for m in ("fwd", "fwd_bwd")}
+    row["max_abs_diff_vs_timm"] = (outs["dpt_fast"].float() - outs["timm"].float()).abs().max().item()
+    run.report["block"].append(row)
+    print(f"block N={tokens} B={batch} H={heads}: speedup vs timm {row['speedup_vs_timm']}"
+          + harness.fused_path_remark(row), flush=True)
 
 
 def _pct(value):
@@ -357,9 +415,7 @@ def markdown(report):
                              f"{row['ms']['timm'][mode]:.3f} | "
                              f"{row['ms']['dpt_fast'][mode]:.3f} | {row['speedup_vs_timm'][mode]}x |"
                              + ("" if row["fused_path"]["verified"] else " (reference ran)"))
-    if report["notes"]:
-        lines += [""] + [f"- {n}" for n in report["notes"]]
-    return "\n".join(lines)
+    return "\n".join(lines + harness.note_lines(report))
 
 
 if __name__ == "__main__":

@@ -44,9 +44,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # harness.py beside th
 import harness  # noqa: E402
 
 CHANNELS = 256
+CL = torch.channels_last
 DEFAULT_MAPS, DEFAULT_BATCHES = "24,48,96,192,384,768", "1,8"
 # Depth Anything V2 S/B/L fusion widths and the fusion maps of a 518 x 518 input (patch grid 37)
 PRESETS = {"da": {"channels": "64,128,256", "maps": "19,37,74,148", "batches": "1,16"}}
+OPS_REQUIRED = {"fwd": ("dpt_fast::residual_conv_unit",),  # the operators a row of each mode must call
+                "fwd+bwd": ("dpt_fast::residual_conv_unit", "dpt_fast::residual_conv_unit_backward")}
 
 
 class EagerRCU(nn.Module):
@@ -139,125 +142,146 @@ def main(argv=None):
     refused = harness.refuse_without_gpu("bench_rcu.py", args.smoke)
     if refused is not None:
         return refused
+    harness.allow_a_compile_per_shape()
+    run = start_run(args, *device_and_dtype(args))
+    pairs = eager_pairs(run)
+    measured = run.measure_rows(plan_rows(args), row_label, lambda case: measure_row(run, pairs, *case), describe_row)
+    if not args.no_compile:
+        time_compiled_baselines(run, pairs, [row for _, row in measured])
+    return run.finish(run.report["results"], markdown, "CUDA")
 
-    import dpt_fast
-    from dpt_fast.bench import warm_up_compiler
+
+def device_and_dtype(args):
+    """cuda and bf16; --smoke: the CPU, float32 and interpreter-sized rows (args changed to say so)."""
+    if not args.smoke:
+        return "cuda", torch.bfloat16
+    if args.maps == DEFAULT_MAPS:
+        args.map_list = [8, 12]
+    if args.batches == DEFAULT_BATCHES:
+        args.batch_list = [1, 2]
+    if args.preset:  # the preset's layout (several widths, two batches) at interpreter sizes
+        args.map_list, args.batch_list, args.channel_list = [5], [1, 2], [8, 16]
+    args.compile_timeout_s, args.budget_s = min(args.compile_timeout_s, 2.0), 120.0
+    return "cpu", torch.float32
+
+
+def start_run(args, device, dtype):
+    """The run's report, with a note when the CUDA kernel is missing (the fused rows then time the reference)."""
     from dpt_fast.ops.rcu import cuda_kernel_registered
-    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 256)
-    dev, dtype, cl = "cuda", torch.bfloat16, torch.channels_last
-    if args.smoke:
-        dev, dtype = "cpu", torch.float32
-        if args.maps == DEFAULT_MAPS:
-            args.map_list = [8, 12]
-        if args.batches == DEFAULT_BATCHES:
-            args.batch_list = [1, 2]
-        if args.preset:  # the preset's layout (several widths, two batches) at interpreter sizes
-            args.map_list, args.batch_list, args.channel_list = [5], [1, 2], [8, 16]
-        args.compile_timeout_s, args.budget_s = min(args.compile_timeout_s, 2.0), 120.0
-    run = harness.KernelBenchmark("rcu", args, dev, dtype, rcu_cuda_kernel_registered=cuda_kernel_registered(),
+    run = harness.KernelBenchmark("rcu", args, device, dtype, rcu_cuda_kernel_registered=cuda_kernel_registered(),
                                   channels=args.channel_list if len(args.channel_list) > 1 else args.channel_list[0],
                                   memory_format="channels_last")
-    report, ceilings = run.report, run.ceilings
-    report["results"] = []
+    run.report["results"] = []
     if not cuda_kernel_registered():
-        report["notes"].append("dpt_fast._C is not built/registered: the 'fused' rows time the reference")
+        run.report["notes"].append("dpt_fast._C is not built/registered: the 'fused' rows time the reference")
         print("bench_rcu: WARNING dpt_fast._C not registered; fused rows run the reference", file=sys.stderr)
-    ops_required = {"fwd": ("dpt_fast::residual_conv_unit",),
-                    "fwd+bwd": ("dpt_fast::residual_conv_unit", "dpt_fast::residual_conv_unit_backward")}
+    return run
 
-    pairs = {}  # channels -> the eager pair of that width
-    for width in args.channel_list:
-        pairs[width] = EagerPair(width).to(dev, dtype).to(memory_format=cl)
-        with torch.no_grad():  # trained-like scales keep activations O(1)
+
+def eager_pairs(run):
+    """{channels: the eager pair of that width}, channels_last, with trained-like weight scales (activations
+    stay O(1) through the chain)."""
+    pairs = {}
+    for width in run.args.channel_list:
+        pairs[width] = EagerPair(width).to(run.device, run.dtype).to(memory_format=CL)
+        with torch.no_grad():
             for p in pairs[width].parameters():
                 p.copy_(torch.randn_like(p) * ((9 * width) ** -0.5 if p.dim() == 4 else 0.1))
-    modes = args.modes.split(",")
+    return pairs
 
-    def inputs(batch, size, requires_grad, channels):
-        mk = lambda: torch.randn(batch, channels, size, size, device=dev, dtype=dtype)  # noqa: E731
-        return [mk().contiguous(memory_format=cl).requires_grad_(requires_grad) for _ in range(2)]
 
-    def run_case(batch, size, mode, channels):
-        pair = pairs[channels]
-        params = list(pair.parameters())
-        x0, skip = inputs(batch, size, mode == "fwd+bwd", channels)
-        grad_inputs = [x0, skip, *params] if mode == "fwd+bwd" else None
-        dpt_fast.implementations_ran(reset=True)
-        with torch.no_grad(), dpt_fast.use_backend("fused"):
-            ref, out = pair(x0, skip), fused_pair(pair, x0, skip)
-        grad = torch.randn_like(ref).contiguous(memory_format=cl) if mode == "fwd+bwd" else None
-        err = ((out.float() - ref.float()).norm() / ref.float().norm()).item()
-        row = {"size": size, "batch": batch, "mode": mode, "channels": channels,
-               "fused_rel_l2_err_vs_eager": err, "fused_output_finite": bool(torch.isfinite(out).all()),
-               "fused_out_channels_last": out.is_contiguous(memory_format=cl)}
-        del ref, out
-        row["eager_ms"] = harness.time_ms(lambda: pair(x0, skip), grad_inputs, grad, device=dev, scale_to_call=True)
-        with dpt_fast.use_backend("fused"):
-            row["fused_ms"] = harness.time_ms(lambda: fused_pair(pair, x0, skip), grad_inputs, grad, device=dev,
-                                              scale_to_call=True)
-        run.account(row, dpt_fast.implementations_ran(reset=True), ops_required[mode])
-        row["speedup_vs_eager"] = row["eager_ms"] / row["fused_ms"]
-        flops, nbytes = count(batch, size, channels)
-        if mode == "fwd+bwd":
-            flops *= 3  # dgrad + wgrad; the fused backward also recomputes conv1 (not counted)
-            nbytes = None
-        sec = row["fused_ms"] * 1e-3
-        row.update(flops=flops, fused_tflops=flops / sec / 1e12,
-                   fraction_of_matmul_peak=harness.fraction(flops / sec / 1e12, ceilings["matmul_tflops"]))
-        if nbytes is not None:
-            row.update(bytes=nbytes, fused_tbps=nbytes / sec / 1e12,
-                       fraction_of_copy_bandwidth=harness.fraction(nbytes / sec / 1e12, ceilings["copy_tbps"]))
-        row["compiled_ms"] = None
-        row["compiled_note"] = "not run (--no-compile)" if args.no_compile else "pending"
-        return row
+def plan_rows(args):
+    """[(mode, channels, size, batch)] in the order they run: every forward row first, then forward+backward."""
+    return [(mode, channels, size, batch) for mode in args.modes.split(",") for channels in args.channel_list
+            for size in args.map_list for batch in args.batch_list]
 
-    # 1. eager and fused rows: forward of every case first, then forward+backward
-    rows_deadline = args.budget_s * (1.0 if args.no_compile else 1.0 - args.compile_share)
-    pending = []
-    for mode, channels in ((m, c) for m in modes for c in args.channel_list):
-        for size in args.map_list:
-            for batch in args.batch_list:
-                label = f"{size}^2 batch {batch} {mode}" + (f" {channels} channels" if channels != CHANNELS else "")
-                if run.elapsed() > rows_deadline:
-                    report["notes"].append(f"skipped: time budget for eager/fused rows spent: {label}")
-                    continue
-                row = run.attempt(label, lambda: run_case(batch, size, mode, channels))
-                if row is None:
-                    continue
-                report["results"].append(row)
-                print(f"{size:4d}^2 b{batch} c{channels} {mode:7s} eager {row['eager_ms']:9.3f} ms  fused {row['fused_ms']:9.3f} ms"
-                      f"  x{row['speedup_vs_eager']:.2f}  {row['fused_tflops']:.0f} TFLOP/s"
-                      f"  err {row['fused_rel_l2_err_vs_eager']:.1e}"
-                      + ("" if row["fused_path"]["verified"] else f"  NOT THE FUSED PATH: {row['fused_path']['problems']}"),
-                      flush=True)
-                run.save()
-                if not args.no_compile:
-                    pending.append((compile_priority(batch, size, mode, args.batch_list), row, batch, size, mode,
-                                    channels))
 
-    # 2. compiled baselines, most important first, each compile capped, within the time budget
-    if pending:
-        warm_up_compiler(dev)  # lazy imports done before any compile deadline
-    compiled = {}  # the compiled pair, dropped when a compile is cut short
+def row_label(case):
+    mode, channels, size, batch = case
+    return f"{size}^2 batch {batch} {mode}" + (f" {channels} channels" if channels != CHANNELS else "")
+
+
+def describe_row(row):
+    return (f"{row['size']:4d}^2 b{row['batch']} c{row['channels']} {row['mode']:7s} "
+            f"eager {row['eager_ms']:9.3f} ms  fused {row['fused_ms']:9.3f} ms  x{row['speedup_vs_eager']:.2f}  "
+            f"{row['fused_tflops']:.0f} TFLOP/s  err {row['fused_rel_l2_err_vs_eager']:.1e}")
+
+
+def inputs(run, batch, size, requires_grad, channels):
+    """x0 and skip: random, channels_last."""
+    mk = lambda: torch.randn(batch, channels, size, size, device=run.device, dtype=run.dtype)  # noqa: E731
+    return [mk().contiguous(memory_format=CL).requires_grad_(requires_grad) for _ in range(2)]
+
+
+def measure_row(run, pairs, mode, channels, size, batch):
+    """One row: the fused output against eager, eager and fused times, what served the calls, and the fused
+    time's fractions of the measured ceilings."""
+    import dpt_fast
+    pair = pairs[channels]
+    params = list(pair.parameters())
+    x0, skip = inputs(run, batch, size, mode == "fwd+bwd", channels)
+    grad_inputs = [x0, skip, *params] if mode == "fwd+bwd" else None
+    dpt_fast.implementations_ran(reset=True)
+    with torch.no_grad(), dpt_fast.use_backend("fused"):
+        ref, out = pair(x0, skip), fused_pair(pair, x0, skip)
+    grad = torch.randn_like(ref).contiguous(memory_format=CL) if mode == "fwd+bwd" else None
+    err = ((out.float() - ref.float()).norm() / ref.float().norm()).item()
+    row = {"size": size, "batch": batch, "mode": mode, "channels": channels,
+           "fused_rel_l2_err_vs_eager": err, "fused_output_finite": bool(torch.isfinite(out).all()),
+           "fused_out_channels_last": out.is_contiguous(memory_format=CL)}
+    del ref, out
+    row["eager_ms"] = harness.time_ms(lambda: pair(x0, skip), grad_inputs, grad, device=run.device, scale_to_call=True)
+    with dpt_fast.use_backend("fused"):
+        row["fused_ms"] = harness.time_ms(lambda: fused_pair(pair, x0, skip), grad_inputs, grad, device=run.device,
+                                          scale_to_call=True)
+    run.account(row, dpt_fast.implementations_ran(reset=True), OPS_REQUIRED[mode])
+    row["speedup_vs_eager"] = row["eager_ms"] / row["fused_ms"]
+    add_throughput(row, run.ceilings)
+    return row
+
+
+def add_throughput(row, ceilings):
+    """The fused time as TFLOP/s (and, forward only, TB/s) and their fractions of the measured ceilings."""
+    flops, nbytes = count(row["batch"], row["size"], row["channels"])
+    if row["mode"] == "fwd+bwd":
+        flops *= 3  # dgrad + wgrad; the fused backward also recomputes conv1 (not counted)
+        nbytes = None
+    sec = row["fused_ms"] * 1e-3
+    row.update(flops=flops, fused_tflops=flops / sec / 1e12,
+               fraction_of_matmul_peak=harness.fraction(flops / sec / 1e12, ceilings["matmul_tflops"]))
+    if nbytes is not None:
+        row.update(bytes=nbytes, fused_tbps=nbytes / sec / 1e12,
+                   fraction_of_copy_bandwidth=harness.fraction(nbytes / sec / 1e12, ceilings["copy_tbps"]))
+
+
+def time_compiled_baselines(run, pairs, rows):
+    """The compiled baseline of each measured row, most important first, each compile capped, within the
+    time budget. A compile cut short drops the compiled pairs (the next row compiles afresh)."""
+    from dpt_fast.bench import warm_up_compiler
+    if rows:
+        warm_up_compiler(run.device)  # lazy imports done before any compile deadline
+    compiled = {}  # channels -> the compiled pair of that width
 
     def forget():
         compiled.clear()
 
-    for _, row, batch, size, mode, channels in sorted(pending, key=lambda p: p[:1] + p[-1:]):
+    for row in sorted(rows, key=lambda r: (compile_priority(r["batch"], r["size"], r["mode"], run.args.batch_list),
+                                           r["channels"])):
+        batch, size, mode, channels = row["batch"], row["size"], row["mode"], row["channels"]
         if channels not in compiled:
-            compiled[channels] = torch.compile(pairs[channels], mode=args.compile_mode, dynamic=False)
+            compiled[channels] = torch.compile(pairs[channels], mode=run.args.compile_mode, dynamic=False)
         compiled_pair = compiled[channels]
-        x0, skip = inputs(batch, size, mode == "fwd+bwd", channels)
+        x0, skip = inputs(run, batch, size, mode == "fwd+bwd", channels)
         grad_inputs = [x0, skip, *pairs[channels].parameters()] if mode == "fwd+bwd" else None
-        grad = (torch.randn(batch, channels, size, size, device=dev, dtype=dtype).contiguous(memory_format=cl)
-                if mode == "fwd+bwd" else None)
+        grad = None
+        if mode == "fwd+bwd":
+            grad = torch.randn(batch, channels, size, size, device=run.device, dtype=run.dtype)
+            grad = grad.contiguous(memory_format=CL)
         run.time_compiled(row, lambda: harness.time_ms(lambda: compiled_pair(x0, skip), grad_inputs, grad,
-                                                       compiled=True, device=dev, scale_to_call=True),
+                                                       compiled=True, device=run.device, scale_to_call=True),
                           f"{size:4d}^2 b{batch} {mode:7s}", forget=forget)
         x0 = skip = grad_inputs = grad = None
-        harness.empty_cache(dev)
-
-    return run.finish(report["results"], markdown, "CUDA")
+        harness.empty_cache(run.device)
 
 
 def markdown(report):
@@ -270,16 +294,12 @@ def markdown(report):
     order = {"fwd": 0, "fwd+bwd": 1}
     for r in sorted(report["results"], key=lambda r: (r.get("channels", 0), r["size"], r["batch"],
                                                       order.get(r["mode"], 2))):
-        c = f"{r['compiled_ms']:.3f}" if r.get("compiled_ms") is not None else (
-            "over budget" if "over budget" in r.get("compiled_note", "") else "-")
-        vc = f"{r['speedup_vs_compiled']:.2f}x" if r.get("speedup_vs_compiled") else "-"
+        c, vc = harness.compiled_cells(r)
         mark = "" if r["fused_path"]["verified"] else " (reference ran)"
         lines.append(f"| {r['size']}^2 | {r['batch']} | {r.get('channels', report['channels'])} | {r['mode']} | "
                      f"{r['eager_ms']:.3f} | {c} | {r['fused_ms']:.3f}{mark} | "
                      f"{r['speedup_vs_eager']:.2f}x | {vc} | {r['fused_tflops']:.0f} |")
-    if report["notes"]:
-        lines += [""] + [f"- {n}" for n in report["notes"]]
-    return "\n".join(lines)
+    return "\n".join(lines + harness.note_lines(report))
 
 
 if __name__ == "__main__":

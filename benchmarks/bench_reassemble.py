@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -58,6 +59,8 @@ for _name in DA_MODELS:  # Depth Anything V2's four stages, from the table of ar
                                        in enumerate(zip(_spec.resample, _spec.reassemble_widths))])
     PATCH[_name] = _spec.patch_size
 PRESETS = {"da": {"models": ",".join(DA_MODELS), "sizes": "518"}}
+OPS_REQUIRED = {"fwd": ("dpt_fast::reassemble",),  # the operators a row of each mode must call
+                "fwd+bwd": ("dpt_fast::reassemble", "dpt_fast::reassemble_backward")}
 SMOKE_MODELS = {  # --smoke: the same stage kinds at widths the Triton interpreter runs in a moment
     "large": (32, [(1, "project", "up4", 8), (2, "project", "up2", 16), (3, "project", "none", 32),
                    (4, "project", "down2", 32)]),
@@ -190,125 +193,156 @@ def parse_args(argv=None):
     return args
 
 
+class Case(NamedTuple):
+    """One table entry: a model's stage set (one stage, or "all" four) at one input size, and its tokens."""
+    model: str
+    size: int
+    label: str  # the stage: "1".."4" or "all"
+    stages: list  # [EagerStage]
+    tokens: list  # one [batch, 1 + grid^2, dim] tensor per stage
+    grid: int  # tokens per side
+    dim: int  # token width
+
+
 def main(argv=None):
     args = parse_args(argv)
     refused = harness.refuse_without_gpu("bench_reassemble.py", args.smoke)
     if refused is not None:
         return refused
+    harness.allow_a_compile_per_shape()
+    device, dtype, models = device_dtype_and_models(args)
+    run = harness.KernelBenchmark("reassemble", args, device, dtype)
+    run.report["results"] = []
+    measured = run.measure_rows(plan_rows(args, make_cases(run, models)), row_label,
+                                lambda mode_case: measure_row(run, *mode_case), describe_row)
+    if not args.no_compile:
+        time_compiled_baselines(run, measured)
+    return run.finish(run.report["results"], markdown, "Triton")
 
-    import dpt_fast
-    from dpt_fast.bench import warm_up_compiler
-    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 256)
-    dev, dtype = "cuda", torch.bfloat16
-    models = SMOKE_MODELS if args.smoke else MODELS
-    if args.smoke:  # the interpreter's bf16 dots are wrong: float32; narrow widths, a 2x2 token grid
-        dev, dtype = "cpu", torch.float32
-        args.sizes, args.stages = "32", "1,4,all"
-        if args.preset:  # one model of the preset: the others differ only in widths
-            args.models = args.models.split(",")[0]
-        args.compile_timeout_s, args.budget_s = min(args.compile_timeout_s, 2.0), 60.0
-    run = harness.KernelBenchmark("reassemble", args, dev, dtype)
-    report, ceilings = run.report, run.ceilings
-    report["results"] = []
-    ops_required = {"fwd": ("dpt_fast::reassemble",),
-                    "fwd+bwd": ("dpt_fast::reassemble", "dpt_fast::reassemble_backward")}
 
-    want_stages = args.stages.split(",")
-    modes = args.modes.split(",")
-    cases = []  # (model, size, stage label, stages, tokens, grid)
+def device_dtype_and_models(args):
+    """cuda, bf16 and the models' real widths; --smoke: the CPU, float32, narrow widths and a 2x2 token grid
+    (args changed to say so; the interpreter's bf16 dots are wrong)."""
+    if not args.smoke:
+        return "cuda", torch.bfloat16, MODELS
+    args.sizes, args.stages = "32", "1,4,all"
+    if args.preset:  # one model of the preset: the others differ only in widths
+        args.models = args.models.split(",")[0]
+    args.compile_timeout_s, args.budget_s = min(args.compile_timeout_s, 2.0), 60.0
+    return "cpu", torch.float32, SMOKE_MODELS
+
+
+def make_cases(run, models):
+    """[Case] of every model, size and stage label asked for: the eager stages (the fused operator takes their
+    parameters) and random tokens, one set per model and size shared by its stage labels."""
+    args, cases = run.args, []
     for model in args.models.split(","):
-        dim, specs = models[model]
-        stage_mods = {n: EagerStage(dim, f, ro, rs).to(dev, dtype) for n, ro, rs, f in specs}
+        dim, stage_specs = models[model]
+        stage_mods = {n: EagerStage(dim, f, ro, rs).to(run.device, run.dtype) for n, ro, rs, f in stage_specs}
         for size in map(int, args.sizes.split(",")):
             g = size // PATCH[model]
-            tokens = {n: torch.randn(args.batch, 1 + g * g, dim, device=dev, dtype=dtype) for n in stage_mods}
-            for label in want_stages:
+            tokens = {n: torch.randn(args.batch, 1 + g * g, dim, device=run.device, dtype=run.dtype)
+                      for n in stage_mods}
+            for label in args.stages.split(","):
                 names = list(stage_mods) if label == "all" else [int(label)] if int(label) in stage_mods else []
                 if names:
-                    cases.append((model, size, label, [stage_mods[n] for n in names], [tokens[n] for n in names], g))
+                    cases.append(Case(model, size, label, [stage_mods[n] for n in names], [tokens[n] for n in names],
+                                      g, dim))
+    return cases
 
-    def run_case(model, size, label, stages, tokens, g, mode):
-        grad_inputs = None
-        if mode == "fwd+bwd":
-            tokens = [t.detach().requires_grad_(True) for t in tokens]
-            grad_inputs = tokens + [p for st in stages for p in st.parameters()]
-        eager = chain(eager_call, stages, g, g)
-        fused = chain(fused_stage, stages, g, g)
-        dpt_fast.implementations_ran(reset=True)
-        with torch.no_grad(), dpt_fast.use_backend("fused"):
-            ref, out = eager(*tokens), fused(*tokens)
-        grads = [torch.randn_like(o) for o in ref]
-        grads_cl = [gr.contiguous(memory_format=torch.channels_last) for gr in grads]
-        err = max(((o.float() - r.float()).abs().max() / r.float().abs().max()).item() for o, r in zip(out, ref))
-        row = {"model": model, "size": size, "batch": args.batch, "stage": label, "mode": mode,
-               "grid": [g, g], "dim": models[model][0],
-               "stages": [{"readout": st.readout, "resample": st.resample_name, "features": st.conv.out_channels}
-                          for st in stages],
-               "fused_max_rel_err_vs_eager": err,
-               "fused_output_finite": all(bool(torch.isfinite(o).all()) for o in out),
-               "fused_out_channels_last": all(o.is_contiguous(memory_format=torch.channels_last) for o in out)}
-        del ref, out
-        row["eager_ms"] = harness.time_ms(lambda: eager(*tokens), grad_inputs, grads, device=dev)
-        with dpt_fast.use_backend("fused"):
-            row["fused_ms"] = harness.time_ms(lambda: fused(*tokens), grad_inputs, grads_cl, device=dev)
-        run.account(row, dpt_fast.implementations_ran(reset=True), ops_required[mode])
-        row["speedup_vs_eager"] = row["eager_ms"] / row["fused_ms"]
-        if mode == "fwd":
-            flops, nbytes = count(stages, args.batch, g, g, models[model][0])
-            sec = row["fused_ms"] * 1e-3
-            row.update(flops=flops, bytes=nbytes, fused_tflops=flops / sec / 1e12, fused_tbps=nbytes / sec / 1e12)
-            row["fraction_of_matmul_peak"] = harness.fraction(row["fused_tflops"], ceilings["matmul_tflops"])
-            row["fraction_of_copy_bandwidth"] = harness.fraction(row["fused_tbps"], ceilings["copy_tbps"])
-        row["compiled_ms"] = None
-        row["compiled_note"] = "not run (--no-compile)" if args.no_compile else "pending"
-        return row
 
-    # 1. eager and fused rows: the four-stage chain ("all") of every case in both modes first, then the
-    #    single stages' forward rows, then their forward+backward rows
-    rows_deadline = args.budget_s * (1.0 if args.no_compile else 1.0 - args.compile_share)
-    pending = []
-    order = sorted(((mode, case) for mode in modes for case in cases),
-                   key=lambda mc: (mc[1][2] != "all", mc[1][2] != "all" and mc[0] != "fwd"))
-    for mode, (model, size, label, stages, tokens, g) in order:
-        name = f"{model} {size} stage {label} {mode}"
-        if run.elapsed() > rows_deadline:
-            report["notes"].append(f"skipped: time budget for eager/fused rows spent: {name}")
-            continue
-        row = run.attempt(name, lambda: run_case(model, size, label, stages, tokens, g, mode))
-        if row is None:
-            continue
-        report["results"].append(row)
-        print(f"{model:6s} {size:5d} stage {label:3s} {mode:7s} eager {row['eager_ms']:8.3f} ms  "
-              f"fused {row['fused_ms']:8.3f} ms  x{row['speedup_vs_eager']:.2f}  err {row['fused_max_rel_err_vs_eager']:.1e}"
-              + ("" if row["fused_path"]["verified"] else f"  NOT THE FUSED PATH: {row['fused_path']['problems']}"),
-              flush=True)
-        run.save()
-        if not args.no_compile:
-            pending.append((compile_priority(size, label, mode), row, model, label, stages, tokens, g, mode))
+def plan_rows(args, cases):
+    """[(mode, Case)] in the order they run: the four-stage chain ("all") of every case in both modes first,
+    then the single stages' forward rows, then their forward+backward rows."""
+    return sorted(((mode, case) for mode in args.modes.split(",") for case in cases),
+                  key=lambda mc: (mc[1].label != "all", mc[1].label != "all" and mc[0] != "fwd"))
 
-    # 2. compiled baselines, most important first, each compile capped, within the time budget
-    if pending:
-        warm_up_compiler(dev)  # lazy imports done before any compile deadline
+
+def row_label(mode_case):
+    mode, case = mode_case
+    return f"{case.model} {case.size} stage {case.label} {mode}"
+
+
+def describe_row(row):
+    return (f"{row['model']:6s} {row['size']:5d} stage {row['stage']:3s} {row['mode']:7s} "
+            f"eager {row['eager_ms']:8.3f} ms  fused {row['fused_ms']:8.3f} ms  x{row['speedup_vs_eager']:.2f}  "
+            f"err {row['fused_max_rel_err_vs_eager']:.1e}")
+
+
+def with_gradients(case, mode):
+    """(tokens, the tensors to differentiate or None): for fwd+bwd fresh leaves of the tokens and every
+    parameter of the stages."""
+    if mode != "fwd+bwd":
+        return case.tokens, None
+    tokens = [t.detach().requires_grad_(True) for t in case.tokens]
+    return tokens, tokens + [p for st in case.stages for p in st.parameters()]
+
+
+def measure_row(run, mode, case):
+    """One row: the fused outputs against the eager chain, eager and fused times, what served the calls, and
+    (forward) the fused time's fractions of the measured ceilings."""
+    import dpt_fast
+    g = case.grid
+    tokens, grad_inputs = with_gradients(case, mode)
+    eager = chain(eager_call, case.stages, g, g)
+    fused = chain(fused_stage, case.stages, g, g)
+    dpt_fast.implementations_ran(reset=True)
+    with torch.no_grad(), dpt_fast.use_backend("fused"):
+        ref, out = eager(*tokens), fused(*tokens)
+    grads = [torch.randn_like(o) for o in ref]
+    grads_cl = [gr.contiguous(memory_format=torch.channels_last) for gr in grads]
+    err = max(((o.float() - r.float()).abs().max() / r.float().abs().max()).item() for o, r in zip(out, ref))
+    row = {"model": case.model, "size": case.size, "batch": run.args.batch, "stage": case.label, "mode": mode,
+           "grid": [g, g], "dim": case.dim,
+           "stages": [{"readout": st.readout, "resample": st.resample_name, "features": st.conv.out_channels}
+                      for st in case.stages],
+           "fused_max_rel_err_vs_eager": err,
+           "fused_output_finite": all(bool(torch.isfinite(o).all()) for o in out),
+           "fused_out_channels_last": all(o.is_contiguous(memory_format=torch.channels_last) for o in out)}
+    del ref, out
+    row["eager_ms"] = harness.time_ms(lambda: eager(*tokens), grad_inputs, grads, device=run.device)
+    with dpt_fast.use_backend("fused"):
+        row["fused_ms"] = harness.time_ms(lambda: fused(*tokens), grad_inputs, grads_cl, device=run.device)
+    run.account(row, dpt_fast.implementations_ran(reset=True), OPS_REQUIRED[mode])
+    row["speedup_vs_eager"] = row["eager_ms"] / row["fused_ms"]
+    if mode == "fwd":
+        add_throughput(row, case, run.ceilings)
+    return row
+
+
+def add_throughput(row, case, ceilings):
+    """The fused forward time as TFLOP/s and TB/s and their fractions of the measured ceilings."""
+    flops, nbytes = count(case.stages, row["batch"], case.grid, case.grid, case.dim)
+    sec = row["fused_ms"] * 1e-3
+    row.update(flops=flops, bytes=nbytes, fused_tflops=flops / sec / 1e12, fused_tbps=nbytes / sec / 1e12)
+    row["fraction_of_matmul_peak"] = harness.fraction(row["fused_tflops"], ceilings["matmul_tflops"])
+    row["fraction_of_copy_bandwidth"] = harness.fraction(row["fused_tbps"], ceilings["copy_tbps"])
+
+
+def time_compiled_baselines(run, measured):
+    """The compiled baseline of each measured row, most important first, each compile capped, within the
+    time budget. One compiled chain per model and stage set; a compile cut short drops it."""
+    from dpt_fast.bench import warm_up_compiler
+    if measured:
+        warm_up_compiler(run.device)  # lazy imports done before any compile deadline
     compiled_fns = {}  # (model, label) -> compiled chain of that stage set
-    for _, row, model, label, stages, tokens, g, mode in sorted(pending, key=lambda p: p[0]):
-        key = (model, label)
+    for (mode, case), row in sorted(measured, key=lambda mc_row: compile_priority(mc_row[0][1].size,
+                                                                                   mc_row[0][1].label,
+                                                                                   mc_row[0][0])):
+        key, g = (case.model, case.label), case.grid
         if key not in compiled_fns:
-            compiled_fns[key] = torch.compile(chain(eager_call, stages, g, g), mode=args.compile_mode,
+            compiled_fns[key] = torch.compile(chain(eager_call, case.stages, g, g), mode=run.args.compile_mode,
                                               dynamic=False)
         compiled = compiled_fns[key]
-        grad_inputs = grads = None
-        toks = tokens
+        toks, grad_inputs = with_gradients(case, mode)
+        grads = None
         if mode == "fwd+bwd":
-            toks = [t.detach().requires_grad_(True) for t in tokens]
-            grad_inputs = toks + [p for st in stages for p in st.parameters()]
             with torch.no_grad():
-                grads = [torch.randn_like(o) for o in chain(eager_call, stages, g, g)(*toks)]
+                grads = [torch.randn_like(o) for o in chain(eager_call, case.stages, g, g)(*toks)]
         run.time_compiled(row, lambda: harness.time_ms(lambda: compiled(*toks), grad_inputs, grads, compiled=True,
-                                                       device=dev),
-                          f"{model:6s} {row['size']:5d} stage {label:3s} {mode:7s}",
+                                                       device=run.device),
+                          f"{case.model:6s} {row['size']:5d} stage {case.label:3s} {mode:7s}",
                           forget=lambda: compiled_fns.pop(key, None))
-
-    return run.finish(report["results"], markdown, "Triton")
 
 
 def markdown(report):
@@ -321,16 +355,12 @@ def markdown(report):
              "|---|---|---|---|---|---|---|---|---|---|"]
     order = {"fwd": 0, "fwd+bwd": 1}
     for r in sorted(report["results"], key=lambda r: (r["model"], r["size"], r["stage"], order.get(r["mode"], 2))):
-        c = f"{r['compiled_ms']:.3f}" if r.get("compiled_ms") is not None else (
-            "over budget" if "over budget" in r.get("compiled_note", "") else "-")
-        vc = f"{r['speedup_vs_compiled']:.2f}x" if r.get("speedup_vs_compiled") else "-"
+        c, vc = harness.compiled_cells(r)
         tbps = f"{r['fused_tbps']:.2f}" if r.get("fused_tbps") is not None else "-"
         mark = "" if r["fused_path"]["verified"] else " (reference ran)"
         lines.append(f"| {r['model']} | {r['size']} | {r['stage']} | {r['mode']} | {r['eager_ms']:.3f} | {c} | "
                      f"{r['fused_ms']:.3f}{mark} | {r['speedup_vs_eager']:.2f}x | {vc} | {tbps} |")
-    if report["notes"]:
-        lines += [""] + [f"- {n}" for n in report["notes"]]
-    return "\n".join(lines)
+    return "\n".join(lines + harness.note_lines(report))
 
 
 if __name__ == "__main__":

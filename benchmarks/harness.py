@@ -1,8 +1,9 @@
 """What the benchmark scripts beside this file share: the GPU precondition, the report every kernel benchmark
 writes (environment, measured ceilings, what ran, notes, rewritten after every row), rows that fail or run
-out of memory without stopping the run, the compiled baselines under a time budget and a compile cap, and
-the closing verdict. The end-to-end benchmark (`dpt-fast bench`, dpt_fast/bench.py) is the package's; the
-pieces both need (ceilings, deadlines, the fused-path verdict, atomic JSON) are its public functions.
+out of memory without stopping the run, the eager/fused rows within their share of the time budget, the
+compiled baselines under a time budget and a compile cap, their markdown cells, and the closing verdict.
+The end-to-end benchmark (`dpt-fast bench`, dpt_fast/bench.py) is the package's; the pieces both need
+(ceilings, deadlines, the fused-path verdict, atomic JSON) are its public functions.
 
 The scripts import this module by its path (`sys.path` gets this folder), so they run from anywhere:
 
@@ -103,6 +104,32 @@ def empty_cache(device) -> None:
         torch.cuda.empty_cache()
 
 
+def allow_a_compile_per_shape() -> None:
+    """Raise torch._dynamo's recompile limit (8 by default) to 256: the compiled baselines are compiled with
+    dynamic=False, so every shape of a table is one more compilation of the same function."""
+    import torch
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 256)
+
+
+def fused_path_remark(row: dict) -> str:
+    """The end of a row's progress line: empty when the fused path served every call, else what did not."""
+    return "" if row["fused_path"]["verified"] else f"  NOT THE FUSED PATH: {row['fused_path']['problems']}"
+
+
+def compiled_cells(row: dict) -> tuple[str, str]:
+    """A row's compiled-baseline cells of a markdown table (the fields KernelBenchmark.time_compiled writes):
+    its ms ("over budget" when the compile was cut short, "-" when it did not run) and fused's speed-up."""
+    ms = f"{row['compiled_ms']:.3f}" if row.get("compiled_ms") is not None else (
+        "over budget" if "over budget" in row.get("compiled_note", "") else "-")
+    speedup = f"{row['speedup_vs_compiled']:.2f}x" if row.get("speedup_vs_compiled") else "-"
+    return ms, speedup
+
+
+def note_lines(report: dict) -> list[str]:
+    """The markdown closing a table: the run's notes as a list (nothing when there are none)."""
+    return [""] + [f"- {n}" for n in report["notes"]] if report["notes"] else []
+
+
 class KernelBenchmark:
     """One run of a kernel benchmark script: its report (a dict written as JSON to --out after every row),
     its clock and time budget (args.budget_s), and the steps every such script takes."""
@@ -115,7 +142,7 @@ class KernelBenchmark:
         import torch
 
         from dpt_fast.bench import environment, measure_ceilings
-        self.args, self.device, self.start = args, device, time.time()
+        self.args, self.device, self.dtype, self.start = args, device, compute_dtype, time.time()
         torch.manual_seed(0)
         self.ceilings = measure_ceilings(torch.device(device), compute_dtype)  # matmul peak, copy bandwidth
         self.report = {**environment(torch.device(device), compute_dtype), "benchmark": name,
@@ -163,6 +190,34 @@ class KernelBenchmark:
             empty_cache(self.device)
         self.save()
         return None
+
+    def measure_rows(self, cases, label, measure, describe) -> list:
+        """The eager and fused rows of the scripts with compiled baselines: for each case in order,
+        row = measure(case) through attempt(), its compiled baseline marked pending (or "not run
+        (--no-compile)"), appended to report["results"], printed (describe(row)) and saved. No row starts
+        after the rows' share of --budget-s (all of it with --no-compile, else 1 - --compile-share); the
+        cases left are noted as skipped. Returns [(case, row)] of the rows measured, in order."""
+        args = self.args
+        rows_deadline = args.budget_s * (1.0 if args.no_compile else 1.0 - args.compile_share)
+        measured = []
+        for case in cases:
+            name = label(case)
+            if self.elapsed() > rows_deadline:
+                self.report["notes"].append(f"skipped: time budget for eager/fused rows spent: {name}")
+                continue
+            row = self.attempt(name, lambda: self._with_compiled_pending(measure(case)))
+            if row is None:
+                continue
+            self.report["results"].append(row)
+            print(describe(row) + fused_path_remark(row), flush=True)
+            self.save()
+            measured.append((case, row))
+        return measured
+
+    def _with_compiled_pending(self, row: dict) -> dict:
+        row["compiled_ms"] = None
+        row["compiled_note"] = "not run (--no-compile)" if self.args.no_compile else "pending"
+        return row
 
     def time_compiled(self, row: dict, measure, label: str, forget=None) -> bool:
         """A compiled baseline for `row`: row["compiled_ms"] = measure() (first call = compilation), capped at
