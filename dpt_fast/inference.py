@@ -10,8 +10,9 @@ predictions to a folder (metric Depth Anything models: depth in metres in PFM/np
 
 `dpt-fast predict` is a command-line layer over this module. The pieces, usable alone:
 
-- `collect_inputs` / `plan_jobs` (dpt_fast.input_files): inputs -> jobs (an input file and its
-  output paths);
+- `collect_images` / `plan_images` (over dpt_fast.input_files' `collect_inputs` / `plan_jobs`): inputs
+  -> this process's jobs (an input file and its output paths); `run_planned`: jobs -> files written,
+  recorded with `image_settings`;
 - `Predictor`: decoded images -> predictions at each image's resolution (batching by processed size,
   halving a batch on out-of-memory, overlapping tiles for images too large for memory);
 - `Writer`: background threads that encode and write the outputs atomically;
@@ -56,7 +57,8 @@ from .transforms import (DEPTH_SIZE, LABEL_OFFSET, SEGMENTATION_SIZE, depth_anyt
                          resize_prediction, segmentation_labels, target_size)
 
 __all__ = ["predict_images", "Summary", "Predictor", "Writer", "Reporter", "UsageError", "DEPTH_FORMATS",
-           "SEGMENTATION_FORMATS", "is_segmentation",
+           "SEGMENTATION_FORMATS", "is_segmentation", "keep_head_float32", "collect_images", "plan_images",
+           "image_settings", "run_planned", "InputProblems",
            # from dpt_fast.input_files and dpt_fast.output_manifest
            "Job", "collect_inputs", "plan_jobs", "check_outputs", "shard", "FORMAT_SUFFIX", "OutputManifest",
            "MANIFEST_NAME", "Plan", "model_digest", "file_fingerprint"]
@@ -636,6 +638,33 @@ def model_preprocessing(model) -> Preprocessing:
     return rule if isinstance(rule, Preprocessing) else DPT_PREPROCESSING
 
 
+def _depth_head(model):
+    """The last convolutions of a depth model (after the upsampling), or None for other models."""
+    if hasattr(model, "depth_head"):  # Depth Anything
+        return model.depth_head.scratch.output_conv2
+    scratch = getattr(model, "scratch", None)
+    return None if is_segmentation(model) or scratch is None else getattr(scratch, "output_conv", None)
+
+
+def keep_head_float32(model) -> bool:
+    """Run a 16-bit depth model's head in float32: a bfloat16 output has 8 significant bits, which would
+    band a 16-bit PNG; the head is a small share of the FLOPs. Changes `model` in place (the head's
+    weights become float32, a hook casts its inputs); returns whether it did. Segmentation and float32
+    models are left as they are, and so is a head already kept in float32."""
+    head = _depth_head(model)
+    weight = next(head.parameters(), None) if head is not None else None
+    if weight is None or weight.dtype not in (torch.float16, torch.bfloat16):
+        return False
+    head.float()
+    if getattr(head, "_float32_inputs", None) is None:  # one hook, however often the head is kept
+        head._float32_inputs = head.register_forward_pre_hook(_inputs_to_float32)
+    return True
+
+
+def _inputs_to_float32(_module, args):
+    return tuple(a.float() if torch.is_tensor(a) and a.is_floating_point() else a for a in args)
+
+
 def model_output(model) -> dict:
     """What a depth model's values mean, for the manifest: {"output": "metric_depth", "unit": "m",
     "max_depth": ...} for metric Depth Anything models, {"output": "relative_disparity"} for relative
@@ -648,12 +677,55 @@ def model_output(model) -> dict:
     return {"output": kind}
 
 
+class InputProblems(UsageError):
+    """Inputs that give no image (missing, empty, not images): `problems` lists (argument, why)."""
+
+    def __init__(self, problems):
+        self.problems = list(problems)
+        super().__init__("; ".join(f"{arg}: {why}" for arg, why in self.problems))
+
+
+def collect_images(inputs, out_dir, *, reporter: Reporter | None = None, rank: int = 0) -> list[tuple]:
+    """The image files that `inputs` name (files, folders searched recursively, globs), `out_dir` left
+    out, as `collect_inputs` gives them; InputProblems when an input gives none. Files passed over on
+    the way (a FIFO named like an image, a folder that cannot be listed) are reported by rank 0."""
+    items, problems = collect_inputs(inputs, exclude=Path(out_dir).expanduser(), skipped=(skipped := []))
+    if problems:
+        raise InputProblems(problems)
+    for path, why in skipped if rank == 0 and reporter is not None else ():
+        reporter.log(f"skipped: {path}: {why}")
+    return items
+
+
+def plan_images(inputs, out_dir, formats, *, items=None, reporter: Reporter | None = None, rank: int = 0,
+                world: int = 1) -> list[Job]:
+    """This process's jobs over the images of `inputs` (`items`: what collect_images gave, when the
+    inputs were collected already): their outputs in `formats` under `out_dir`, checked (UsageError
+    when `out_dir` is one of the inputs or two inputs would write one output), input i for rank i % world."""
+    out_dir = Path(out_dir).expanduser()
+    if items is None:
+        items = collect_images(inputs, out_dir, reporter=reporter, rank=rank)
+    planned = plan_jobs(items, out_dir, formats)
+    check_outputs(planned, inputs, out_dir)
+    return shard(planned, rank, world)
+
+
+def image_settings(model, model_id: str | None = None, *, size, segmentation: bool, dtype=None, tile=None,
+                   tile_overlap: float = 0.25, label_offset: int = LABEL_OFFSET) -> dict:
+    """What the manifest records with each output of `model`: its identity (`model_id`, default
+    `model_digest(model)`), the settings that change the outputs (dtype: default the model's) and
+    what the values mean (`model_output`)."""
+    dtype = dtype or next(model.parameters()).dtype
+    return settings_record(model_id or model_digest(model), size, segmentation, dtype, tile, tile_overlap,
+                           label_offset, extra=model_output(model))
+
+
 def predict_images(model, inputs, out_dir, *, size=None, formats=None, device=None, dtype=None,
                    batch_size: int = 1, tile=None, tile_overlap: float = 0.25, overwrite: bool = False,
                    num_workers: int = 0, writers: int = 2, compiled=None, model_id: str | None = None,
                    label_offset: int = LABEL_OFFSET, max_pixels: int | None = image_io.MAX_IMAGE_PIXELS,
                    reporter: Reporter | None = None, stop: threading.Event | None = None,
-                   rank: int = 0, world: int = 1) -> Summary:
+                   rank: int = 0, world: int = 1, float32_head: bool = True) -> Summary:
     """Run `model` (a DPTDepthModel, DepthAnythingModel or DPTSegmentationModel, in eval mode) over image
     files, folders (recursive) and globs in `inputs`, writing its predictions under `out_dir` (names
     mirror the inputs, see `plan_jobs`).
@@ -668,10 +740,14 @@ def predict_images(model, inputs, out_dir, *, size=None, formats=None, device=No
     max_pixels: images with more pixels are refused from their header (None: no limit).
     stop: set it (e.g. from a signal handler) to end after the images in flight.
     rank/world: this process's share of the inputs (input i goes to rank i % world).
-    Raises UsageError for inputs that do not exist or hold no images, and for bad options.
+    float32_head: a depth model in float16 or bfloat16 gets its head in float32 first (`keep_head_float32`,
+    in place), so that 16-bit PNGs are not banded; False leaves the model as it is.
+    Raises UsageError for inputs that do not exist or hold no images (InputProblems), and for bad options.
     """
     reporter = reporter or Reporter()
     segmentation = is_segmentation(model)
+    if float32_head:
+        keep_head_float32(model)  # before model_digest: the same model gets the same identity every run
     param = next(model.parameters())
     device = torch.device(device) if device is not None else param.device
     if size is None:
@@ -683,28 +759,24 @@ def predict_images(model, inputs, out_dir, *, size=None, formats=None, device=No
     if any(f not in allowed for f in formats):
         raise UsageError(f"formats {','.join(formats)}: choose from {','.join(allowed)}")
     out_dir = Path(out_dir).expanduser()
-    items, problems = collect_inputs(inputs, exclude=out_dir, skipped=(skipped := []))
-    if problems:
-        raise UsageError("; ".join(f"{arg}: {why}" for arg, why in problems))
-    for path, why in skipped if rank == 0 else ():
-        reporter.log(f"skipped: {path}: {why}")
-    planned = plan_jobs(items, out_dir, formats)
-    check_outputs(planned, inputs, out_dir)
-    settings = settings_record(model_id or model_digest(model), size, segmentation, dtype or param.dtype, tile,
-                               tile_overlap, label_offset, extra=model_output(model))
-    return run_planned(model, shard(planned, rank, world), out_dir, settings=settings, device=device, dtype=dtype,
-                       size=size, segmentation=segmentation, batch_size=batch_size, tile=tile,
-                       tile_overlap=tile_overlap, overwrite=overwrite, num_workers=num_workers, writers=writers,
-                       compiled=compiled, label_offset=label_offset, max_pixels=max_pixels, reporter=reporter,
-                       stop=stop, single_process=world == 1)
+    jobs = plan_images(inputs, out_dir, formats, reporter=reporter, rank=rank, world=world)
+    return run_planned(model, jobs, out_dir, model_id=model_id, device=device, dtype=dtype, size=size,
+                       segmentation=segmentation, batch_size=batch_size, tile=tile, tile_overlap=tile_overlap,
+                       overwrite=overwrite, num_workers=num_workers, writers=writers, compiled=compiled,
+                       label_offset=label_offset, max_pixels=max_pixels, reporter=reporter, stop=stop,
+                       single_process=world == 1)
 
 
-def run_planned(model, jobs: list[Job], out_dir, *, settings: dict, device, dtype, size, segmentation: bool,
-                batch_size: int, tile, tile_overlap: float, overwrite: bool, num_workers: int, writers: int,
-                compiled, label_offset: int, max_pixels, reporter: Reporter, stop,
-                single_process: bool) -> Summary:
-    """The run after planning: clean leftovers, sort jobs into done / to do / conflicts, predict and write.
-    `single_process`: this is the only process writing to `out_dir` (not one rank of several)."""
+def run_planned(model, jobs: list[Job], out_dir, *, settings: dict | None = None, model_id: str | None = None,
+                device, dtype, size, segmentation: bool, batch_size: int, tile, tile_overlap: float,
+                overwrite: bool, num_workers: int, writers: int, compiled, label_offset: int, max_pixels,
+                reporter: Reporter, stop, single_process: bool) -> Summary:
+    """The run after planning (`plan_images`): clean leftovers, sort jobs into done / to do / conflicts,
+    predict and write. `settings`: the manifest's record (default `image_settings` of the model, with
+    `model_id`). `single_process`: this is the only process writing to `out_dir` (not one rank of several)."""
+    if settings is None:
+        settings = image_settings(model, model_id, size=size, segmentation=segmentation, dtype=dtype, tile=tile,
+                                  tile_overlap=tile_overlap, label_offset=label_offset)
     started = time.perf_counter()
     clean_stale_temporaries(out_dir, reporter, min_age_s=0.0 if single_process else 3600.0)
     manifest = OutputManifest(out_dir)

@@ -167,22 +167,6 @@ def _default_workers(device, local_world: int) -> int:
     return max(1, min(8, cpus // max(1, local_world) - 1))
 
 
-def _keep_head_float32(model) -> None:
-    """Run the depth head in float32 under a 16-bit model: a bf16 output has 8 significant bits,
-    which would band the 16-bit PNG. The head is a small share of the FLOPs."""
-    import torch
-    if hasattr(model, "depth_head"):  # Depth Anything: the last convolutions, after the upsampling
-        head = model.depth_head.scratch.output_conv2
-    else:
-        head = model.scratch.output_conv
-    head.float()
-
-    def cast(_module, args):
-        return tuple(a.float() if torch.is_tensor(a) and a.is_floating_point() else a for a in args)
-
-    head.register_forward_pre_hook(cast)
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.usage = "%(prog)s INPUT [INPUT ...] -o OUT --model MODEL [options]"
     parser.add_argument("inputs", nargs="+", metavar="INPUT",
@@ -351,36 +335,46 @@ def _run(args: argparse.Namespace, stop: StopRequest) -> int:
     _check_options(args)
     out_dir = Path(args.out).expanduser()
     from . import inference
-    from .image_io import MAX_IMAGE_PIXELS
     place = _place()
-    rank, world = place.rank, place.world
     show = args.progress if args.progress is not None else sys.stderr.isatty()
-    reporter = inference.Reporter(prefix="dpt-fast predict: ", progress=show and rank == 0,
-                                  desc=f"predict (rank 0 of {world})" if world > 1 else "predict")
-    log = reporter.log
-
+    reporter = inference.Reporter(prefix="dpt-fast predict: ", progress=show and place.main,
+                                  desc=f"predict (rank 0 of {place.world})" if place.world > 1 else "predict")
     # inputs first: a usage error costs no model loading
-    videos = _video_inputs(args, out_dir, log, inference)
+    videos = _video_inputs(args, out_dir, reporter.log, inference)
     if videos is not None:
         return _run_videos(args, stop, videos, out_dir, reporter, show, place)
     if args.temporal_align or args.fps is not None:
         raise _usage_error(f"--{'temporal-align' if args.temporal_align else 'fps'} applies to videos; the inputs "
                            "are images (use --sequence to take folders of frames as videos)")
-    items, problems = inference.collect_inputs(args.inputs, exclude=out_dir, skipped=(skipped := []))
-    if problems:
-        for arg, why in problems:
-            log(f"{arg}: {why}")
+    try:
+        items = inference.collect_images(args.inputs, out_dir, reporter=reporter, rank=place.rank)
+    except inference.InputProblems as e:
+        for arg, why in e.problems:
+            reporter.log(f"{arg}: {why}")
         return 2
-    if rank == 0:
-        for path, why in skipped:
-            log(f"skipped: {path}: {why}")
+    return _run_images(args, stop, items, out_dir, reporter, place)
 
+
+def _device_and_dtype(args, place: Place):
+    """--device and --dtype: the device (made current, so that streams and events live where the work
+    runs) and the compute dtype (default bf16 on CUDA, fp32 elsewhere)."""
     import torch
     device = pick_device(args.device, place)
     if device.type == "cuda":
-        torch.cuda.set_device(device)  # streams and events then live where the work runs
+        torch.cuda.set_device(device)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}.get(
         args.dtype, torch.bfloat16 if device.type == "cuda" else torch.float32)
+    return device, dtype
+
+
+def _run_images(args, stop: StopRequest, items, out_dir: Path, reporter, place: Place) -> int:
+    """Images: the model loaded in the compute dtype, then dpt_fast.inference plans and runs them."""
+    import torch
+
+    from . import inference
+    from .image_io import MAX_IMAGE_PIXELS
+    log = reporter.log
+    device, dtype = _device_and_dtype(args, place)
     model = _load_model(args, device, dtype, log)
     if model is None:
         return 2
@@ -390,35 +384,30 @@ def _run(args: argparse.Namespace, stop: StopRequest) -> int:
             "with --sequence), not single images")
         return 2
     segmentation = inference.is_segmentation(model)
-    if not segmentation and dtype != torch.float32:
-        _keep_head_float32(model)
+    inference.keep_head_float32(model)  # as predict_images does: 16-bit PNGs of a 16-bit model not banded
     size = parse_size(args.size, segmentation, inference.model_preprocessing(model).size)
     formats = parse_formats(args.format, segmentation)
     batch_size = args.batch_size or (16 if device.type == "cuda" and size is not None else 1)
-    planned = inference.plan_jobs(items, out_dir, formats)
-    inference.check_outputs(planned, args.inputs, out_dir)
-    grouped = _init_group(world)
+    jobs = inference.plan_images(args.inputs, out_dir, formats, items=items, rank=place.rank, world=place.world)
+    grouped = _init_group(place.world)
     compiled = None
     if args.compile:
         compiled = torch.compile(model, mode=None if args.compile_mode == "default" else args.compile_mode)
-    settings = inference.settings_record(inference.file_fingerprint(args.model), size, segmentation, dtype,
-                                         args.tile, args.tile_overlap, args.label_offset,
-                                         extra=inference.model_output(model))
     workers = args.num_workers if args.num_workers is not None else _default_workers(device, place.local_world)
     if stop.is_set():
         log("stopped before any image was processed")
         return EXIT_FOR_SIGNAL.get(stop.signum, 130)
     summary = inference.run_planned(
-        model, inference.shard(planned, rank, world), out_dir, settings=settings, device=device, dtype=dtype,
+        model, jobs, out_dir, model_id=inference.file_fingerprint(args.model), device=device, dtype=dtype,
         size=size, segmentation=segmentation, batch_size=batch_size, tile=args.tile,
         tile_overlap=args.tile_overlap, overwrite=args.overwrite, num_workers=workers, writers=args.writers,
-        compiled=compiled, label_offset=args.label_offset,
-        max_pixels=args.max_pixels or MAX_IMAGE_PIXELS, reporter=reporter, stop=stop, single_process=world == 1)
+        compiled=compiled, label_offset=args.label_offset, max_pixels=args.max_pixels or MAX_IMAGE_PIXELS,
+        reporter=reporter, stop=stop, single_process=place.world == 1)
     if summary.stopped:
         log(f"stopped: {summary.written} written, {summary.remaining} left, {len(summary.failures)} failed in "
             f"{summary.elapsed:.1f} s -> {out_dir}; run the same command again to continue")
         return EXIT_FOR_SIGNAL.get(stop.signum, 130)
-    return _finish(summary, log, rank, world, grouped, out_dir)
+    return _finish(summary, log, place.rank, place.world, grouped, out_dir)
 
 
 def _video_inputs(args, out_dir: Path, log, inference):
@@ -462,14 +451,47 @@ def _run_videos(args, stop: StopRequest, videos, out_dir: Path, reporter, show: 
     """Videos (or --sequence folders of frames): one process per video, resumable per video."""
     import time
 
-    import torch
-
-    from . import inference
     from .input_files import plan_jobs
     from .video.batch import Source, predict_videos
-    from .video.predictors import is_video_model, sequence_predictor
     log = reporter.log
     started = time.perf_counter()
+    _check_video_options(args)
+    formats = parse_video_formats(args.format)
+    device, dtype = _device_and_dtype(args, place)
+    # Weights in float32 first: Video Depth Anything runs under autocast, single-frame models are cast.
+    model = _load_model(args, device, None, log)
+    if model is None:
+        return 2
+    prepared = _video_model(args, model, device, dtype, log)
+    if prepared is None:
+        return 2
+    predict, per_frame, value_range, settings = prepared
+    sources = [Source(job.src, job.rel) for job in plan_jobs(videos, out_dir, ("npy",))]
+    grouped = _init_group(place.world)
+    if stop.is_set():
+        log("stopped before any video was processed")
+        return EXIT_FOR_SIGNAL.get(stop.signum, 130)
+    summary = predict_videos(sources, out_dir, predict, formats=formats, per_frame=per_frame,
+                             temporal_align=args.temporal_align, value_range=value_range, overwrite=args.overwrite,
+                             rank=place.rank, world_size=place.world, progress=show and place.main,
+                             settings=settings, fps=args.fps, stop=stop, log=log)
+    elapsed = time.perf_counter() - started
+    if summary.stopped:
+        log(f"stopped: {len(summary.done)} video(s) written, {summary.remaining} left (the one in progress restarts "
+            f"from its first frame), {len(summary.failed)} failed in {elapsed:.1f} s -> {out_dir}; run the same "
+            "command again to continue")
+        return EXIT_FOR_SIGNAL.get(stop.signum, 130)
+    if summary.skipped:
+        log(f"{len(summary.skipped)} video(s) already done with this model and these settings: skipped "
+            "(--overwrite recomputes them)")
+    from .inference import Summary
+    totals = Summary(written=len(summary.done), skipped=len(summary.skipped), failures=list(summary.failed),
+                     conflicts=list(summary.conflicts), elapsed=elapsed)
+    return _finish(totals, log, place.rank, place.world, grouped, out_dir, unit=" video(s)", frames=summary.frames)
+
+
+def _check_video_options(args) -> None:
+    """Options that apply to images only, and --fps, refused before the model is loaded."""
     for option, value in (("--tile", args.tile), ("--compile", args.compile or None),
                           ("--batch-size", args.batch_size)):
         if value is not None:
@@ -477,31 +499,30 @@ def _run_videos(args, stop: StopRequest, videos, out_dir: Path, reporter, show: 
                                "in windows of 32 frames)")
     if args.fps is not None and not args.fps > 0:
         raise _usage_error(f"--fps must be positive, got {args.fps}")
-    formats = parse_video_formats(args.format)
-    rank, world = place.rank, place.world
-    device = pick_device(args.device, place)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}.get(
-        args.dtype, torch.bfloat16 if device.type == "cuda" else torch.float32)
-    # Weights in float32 first: Video Depth Anything runs under autocast (its last convolutions in
-    # float32, as the release does); single-frame models are cast as for images, the head kept float32.
-    model = _load_model(args, device, None, log)
-    if model is None:
-        return 2
+
+
+def _video_model(args, model, device, dtype, log):
+    """(predict, per_frame, value_range, settings) for dpt_fast.video.batch.predict_videos, or None after
+    saying why `model` does not take videos. Video Depth Anything runs under autocast (its last
+    convolutions in float32, as the release does); a single-frame model is cast to `dtype`, its head
+    kept in float32 as for images."""
+    import torch
+
+    from . import inference
+    from .video.predictors import is_video_model, sequence_predictor
     if inference.is_segmentation(model):
         log(f"{args.model} is a segmentation model: videos take depth models")
-        return 2
+        return None
     video_model = is_video_model(model)
+    if video_model and args.temporal_align:
+        raise _usage_error("--temporal-align is for single-frame models: Video Depth Anything aligns its windows "
+                           "itself")
     autocast_dtype = None
     if dtype != torch.float32 and video_model:
         autocast_dtype = dtype
     elif dtype != torch.float32:
         model.to(dtype)
-        _keep_head_float32(model)
-    if video_model and args.temporal_align:
-        raise _usage_error("--temporal-align is for single-frame models: Video Depth Anything aligns its windows "
-                           "itself")
+        inference.keep_head_float32(model)
     size = parse_size(args.size, False, inference.model_preprocessing(model).size)
     metric, output = _video_output(model, args.model)
     predict, per_frame = sequence_predictor(model, size=size, device=device, metric=metric,
@@ -512,27 +533,7 @@ def _run_videos(args, stop: StopRequest, videos, out_dir: Path, reporter, show: 
                 "dtype": str(dtype).replace("torch.", ""), **output}
     if args.sequence:
         settings["fps"] = args.fps or 30
-    sources = [Source(job.src, job.rel) for job in plan_jobs(videos, out_dir, ("npy",))]
-    grouped = _init_group(world)
-    if stop.is_set():
-        log("stopped before any video was processed")
-        return EXIT_FOR_SIGNAL.get(stop.signum, 130)
-    summary = predict_videos(sources, out_dir, predict, formats=formats, per_frame=per_frame,
-                             temporal_align=args.temporal_align, value_range=value_range, overwrite=args.overwrite,
-                             rank=rank, world_size=world, progress=show and rank == 0, settings=settings,
-                             fps=args.fps, stop=stop, log=log)
-    elapsed = time.perf_counter() - started
-    if summary.stopped:
-        log(f"stopped: {len(summary.done)} video(s) written, {summary.remaining} left (the one in progress restarts "
-            f"from its first frame), {len(summary.failed)} failed in {elapsed:.1f} s -> {out_dir}; run the same "
-            "command again to continue")
-        return EXIT_FOR_SIGNAL.get(stop.signum, 130)
-    if summary.skipped:
-        log(f"{len(summary.skipped)} video(s) already done with this model and these settings: skipped "
-            "(--overwrite recomputes them)")
-    totals = inference.Summary(written=len(summary.done), skipped=len(summary.skipped), failures=list(summary.failed),
-                               conflicts=list(summary.conflicts), elapsed=elapsed)
-    return _finish(totals, log, rank, world, grouped, out_dir, unit=" video(s)", frames=summary.frames)
+    return predict, per_frame, value_range, settings
 
 
 def _finish(summary, log, rank: int, world: int, grouped: bool, out_dir, unit: str = "",

@@ -269,3 +269,37 @@ def test_native_size_is_the_size_depth_anything_runs_at():
         assert (run_h, run_w) == predictor.processed_size(side, 2 * side)
         assert run_h == nearest_multiple(side, 14) and run_h % 14 == 0 and run_h > 0
     assert nearest_multiple(21, 14) == 28 and nearest_multiple(35, 14) == 28  # ties to even, as numpy
+
+
+def test_a_bfloat16_depth_model_runs_its_head_in_float32(tmp_path):
+    """predict_images, like `dpt-fast predict`, keeps a 16-bit depth model's head in float32: the
+    prediction has float32's resolution, so the 16-bit PNG is not banded to bfloat16's 8 bits."""
+    torch.manual_seed(0)
+    model = randomize_(DPTDepthModel(**TINY), matrix_std=0.05).eval().to(torch.bfloat16)
+    (tmp_path / "in").mkdir()
+    # 64x64 at size 64: the prediction is the head's output itself, not resized
+    pixels = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(tmp_path / "in/a.png")
+    summary = _run(model, [tmp_path / "in"], tmp_path / "out", formats=("npy", "png16"), dtype=torch.bfloat16)
+    assert summary.ok and summary.written == 1, summary
+    depth = np.load(tmp_path / "out/a.npy")
+    assert not np.array_equal(torch.from_numpy(depth).bfloat16().float().numpy(), depth)  # not bfloat16 values
+    assert len(np.unique(np.asarray(Image.open(tmp_path / "out/a.png")))) > 256
+    head = model.scratch.output_conv
+    assert all(p.dtype == torch.float32 for p in head.parameters())
+    assert next(model.parameters()).dtype == torch.bfloat16  # the rest stays in bfloat16
+    # the model keeps one identity: a second run finds its outputs done, and the head one hook
+    again = _run(model, [tmp_path / "in"], tmp_path / "out", formats=("npy", "png16"), dtype=torch.bfloat16)
+    assert again.skipped == 1
+    assert len(head._forward_pre_hooks) == 1 and not inference.keep_head_float32(model)
+
+
+def test_float32_head_false_leaves_the_model_as_it_is(seg_model, tmp_path):
+    torch.manual_seed(0)
+    model = randomize_(DPTDepthModel(**TINY), matrix_std=0.05).eval().to(torch.bfloat16)
+    assert not inference.keep_head_float32(seg_model)  # segmentation: labels, not 16-bit depth
+    (tmp_path / "in").mkdir()
+    Image.fromarray(np.zeros((64, 64, 3), dtype=np.uint8)).save(tmp_path / "in/a.png")
+    _run(model, [tmp_path / "in"], tmp_path / "out", dtype=torch.bfloat16, float32_head=False)
+    head = model.scratch.output_conv
+    assert head[0].weight.dtype == torch.bfloat16 and not head._forward_pre_hooks
