@@ -11,6 +11,7 @@ import dpt_fast
 from dpt_fast import backend, use_backend
 from dpt_fast.models.depth_anything import DepthAnythingModel
 
+from helpers import relative_error
 from model_helpers import randomize_
 
 pytestmark = pytest.mark.skipif(not backend.triton_interpreting(), reason="CPU interpreter test")
@@ -45,12 +46,11 @@ def test_fused_tiny_depth_anything_matches_reference_forward_and_gradients(use_c
     assert ran["dpt_fast::reassemble_backward"] == {"triton": 4}
     assert set(ran["dpt_fast::residual_conv_unit"]) == {"reference"}  # CUDA-only kernel
 
-    rel = lambda a, b: ((a - b).norm() / b.norm()).item()
     assert ref_out.std() > 0
-    assert rel(out, ref_out) < 1e-4
+    assert relative_error(out, ref_out) < 1e-4
     assert ref_grads.keys() == grads.keys()
     assert "pretrained.blocks.0.attn.qkv.weight" in grads
     if use_clstoken:
         assert "depth_head.readout_projects.0.0.weight" in grads
-    worst = max(rel(grads[k], ref_grads[k]) for k in grads if ref_grads[k].norm() > 0)
+    worst = max(relative_error(grads[k], ref_grads[k]) for k in grads if ref_grads[k].norm() > 0)
     assert worst < 1e-3

@@ -8,6 +8,7 @@ import torch
 
 import dpt_fast
 from dpt_fast import DPTDepthModel, backend, use_backend
+from helpers import relative_error
 
 pytestmark = pytest.mark.skipif(not backend.triton_interpreting(), reason="CPU interpreter test")
 
@@ -46,10 +47,9 @@ def test_fused_tiny_model_matches_reference_forward_and_gradients():
     assert ran["dpt_fast::reassemble_backward"] == {"triton": 4}
     assert set(ran["dpt_fast::residual_conv_unit"]) == {"reference"}  # CUDA-only kernel
 
-    rel = lambda a, b: ((a - b).norm() / b.norm()).item()
-    assert rel(out, ref_out) < 1e-4
+    assert relative_error(out, ref_out) < 1e-4
     assert ref_grads.keys() == grads.keys()
-    worst = max(rel(grads[k], ref_grads[k]) for k in grads if ref_grads[k].norm() > 0)
+    worst = max(relative_error(grads[k], ref_grads[k]) for k in grads if ref_grads[k].norm() > 0)
     assert worst < 1e-3
 
 
