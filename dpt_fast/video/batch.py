@@ -134,15 +134,15 @@ def predict_videos(sources: Sequence[Source], out_dir, predict: Callable, *,
     not write (no marker of this tool beside them) is left alone and recorded in `conflicts`, even with
     `overwrite`.
     """
-    formats = tuple(formats)
-    unknown = [f for f in formats if f not in FORMATS]
-    if unknown or not formats:
-        raise ValueError(f"formats must be some of {', '.join(FORMATS)}, got {list(formats)}")
+    formats = _checked_formats(formats)
     log = log or (lambda message: None)
     out_dir = Path(out_dir)
-    record = {"formats": sorted(formats), "temporal_align": bool(temporal_align), "per_frame": per_frame,
-              "value_range": value_range if isinstance(value_range, (str, type(None))) else list(value_range),
-              **(settings or {})}
+    record = _settings_record(formats, temporal_align, per_frame, value_range, settings)
+
+    def run(source: Source) -> int | None:
+        return _one_video(source, out_dir, predict, formats, per_frame, temporal_align, value_range, progress, fps,
+                          stop)
+
     mine = shard(sources, rank, world_size)
     summary = VideoSummary(remaining=len(mine))
     from tqdm import tqdm
@@ -153,54 +153,76 @@ def predict_videos(sources: Sequence[Source], out_dir, predict: Callable, *,
             if stop is not None and stop.is_set():
                 summary.stopped = True
                 break
-            marker = _marker(out_dir, source.name)
-            if not overwrite and marker.is_file() and _read_marker(marker) == record:
+            if not overwrite and _done_with(out_dir, source.name, record):
                 summary.skipped.append(source.name)
-                summary.remaining -= 1
-                overall.update(1)
-                continue
-            foreign = _foreign_output(out_dir, source.name, formats)
-            if foreign is not None:
+            elif (foreign := _foreign_output(out_dir, source.name, formats)) is not None:
                 why = (f"{foreign} exists and was not written by dpt-fast: left as it is and this video skipped "
                        "(move it, or choose another output folder)")
                 summary.conflicts.append((source.name, why))
                 log(f"conflict: {source.path}: {why}")
-                summary.remaining -= 1
-                overall.update(1)
-                continue
-            started = _marker(out_dir, source.name, "started")
-            started.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write_bytes(started, json.dumps(record, sort_keys=True).encode())
-            marker.unlink(missing_ok=True)  # the outputs are about to change
-            count, reason = None, None
-            try:
-                count = _one_video(source, out_dir, predict, formats, per_frame, temporal_align, value_range,
-                                   progress, fps, stop)
-            except VideoReadError as exc:
-                reason = str(exc)
-            except Exception as exc:  # noqa: BLE001 -- running out of memory fails this video only
-                from ..inference import is_out_of_memory
-                if not is_out_of_memory(exc):
-                    raise
-                reason = f"out of memory ({' '.join(str(exc).split())[:160]})"
-            if reason is None and count is None:  # stopped inside this video
-                summary.stopped = True
-                break
-            if reason is not None:
-                summary.failed.append((source.name, reason))
-                log(f"failed: {source.path}: {reason}")
-                summary.remaining -= 1
-                overall.update(1)
-                continue
-            atomic_write_bytes(marker, json.dumps({**record, "frames": count}, sort_keys=True).encode())
-            started.unlink(missing_ok=True)
-            summary.done.append(source.name)
-            summary.frames += count
+            else:
+                count, reason = _attempt(source, out_dir, record, run)
+                if count is None and reason is None:  # stopped inside this video
+                    summary.stopped = True
+                    break
+                if reason is not None:
+                    summary.failed.append((source.name, reason))
+                    log(f"failed: {source.path}: {reason}")
+                else:
+                    summary.done.append(source.name)
+                    summary.frames += count
             summary.remaining -= 1
             overall.update(1)
     finally:
         overall.close()
     return summary
+
+
+def _checked_formats(formats) -> tuple[str, ...]:
+    formats = tuple(formats)
+    unknown = [f for f in formats if f not in FORMATS]
+    if unknown or not formats:
+        raise ValueError(f"formats must be some of {', '.join(FORMATS)}, got {list(formats)}")
+    return formats
+
+
+def _settings_record(formats, temporal_align, per_frame, value_range, settings) -> dict:
+    """What a video's markers record about how its outputs were made (a re-run with another record
+    recomputes the video)."""
+    return {"formats": sorted(formats), "temporal_align": bool(temporal_align), "per_frame": per_frame,
+            "value_range": value_range if isinstance(value_range, (str, type(None))) else list(value_range),
+            **(settings or {})}
+
+
+def _done_with(out_dir: Path, name: str, record: dict) -> bool:
+    """Whether the video `name` was finished with these settings (its done marker holds `record`)."""
+    marker = _marker(out_dir, name)
+    return marker.is_file() and _read_marker(marker) == record
+
+
+def _attempt(source: Source, out_dir: Path, record: dict, run) -> tuple[int | None, str | None]:
+    """Run one video between its markers: `started` before any output (what tells this tool's files from
+    others'), `done` after all of them. Returns (frames, None) when done, (None, reason) when the video
+    cannot be read or runs out of memory (it fails alone), (None, None) when stopped inside it."""
+    started = _marker(out_dir, source.name, "started")
+    started.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(started, json.dumps(record, sort_keys=True).encode())
+    marker = _marker(out_dir, source.name)
+    marker.unlink(missing_ok=True)  # the outputs are about to change
+    try:
+        count = run(source)
+    except VideoReadError as exc:
+        return None, str(exc)
+    except Exception as exc:  # noqa: BLE001 -- running out of memory fails this video only
+        from ..inference import is_out_of_memory
+        if not is_out_of_memory(exc):
+            raise
+        return None, f"out of memory ({' '.join(str(exc).split())[:160]})"
+    if count is None:
+        return None, None
+    atomic_write_bytes(marker, json.dumps({**record, "frames": count}, sort_keys=True).encode())
+    started.unlink(missing_ok=True)
+    return count, None
 
 
 def _read_marker(path: Path) -> dict | None:
