@@ -70,6 +70,7 @@ import torch
 from .cli_args import BENCH_MODELS as MODELS
 from .cli_args import BENCH_TINY_DEFAULTS as TINY_DEFAULTS
 from .cli_args import BENCH_VARIANTS as VARIANTS
+from . import env as switches
 from .cli_args import add_bench_arguments as add_arguments  # noqa: F401 -- `dpt-fast bench`'s options
 from .fileio import atomic_write_bytes
 
@@ -223,11 +224,10 @@ def environment(device: torch.device, dtype: torch.dtype) -> dict:
         },
         "git_commit": _git_commit(),
         "host": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads()},
-        "triton_interpret": os.environ.get("TRITON_INTERPRET", "0") == "1",
-        "autotune": os.environ.get("DPT_FAST_AUTOTUNE", "").strip().lower() or "full",
-        # the env switches that change which kernels run (kernels/attention.py, kernels/reassemble.py)
-        "kernel_switches": {k: os.environ[k] for k in ("DPT_FAST_ATTENTION_TMA", "DPT_FAST_REASSEMBLE_SPLIT_K")
-                            if k in os.environ},
+        # as dpt_fast.env read them (or a test or benchmark set them there), which is what the kernels follow
+        "triton_interpret": switches.TRITON_INTERPRET,
+        "autotune": switches.autotune_mode(),
+        "kernel_switches": switches.kernel_switches(),  # those that change which kernels run, where set
     }
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)

@@ -33,10 +33,13 @@ import os
 AUTOTUNE_MODES = ("full", "quick")
 SPLIT_K_MAX = 65535  # the split is a grid dimension 1, limited to 65535 by CUDA
 
+# the values the switches that choose among the kernels take when they are not set
+_KERNEL_DEFAULTS = {"DPT_FAST_ATTENTION_TMA": "1", "DPT_FAST_REASSEMBLE_SPLIT_K": ""}
+
 TRITON_INTERPRET: bool = os.environ.get("TRITON_INTERPRET", "0") == "1"
 AUTOTUNE: str = os.environ.get("DPT_FAST_AUTOTUNE", "")
-ATTENTION_TMA: str = os.environ.get("DPT_FAST_ATTENTION_TMA", "1")
-REASSEMBLE_SPLIT_K: str = os.environ.get("DPT_FAST_REASSEMBLE_SPLIT_K", "")
+ATTENTION_TMA: str = os.environ.get("DPT_FAST_ATTENTION_TMA", _KERNEL_DEFAULTS["DPT_FAST_ATTENTION_TMA"])
+REASSEMBLE_SPLIT_K: str = os.environ.get("DPT_FAST_REASSEMBLE_SPLIT_K", _KERNEL_DEFAULTS["DPT_FAST_REASSEMBLE_SPLIT_K"])
 
 BUILD_TIME = ("DPT_FAST_BUILD_CUDA", "MAX_JOBS", "DPT_FAST_CUDA_GENCODE", "DPT_FAST_CUTLASS_INCLUDE")
 
@@ -69,6 +72,13 @@ def reassemble_split_k() -> int | None:
     if count > SPLIT_K_MAX:
         raise ValueError(f"DPT_FAST_REASSEMBLE_SPLIT_K={count}: at most {SPLIT_K_MAX} splits")
     return count
+
+
+def kernel_switches() -> dict:
+    """The switches that choose among the kernels (DPT_FAST_ATTENTION_TMA, DPT_FAST_REASSEMBLE_SPLIT_K) that
+    are set away from their defaults, as given (what a benchmark report records beside the autotune mode)."""
+    given = {"DPT_FAST_ATTENTION_TMA": ATTENTION_TMA, "DPT_FAST_REASSEMBLE_SPLIT_K": REASSEMBLE_SPLIT_K}
+    return {name: value for name, value in given.items() if value.strip() != _KERNEL_DEFAULTS[name]}
 
 
 def switches() -> dict:
