@@ -35,3 +35,14 @@ def meta_only_builds(monkeypatch):
 
     monkeypatch.setattr(dpt_fast.models, "build_model", build_model)
     return devices
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """A tiny DPT depth model with random weights (seed 0), saved once per test module by save_model:
+    what `--model` takes in the command tests."""
+    import dpt_fast
+    from model_helpers import TINY, randomize_
+    torch.manual_seed(0)
+    model = randomize_(dpt_fast.DPTDepthModel(**TINY), matrix_std=0.05)
+    return dpt_fast.save_model(model, tmp_path_factory.mktemp("m") / "tiny")

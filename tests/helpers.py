@@ -100,15 +100,3 @@ def run_readme_example(section: str, model, weights_literal: str, tmp_path, monk
                 .replace(".cuda()", "").replace('torch.autocast("cuda"', 'torch.autocast("cpu"'))
     monkeypatch.chdir(tmp_path)
     exec(compile(code, f"README {section} example", "exec"), {})
-
-
-# --- models on disk -------------------------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    """A tiny DPT depth model with random weights (seed 0), saved once per test module by save_model:
-    what `--model` takes in the command tests."""
-    from model_helpers import TINY, randomize_
-    torch.manual_seed(0)
-    model = randomize_(dpt_fast.DPTDepthModel(**TINY), matrix_std=0.05)
-    return dpt_fast.save_model(model, tmp_path_factory.mktemp("m") / "tiny")

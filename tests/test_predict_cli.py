@@ -15,7 +15,6 @@ from PIL import Image
 
 from dpt_fast import DPTDepthModel, inference, predict
 from dpt_fast.weights import save_model
-from helpers import model_dir  # noqa: F401 (a fixture)
 from model_helpers import TINY
 
 README = Path(__file__).resolve().parents[1] / "README.md"

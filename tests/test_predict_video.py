@@ -14,7 +14,6 @@ from dpt_fast import predict, use_backend  # noqa: E402
 from dpt_fast.video import TemporalAligner, model_predictor  # noqa: E402
 from dpt_fast.video.io import FrameFolder, VideoFile, VideoWriter, read_depth16_video  # noqa: E402
 from dpt_fast.weights import load_model  # noqa: E402
-from helpers import model_dir  # noqa: E402,F401 (a fixture)
 from model_helpers import randomize_  # noqa: E402
 
 FAST = ["--backend", "reference", "--num-workers", "0", "--size", "64"]
