@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from . import specs
+from .hf_convert import ConfigFields
 from .checkpoints import (CONFIG_NAME, CheckpointError, fit_state_dict, load_safetensors, read_hf_state_dict,
                           read_json, torch_load_weights_only, unwrap_state_dict)
 
@@ -245,55 +246,9 @@ def infer_config(state: dict, filename: str | None = None, overrides: dict | Non
 
 # ------------------------------------------------------------------------------ transformers layout
 
-class _Fields:
-    """Typed, range-checked reads from a config.json object (nothing in it is executed)."""
-
-    def __init__(self, cfg: dict, where: str):
-        self.cfg, self.where = cfg, where
-
-    def _fail(self, key, expected, value):
-        raise CheckpointError(f"{self.where}: {key} must be {expected}, got {value!r}")
-
-    def int(self, key, default, low=1, high=1 << 20):
-        value = self.cfg.get(key, default)
-        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-            self._fail(key, f"an integer in [{low}, {high}]", value)
-        return value
-
-    def number(self, key, default, low=0.0, high=1e9, open_low=True):
-        value = self.cfg.get(key, default)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
-                (value > low if open_low else value >= low) and value <= high):
-            self._fail(key, f"a number in ({low}, {high}]", value)
-        return float(value)
-
-    def bool(self, key, default):
-        value = self.cfg.get(key, default)
-        if not isinstance(value, bool):
-            self._fail(key, "true or false", value)
-        return value
-
-    def choice(self, key, default, choices):
-        value = self.cfg.get(key, default)
-        if value not in choices:
-            self._fail(key, f"one of {list(choices)}", value)
-        return value
-
-    def int_list(self, key, default, length, low=1, high=1 << 20):
-        value = self.cfg.get(key, default)
-        if (not isinstance(value, list) or len(value) != length
-                or not all(isinstance(v, int) and not isinstance(v, bool) and low <= v <= high for v in value)):
-            self._fail(key, f"a list of {length} integers in [{low}, {high}]", value)
-        return list(value)
-
-
-def _square_size(fields: _Fields, key: str, default: int) -> int:
-    value = fields.cfg.get(key, default)
-    if isinstance(value, list) and len(value) == 2 and value[0] == value[1]:
-        value = value[0]
-    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 8192:
-        fields._fail(key, "a positive integer (or a square [n, n])", value)
-    return value
+# An upper bound for the widths and sizes of a config.json: far above any DINOv2, it only keeps a file from
+# asking for terabytes.
+_LARGE = 1 << 20
 
 
 class _DINOv2(NamedTuple):
@@ -309,10 +264,10 @@ class _DINOv2(NamedTuple):
     stages: list[int]
 
 
-def _tapped_stages(bb: _Fields, depth: int, where: str) -> list[int]:
+def _tapped_stages(bb: ConfigFields, depth: int, where: str) -> list[int]:
     """The four layers (1-based) that backbone_config taps: out_indices, else out_features ("stageN")."""
     if "out_indices" in bb.cfg:
-        return bb.int_list("out_indices", None, 4, low=1, high=depth)
+        return bb.ints("out_indices", None, 4, 1, depth)
     names = bb.cfg.get("out_features")
     if (not isinstance(names, list) or len(names) != 4
             or not all(isinstance(n, str) and re.fullmatch(r"stage\d+", n) for n in names)):
@@ -325,17 +280,17 @@ def _tapped_stages(bb: _Fields, depth: int, where: str) -> list[int]:
 
 def _dinov2_encoder(backbone_cfg: dict, where: str) -> _DINOv2:
     """backbone_config, checked to be a DINOv2 that Depth Anything's timm ViT computes exactly."""
-    bb = _Fields(backbone_cfg, f"{where} backbone_config")
+    bb = ConfigFields(backbone_cfg, f"{where}: backbone_config.", CheckpointError)
     bb.choice("model_type", None, ("dinov2",))
-    dim = bb.int("hidden_size", 768)
-    depth = bb.int("num_hidden_layers", 12, high=256)
-    heads = bb.int("num_attention_heads", 12, high=dim)
+    dim = bb.int("hidden_size", 768, 1, _LARGE)
+    depth = bb.int("num_hidden_layers", 12, 1, 256)
+    heads = bb.int("num_attention_heads", 12, 1, dim)
     if dim % heads:
         raise CheckpointError(f"{where}: hidden_size {dim} is not a multiple of num_attention_heads {heads}")
-    mlp_ratio = bb.number("mlp_ratio", 4)
-    eps = bb.number("layer_norm_eps", 1e-6, high=1.0)
-    image_size = _square_size(bb, "image_size", 224)
-    patch = _square_size(bb, "patch_size", 14)
+    mlp_ratio = float(bb.number("mlp_ratio", 4, 0.0, 1e9, lo_open=True))
+    eps = float(bb.number("layer_norm_eps", 1e-6, 0.0, 1.0, lo_open=True))
+    image_size = bb.square("image_size", 224, 1, 8192)
+    patch = bb.square("patch_size", 14, 1, 8192)
     if image_size % patch:
         raise CheckpointError(f"{where}: backbone image_size {image_size} is not a multiple of patch_size {patch}")
     bb.choice("hidden_act", "gelu", ("gelu",))
@@ -344,7 +299,7 @@ def _dinov2_encoder(backbone_cfg: dict, where: str) -> _DINOv2:
     swiglu = bb.bool("use_swiglu_ffn", False)
     if not bb.bool("apply_layernorm", True):
         raise CheckpointError(f"{where}: apply_layernorm false is not supported (Depth Anything norms its taps)")
-    if bb.int("num_register_tokens", 0, low=0) != 0:
+    if bb.int("num_register_tokens", 0, 0, _LARGE) != 0:
         raise CheckpointError(f"{where}: register tokens are not supported")
     stages = _tapped_stages(bb, depth, where)
     return _DINOv2(dim, depth, heads, mlp_ratio, eps, image_size, patch, swiglu, stages)
@@ -380,7 +335,7 @@ def _entry_and_vit_kwargs(encoder: _DINOv2, taps: list[int], where: str) -> tupl
 
 def hf_config_to_model_config(cfg: dict, where: str = CONFIG_NAME) -> dict:
     """transformers' DepthAnythingConfig (a config.json dict) -> a DepthAnythingModel config."""
-    top = _Fields(cfg, where)
+    top = ConfigFields(cfg, f"{where}: ", CheckpointError)
     backbone_cfg = cfg.get("backbone_config")
     if not isinstance(backbone_cfg, dict):
         raise CheckpointError(f"{where}: no backbone_config object (a Depth Anything config names its DINOv2 "
@@ -390,22 +345,22 @@ def hf_config_to_model_config(cfg: dict, where: str = CONFIG_NAME) -> dict:
     encoder = _dinov2_encoder(backbone_cfg, where)
     dim, patch = encoder.dim, encoder.patch
 
-    if top.int("patch_size", patch) != patch:
+    if top.int("patch_size", patch, 1, _LARGE) != patch:
         raise CheckpointError(f"{where}: patch_size {cfg['patch_size']} differs from the backbone's {patch}")
-    if top.int("reassemble_hidden_size", 384) != dim:
+    if top.int("reassemble_hidden_size", 384, 1, _LARGE) != dim:
         raise CheckpointError(f"{where}: reassemble_hidden_size {cfg.get('reassemble_hidden_size', 384)} "
                               f"differs from the backbone's hidden_size {dim}")
     factors = cfg.get("reassemble_factors", [4, 2, 1, 0.5])
     if not isinstance(factors, list) or factors != [4, 2, 1, 0.5]:
         raise CheckpointError(f"{where}: reassemble_factors must be [4, 2, 1, 0.5], got {factors!r}")
-    widths = top.int_list("neck_hidden_sizes", [48, 96, 192, 384], 4)
-    features = top.int("fusion_hidden_size", 64)
+    widths = top.ints("neck_hidden_sizes", [48, 96, 192, 384], 4, 1, _LARGE)
+    features = top.int("fusion_hidden_size", 64, 1, _LARGE)
     if features % 2:
         raise CheckpointError(f"{where}: fusion_hidden_size must be even, got {features}")
     top.choice("head_in_index", -1, (-1, 3))
-    head_hidden = top.int("head_hidden_size", 32)
+    head_hidden = top.int("head_hidden_size", 32, 1, _LARGE)
     kind = top.choice("depth_estimation_type", "relative", ("relative", "metric"))
-    max_depth = 1.0 if cfg.get("max_depth") is None else top.number("max_depth", None)
+    max_depth = 1.0 if cfg.get("max_depth") is None else float(top.number("max_depth", None, 0.0, 1e9, lo_open=True))
 
     taps = [s - 1 for s in encoder.stages]
     arch, vit_kwargs = _entry_and_vit_kwargs(encoder, taps, where)

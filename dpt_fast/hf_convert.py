@@ -52,7 +52,7 @@ from .config_validation import (MAX_CLASSES, MAX_DEPTH, MAX_HEADS, MAX_IMAGE_SIZ
 
 __all__ = ["HFConversionError", "HF_VIT_TABLE", "is_hf_dpt_config", "hf_model_class",
            "hf_config_to_model_config", "hf_state_dict_to_original", "hf_key_to_original",
-           "HF_FILLED_KEYS", "hf_dpt_config"]
+           "HF_FILLED_KEYS", "hf_dpt_config", "ConfigFields"]
 
 
 class HFConversionError(ValueError):
@@ -130,19 +130,24 @@ def _check(cond: bool, message: str) -> None:
         raise HFConversionError(message)
 
 
-class _Fields:
-    """Typed reads of a config.json's fields: each value is checked (type, range) before it is used,
-    so a null, a string or a zero where a size belongs gives an HFConversionError naming the field."""
+class ConfigFields:
+    """Typed reads of a config.json object's fields (nothing in it is executed): each value is checked
+    (type, range) before it is used, so a null, a string or a zero where a size belongs raises `error`
+    (an HFConversionError unless told) with a message naming the field; `prefix` is written before each
+    field's name (e.g. "config.json: backbone_config.")."""
 
-    def __init__(self, cfg: dict, prefix: str = ""):
-        self.cfg, self.prefix = cfg, prefix
+    def __init__(self, cfg: dict, prefix: str = "", error: type[Exception] = HFConversionError):
+        self.cfg, self.prefix, self.error = cfg, prefix, error
+
+    def _fail(self, message: str):
+        raise self.error(message)
 
     def _get(self, name, default, validator):
         value = self.cfg.get(name, default)
         try:
             return validator(self.prefix + name, value)
         except ConfigError as e:
-            raise HFConversionError(str(e)) from None
+            raise self.error(str(e)) from None
 
     def int(self, name, default, lo, hi):
         return self._get(name, default, integer(lo, hi))
@@ -160,23 +165,30 @@ class _Fields:
         """An int, or a list of two equal ints (HF allows [h, w]; dpt_fast needs square)."""
         value = self._get(name, default, one_of(integer(lo, hi), int_list(2, integer(lo, hi)),
                                                  what=f"an integer or a pair of integers in [{lo}, {hi}]"))
-        if isinstance(value, list):
-            _check(value[0] == value[1], f"{self.prefix}{name}={value}: only square sizes are supported")
-            return value[0]
-        return value
+        if isinstance(value, list) and value[0] != value[1]:
+            self._fail(f"{self.prefix}{name}={value}: only square sizes are supported")
+        return value[0] if isinstance(value, list) else value
 
     def ints(self, name, default, length, lo, hi, distinct=False):
         return self._get(name, default, int_list(length, integer(lo, hi), distinct=distinct))
 
+    def choice(self, name, default, allowed):
+        """One of the values `allowed` (of any JSON type)."""
+        value = self.cfg.get(name, default)
+        if isinstance(value, bool) or value not in allowed:
+            self._fail(f"{self.prefix}{name}={value!r}: must be one of {list(allowed)}")
+        return value
+
     def list(self, name, default):
         value = self.cfg.get(name, default)
-        _check(isinstance(value, (list, tuple)), f"{self.prefix}{name} must be a list, got {value!r}")
+        if not isinstance(value, (list, tuple)):
+            self._fail(f"{self.prefix}{name} must be a list, got {value!r}")
         return list(value)
 
     def object(self, name):
         value = self.cfg.get(name)
-        _check(value is None or isinstance(value, dict), f"{self.prefix}{name} must be an object or null, "
-                                                         f"got {type(value).__name__}")
+        if value is not None and not isinstance(value, dict):
+            self._fail(f"{self.prefix}{name} must be an object or null, got {type(value).__name__}")
         return value
 
 
@@ -202,7 +214,7 @@ def hf_model_class(cfg: dict, state_dict_keys=None) -> str:
                             "'architectures' and the keys have no recognisable head")
 
 
-def _refuse_other_architectures(f: _Fields, hybrid: bool, backbone_cfg: dict | None) -> None:
+def _refuse_other_architectures(f: ConfigFields, hybrid: bool, backbone_cfg: dict | None) -> None:
     """Refuse the settings of a DPT other than the original: a backbone_config that is not the hybrid's BiT,
     an activation other than exact GELU, no qkv bias, other than RGB input, a head that reads another map
     and add_projection."""
@@ -222,7 +234,7 @@ def _refuse_other_architectures(f: _Fields, hybrid: bool, backbone_cfg: dict | N
            "original DPT and not supported by dpt_fast")
 
 
-def _vit_dims(f: _Fields) -> tuple[int, int, int, int, int, int]:
+def _vit_dims(f: ConfigFields) -> tuple[int, int, int, int, int, int]:
     """The ViT's (hidden, layers, heads, intermediate, patch, image), each checked, as _hf_dims orders them."""
     hidden = f.int("hidden_size", 768, 1, MAX_WIDTH)
     heads = f.int("num_attention_heads", 12, 1, MAX_HEADS)
@@ -235,7 +247,7 @@ def _vit_dims(f: _Fields) -> tuple[int, int, int, int, int, int]:
     return dims
 
 
-def _check_hybrid(f: _Fields, dims, readout: str, factors: list[float], backbone_cfg: dict | None) -> None:
+def _check_hybrid(f: ConfigFields, dims, readout: str, factors: list[float], backbone_cfg: dict | None) -> None:
     """A DPT-hybrid config against dpt_fast's vitb_rn50_384: its ViT, readout and resampling, the ResNet
     stages it takes (neck_ignore_stages, backbone_featmap_shape) and the BiT of backbone_config."""
     get = f.cfg.get
@@ -275,7 +287,7 @@ def _check_bit(bit: dict) -> None:
            f"backbone_config.out_features={outs}: DPT-hybrid reads stage1, stage2, stage3")
 
 
-def _head_arguments(f: _Fields, model_class: str) -> dict:
+def _head_arguments(f: ConfigFields, model_class: str) -> dict:
     """The head's constructor arguments: the depth head's output mapping, or the segmentation head's classes
     (len(id2label), else num_labels)."""
     if model_class == "DPTDepthModel":
@@ -300,7 +312,7 @@ def hf_config_to_model_config(cfg: dict, model_class: str | None = None) -> dict
            f"not a Hugging Face DPT config (model_type={cfg.get('model_type') if isinstance(cfg, dict) else cfg!r})")
     model_class = model_class or hf_model_class(cfg)
     get = cfg.get
-    f = _Fields(cfg)
+    f = ConfigFields(cfg)
     hybrid = f.bool("is_hybrid", False)
     backbone_cfg = f.object("backbone_config")
     _refuse_other_architectures(f, hybrid, backbone_cfg)
