@@ -46,7 +46,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import image_io
+from . import fileio, image_io
 from .input_files import (FORMAT_SUFFIX, Job, UsageError, check_outputs, collect_inputs, plan_jobs,  # noqa: F401
                           shard)
 from .output_manifest import (MANIFEST_NAME, OutputConflict, OutputManifest, Plan, file_fingerprint,  # noqa: F401
@@ -579,14 +579,7 @@ def clean_stale_temporaries(out_dir, reporter: Reporter | None = None, min_age_s
     """Delete this tool's temporary files left in `out_dir` by killed runs; returns how many.
     `min_age_s` spares recent ones: with several processes on several machines sharing `out_dir`, a
     process ID unknown here may be another machine's live writer."""
-    removed = 0
-    if Path(out_dir).is_dir():
-        now = time.time()
-        for path in image_io.stale_temporaries(out_dir):
-            with contextlib.suppress(FileNotFoundError):
-                if now - path.stat().st_mtime >= min_age_s:
-                    path.unlink()
-                    removed += 1
+    removed = len(fileio.remove_stale_temporaries(out_dir, recursive=True, min_age_s=min_age_s))
     if removed and reporter is not None:
         reporter.log(f"removed {removed} temporary file(s) left by an interrupted run in {out_dir}")
     return removed
