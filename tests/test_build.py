@@ -48,7 +48,7 @@ def test_one_without_toolchain_fails_loudly(tmp_path):
 def test_bad_value_is_an_error(tmp_path, value):
     rc, out = _setup(["--name"], tmp_path, DPT_FAST_BUILD_CUDA=value)
     assert rc != 0
-    assert "DPT_FAST_BUILD_CUDA must be 0, 1 or unset" in out
+    assert "DPT_FAST_BUILD_CUDA must be 0, 1, auto or unset" in out
 
 
 def test_unset_without_cutlass_installs_pure_python(tmp_path):
