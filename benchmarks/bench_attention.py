@@ -17,7 +17,7 @@ for the largest N, batch 1 as well, plus 577 tokens at batch 16). Times forward 
 TFLOP/s count the attention matmuls: forward 4*B*H*N^2*D, backward 2.5x that, forward+backward 3.5x
 (the FlashAttention convention). "vs best" is the best SDPA time divided by ours (> 1: we are faster).
 The bf16 dense matmul peak and the copy bandwidth are measured in the same process
-(dpt_fast.bench.measure_ceilings: 8192^3 torch.matmul, a 1 GiB copy) and every row states the fraction of
+(dpt_fast.measure.measure_ceilings: 8192^3 torch.matmul, a 1 GiB copy) and every row states the fraction of
 the peak reached. Each row records dpt_fast.implementations_ran() and a verdict (`fused_path`): a row where
 the reference served a call is marked, and the script exits with status 1.
 

@@ -13,7 +13,7 @@ convs 3x3, 256 channels, bias, bf16, channels_last, random data. For every map s
 Times are medians of triton.testing.do_bench (CUDA events, L2 flushed, warm-up excluded; compilation
 happens in a warm-up call before timing). Each row records the fused output's error against eager, the
 FLOPs of the four convolutions and the bytes a fully fused forward must move, the achieved fractions of
-the ceilings measured in the same process (bf16 matmul TFLOP/s, copy TB/s: dpt_fast.bench.measure_ceilings),
+the ceilings measured in the same process (bf16 matmul TFLOP/s, copy TB/s: dpt_fast.measure.measure_ceilings),
 and dpt_fast.implementations_ran() with a verdict (`fused_path`): a row where the reference served any
 call (e.g. dpt_fast._C not built) is marked, and the script exits with status 1.
 
@@ -257,7 +257,7 @@ def add_throughput(row, ceilings):
 def time_compiled_baselines(run, pairs, rows):
     """The compiled baseline of each measured row, most important first, each compile capped, within the
     time budget. A compile cut short drops the compiled pairs (the next row compiles afresh)."""
-    from dpt_fast.bench import warm_up_compiler
+    from dpt_fast.measure import warm_up_compiler
     if rows:
         warm_up_compiler(run.device)  # lazy imports done before any compile deadline
     compiled = {}  # channels -> the compiled pair of that width

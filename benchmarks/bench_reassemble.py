@@ -13,7 +13,7 @@ For every model width set, input size and stage (1-4 and "all" four in one call 
 Times are medians of triton.testing.do_bench (CUDA events, L2 flushed, warm-up excluded; Triton
 autotuning and torch.compile happen in a warm-up call before timing). Each row records the fused output's
 error against the eager chain, the FLOPs and bytes the fused algorithm must spend, the achieved fraction
-of the ceilings measured in the same process (bf16 matmul TFLOP/s, copy TB/s: dpt_fast.bench.measure_ceilings),
+of the ceilings measured in the same process (bf16 matmul TFLOP/s, copy TB/s: dpt_fast.measure.measure_ceilings),
 and dpt_fast.implementations_ran() with a verdict (`fused_path`): a row where the reference served any
 call is marked, and the script exits with status 1.
 
@@ -322,7 +322,7 @@ def add_throughput(row, case, ceilings):
 def time_compiled_baselines(run, measured):
     """The compiled baseline of each measured row, most important first, each compile capped, within the
     time budget. One compiled chain per model and stage set; a compile cut short drops it."""
-    from dpt_fast.bench import warm_up_compiler
+    from dpt_fast.measure import warm_up_compiler
     if measured:
         warm_up_compiler(run.device)  # lazy imports done before any compile deadline
     compiled_fns = {}  # (model, label) -> compiled chain of that stage set

@@ -137,8 +137,9 @@ def run_variant(name: str, variant: str, batch: dict, initial_state, args, devic
                 flops=None, peak=None) -> dict:
     import contextlib
     import dpt_fast
-    from dpt_fast.bench import (FUSED_OPS, DeadlineExceeded, deadline, inline_plain_ops, record_deadline,
-                                record_failure, release_memory, time_calls, verify_fused)
+    from dpt_fast.bench import inline_plain_ops
+    from dpt_fast.measure import (FUSED_OPS, DeadlineExceeded, deadline, record_deadline, record_failure,
+                                  release_memory, time_calls, verify_fused)
     result = {"model": LABELS[name], "backbone": MODEL_KWARGS[name]["backbone"], "variant": variant, "batch": batch["image"].shape[0],
               "size": args.size, "error": None}
     if variant.endswith("+compile"):
@@ -207,7 +208,7 @@ def run_variant(name: str, variant: str, batch: dict, initial_state, args, devic
 def fitting_batch(name: str, initial_state, args, device) -> int:
     """The largest batch <= --batch (halving) at which the reference eager step runs."""
     import dpt_fast
-    from dpt_fast.bench import release_memory
+    from dpt_fast.measure import release_memory
     batch = args.batch
     while batch >= 1:
         model = step = None
@@ -277,7 +278,8 @@ def main(argv=None) -> int:
     if refused is not None:
         return refused
     import dpt_fast
-    from dpt_fast.bench import count_flops, environment, measure_ceilings, warm_up_compiler, write_json
+    from dpt_fast.bench import count_flops
+    from dpt_fast.measure import environment, measure_ceilings, warm_up_compiler, write_json
     device = torch.device("cpu") if args.smoke else torch.device("cuda", torch.cuda.current_device())
     started = time.perf_counter()
     ceilings = measure_ceilings(device, torch.bfloat16)

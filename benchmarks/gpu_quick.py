@@ -230,7 +230,7 @@ def extension_registered(run: Run) -> bool:
 ENV_SCRIPT = r"""
 import json, sys
 import torch
-from dpt_fast.bench import environment, measure_ceilings
+from dpt_fast.measure import environment, measure_ceilings
 smoke = sys.argv[1] == "1"
 device = torch.device("cpu" if smoke else "cuda")
 doc = {"benchmark": "environment", **environment(device, torch.bfloat16)}

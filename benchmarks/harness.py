@@ -3,7 +3,7 @@ writes (environment, measured ceilings, what ran, notes, rewritten after every r
 out of memory without stopping the run, the eager/fused rows within their share of the time budget, the
 compiled baselines under a time budget and a compile cap, their markdown cells, and the closing verdict.
 The end-to-end benchmark (`dpt-fast bench`, dpt_fast/bench.py) is the package's; the pieces both need
-(ceilings, deadlines, the fused-path verdict, atomic JSON) are its public functions.
+(environment record, ceilings, deadlines, the fused-path verdict, atomic JSON) are dpt_fast.measure's.
 
 The scripts import this module by its path (`sys.path` gets this folder), so they run from anywhere:
 
@@ -11,7 +11,6 @@ The scripts import this module by its path (`sys.path` gets this folder), so the
 """
 from __future__ import annotations
 
-import os
 import sys
 import time
 
@@ -21,11 +20,12 @@ import time
 def gpu_blocker() -> str | None:
     """Why a GPU benchmark would measure nothing meaningful here; None when it can run."""
     import torch
+    from dpt_fast import env  # the switches as the kernels read them
     if not torch.cuda.is_available():
         return "needs a CUDA GPU (none is available here); nothing was measured"
-    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+    if env.TRITON_INTERPRET:
         return "TRITON_INTERPRET=1 would time the Triton interpreter; unset it"
-    if os.environ.get("DPT_FAST_AUTOTUNE", "").strip().lower() == "quick":
+    if env.autotune_mode() == "quick":
         return "DPT_FAST_AUTOTUNE=quick would time untuned kernels (first config only); unset it"
     return None
 
@@ -141,7 +141,7 @@ class KernelBenchmark:
     def __init__(self, name: str, args, device: str, compute_dtype, **environment_extra):
         import torch
 
-        from dpt_fast.bench import environment, measure_ceilings
+        from dpt_fast.measure import environment, measure_ceilings
         self.args, self.device, self.dtype, self.start = args, device, compute_dtype, time.time()
         torch.manual_seed(0)
         self.ceilings = measure_ceilings(torch.device(device), compute_dtype)  # matmul peak, copy bandwidth
@@ -157,7 +157,7 @@ class KernelBenchmark:
 
     def save(self) -> None:
         """Rewrite --out (atomically): a run cut short keeps every row it measured."""
-        from dpt_fast.bench import write_json
+        from dpt_fast.measure import write_json
         self.report["elapsed_s"] = round(self.elapsed(), 1)
         if self.args.out:
             write_json(self.args.out, self.report)
@@ -165,7 +165,7 @@ class KernelBenchmark:
     def account(self, row: dict, ran: dict, required) -> None:
         """Record on `row` which implementation served each operator (dpt_fast.implementations_ran()) and the
         verdict on the fused path, and add the calls to the run's total."""
-        from dpt_fast.bench import verify_fused
+        from dpt_fast.measure import verify_fused
         row["implementations_ran"] = ran
         row["fused_path"] = verify_fused(ran, required)
         for op, impls in ran.items():
@@ -178,7 +178,7 @@ class KernelBenchmark:
         goes on (one failing case must not lose the others)."""
         import torch
 
-        from dpt_fast.bench import describe_error
+        from dpt_fast.measure import describe_error
         try:
             return measure()
         except torch.cuda.OutOfMemoryError:
@@ -224,7 +224,7 @@ class KernelBenchmark:
         --compile-timeout-s and at what is left of --budget-s; over either, row["compiled_note"] says
         "skipped: ..." and forget() drops the compiled callable (its compilation was cut short). Returns
         whether it was measured."""
-        from dpt_fast.bench import DeadlineExceeded, deadline, describe_error, recover_after_deadline
+        from dpt_fast.measure import DeadlineExceeded, deadline, describe_error, recover_after_deadline
         args = self.args
         left = args.budget_s - self.elapsed()
         if left < 5:

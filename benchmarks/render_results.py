@@ -60,7 +60,7 @@ def kind_of(doc: dict) -> str | None:
 
 
 def env_of(doc: dict) -> dict:
-    """The dpt_fast.bench.environment() record of a benchmark document (top level or under "environment")."""
+    """The dpt_fast.measure.environment() record of a benchmark document (top level or under "environment")."""
     env = doc.get("environment") if isinstance(doc.get("environment"), dict) else doc
     return {k: env.get(k) for k in ("device", "device_type", "dtype", "date", "versions", "git_commit", "gpu",
                                     "triton_interpret")}

@@ -532,12 +532,13 @@ def test_gpu_suite_is_valid_bash_and_its_benchmark_arguments_parse(tmp_path):
 def test_gpu_benchmark_blocker_refuses_interpreter_and_quick_autotune(monkeypatch, capsys):
     harness = _script("harness")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # the checks after the GPU one
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
-    monkeypatch.setenv("DPT_FAST_AUTOTUNE", "quick")
+    from dpt_fast import env  # the switches as read once at import (the kernels follow the same values)
+    monkeypatch.setattr(env, "TRITON_INTERPRET", False)
+    monkeypatch.setattr(env, "AUTOTUNE", "quick")
     assert "DPT_FAST_AUTOTUNE=quick" in harness.gpu_blocker()
-    monkeypatch.setenv("DPT_FAST_AUTOTUNE", "full")
+    monkeypatch.setattr(env, "AUTOTUNE", "full")
     assert harness.gpu_blocker() is None
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(env, "TRITON_INTERPRET", True)
     assert "TRITON_INTERPRET" in harness.gpu_blocker()
     assert harness.refuse_without_gpu("bench_x.py", smoke=False) == 2  # one line, exit status 2
     assert capsys.readouterr().err.startswith("bench_x.py: TRITON_INTERPRET=1")
