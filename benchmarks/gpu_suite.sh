@@ -102,7 +102,7 @@ versions() {  # also $OUT/environment.json: device, versions, measured ceilings 
   python - "$OUT/environment.json" <<'PY'
 import json, sys
 import torch
-from dpt_fast.bench import environment, measure_ceilings, write_json
+from dpt_fast.measure import environment, measure_ceilings, write_json
 from dpt_fast.ops.rcu import cuda_kernel_registered
 device = torch.device("cuda")
 doc = {"benchmark": "environment", **environment(device, torch.bfloat16),
@@ -130,7 +130,7 @@ tests() {
   echo "pytest exit status $rc"
   python - "$OUT/environment.json" "$rc" "$budget" <<'PY' 2>/dev/null
 import json, sys
-from dpt_fast.bench import write_json
+from dpt_fast.measure import write_json
 doc = json.load(open(sys.argv[1]))
 doc.update(gpu_tests_exit_status=int(sys.argv[2]), gpu_tests_budget_s=int(sys.argv[3]))
 write_json(sys.argv[1], doc)

@@ -25,7 +25,11 @@ def gpu_blocker() -> str | None:
         return "needs a CUDA GPU (none is available here); nothing was measured"
     if env.TRITON_INTERPRET:
         return "TRITON_INTERPRET=1 would time the Triton interpreter; unset it"
-    if env.autotune_mode() == "quick":
+    try:
+        mode = env.autotune_mode()
+    except ValueError as error:
+        return str(error)
+    if mode == "quick":
         return "DPT_FAST_AUTOTUNE=quick would time untuned kernels (first config only); unset it"
     return None
 

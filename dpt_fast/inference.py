@@ -642,20 +642,22 @@ def _depth_head(model):
 def keep_head_float32(model) -> bool:
     """Run a 16-bit depth model's head in float32: a bfloat16 output has 8 significant bits, which would
     band a 16-bit PNG; the head is a small share of the FLOPs. Changes `model` in place (the head's
-    weights become float32, a hook casts its inputs); returns whether it did. Segmentation and float32
-    models are left as they are, and so is a head already kept in float32."""
+    weights become float32, a hook casts its inputs to the head's dtype, so a later `model.to(dtype)`
+    still runs, the head then in that dtype); returns whether it did. Segmentation and float32 models
+    are left as they are, and so is a head already kept in float32."""
     head = _depth_head(model)
     weight = next(head.parameters(), None) if head is not None else None
     if weight is None or weight.dtype not in (torch.float16, torch.bfloat16):
         return False
     head.float()
     if getattr(head, "_float32_inputs", None) is None:  # one hook, however often the head is kept
-        head._float32_inputs = head.register_forward_pre_hook(_inputs_to_float32)
+        head._float32_inputs = head.register_forward_pre_hook(_inputs_to_head_dtype)
     return True
 
 
-def _inputs_to_float32(_module, args):
-    return tuple(a.float() if torch.is_tensor(a) and a.is_floating_point() else a for a in args)
+def _inputs_to_head_dtype(module, args):
+    dtype = next(module.parameters()).dtype
+    return tuple(a.to(dtype) if torch.is_tensor(a) and a.is_floating_point() else a for a in args)
 
 
 def model_output(model) -> dict:

@@ -62,6 +62,15 @@ def device_name(device: torch.device) -> str:
     return platform.processor() or platform.machine() or "cpu"
 
 
+def _autotune_as_set() -> str:
+    """DPT_FAST_AUTOTUNE's mode, or the value as given when it is not one (the kernels refuse it: the
+    report still says what was set)."""
+    try:
+        return switches.autotune_mode()
+    except ValueError:
+        return switches.AUTOTUNE
+
+
 def environment(device: torch.device, dtype: torch.dtype) -> dict:
     import dpt_fast
     env = {
@@ -78,7 +87,7 @@ def environment(device: torch.device, dtype: torch.dtype) -> dict:
         "host": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads()},
         # as dpt_fast.env read them (or a test or benchmark set them there), which is what the kernels follow
         "triton_interpret": switches.TRITON_INTERPRET,
-        "autotune": switches.autotune_mode(),
+        "autotune": _autotune_as_set(),
         "kernel_switches": switches.kernel_switches(),  # those that change which kernels run, where set
     }
     if device.type == "cuda":

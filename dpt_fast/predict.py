@@ -151,7 +151,7 @@ def _init_group(world: int) -> bool:
 
 
 def pick_device(requested: str | None, place: Place):
-    """The device for --device (dpt_fast.distributed.pick_device: under torchrun, cuda:LOCAL_RANK);
+    """The device for --device (dpt_fast.distributed.pick_device: under torchrun, LOCAL_RANK modulo the visible GPUs);
     one it cannot use is a usage error."""
     from .inference import UsageError
     try:

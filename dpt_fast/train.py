@@ -991,7 +991,7 @@ def _train_and_save(run: _Run, net: nn.Module, loader, window: _LogWindow, bar, 
             # still under the stop handler: a Ctrl-C or SIGTERM now waits for the checkpoint and model/
             run.save(window)
             if env.main:
-                _save_final_model(run)
+                save_model(run.model, run.out / "model")  # its atomic writes remove their own temporaries
             if stop.requested and env.main:
                 print("\nstop requested during the final save: the run is complete", file=sys.stderr)
     finally:
@@ -1009,14 +1009,6 @@ def _write_metrics_line(record: dict, metrics_file, bar) -> float:
     if not math.isfinite(record["loss"]):
         raise FloatingPointError(f"loss is {record['loss']} at step {record['step']}; last checkpoint kept")
     return record["loss"]
-
-
-def _save_final_model(run: _Run) -> None:
-    try:
-        save_model(run.model, run.out / "model")
-    except BaseException:
-        _remove_stale_temporaries(run.out)
-        raise
 
 
 def _given_flags(parser: argparse.ArgumentParser, argv) -> dict:

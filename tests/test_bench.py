@@ -538,6 +538,9 @@ def test_gpu_benchmark_blocker_refuses_interpreter_and_quick_autotune(monkeypatc
     assert "DPT_FAST_AUTOTUNE=quick" in harness.gpu_blocker()
     monkeypatch.setattr(env, "AUTOTUNE", "full")
     assert harness.gpu_blocker() is None
+    monkeypatch.setattr(env, "AUTOTUNE", "fastest")  # not a mode: the reason, not a traceback
+    assert "DPT_FAST_AUTOTUNE='fastest'" in harness.gpu_blocker()
+    monkeypatch.setattr(env, "AUTOTUNE", "full")
     monkeypatch.setattr(env, "TRITON_INTERPRET", True)
     assert "TRITON_INTERPRET" in harness.gpu_blocker()
     assert harness.refuse_without_gpu("bench_x.py", smoke=False) == 2  # one line, exit status 2

@@ -70,16 +70,18 @@ def test_every_switch_is_documented_in_env_and_readme():
 
 
 def test_a_benchmark_report_records_the_switches_as_dpt_fast_env_holds_them(monkeypatch):
-    from dpt_fast import bench
+    from dpt_fast import measure
     for name in ("TRITON_INTERPRET", "DPT_FAST_AUTOTUNE", "DPT_FAST_ATTENTION_TMA", "DPT_FAST_REASSEMBLE_SPLIT_K"):
         monkeypatch.delenv(name, raising=False)  # what the kernels follow is env's value, not the environment's
     monkeypatch.setattr(env, "TRITON_INTERPRET", True)
     monkeypatch.setattr(env, "AUTOTUNE", "Quick")
     monkeypatch.setattr(env, "ATTENTION_TMA", "0")
     monkeypatch.setattr(env, "REASSEMBLE_SPLIT_K", "4")
-    report = bench.environment(torch.device("cpu"), torch.float32)
+    report = measure.environment(torch.device("cpu"), torch.float32)
     assert (report["triton_interpret"], report["autotune"]) == (True, "quick")
     assert report["kernel_switches"] == {"DPT_FAST_ATTENTION_TMA": "0", "DPT_FAST_REASSEMBLE_SPLIT_K": "4"}
     monkeypatch.setattr(env, "ATTENTION_TMA", "1")  # the defaults are not recorded
     monkeypatch.setattr(env, "REASSEMBLE_SPLIT_K", "")
-    assert bench.environment(torch.device("cpu"), torch.float32)["kernel_switches"] == {}
+    assert measure.environment(torch.device("cpu"), torch.float32)["kernel_switches"] == {}
+    monkeypatch.setattr(env, "AUTOTUNE", "fastest")  # not a mode: recorded as set, no traceback
+    assert measure.environment(torch.device("cpu"), torch.float32)["autotune"] == "fastest"

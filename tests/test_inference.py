@@ -292,6 +292,9 @@ def test_a_bfloat16_depth_model_runs_its_head_in_float32(tmp_path):
     again = _run(model, [tmp_path / "in"], tmp_path / "out", formats=("npy", "png16"), dtype=torch.bfloat16)
     assert again.skipped == 1
     assert len(head._forward_pre_hooks) == 1 and not inference.keep_head_float32(model)
+    # the caller's model still runs in bfloat16 after `model.to(...)`, its head included
+    x = torch.randn(1, 3, 64, 64, dtype=torch.bfloat16)
+    assert model.to(torch.bfloat16)(x).dtype == torch.bfloat16
 
 
 def test_float32_head_false_leaves_the_model_as_it_is(seg_model, tmp_path):
