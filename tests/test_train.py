@@ -18,7 +18,7 @@ from dpt_fast.data import SyntheticDataset, TrainStream
 from dpt_fast.losses import ScaleShiftInvariantLoss
 from helpers import single_thread
 from helpers import one_thread  # noqa: F401 (autouse: one intra-op thread)
-from train_helpers import SignalAt, run_metrics, run_state
+from train_helpers import SignalAt, assert_same_run, run_metrics, run_state
 
 # vit_tiny (3 heads of 64) tapped at its first four blocks (the later eight are never run) keeps a
 # CPU step well under a second; everything else is the full DPT.
@@ -60,17 +60,8 @@ def test_interrupted_and_resumed_run_equals_the_uninterrupted_run(tmp_path, monk
     monkeypatch.undo()
     resumed = trainer.train(options, out=str(tmp_path / "parts"), resume="auto")
     assert resumed["step"] == 12
-
-    expected, actual = whole["model"].state_dict(), resumed["model"].state_dict()
-    for name in expected:
-        torch.testing.assert_close(actual[name], expected[name], rtol=0, atol=1e-6, msg=name)
-    # the same batches after the resume: the same per-step losses, logged once each
-    whole_losses = [(r["step"], r["loss"], r["lr"]) for r in run_metrics(tmp_path / "whole")]
-    parts_losses = [(r["step"], r["loss"], r["lr"]) for r in run_metrics(tmp_path / "parts")]
-    assert [s for s, _, _ in parts_losses] == list(range(1, 13))
-    for (step, a, lr_a), (_, b, lr_b) in zip(whole_losses, parts_losses):
-        assert a == pytest.approx(b, rel=1e-5, abs=1e-7), step
-        assert lr_a == pytest.approx(lr_b)
+    # the same batches after the resume: the same weights and per-step losses, logged once each
+    assert_same_run(whole, resumed, tmp_path / "whole", tmp_path / "parts", steps=12)
 
 
 def _free_port():

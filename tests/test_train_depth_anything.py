@@ -19,7 +19,7 @@ from dpt_fast.losses import silog_loss
 from dpt_fast.models import DepthAnythingModel, DPTDepthModel
 from helpers import README
 from helpers import one_thread  # noqa: F401 (autouse: one intra-op thread)
-from train_helpers import SignalAt, run_metrics
+from train_helpers import SignalAt, assert_same_run, run_metrics
 
 TAPS = [0, 1, 3, 4]
 RUN = dict(data=["synthetic"], hooks=TAPS, size=56, batch_size=4, num_workers=0, backend="reference", device="cpu",
@@ -224,15 +224,7 @@ def test_resumed_depth_anything_run_equals_the_uninterrupted_run(tmp_path, monke
     monkeypatch.undo()
     resumed = trainer.train({"resume": "auto", "out": str(tmp_path / "parts")})
     assert resumed["step"] == 6 and isinstance(resumed["model"], DepthAnythingModel) and resumed["model"].metric
-    expected, actual = whole["model"].state_dict(), resumed["model"].state_dict()
-    for name in expected:
-        torch.testing.assert_close(actual[name], expected[name], rtol=0, atol=1e-6, msg=name)
-    whole_losses = [(r["step"], r["loss"], r["lr"]) for r in run_metrics(tmp_path / "whole")]
-    parts_losses = [(r["step"], r["loss"], r["lr"]) for r in run_metrics(tmp_path / "parts")]
-    assert [s for s, _, _ in parts_losses] == list(range(1, 7))
-    for (step, a, lr_a), (_, b, lr_b) in zip(whole_losses, parts_losses):
-        assert a == pytest.approx(b, rel=1e-5, abs=1e-7), step
-        assert lr_a == pytest.approx(lr_b)
+    assert_same_run(whole, resumed, tmp_path / "whole", tmp_path / "parts", steps=6)
 
 
 def test_an_arch_run_records_its_architecture_and_resumes_only_as_it(tmp_path):
